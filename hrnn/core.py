@@ -1,0 +1,60 @@
+"""The leaky modular recurrence, the one op every clocked model runs.
+
+    h_t = a_t * tanh(u_t + W_h h_{t-1}) + (1 - a_t) * h_{t-1}
+
+`u` is the input projection (W_x x_t + b), hoisted out of the time loop as one
+matrix product; `a` holds one activation per module and step, repeated over the
+module's units. Models call `leaky_scan` and never loop over time themselves,
+so a fused implementation can replace the loop behind this one function.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def is_hard(waves: Tensor) -> bool:
+    """True when every activation is exactly 0 or 1: inactive modules can be skipped."""
+    return bool(((waves == 0) | (waves == 1)).all())
+
+
+def leaky_scan_reference(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor) -> Tensor:
+    """Plain autograd loop over time: the definition the fast paths are tested against.
+
+    u: (B, T, H) input projection, bias included.
+    w_h: (H, H) recurrent weights, already masked for the connectivity.
+    waves: (T, M) activation of each of the M modules at each step, in [0, 1].
+    h0: (B, H) initial state.
+    Returns all states, (B, T, H).
+    """
+    batch, steps, hidden = u.shape
+    n_modules = waves.shape[1]
+    a = waves.repeat_interleave(hidden // n_modules, dim=1)  # (T, H)
+    w_t = w_h.t()
+    h = h0
+    states = []
+    for t in range(steps):
+        candidate = torch.tanh(torch.addmm(u[:, t], h, w_t))
+        h = torch.lerp(h, candidate, a[t])
+        states.append(h)
+    return torch.stack(states, dim=1)
+
+
+def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive: bool | None = None) -> Tensor:
+    """All states of the leaky recurrence, (B, T, H); see the module docstring.
+
+    skip_inactive: compute only the modules active at each step (valid for hard 0/1
+    waves only); None decides by looking at the waves, False forces the dense path.
+    """
+    _check_shapes(u, w_h, waves, h0)
+    return leaky_scan_reference(u, w_h, waves, h0)
+
+
+def _check_shapes(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor) -> None:
+    batch, steps, hidden = u.shape
+    if w_h.shape != (hidden, hidden):
+        raise ValueError(f"w_h has shape {tuple(w_h.shape)}, expected ({hidden}, {hidden})")
+    if waves.dim() != 2 or waves.shape[0] != steps or hidden % waves.shape[1] != 0:
+        raise ValueError(f"waves has shape {tuple(waves.shape)}, expected ({steps}, M) with M dividing {hidden}")
+    if h0.shape != (batch, hidden):
+        raise ValueError(f"h0 has shape {tuple(h0.shape)}, expected ({batch}, {hidden})")
