@@ -47,7 +47,15 @@ def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive:
     waves only); None decides by looking at the waves, False forces the dense path.
     """
     _check_shapes(u, w_h, waves, h0)
-    return leaky_scan_reference(u, w_h, waves, h0)
+    from hrnn import fused  # deferred: hrnn.fused imports the compiled extension
+
+    reason = fused.supports(u, w_h, waves, h0)
+    if reason is not None:
+        fused.warn_fallback(reason)
+        return fused.leaky_scan_loop(u, w_h, waves, h0)
+    if skip_inactive is None:
+        skip_inactive = is_hard(waves)
+    return fused.leaky_scan(u, w_h, waves, h0, skip_inactive)
 
 
 def _check_shapes(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor) -> None:
