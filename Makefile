@@ -1,0 +1,43 @@
+# Every target that needs the environment builds it first, so `make train` and
+# `make test` work on a fresh machine that has only Python.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install train test test-slow data tensorboard bench clean
+
+install: $(STAMP)
+
+# Pinned torch first (a CPU build from local disk); an unpinned torch would pull a CUDA build.
+# --no-build-isolation: the package's C++ core builds against this torch, not a second copy.
+$(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --no-build-isolation -e ".[test,sweep]"
+	touch $(STAMP)
+
+train: install
+	$(BIN)/hrnn-train $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+data: install
+	$(BIN)/python scripts/fetch_mnist.py --data-dir data
+
+tensorboard: install
+	$(BIN)/tensorboard --logdir outputs
+
+bench: install
+	$(BIN)/python scripts/bench.py $(ARGS)
+
+clean:
+	rm -rf outputs/*/ multirun build *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,242 @@
+"""Config schema and validation: every bad key or value fails before training, in one line.
+
+Each group option has a small dataclass schema; merging the composed config into it
+rejects unknown keys and wrong types, and `validate` checks ranges and the
+combinations that types cannot express (divisibility, basis size against T).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hrnn.errors import UserError
+from hrnn.models.clock import INIT_MODES
+from hrnn.models.recurrent import CONNECTIVITY
+
+
+@dataclass
+class SyntheticTaskSchema:
+    name: str
+    seq_len: int
+    n_val: int = 1000
+    n_test: int = 1000
+    data_seed: int = 1234
+
+
+@dataclass
+class TimescalesTaskSchema(SyntheticTaskSchema):
+    periods: list[int] = field(default_factory=lambda: [4, 12])
+
+
+@dataclass
+class MnistTaskSchema:
+    name: str
+    seq_len: int = 784
+    permutation_seed: int = 0
+
+
+@dataclass
+class ClockedModelSchema:
+    name: str
+    hidden_size: int = 128
+    n_modules: int = 8
+    connectivity: str = "full"
+
+
+@dataclass
+class CwrnnModelSchema:
+    name: str
+    hidden_size: int = 128
+    n_modules: int = 8
+
+
+@dataclass
+class TorchModelSchema:
+    name: str
+    hidden_size: int = 128
+    n_modules: int = 8  # unused; lets one sweep set model.n_modules for every model
+
+
+@dataclass
+class BasisSchema:
+    name: str
+    size: Optional[int] = None
+    init: str = "spread"
+    init_weight: float = 0.8
+    sharpness: float = 1.0
+
+
+@dataclass
+class PeriodBasisSchema:
+    name: str
+    init: str = "spread"
+    open_ratio: float = 0.1
+    leak: float = 0.001
+
+
+@dataclass
+class SoftmaxSchema:
+    name: str
+    temperature: float = 1.0
+    entropy_weight: float = 0.0
+
+
+@dataclass
+class L1Schema:
+    name: str
+    weight: float = 0.001
+
+
+@dataclass
+class NoRegularizerSchema:
+    name: str
+
+
+@dataclass
+class OptimSchema:
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainerSchema:
+    steps: int = 2000
+    batch_size: int = 100
+    eval_every: int = 200
+    eval_batch_size: int = 500
+    seed: int = 0
+    device: str = "cpu"
+    num_threads: Optional[int] = None
+    grad_clip: Optional[float] = 1.0
+    log_every: int = 10
+    nonfinite: str = "stop"
+    progress: bool = True
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "task": {
+        "copy": SyntheticTaskSchema,
+        "adding": SyntheticTaskSchema,
+        "timescales": TimescalesTaskSchema,
+        "smnist": MnistTaskSchema,
+        "pmnist": MnistTaskSchema,
+    },
+    "model": {
+        "hrnn": ClockedModelSchema,
+        "cwrnn": CwrnnModelSchema,
+        "lstm": TorchModelSchema,
+        "gru": TorchModelSchema,
+        "rnn": TorchModelSchema,
+    },
+    "basis": {"binary": BasisSchema, "dct": BasisSchema, "period": PeriodBasisSchema},
+    "regularizer": {"softmax": SoftmaxSchema, "l1": L1Schema, "none": NoRegularizerSchema},
+    "optim": {"adam": OptimSchema, "adamw": OptimSchema, "sgd": OptimSchema, "rmsprop": OptimSchema},
+}
+TOP_LEVEL = {"task", "model", "basis", "regularizer", "optim", "trainer", "data_dir", "resume"}
+DEVICES = ("cpu", "cuda", "auto")
+NONFINITE = ("stop", "skip")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Return cfg with every group checked against its schema; raise UserError on the first problem."""
+    unknown = set(cfg.keys()) - TOP_LEVEL
+    if unknown:
+        raise UserError(f"unknown config key {sorted(unknown)[0]!r}; allowed top-level keys: {', '.join(sorted(TOP_LEVEL))}")
+    checked = {}
+    for group, options in SCHEMAS.items():
+        name = cfg[group].get("name")
+        if name not in options:
+            raise UserError(f"unknown {group} {name!r}; allowed: {', '.join(options)}")
+        checked[group] = _merge(group, options[name], cfg[group])
+    checked["trainer"] = _merge("trainer", TrainerSchema, cfg.trainer)
+    out = OmegaConf.create({**checked, "data_dir": cfg.data_dir, "resume": cfg.resume})
+    _check_values(out)
+    return out
+
+
+def _merge(group: str, schema: type, values: DictConfig) -> DictConfig:
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), values)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+        value = getattr(exc, "value", None)
+        allowed = ", ".join(f.name for f in schema.__dataclass_fields__.values())
+        first_line = str(exc).splitlines()[0]
+        if "not in struct" in str(exc) or "Key '" in first_line and "not" in first_line:
+            raise UserError(f"unknown key {group}.{key} for {group}={values.get('name')}; allowed keys: {allowed}") from None
+        raise UserError(f"bad value {value!r} for {group}.{key}: {first_line}") from None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def _positive(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(value is not None and value > 0, f"{key}={value} must be positive")
+
+
+def _check_values(cfg: DictConfig) -> None:
+    task, model, basis, reg, trainer = cfg.task, cfg.model, cfg.basis, cfg.regularizer, cfg.trainer
+    for key in ("task.seq_len", "model.hidden_size", "trainer.steps", "trainer.batch_size", "trainer.eval_every",
+                "trainer.eval_batch_size", "trainer.log_every", "optim.lr"):
+        _positive(cfg, key)
+    if task.name in ("smnist", "pmnist"):
+        _require(task.seq_len == 784, f"task.seq_len={task.seq_len} is fixed at 784 for {task.name} (28 x 28 pixels)")
+    else:
+        _positive(cfg, "task.n_val")
+        _positive(cfg, "task.n_test")
+    if task.name == "adding":
+        _require(task.seq_len >= 2, f"task.seq_len={task.seq_len} must be at least 2 for adding (one marker per half)")
+    if task.name == "timescales":
+        _require(len(task.periods) > 0, "task.periods is empty; give at least one positive integer period")
+        bad = [p for p in task.periods if p <= 0]
+        if bad:
+            raise UserError(f"task.periods has non-positive period {bad[0]}; periods must be positive integers")
+    _require(trainer.device in DEVICES, f"trainer.device={trainer.device!r} is not allowed; allowed: {', '.join(DEVICES)}")
+    _require(trainer.nonfinite in NONFINITE, f"trainer.nonfinite={trainer.nonfinite!r} is not allowed; allowed: {', '.join(NONFINITE)}")
+    _require(trainer.num_threads is None or trainer.num_threads > 0, f"trainer.num_threads={trainer.num_threads} must be positive or null")
+    _require(trainer.grad_clip is None or trainer.grad_clip > 0, f"trainer.grad_clip={trainer.grad_clip} must be positive or null")
+    _require(cfg.optim.weight_decay >= 0, f"optim.weight_decay={cfg.optim.weight_decay} must be non-negative")
+    if model.name in ("hrnn", "cwrnn"):
+        _positive(cfg, "model.n_modules")
+        _require(
+            model.hidden_size % model.n_modules == 0,
+            f"model.hidden_size={model.hidden_size} is not divisible by model.n_modules={model.n_modules}; "
+            f"use a hidden size that is a multiple of {model.n_modules}",
+        )
+    if model.name == "hrnn":
+        _require(model.connectivity in CONNECTIVITY,
+                 f"model.connectivity={model.connectivity!r} is not allowed; allowed: {', '.join(CONNECTIVITY)}")
+        _check_clock(cfg)
+
+
+def _check_clock(cfg: DictConfig) -> None:
+    basis, reg = cfg.basis, cfg.regularizer
+    steps = cfg.task.seq_len + (20 if cfg.task.name == "copy" else 0)
+    _require(basis.init in INIT_MODES, f"basis.init={basis.init!r} is not allowed; allowed: {', '.join(INIT_MODES)}")
+    if basis.name == "period":
+        _require(0 < basis.open_ratio <= 1, f"basis.open_ratio={basis.open_ratio} must be in (0, 1]")
+        _require(basis.leak >= 0, f"basis.leak={basis.leak} must be non-negative")
+        return
+    _require(0 < basis.init_weight < 1, f"basis.init_weight={basis.init_weight} must be in (0, 1)")
+    _require(basis.sharpness >= 1, f"basis.sharpness={basis.sharpness} must be at least 1")
+    if basis.size is not None:
+        _require(basis.size > 0, f"basis.size={basis.size} must be positive or null")
+        if basis.name == "binary":
+            _require(basis.size <= steps, f"basis.size={basis.size} exceeds the sequence length {steps}: "
+                     f"periods beyond it tick only at t=0 and are indistinguishable; use at most {steps} or null")
+        else:
+            nyquist = steps // 2 + 1
+            _require(basis.size <= nyquist, f"basis.size={basis.size} exceeds the {nyquist} cosine frequencies a "
+                     f"sequence of length {steps} can tell apart (Nyquist); use at most {nyquist} or null")
+    if reg.name == "softmax":
+        _positive(cfg, "regularizer.temperature")
+        _require(reg.entropy_weight >= 0, f"regularizer.entropy_weight={reg.entropy_weight} must be non-negative")
+    if reg.name == "l1":
+        _require(reg.weight >= 0, f"regularizer.weight={reg.weight} must be non-negative")

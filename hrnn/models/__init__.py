@@ -1,0 +1,59 @@
+"""Models: built from the `model`, `basis` and `regularizer` config groups for a task's spec."""
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from hrnn.models.clock import BasisClock, Clock, FixedClock, PeriodClock
+from hrnn.models.recurrent import ClockedRNN, SequenceModel, TorchRNN
+from hrnn.tasks.base import TaskSpec
+
+MODELS = ("hrnn", "cwrnn", "lstm", "gru", "rnn")
+BASES = ("binary", "dct", "period")
+REGULARIZERS = ("softmax", "l1", "none")
+
+
+def default_basis_size(basis: str, seq_len: int) -> int:
+    """Binary: every period up to T. Cosine: every frequency up to Nyquist."""
+    return seq_len if basis == "binary" else seq_len // 2 + 1
+
+
+def build_clock(model_cfg: DictConfig, basis_cfg: DictConfig, reg_cfg: DictConfig, seq_len: int) -> Clock:
+    n_modules = model_cfg.n_modules
+    if model_cfg.name == "cwrnn":
+        return FixedClock([2**m for m in range(n_modules)])
+    if basis_cfg.name == "period":
+        return PeriodClock(n_modules, seq_len, init=basis_cfg.init, open_ratio=basis_cfg.open_ratio, leak=basis_cfg.leak)
+    size = basis_cfg.size or default_basis_size(basis_cfg.name, seq_len)
+    return BasisClock(
+        basis=basis_cfg.name,
+        size=size,
+        n_modules=n_modules,
+        seq_len=seq_len,
+        regularizer=reg_cfg.name,
+        init=basis_cfg.init,
+        init_weight=basis_cfg.init_weight,
+        temperature=reg_cfg.get("temperature", 1.0),
+        entropy_weight=reg_cfg.get("entropy_weight", 0.0),
+        l1_weight=reg_cfg.get("weight", 0.0),
+        sharpness=basis_cfg.sharpness,
+    )
+
+
+def build_model(cfg: DictConfig, spec: TaskSpec) -> SequenceModel:
+    """The model named by cfg.model.name with a head for the task (config already validated)."""
+    model_cfg = cfg.model
+    hidden = model_cfg.hidden_size
+    if model_cfg.name in ("hrnn", "cwrnn"):
+        clock = build_clock(model_cfg, cfg.basis, cfg.regularizer, spec.seq_len)
+        connectivity = "slow_to_fast" if model_cfg.name == "cwrnn" else model_cfg.connectivity
+        backbone = ClockedRNN(spec.input_size, hidden, clock, connectivity)
+    else:
+        backbone = TorchRNN(model_cfg.name, spec.input_size, hidden)
+    return SequenceModel(backbone, hidden, spec.output_size, spec.readout)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+__all__ = ["MODELS", "BASES", "REGULARIZERS", "build_model", "build_clock", "count_parameters", "SequenceModel", "Clock"]
