@@ -29,12 +29,23 @@ def _ext_setup():
     class OptionalBuildExtension(BuildExtension):
         """A failed compile leaves the pure PyTorch path instead of failing the install."""
 
+        failed: set = set()
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as err:  # noqa: BLE001 - any compiler/linker failure
+                self.failed.add(ext.name)
                 print(f"hrnn: building {ext.name} failed ({err}); the pure PyTorch path "
                       "will be used", file=sys.stderr)
+
+        def copy_extensions_to_source(self):  # in-place / editable installs
+            kept = self.extensions
+            self.extensions = [e for e in kept if e.name not in self.failed]
+            try:
+                super().copy_extensions_to_source()
+            finally:
+                self.extensions = kept
 
     arch = shlex.split(os.environ.get("HRNN_ARCH_FLAGS", "-march=native"))
     ext = CppExtension(

@@ -33,7 +33,7 @@ except ImportError as err:  # not built (source tree without install) or disable
     _REASON = (f"the C++ extension hrnn._fused_C is not available ({err}); "
                "build it with `pip install --no-build-isolation -e .`")
 
-_warned: set[str] = set()
+_warned = False  # the fallback is announced once per process
 
 
 def available() -> bool:
@@ -62,12 +62,12 @@ def supports(*tensors: Tensor) -> str | None:
 
 
 def warn_fallback(reason: str) -> None:
-    """One warning per process (per distinct kind of reason) that the slow loop runs."""
-    key = reason.split("(")[0]
-    if key in _warned:
+    """Log, once per process, that the pure PyTorch loop runs instead of the kernels."""
+    global _warned
+    if _warned:
         return
-    _warned.add(key)
-    log.warning("hrnn: using the pure PyTorch leaky_scan loop (identical results, slower): %s", reason)
+    _warned = True
+    log.warning("hrnn: leaky_scan is using the pure PyTorch loop (same results, slower): %s", reason)
 
 
 class _LeakyScan(torch.autograd.Function):

@@ -112,9 +112,18 @@ def test_hard_waves_hold_and_replace_exactly():
         torch.testing.assert_close(states[~held], candidates[~held], rtol=1e-6, atol=1e-6)
 
 
+@pytest.fixture
+def one_thread():
+    """gradcheck makes hundreds of tiny calls: one thread keeps them off the (shared) pool."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @needs_ext
 @pytest.mark.parametrize("hard", [False, True])
-def test_gradcheck_float64_runs_the_kernels(hard):
+def test_gradcheck_float64_runs_the_kernels(hard, one_thread):
     u, w_h, waves, h0 = make_inputs(3, 6, 8, 2, hard=hard, masked=hard, dtype=torch.float64)
     assert fused.supports(u, w_h, waves, h0) is None  # the double kernels, not the fallback
     args = [x.clone().requires_grad_() for x in (u, w_h, waves, h0)]
@@ -122,7 +131,7 @@ def test_gradcheck_float64_runs_the_kernels(hard):
 
 
 @needs_ext
-def test_gradcheck_float64_skip_path():
+def test_gradcheck_float64_skip_path(one_thread):
     """Hard waves that need no grad: the skipping forward and backward, in double."""
     u, w_h, waves, h0 = make_inputs(2, 9, 16, 4, hard=True, masked=True, dtype=torch.float64)
     args = [x.clone().requires_grad_() for x in (u, w_h, h0)]
@@ -183,12 +192,13 @@ def test_non_contiguous_inputs():
 def test_fallback_is_identical_and_says_so_once(monkeypatch, caplog):
     monkeypatch.setattr(fused, "_C", None)
     monkeypatch.setattr(fused, "_REASON", "test: extension hidden")
-    monkeypatch.setattr(fused, "_warned", set())
+    monkeypatch.setattr(fused, "_warned", False)
     inputs = make_inputs(3, 12, 16, 2, hard=False, masked=False)
     grad_out = torch.randn(3, 12, 16)
     with caplog.at_level(logging.WARNING, logger="hrnn.fused"):
         got, got_grads = run_with_grads(leaky_scan, inputs, grad_out, [0, 1, 2, 3])
         leaky_scan(*inputs)
+        leaky_scan(*(x.to(torch.bfloat16) for x in inputs))  # another reason: still no new line
     want, want_grads = run_with_grads(leaky_scan_reference, inputs, grad_out, [0, 1, 2, 3])
     assert torch.equal(got, want)
     for g, w in zip(got_grads, want_grads):
