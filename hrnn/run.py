@@ -148,6 +148,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 if model.clock is not None:
                     summary = log_clock(writer, model.clock, task.spec.seq_len, step)
                     line += f" | periods {format_periods(summary['periods'])}"
+                    if hasattr(task, "recovered"):
+                        found = task.recovered(summary["periods"])
+                        writer.add_scalar("clock/recovered", len(found), step)
+                        line += f" | recovered {len(found)}/{len(task.periods)}"
                 _save(ckpt_dir / "last.pt", checkpoint_state(), model)
                 writer.flush()
                 say(line)
@@ -192,6 +196,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     }
     if model.clock is not None:
         metrics["periods"] = model.clock.periods()
+        if hasattr(task, "recovered"):
+            found = task.recovered(metrics["periods"])
+            metrics.update(true_periods=task.periods, recovered=len(found), recovered_periods=found)
+            writer.add_scalar("clock/recovered", len(found), step)
     atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     writer.close()
     say(f"test {task.metric_name} {test[task.metric_name]:.4f} | val {val[task.metric_name]:.4f} "
