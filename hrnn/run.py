@@ -147,11 +147,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 line += f" (best {best['value']:.4f} at {best['step']})"
                 if model.clock is not None:
                     summary = log_clock(writer, model.clock, task.spec.seq_len, step)
-                    line += f" | periods {format_periods(summary['periods'])}"
                     if hasattr(task, "recovered"):
                         found = task.recovered(summary["periods"])
                         writer.add_scalar("clock/recovered", len(found), step)
                         line += f" | recovered {len(found)}/{len(task.periods)}"
+                    line += f" | periods {format_periods(summary['periods'])}"  # always last
                 _save(ckpt_dir / "last.pt", checkpoint_state(), model)
                 writer.flush()
                 say(line)
