@@ -65,6 +65,7 @@ class BasisSchema:
     size: Optional[int] = None
     init: str = "spread"
     init_weight: float = 0.8
+    sharpness: float = 1.0
 
 
 @dataclass
@@ -194,7 +195,8 @@ def _check_values(cfg: DictConfig) -> None:
     if task.name == "timescales":
         _require(len(task.periods) > 0, "task.periods is empty; give at least one positive integer period")
         bad = [p for p in task.periods if p <= 0]
-        _require(not bad, f"task.periods has non-positive period {bad[0]}; periods must be positive integers")
+        if bad:
+            raise UserError(f"task.periods has non-positive period {bad[0]}; periods must be positive integers")
     _require(trainer.device in DEVICES, f"trainer.device={trainer.device!r} is not allowed; allowed: {', '.join(DEVICES)}")
     _require(trainer.nonfinite in NONFINITE, f"trainer.nonfinite={trainer.nonfinite!r} is not allowed; allowed: {', '.join(NONFINITE)}")
     _require(trainer.num_threads is None or trainer.num_threads > 0, f"trainer.num_threads={trainer.num_threads} must be positive or null")
@@ -222,6 +224,7 @@ def _check_clock(cfg: DictConfig) -> None:
         _require(basis.leak >= 0, f"basis.leak={basis.leak} must be non-negative")
         return
     _require(0 < basis.init_weight < 1, f"basis.init_weight={basis.init_weight} must be in (0, 1)")
+    _require(basis.sharpness >= 1, f"basis.sharpness={basis.sharpness} must be at least 1")
     if basis.size is not None:
         _require(basis.size > 0, f"basis.size={basis.size} must be positive or null")
         if basis.name == "binary":

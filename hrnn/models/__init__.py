@@ -35,6 +35,7 @@ def build_clock(model_cfg: DictConfig, basis_cfg: DictConfig, reg_cfg: DictConfi
         temperature=reg_cfg.get("temperature", 1.0),
         entropy_weight=reg_cfg.get("entropy_weight", 0.0),
         l1_weight=reg_cfg.get("weight", 0.0),
+        sharpness=basis_cfg.sharpness,
     )
 
 

@@ -101,9 +101,11 @@ class BasisClock(Clock):
         temperature: float = 1.0,
         entropy_weight: float = 0.0,
         l1_weight: float = 0.0,
+        sharpness: float = 1.0,
     ) -> None:
         super().__init__()
         self.basis, self.size, self.n_modules, self.length = basis, size, n_modules, seq_len
+        self.sharpness = sharpness
         self.regularizer, self.temperature = regularizer, temperature
         self.entropy_weight, self.l1_weight = entropy_weight, l1_weight
         self.register_buffer("component_periods", self._component_periods(), persistent=False)
@@ -152,9 +154,11 @@ class BasisClock(Clock):
     def waves(self, steps: int) -> Tensor:
         matrix = self.matrix if steps == self.matrix.shape[0] else self._matrix(steps).to(self.matrix)
         mixed = matrix @ self.weights()
-        if self.regularizer == "softmax":
-            return mixed if self.basis == "binary" else (1 + mixed) / 2
-        return mixed.clamp(0.0, 1.0)
+        if self.regularizer == "softmax" and self.basis == "dct":
+            mixed = (1 + mixed) / 2
+        # Softmax mixes are in [0, 1] already, up to rounding; the clamp makes it exact.
+        wave = mixed.clamp(0.0, 1.0)
+        return wave if self.sharpness == 1 else wave**self.sharpness
 
     def penalty(self) -> Tensor:
         if self.regularizer == "l1":

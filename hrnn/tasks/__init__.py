@@ -13,6 +13,8 @@ TASKS = ("copy", "adding", "smnist", "pmnist", "timescales")
 def build_task(task_cfg: DictConfig, data_dir: str, seed: int) -> Task:
     """The task named by `task_cfg.name`; `seed` drives the training stream only."""
     name = task_cfg.name
+    if name in ("smnist", "pmnist"):
+        return MnistTask(data_dir, seed=seed, permute=name == "pmnist", permutation_seed=task_cfg.permutation_seed)
     eval_sets = dict(seed=seed, data_seed=task_cfg.data_seed, n_val=task_cfg.n_val, n_test=task_cfg.n_test)
     if name == "copy":
         return CopyTask(seq_len=task_cfg.seq_len, **eval_sets)
@@ -20,8 +22,6 @@ def build_task(task_cfg: DictConfig, data_dir: str, seed: int) -> Task:
         return AddingTask(seq_len=task_cfg.seq_len, **eval_sets)
     if name == "timescales":
         return TimescalesTask(seq_len=task_cfg.seq_len, periods=list(task_cfg.periods), **eval_sets)
-    if name in ("smnist", "pmnist"):
-        return MnistTask(data_dir, seed=seed, permute=name == "pmnist", permutation_seed=task_cfg.get("permutation_seed", 0))
     raise ValueError(f"unknown task {name!r}")  # config validation rejects this earlier
 
 

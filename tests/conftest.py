@@ -1,0 +1,43 @@
+"""Shared helpers: compose configs like the CLI does, and run the CLI in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+# Small enough for a 2-core machine: a run of a few steps takes seconds.
+TINY = ["model.hidden_size=16", "model.n_modules=4", "trainer.batch_size=8", "trainer.eval_batch_size=50",
+        "task.n_val=50", "task.n_test=50", "trainer.progress=false", "trainer.log_every=1"]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `hrnn-train ARGS` as a user would, in cwd."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    result = subprocess.run([sys.executable, "-m", "hrnn.run", *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=timeout, env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"hrnn-train {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    return list(TINY)

@@ -1,0 +1,199 @@
+"""The clock hierarchy's correctness: schedule, mask direction, state holding, gradients."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from hrnn.core import leaky_scan, leaky_scan_reference
+from hrnn.models.clock import BasisClock, FixedClock, PeriodClock, binary_basis, cosine_basis
+from hrnn.models.recurrent import ClockedRNN, slow_to_fast_mask
+
+
+def test_binary_column_is_one_exactly_on_multiples():
+    basis = binary_basis(50, 20)
+    for t, p in itertools.product(range(50), range(1, 21)):
+        assert basis[t, p - 1] == (1.0 if t % p == 0 else 0.0)
+
+
+def test_cosine_basis_orthogonal_with_peaks_on_ticks():
+    T = 48
+    basis = cosine_basis(T, T // 2 + 1, T).double()
+    gram = basis.t() @ basis
+    expected = torch.full((T // 2 + 1,), T / 2, dtype=torch.float64)
+    expected[0] = expected[-1] = T  # the constant and the Nyquist column
+    assert torch.allclose(gram, torch.diag(expected), atol=1e-3)
+    # Column k peaks (value 1) at t = 0, T/k, 2T/k: on ticks, no half-sample shift.
+    for k in (1, 2, 3, 4, 6, 8, 12):
+        ticks = torch.arange(0, T, T // k)
+        assert torch.allclose(basis[ticks, k], torch.ones(len(ticks), dtype=torch.float64), atol=1e-6)
+
+
+CLOCK_VARIANTS = [
+    dict(basis=b, regularizer=r, init=i, sharpness=s)
+    for b, r, i, s in itertools.product(["binary", "dct"], ["softmax", "l1", "none"], ["spread", "random", "uniform"], [1.0, 4.0])
+]
+
+
+@pytest.mark.parametrize("variant", CLOCK_VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_every_transform_keeps_waves_in_unit_interval(variant):
+    torch.manual_seed(0)
+    T = 64
+    size = T if variant["basis"] == "binary" else T // 2 + 1
+    clock = BasisClock(size=size, n_modules=4, seq_len=T, l1_weight=0.01, **variant)
+    with torch.no_grad():  # also far from the initialisation
+        clock.coefficients.add_(torch.randn_like(clock.coefficients) * 3)
+    waves = clock.waves(T)
+    assert waves.shape == (T, 4)
+    assert waves.min() >= 0 and waves.max() <= 1
+    assert len(clock.periods()) == 4 and all(p >= 1 for p in clock.periods())
+
+
+def test_period_clock_waves_in_unit_interval_and_open_on_ticks():
+    clock = PeriodClock(n_modules=3, seq_len=100, open_ratio=0.1)
+    with torch.no_grad():
+        clock.log_period.copy_(torch.tensor([4.0, 10.0, 25.0]).log())
+    waves = clock.waves(100)
+    assert waves.min() >= 0 and waves.max() <= 1
+    for m, p in enumerate([4, 10, 25]):
+        assert torch.allclose(waves[::p, m], torch.ones(len(range(0, 100, p))), atol=1e-4)
+    assert clock.periods() == pytest.approx([4.0, 10.0, 25.0])
+
+
+def _one_hot_binary_clock(periods: list[int], T: int) -> BasisClock:
+    clock = BasisClock("binary", size=T, n_modules=len(periods), seq_len=T, regularizer="none", init="uniform")
+    with torch.no_grad():
+        clock.coefficients.zero_()
+        for m, p in enumerate(periods):
+            clock.coefficients[p - 1, m] = 1.0
+    return clock
+
+
+def test_one_hot_spectrum_updates_on_multiples_and_holds_bit_for_bit():
+    torch.manual_seed(0)
+    periods, T = [1, 3, 5, 7], 40
+    model = ClockedRNN(2, 16, _one_hot_binary_clock(periods, T))
+    assert model.clock.periods() == [1.0, 3.0, 5.0, 7.0]
+    states = model(torch.randn(3, T, 2)).detach()
+    previous = torch.zeros(3, 16)
+    for t in range(T):
+        for m, p in enumerate(periods):
+            block = slice(4 * m, 4 * m + 4)
+            changed = not torch.equal(states[:, t, block], previous[:, block])
+            assert changed == (t % p == 0), (t, p)
+        previous = states[:, t]
+
+
+def test_cwrnn_schedule_is_t_mod_period():
+    clock = FixedClock([1, 2, 4, 8])
+    waves = clock.waves(33)
+    for t, m in itertools.product(range(33), range(4)):
+        assert waves[t, m] == float(t % (2**m) == 0)
+
+
+def test_mask_direction_slow_modules_do_not_read_fast_ones():
+    mask = slow_to_fast_mask(6, 3)  # modules of 2 units: 0 fastest, 2 slowest
+    # Row = reading unit, column = read unit. Module 0 reads everyone; module 2 only itself.
+    assert mask[0].tolist() == [1, 1, 1, 1, 1, 1]
+    assert mask[4].tolist() == [0, 0, 0, 0, 1, 1]
+    assert mask[2].tolist() == [0, 0, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("make_clock", [lambda: FixedClock([1, 2, 4, 8]), lambda: _one_hot_binary_clock([1, 1, 1, 1], 8)])
+def test_slow_state_independent_of_fast_state_but_fast_sees_slow(make_clock):
+    torch.manual_seed(1)
+    model = ClockedRNN(3, 16, make_clock(), connectivity="slow_to_fast")
+    x = torch.randn(2, 1, 3)
+    h0 = torch.randn(2, 16)
+    base = model(x, h0).detach()
+    fast = h0.clone()
+    fast[:, :4] += 1.0  # perturb module 0 (fastest)
+    after = model(x, fast).detach()
+    assert torch.equal(after[:, 0, 4:], base[:, 0, 4:])  # slower modules unchanged
+    slow = h0.clone()
+    slow[:, 12:] += 1.0  # perturb module 3 (slowest)
+    after = model(x, slow).detach()
+    assert not torch.allclose(after[:, 0, :4], base[:, 0, :4])  # the fastest module reads it
+
+
+def test_full_connectivity_lets_slow_read_fast():
+    torch.manual_seed(1)
+    model = ClockedRNN(3, 16, _one_hot_binary_clock([1, 1, 1, 1], 8), connectivity="full")
+    x, h0 = torch.randn(2, 1, 3), torch.randn(2, 16)
+    fast = h0.clone()
+    fast[:, :4] += 1.0
+    assert not torch.allclose(model(x, fast)[:, 0, 12:], model(x, h0)[:, 0, 12:])
+
+
+@pytest.mark.parametrize("basis,regularizer", [("binary", "softmax"), ("dct", "softmax"), ("binary", "l1"), ("dct", "none")])
+def test_gradcheck_whole_cell_float64(basis, regularizer):
+    torch.manual_seed(0)
+    T = 12
+    size = 8 if basis == "binary" else T // 2 + 1
+    clock = BasisClock(basis, size=size, n_modules=2, seq_len=T, regularizer=regularizer, init="random", sharpness=2.0)
+    model = ClockedRNN(2, 6, clock, connectivity="slow_to_fast").double()
+    with torch.no_grad():  # keep clipped waves away from the clip's kinks
+        model.clock.coefficients.copy_(torch.rand_like(model.clock.coefficients) * 0.4 + 0.05)
+    x = torch.randn(2, T, 2, dtype=torch.float64)
+    params = [model.input.weight, model.input.bias, model.recurrent, model.clock.coefficients]
+
+    def run(w_in, b_in, w_h, coefficients):
+        model.input.weight, model.input.bias = w_in, b_in
+        model.recurrent, model.clock.coefficients = w_h, coefficients
+        return model(x)
+
+    inputs = [p.detach().clone().requires_grad_() for p in params]
+    for module, name in [(model.input, "weight"), (model.input, "bias"), (model, "recurrent"), (model.clock, "coefficients")]:
+        delattr(module, name)
+    assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_gradcheck_leaky_scan_all_inputs_float64():
+    torch.manual_seed(0)
+    B, T, H, M = 2, 7, 6, 3
+    u = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(H, H, dtype=torch.float64) * 0.5).requires_grad_()
+    waves = torch.rand(T, M, dtype=torch.float64).requires_grad_()
+    h0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(leaky_scan, (u, w, waves, h0))
+    assert torch.autograd.gradcheck(leaky_scan_reference, (u, w, waves, h0))
+
+
+def test_l1_gradient_matches_penalty():
+    clock = BasisClock("binary", size=10, n_modules=3, seq_len=10, regularizer="l1", init="random", l1_weight=0.05)
+    with torch.no_grad():
+        clock.coefficients.copy_(torch.randn(10, 3))
+    clock.penalty().backward()
+    assert clock.penalty().item() == pytest.approx(0.05 * clock.coefficients.abs().sum().item())
+    assert torch.allclose(clock.coefficients.grad, 0.05 * clock.coefficients.detach().sign())
+
+
+def test_entropy_penalty_gradient_matches_analytic():
+    torch.manual_seed(0)
+    clock = BasisClock("dct", size=6, n_modules=2, seq_len=10, regularizer="softmax", init="random", entropy_weight=0.3, temperature=2.0)
+    with torch.no_grad():
+        clock.coefficients.copy_(torch.randn(6, 2))
+    clock.penalty().backward()
+    c = clock.coefficients.detach()
+    p = torch.softmax(c / 2.0, dim=0)
+    entropy = -(p * p.log()).sum(0)
+    assert clock.penalty().item() == pytest.approx(0.3 * entropy.mean().item(), rel=1e-5)
+    # dH/dc_k = -(1/tau) p_k (log p_k + H), averaged over the 2 modules.
+    analytic = 0.3 / 2 * (-(1 / 2.0) * p * (p.log() + entropy))
+    assert torch.allclose(clock.coefficients.grad, analytic, atol=1e-6)
+
+
+def test_softmax_without_entropy_has_no_penalty():
+    clock = BasisClock("binary", size=5, n_modules=2, seq_len=5, regularizer="softmax")
+    assert clock.penalty().item() == 0.0
+
+
+def test_spread_init_starts_as_clockwork_hierarchy():
+    clock = BasisClock("binary", size=200, n_modules=8, seq_len=200, regularizer="softmax", init_weight=0.8)
+    assert clock.periods() == [1, 2, 4, 8, 16, 32, 64, 128]
+    weights = clock.weights()
+    assert weights[3, 2].item() == pytest.approx(0.8, rel=1e-5)  # period 4 for module 2
+    dct = BasisClock("dct", size=101, n_modules=4, seq_len=200, regularizer="softmax")
+    assert dct.periods() == pytest.approx([1, 2, 4, 200 / 25])

@@ -1,0 +1,148 @@
+"""Each task generator against its published definition, and the MNIST loaders on real files."""
+from __future__ import annotations
+
+import gzip
+import math
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from hrnn.errors import UserError
+from hrnn.tasks import load_mnist
+from hrnn.tasks.mnist import MnistTask
+from hrnn.tasks.synthetic import AddingTask, CopyTask, TimescalesTask
+
+EVAL = dict(seed=0, data_seed=1, n_val=20, n_test=20)
+
+
+def test_copy_matches_definition():
+    T = 30
+    task = CopyTask(seq_len=T, **EVAL)
+    x, y = task.train_batch(64)
+    assert x.shape == (64, T + 20, 10) and y.shape == (64, T + 20)
+    tokens = x.argmax(-1)
+    assert torch.all(x.sum(-1) == 1)  # one-hot
+    symbols = tokens[:, :10]
+    assert symbols.min() >= 1 and symbols.max() <= 8
+    assert torch.all(tokens[:, 10 : 10 + T - 1] == 0)  # T-1 blanks
+    assert torch.all(tokens[:, 10 + T - 1] == 9)  # the delimiter
+    assert torch.all(tokens[:, 10 + T :] == 0)  # 10 trailing blanks
+    assert torch.all(y[:, :-10] == 0)
+    assert torch.equal(y[:, -10:], symbols)
+
+
+def test_copy_baseline_is_memoryless_optimum_measured_on_data():
+    T = 50
+    task = CopyTask(seq_len=T, **EVAL)
+    x, y = task.train_batch(2000)
+    # Best memoryless predictor: blank with certainty outside the recall window, uniform over 1..8 inside it.
+    logits = torch.full((2000, T + 20, 10), -1e9)
+    logits[:, :-10, 0] = 0.0
+    logits[:, -10:, 1:9] = 0.0
+    measured = task.loss(logits, y).item()
+    assert measured == pytest.approx(10 * math.log(8) / (T + 20), rel=1e-6)
+    assert task.baseline == pytest.approx(10 * math.log(8) / (T + 20))
+
+
+def test_adding_matches_definition_and_baseline():
+    T = 40
+    task = AddingTask(seq_len=T, **EVAL)
+    x, y = task.train_batch(5000)
+    values, markers = x[..., 0], x[..., 1]
+    assert x.shape == (5000, T, 2) and y.shape == (5000, 1)
+    assert values.min() >= 0 and values.max() <= 1
+    assert torch.all(markers.sum(1) == 2)
+    assert torch.all(markers[:, : T // 2].sum(1) == 1) and torch.all(markers[:, T // 2 :].sum(1) == 1)
+    assert torch.allclose((values * markers).sum(1, keepdim=True), y)
+    measured = task.loss(torch.ones_like(y), y).item()  # predicting 1 always
+    assert measured == pytest.approx(1 / 6, abs=0.01)
+    assert task.baseline == pytest.approx(1 / 6)
+
+
+def test_timescales_sample_and_hold():
+    task = TimescalesTask(seq_len=24, periods=[3, 8], **EVAL)
+    x, y = task.train_batch(4)
+    for i, period in enumerate([3, 8]):
+        for t in range(24):
+            assert torch.equal(y[:, t, i], x[:, period * (t // period), i])
+    expected = np.mean([[t % p != 0 for t in range(24)] for p in (3, 8)])
+    assert task.baseline == pytest.approx(expected)
+
+
+def test_eval_sets_fixed_and_training_stream_seeded():
+    a, b = AddingTask(seq_len=10, **EVAL), AddingTask(seq_len=10, **{**EVAL, "seed": 7})
+    assert torch.equal(next(a.eval_batches("val", 100))[0], next(b.eval_batches("val", 100))[0])
+    assert not torch.equal(a.train_batch(5)[0], b.train_batch(5)[0])
+    state = a.state_dict()
+    first = a.train_batch(5)
+    a.load_state_dict(state)
+    assert torch.equal(a.train_batch(5)[0], first[0])
+
+
+def _tiny_mnist(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    return rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n).astype(np.int64)
+
+
+def test_mnist_pickle_format(tmp_path):
+    rng = np.random.default_rng(0)
+    splits = (_tiny_mnist(rng, 30), _tiny_mnist(rng, 10), _tiny_mnist(rng, 12))
+    with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
+        pickle.dump(splits, f, protocol=2)
+    data = load_mnist(tmp_path)
+    assert [len(data[s][0]) for s in ("train", "val", "test")] == [30, 10, 12]
+    assert np.array_equal(data["val"][0], splits[1][0]) and np.array_equal(data["test"][1], splits[2][1])
+
+
+def _write_idx(path, array: np.ndarray, compress: bool) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    if compress:
+        with gzip.open(str(path) + ".gz", "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mnist_idx_format(tmp_path, compress):
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 256, (60, 28, 28))
+    test = rng.integers(0, 256, (7, 28, 28))
+    _write_idx(tmp_path / "train-images-idx3-ubyte", train, compress)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", rng.integers(0, 10, 60), compress)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", test, compress)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 7), compress)
+    data = load_mnist(tmp_path)
+    assert data["train"][0].shape == (50, 784) and data["val"][0].shape == (10, 784)
+    assert np.allclose(data["val"][0][0], train[50].reshape(-1) / 255.0)
+    assert np.allclose(data["test"][0], test.reshape(7, -1) / 255.0)
+
+
+def test_mnist_missing_names_the_fix(tmp_path):
+    with pytest.raises(UserError, match="make data"):
+        load_mnist(tmp_path)
+
+
+def test_mnist_corrupt_names_the_fix(tmp_path):
+    (tmp_path / "mnist.pkl.gz").write_bytes(b"not a gzip file")
+    with pytest.raises(UserError, match="cannot read .*make data"):
+        load_mnist(tmp_path)
+
+
+def test_pmnist_applies_one_fixed_permutation(tmp_path):
+    rng = np.random.default_rng(2)
+    splits = (_tiny_mnist(rng, 20), _tiny_mnist(rng, 5), _tiny_mnist(rng, 5))
+    with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
+        pickle.dump(splits, f)
+    plain = MnistTask(str(tmp_path), seed=0)
+    permuted = MnistTask(str(tmp_path), seed=0, permute=True, permutation_seed=3)
+    again = MnistTask(str(tmp_path), seed=5, permute=True, permutation_seed=3)
+    assert torch.equal(permuted.permutation, again.permutation)
+    assert sorted(permuted.permutation.tolist()) == list(range(784))
+    xs, _ = next(plain.eval_batches("test", 5))
+    xp, _ = next(permuted.eval_batches("test", 5))
+    assert torch.equal(xp[:, :, 0], xs[:, permuted.permutation, 0])
+    assert xs.shape == (5, 784, 1)
