@@ -57,6 +57,7 @@ class CwrnnModelSchema:
 class TorchModelSchema:
     name: str
     hidden_size: int = 128
+    n_modules: int = 8  # unused; lets one sweep set model.n_modules for every model
 
 
 @dataclass

@@ -370,7 +370,7 @@ def main() -> None:
     multirun = "-m" in args or "--multirun" in args
     try:
         if not any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
-            preflight([a for a in args if a not in ("-m", "--multirun")])
+            preflight([a for a in args if a not in ("-m", "--multirun")], multirun)
             args += _resume_dir_overrides(args, multirun)
     except UserError as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -398,7 +398,7 @@ def _resume_dir_overrides(args: list[str], multirun: bool) -> list[str]:
     return []
 
 
-def preflight(args: list[str]) -> None:
+def preflight(args: list[str], multirun: bool = False) -> None:
     """Compose every configuration the command line asks for and validate it; UserError on the first problem."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -409,6 +409,7 @@ def preflight(args: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(args)
     except HydraException as exc:
         raise UserError(f"cannot parse the command line: {str(exc).splitlines()[0]}") from None
+    dir_overrides = [a for a in args if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
     parsed = [o for o in parsed if not o.get_key_element().startswith("hydra")]
     choices = []
     for override in parsed:
@@ -423,12 +424,26 @@ def preflight(args: list[str]) -> None:
     if any(c.startswith("resume=") and c != "resume=auto" and c != "resume=null" for cs in choices for c in cs):
         return  # the stored config of the run is validated when it is loaded
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for combination in itertools.islice(itertools.product(*choices), 256):
+        for index, combination in enumerate(itertools.islice(itertools.product(*choices), 256)):
             try:
-                cfg = compose(config_name="config", overrides=list(combination))
+                cfg = compose(config_name="config", overrides=[*combination, *dir_overrides], return_hydra_config=index == 0)
             except (HydraException, OmegaConfBaseException) as exc:
                 raise UserError(_one_line(exc, combination)) from None
+            if index == 0:
+                _check_output_dir(Path(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
+                del cfg.hydra
             validate(cfg)
+
+
+def _check_output_dir(path: Path) -> None:
+    """Fail before Hydra does (with a traceback) when the run directory cannot be created."""
+    ancestor = path.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        problem = "is not a directory" if not ancestor.is_dir() else "is not writable"
+        raise UserError(f"cannot write the output directory {path}: {ancestor} {problem}; "
+                        f"choose another with hydra.run.dir=<dir> (hydra.sweep.dir=<dir> with -m)")
 
 
 def _one_line(exc: Exception, overrides: tuple[str, ...]) -> str:

@@ -1,0 +1,78 @@
+"""Every model and clock variant trains a step on every task, through the real builders."""
+from __future__ import annotations
+
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose_config
+from hrnn.config import validate
+from hrnn.models import build_model, count_parameters
+from hrnn.run import build_optimizer, train
+from hrnn.tasks import build_task
+
+TASK_OVERRIDES = {
+    "copy": ["task=copy", "task.seq_len=6", "task.n_val=4", "task.n_test=4"],
+    "adding": ["task=adding", "task.seq_len=12", "task.n_val=4", "task.n_test=4"],
+    "timescales": ["task=timescales", "task.seq_len=12", "task.periods=[2,3]", "task.n_val=4", "task.n_test=4"],
+    "smnist": ["task=smnist"],
+    "pmnist": ["task=pmnist"],
+}
+CLOCKS = [["model=hrnn", f"basis={b}", f"regularizer={r}"] for b in ("binary", "dct") for r in ("softmax", "l1", "none")]
+MODELS = CLOCKS + [["model=hrnn", "basis=period"], ["model=hrnn", "model.connectivity=slow_to_fast"],
+                   ["model=cwrnn"], ["model=lstm"], ["model=gru"], ["model=rnn"]]
+
+
+@pytest.fixture(scope="module")
+def fake_mnist(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mnist")
+    rng = np.random.default_rng(0)
+    split = lambda n: (rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n).astype(np.int64))
+    with gzip.open(path / "mnist.pkl.gz", "wb") as f:
+        pickle.dump((split(8), split(4), split(4)), f)
+    return path
+
+
+@pytest.mark.parametrize("task", list(TASK_OVERRIDES))
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: " ".join(a.split("=")[1] for a in m))
+def test_every_model_trains_a_step_on_every_task(task, model, fake_mnist):
+    cfg = validate(compose_config([*TASK_OVERRIDES[task], *model, "model.hidden_size=8", "model.n_modules=2",
+                                   f"data_dir={fake_mnist}"]))
+    torch.manual_seed(0)
+    task_obj = build_task(cfg.task, cfg.data_dir, seed=0)
+    net = build_model(cfg, task_obj.spec)
+    optimizer = build_optimizer(cfg.optim, net)
+    before = [p.detach().clone() for p in net.parameters()]
+    x, y = task_obj.train_batch(3)
+    output = net(x)
+    loss = task_obj.loss(output, y) + net.penalty()
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    changed = [not torch.equal(a, b.detach()) for a, b in zip(before, net.parameters())]
+    assert sum(changed) >= len(changed) - 1  # everything that the loss reaches moves
+    assert count_parameters(net) > 0
+    if net.clock is not None:
+        assert len(net.clock.periods()) == 2
+
+
+def test_clock_coefficients_receive_gradient_from_the_task_loss():
+    cfg = validate(compose_config([*TASK_OVERRIDES["adding"], "basis=dct", "model.hidden_size=8", "model.n_modules=2"]))
+    task = build_task(cfg.task, cfg.data_dir, seed=0)
+    net = build_model(cfg, task.spec)
+    x, y = task.train_batch(4)
+    task.loss(net(x), y).backward()
+    assert net.clock.coefficients.grad.abs().sum() > 0
+
+
+def test_in_process_train_returns_validation_metric(tmp_path):
+    cfg = compose_config([*TASK_OVERRIDES["adding"], "model.hidden_size=8", "model.n_modules=2", "trainer.steps=2",
+                          "trainer.eval_every=1", "trainer.progress=false", "trainer.batch_size=4"])
+    value = train(cfg, tmp_path)
+    import json
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert value == pytest.approx(metrics["val_metric"])

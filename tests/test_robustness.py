@@ -1,0 +1,208 @@
+"""Nothing lost: kills at any moment, signals, non-finite numbers, bad checkpoints, many valid configs."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, compose_config, read_metrics, run_cli
+from hrnn.errors import UserError
+from hrnn.run import train
+
+RUN = ["task=adding", "task.seq_len=16", "basis=binary", "trainer.steps=40", "trainer.eval_every=2", *TINY]
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "hrnn.run", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None or path.exists(), proc.stdout.read() if proc.stdout else ""
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    cwd = tmp_path_factory.mktemp("reference")
+    run_cli([*RUN, f"hydra.run.dir={cwd / 'run'}"], cwd=cwd)
+    return read_metrics(cwd / "run")
+
+
+def _same_outcome(metrics: dict, reference: dict) -> None:
+    for key in ("val_metric", "test_metric", "best_step", "steps", "periods", "val", "test"):
+        assert metrics[key] == reference[key], key
+
+
+def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path, reference):
+    rng = random.Random(7)
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.pt"
+    kills, steps_seen = 0, []
+    for attempt in range(12):
+        args = [f"resume={run_dir}"] if last.exists() else [*RUN, f"hydra.run.dir={run_dir}"]
+        proc = _start(args, tmp_path)
+        if kills < 3:
+            _wait_for(last, proc)
+            time.sleep(rng.uniform(0.0, 0.3))  # often lands while a checkpoint is being written
+            if proc.poll() is None:  # count only kills that hit a running process
+                proc.kill()
+                kills += 1
+            proc.wait()
+            state = torch.load(last, weights_only=True)  # the last good checkpoint always loads
+            assert 2 <= state["step"] <= 40 and state["step"] % 2 == 0
+            steps_seen.append(state["step"])
+            continue
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output
+        break
+    assert kills == 3 and steps_seen[-1] < 40, steps_seen
+    _same_outcome(read_metrics(run_dir), reference)
+    assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # no temporary files left behind
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_checkpoint_and_says_how_to_resume(tmp_path, reference, signum, code):
+    run_dir = tmp_path / "run"
+    proc = _start([*RUN, "trainer.steps=400", f"hydra.run.dir={run_dir}"], tmp_path)
+    _wait_for(run_dir / "checkpoints" / "last.pt", proc)
+    proc.send_signal(signum)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == code, output
+    assert f"hrnn-train resume={run_dir}" in output
+    stopped_at = int(output.split(" at step ")[1].split(";")[0])
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == stopped_at
+    if stopped_at <= 40:  # resume, cut back to the reference length when it stopped early enough
+        run_cli([f"resume={run_dir}", "trainer.steps=40"], cwd=tmp_path)
+        _same_outcome(read_metrics(run_dir), reference)
+
+
+def _nan_task_loss(monkeypatch, bad_steps: set[int]) -> None:
+    from hrnn.tasks.synthetic import AddingTask
+
+    calls = {"n": 0}
+    original = AddingTask.loss
+
+    def loss(self, output, target):
+        value = original(self, output, target)
+        if output.requires_grad:
+            calls["n"] += 1
+            if calls["n"] in bad_steps:
+                return value * float("nan")
+        return value
+
+    monkeypatch.setattr(AddingTask, "loss", loss)
+
+
+def test_nonfinite_stop_names_step_and_last_good_checkpoint(tmp_path, monkeypatch):
+    _nan_task_loss(monkeypatch, {5})
+    cfg = compose_config([*RUN, "trainer.steps=8"])
+    with pytest.raises(UserError, match=r"non-finite loss or gradient at step 5; last good checkpoint .*last.pt"):
+        train(cfg, tmp_path)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_nonfinite_skip_counts_and_continues(tmp_path, monkeypatch):
+    _nan_task_loss(monkeypatch, {3, 6})
+    cfg = compose_config([*RUN, "trainer.steps=8", "trainer.nonfinite=skip"])
+    train(cfg, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["nonfinite_skipped"] == 2 and metrics["steps"] == 8
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.fixture
+def finished_run(tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    run_cli([*RUN, "trainer.steps=4", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    return run_dir
+
+
+def _resume_fails_cleanly(run_dir: Path, cwd: Path, expected: str) -> None:
+    last = run_dir / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    result = run_cli([f"resume={run_dir}"], cwd=cwd, check=False, timeout=60)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert last.read_bytes() == before  # the file is left as it was
+
+
+def test_truncated_checkpoint_refused_and_left_alone(finished_run, tmp_path):
+    last = finished_run / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    _resume_fails_cleanly(finished_run, tmp_path, "corrupt or unreadable checkpoint")
+
+
+def test_garbage_checkpoint_refused(finished_run, tmp_path):
+    (finished_run / "checkpoints" / "last.pt").write_bytes(os.urandom(4096))
+    _resume_fails_cleanly(finished_run, tmp_path, "corrupt or unreadable checkpoint")
+
+
+def test_incompatible_checkpoint_refused(finished_run, tmp_path):
+    last = finished_run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["model"]["backbone.recurrent"] = torch.zeros(8, 8)  # another shape
+    torch.save(state, last)
+    _resume_fails_cleanly(finished_run, tmp_path, "does not fit this model/task")
+
+
+def test_foreign_file_refused(finished_run, tmp_path):
+    torch.save({"weights": torch.zeros(3)}, finished_run / "checkpoints" / "last.pt")
+    _resume_fails_cleanly(finished_run, tmp_path, "is not an hrnn checkpoint")
+
+
+def test_unwritable_output_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_cli([*RUN, f"hydra.run.dir={blocker / 'run'}"], cwd=tmp_path, check=False, timeout=60)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot write the output directory {blocker / 'run'}: {blocker} is not a directory; "
+        "choose another with hydra.run.dir=<dir> (hydra.sweep.dir=<dir> with -m)"]
+
+
+def _random_valid_config(rng: random.Random) -> list[str]:
+    task = rng.choice(["copy", "adding", "timescales"])
+    model = rng.choice(["hrnn", "hrnn", "hrnn", "cwrnn", "lstm", "gru", "rnn"])
+    n_modules = rng.choice([1, 2, 4])
+    seq_len = rng.choice([5, 8, 13])
+    overrides = [f"task={task}", f"task.seq_len={seq_len}", f"model={model}", f"model.n_modules={n_modules}",
+                 f"model.hidden_size={n_modules * rng.choice([1, 3, 4])}", f"trainer.batch_size={rng.choice([1, 3])}",
+                 f"trainer.seed={rng.randrange(100)}", f"optim.name={rng.choice(['adam', 'adamw', 'sgd', 'rmsprop'])}"]
+    if task == "timescales":
+        overrides.append(f"task.periods=[{rng.randint(1, 6)},{rng.randint(1, 6)}]")
+    if model == "hrnn":
+        basis = rng.choice(["binary", "dct", "period"])
+        overrides += [f"basis={basis}", f"regularizer={rng.choice(['softmax', 'l1', 'none'])}",
+                      f"model.connectivity={rng.choice(['full', 'slow_to_fast'])}",
+                      f"basis.init={rng.choice(['spread', 'random', 'uniform'])}"]
+        if basis != "period":
+            overrides.append(f"basis.sharpness={rng.choice([1, 3])}")
+    return overrides
+
+
+@pytest.mark.parametrize("index", range(30))
+def test_random_valid_configs_train_two_steps(tmp_path, index):
+    overrides = _random_valid_config(random.Random(1000 + index))
+    cfg = compose_config([*overrides, "trainer.steps=2", "trainer.eval_every=1", "task.n_val=3", "task.n_test=3",
+                          "trainer.progress=false"])
+    value = train(cfg, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and value == pytest.approx(metrics["val_metric"]), overrides
