@@ -33,6 +33,7 @@ from hrnn.config import validate
 from hrnn.errors import UserError
 from hrnn.models import build_model, count_parameters
 from hrnn.spectrum import format_periods, log_clock
+from hrnn.sweep import log_hparams, override_unchanged, run_job, threads_per_job
 from hrnn.tasks import Task, build_task
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -147,7 +148,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 line += f" (best {best['value']:.4f} at {best['step']})"
                 if model.clock is not None:
                     summary = log_clock(writer, model.clock, task.spec.seq_len, step)
-                    line += f" | periods {format_periods(summary['periods'])}"
+                    if hasattr(task, "recovered"):
+                        found = task.recovered(summary["periods"])
+                        writer.add_scalar("clock/recovered", len(found), step)
+                        line += f" | recovered {len(found)}/{len(task.periods)}"
+                    line += f" | periods {format_periods(summary['periods'])}"  # always last
                 _save(ckpt_dir / "last.pt", checkpoint_state(), model)
                 writer.flush()
                 say(line)
@@ -188,10 +193,16 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         "regularizer": cfg.regularizer.name,
         "seed": trainer.seed,
         "device": str(device),
+        "threads": torch.get_num_threads(),
         "status": "finished",
     }
     if model.clock is not None:
         metrics["periods"] = model.clock.periods()
+        if hasattr(task, "recovered"):
+            found = task.recovered(metrics["periods"])
+            metrics.update(true_periods=task.periods, recovered=len(found), recovered_periods=found)
+            writer.add_scalar("clock/recovered", len(found), step)
+    log_hparams(writer, cfg, metrics)
     atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     writer.close()
     say(f"test {task.metric_name} {test[task.metric_name]:.4f} | val {val[task.metric_name]:.4f} "
@@ -236,13 +247,10 @@ def _num_threads(requested: int | None) -> int:
     """All cores for one job; a parallel sweep's jobs share them instead of oversubscribing."""
     if requested:
         return requested
-    parallel = 1
-    if HydraConfig.initialized():
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            parallel = int(OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=1) or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, parallel))
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return threads_per_job(OmegaConf.select(HydraConfig.get(), "launcher"), cores)
+    return cores
 
 
 def seed_everything(seed: int) -> None:
@@ -322,6 +330,8 @@ def _config_for_resume(state: dict[str, Any], cfg: DictConfig) -> DictConfig:
         key, _, _ = override.lstrip("+~").partition("=")
         if key == "resume" or key.startswith("hydra"):
             continue
+        if key not in RESUMABLE_OVERRIDES and override_unchanged(key, cfg, stored):
+            continue  # e.g. a sweep's own overrides when resume=auto continues its job
         if key not in RESUMABLE_OVERRIDES:
             raise UserError(f"cannot change {key} when resuming (it would change the run); "
                             f"allowed with resume: {', '.join(RESUMABLE_OVERRIDES)}")
@@ -347,13 +357,12 @@ def _load_into(state: dict[str, Any], model, optimizer, task: Task, path: Path) 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return run_job(train, cfg, run_dir)  # a failure is kept in the job's error.txt; the sweep goes on
     try:
         return train(cfg, run_dir)
     except UserError as exc:
         message = f"error: {exc}"
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            atomic_write_bytes(run_dir / "error.txt", (message + "\n").encode())
-            raise
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(message, file=sys.stderr)

@@ -76,3 +76,15 @@ def test_in_process_train_returns_validation_metric(tmp_path):
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert value == pytest.approx(metrics["val_metric"])
+
+
+def test_timescales_run_reports_recovered_periods(tmp_path):
+    cfg = compose_config(["task=timescales", "task.seq_len=24", "task.periods=[4,3]", "task.n_val=4", "task.n_test=4",
+                          "basis=binary", "model.hidden_size=8", "model.n_modules=4", "trainer.steps=1",
+                          "trainer.progress=false", "trainer.batch_size=2"])
+    train(cfg, tmp_path)
+    import json
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["periods"] == [1.0, 2.0, 4.0, 8.0]  # the spread start, one step in
+    assert metrics["true_periods"] == [4, 3] and metrics["recovered_periods"] == [4] and metrics["recovered"] == 1

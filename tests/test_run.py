@@ -85,6 +85,15 @@ BAD_INPUTS = [
     (["task=timescales", "task.periods=[4,0]"], "non-positive period 0"),
     (["trainer.steps=abc"], "trainer.steps"),
     (["resume=/nonexistent/run"], "resume=/nonexistent/run holds no run"),
+    (["model=transformer"], "unknown model 'transformer'; allowed: cwrnn, gru, hrnn, lstm, rnn"),
+    (["basis=wavelet"], "unknown basis 'wavelet'; allowed: binary, dct, period"),
+    (["regularizer=l2"], "unknown regularizer 'l2'; allowed: l1, none, softmax"),
+    (["model.n_modules=-2"], "model.n_modules=-2 must be positive"),
+    (["task.seq_len=0"], "task.seq_len=0 must be positive"),
+    (["trainer.batch_size=-1"], "trainer.batch_size=-1 must be positive"),
+    (["-m", "trainer.seed=0,1", "model.hidden_size=10,12", "model.n_modules=4"],
+     "model.hidden_size=10 is not divisible by model.n_modules=4"),
+    (["model.connectivity=sideways"], "model.connectivity='sideways' is not allowed; allowed: full, slow_to_fast"),
 ]
 
 
@@ -104,3 +113,19 @@ def test_missing_mnist_names_the_command_that_fixes_it(tmp_path, tiny):
     result = run_cli(["task=smnist", f"data_dir={tmp_path / 'empty'}", *tiny], cwd=tmp_path, check=False, timeout=60)
     assert result.returncode != 0
     assert "make data" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_corrupt_mnist_names_the_command_that_fixes_it(tmp_path, tiny):
+    (tmp_path / "mnist.pkl.gz").write_bytes(b"\x1f\x8b truncated")
+    tiny = [arg for arg in tiny if not arg.startswith("task.")]
+    result = run_cli(["task=pmnist", f"data_dir={tmp_path}", *tiny], cwd=tmp_path, check=False, timeout=60)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: cannot read {tmp_path / 'mnist.pkl.gz'}") and "make data" in result.stderr
+
+
+def test_resume_of_a_directory_without_a_run(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_cli([f"resume={tmp_path / 'empty'}"], cwd=tmp_path, check=False, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip() == (f"error: resume={tmp_path / 'empty'} holds no run (no checkpoints/last.pt); "
+                                     "give a run directory written by hrnn-train")

@@ -146,3 +146,10 @@ def test_pmnist_applies_one_fixed_permutation(tmp_path):
     xp, _ = next(permuted.eval_batches("test", 5))
     assert torch.equal(xp[:, :, 0], xs[:, permuted.permutation, 0])
     assert xs.shape == (5, 784, 1)
+
+
+def test_timescales_recovery_score():
+    task = TimescalesTask(seq_len=240, periods=[4, 12, 30], **EVAL)
+    assert task.recovered([1, 2, 4, 8, 12.5, 64]) == [4, 12]  # 12.5 is within 5% of 12
+    assert task.recovered([3, 13, 29]) == [30]  # 29 is 3.3% off 30; 13 is 8% off 12
+    assert task.recovered([]) == []

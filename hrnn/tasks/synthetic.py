@@ -140,6 +140,14 @@ class TimescalesTask(SyntheticTask):
         self._hold_index = torch.stack([(t // p) * p for p in self.periods], dim=1)  # (T, C)
         super().__init__(**kwargs)
 
+    def recovered(self, learned_periods: list[float], tolerance: float = 0.05) -> list[int]:
+        """The true periods that some module's dominant period matches (within `tolerance`, relative).
+
+        The tolerance covers bases that cannot express a period exactly (cosine
+        periods are T/k); a binary period either equals the true one or misses it by >= 1 step.
+        """
+        return [p for p in self.periods if any(abs(q - p) <= tolerance * p for q in learned_periods)]
+
     def generate(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         x = torch.randn(n, self.spec.seq_len, len(self.periods), generator=gen)
         target = torch.gather(x, 1, self._hold_index.unsqueeze(0).expand(n, -1, -1))
