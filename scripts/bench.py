@@ -181,6 +181,9 @@ def main(argv=None) -> int:
     print(f"fused extension: {'available' if fused.available() else 'NOT available: ' + str(fused.unavailable_reason())}")
     print(f"batch {BATCH}, hidden {HIDDEN}, {MODULES} modules, {INPUTS} input, float32; "
           f"step = zero_grad + forward + backward + Adam; {args.warmup} warm-up, median of {args.repeat}")
+    tunables = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    if tunables:
+        print(f"allocator environment (inherited by every config): {tunables}")
     rate = flop_rate(threads)
     print(f"FLOP rate of ({BATCH}x{HIDDEN}) @ ({HIDDEN}x{HIDDEN}): {rate / 1e9:.1f} GFLOP/s")
 
