@@ -109,7 +109,7 @@ inline VT vset(T x) {
 
 // tanh. float: rational minimax approximation (Eigen's single-precision coefficients,
 // clamp at +-7.9053, beyond which tanh rounds to +-1 within 2.4e-7); max relative error
-// measured ~1.5e-7 against double tanh. double: the libm tanh per lane (gradcheck path).
+// measured 3.4e-7 against double tanh over [-12, 12]. double: libm tanh per lane.
 template <typename VT>
 inline VT vtanh(VT x, float) {
   const VT hi = vset<VT>(7.90531110763549805f), lo = vset<VT>(-7.90531110763549805f);
