@@ -227,9 +227,16 @@ def evaluate(model: torch.nn.Module, task: Task, split: str, batch_size: int, de
 
 
 def build_optimizer(optim_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Clock parameters get their own learning rate: a softmax logit must move by several
+    units for a module to change period, which takes thousands of steps at the weights' rate."""
+    clock = model.clock if hasattr(model, "clock") else None
+    clock_params = [p for p in clock.parameters() if p.requires_grad] if clock is not None else []
+    clock_ids = {id(p) for p in clock_params}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in clock_ids]}]
+    if clock_params:
+        groups.append({"params": clock_params, "lr": optim_cfg.clock_lr or optim_cfg.lr, "weight_decay": 0.0})
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
-    return kinds[optim_cfg.name](params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+    return kinds[optim_cfg.name](groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
 
 
 # ----------------------------------------------------------------------------- set-up helpers
