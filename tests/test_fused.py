@@ -6,6 +6,7 @@ themselves run in double for that, not a fallback). No timing assertions here: s
 scripts/bench.py.
 """
 import logging
+import os
 
 import pytest
 import torch
@@ -14,6 +15,12 @@ from hrnn import fused
 from hrnn.core import is_hard, leaky_scan, leaky_scan_reference
 
 needs_ext = pytest.mark.skipif(not fused.available(), reason=str(fused.unavailable_reason()))
+
+
+@pytest.mark.skipif(not os.environ.get("HRNN_REQUIRE_FUSED"), reason="set HRNN_REQUIRE_FUSED=1 to require it")
+def test_extension_is_built_when_required():
+    """CI sets HRNN_REQUIRE_FUSED=1 so a broken build fails loudly instead of skipping."""
+    assert fused.available(), fused.unavailable_reason()
 
 
 def make_inputs(batch, steps, hidden, n_modules, hard, masked, dtype=torch.float32, seed=0):
