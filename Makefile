@@ -13,7 +13,7 @@ install: $(STAMP)
 
 # Pinned torch first (a CPU build from local disk); an unpinned torch would pull a CUDA build.
 # --no-build-isolation: the package's C++ core builds against this torch, not a second copy.
-$(STAMP): setup.cfg pyproject.toml $(wildcard setup.py)
+$(STAMP): setup.cfg pyproject.toml setup.py $(wildcard hrnn/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
