@@ -19,6 +19,8 @@ Maps into [0, 1] (softmax weights w are non-negative and sum to 1)
   binary + softmax  a = B @ w           a convex mix of 0/1 columns
   dct + softmax     a = (1 + B @ w) / 2 a convex mix of cosines lies in [-1, 1]
   l1 or none        a = clip(B @ c, 0, 1)
+then, for every map, clamp to [0, 1] (softmax mixes round just past 1) and raise to
+`sharpness` (>= 1), which narrows peaks around ticks and leaves 0 and 1 where they are.
 """
 from __future__ import annotations
 
