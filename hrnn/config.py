@@ -105,9 +105,9 @@ class OptimSchema:
 
 @dataclass
 class TrainerSchema:
-    steps: int = 2000
+    steps: int = 8000
     batch_size: int = 100
-    eval_every: int = 200
+    eval_every: int = 500
     eval_batch_size: int = 500
     seed: int = 0
     device: str = "cpu"
