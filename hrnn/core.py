@@ -62,6 +62,17 @@ def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive:
     return fused.leaky_scan(u, w_h, waves, h0, skip_inactive, last_only)
 
 
+def input_projection(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """u = x W^T + b for all steps, (B, T, H): F.linear, written into a reused buffer when the
+    fused kernels take these tensors (saves a fresh (B, T, H) allocation per step)."""
+    from hrnn import fused
+
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if x.dim() != 3 or fused.supports(*tensors) is not None:
+        return torch.nn.functional.linear(x, weight, bias)
+    return fused.input_projection(x, weight, bias)
+
+
 def _check_shapes(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor) -> None:
     batch, steps, hidden = u.shape
     if w_h.shape != (hidden, hidden):

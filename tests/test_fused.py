@@ -295,3 +295,45 @@ def test_fused_and_fallback_last_only_agree(monkeypatch, fused_path):
         pytest.skip(str(fused.unavailable_reason()))
     inputs = make_inputs(4, 16, 32, 4, hard=True, masked=True)
     assert_close_rel(leaky_scan(*inputs, last_only=True), leaky_scan_reference(*inputs)[:, -1])
+
+
+@needs_ext
+@pytest.mark.parametrize("bias", [True, False])
+def test_input_projection_matches_linear(bias):
+    """The pooled projection is F.linear's addmm: identical values, same gradients."""
+    from hrnn.core import input_projection
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 9, 3, generator=gen)
+    weight = torch.randn(16, 3, generator=gen)
+    b = torch.randn(16, generator=gen) if bias else None
+    inputs = [x, weight] + ([b] if bias else [])
+    grad_out = torch.randn(4, 9, 16, generator=gen)
+    wrt = list(range(len(inputs)))
+    got, got_grads = run_with_grads(lambda *a: input_projection(*a, *([None] if not bias else [])),
+                                    inputs, grad_out, wrt)
+    want, want_grads = run_with_grads(lambda *a: torch.nn.functional.linear(*a), inputs, grad_out, wrt)
+    assert torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert_close_rel(g, w, tol=1e-6)
+    first = input_projection(x, weight, b)
+    kept = first.clone()
+    second = input_projection(x * 2, weight, b)  # a live output's block is never handed out
+    assert torch.equal(first, kept) and not torch.equal(second, first)
+
+
+@needs_ext
+def test_input_projection_gradcheck_float64(one_thread):
+    from hrnn.core import input_projection
+
+    gen = torch.Generator().manual_seed(6)
+    args = [torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_()
+            for s in ((2, 5, 3), (4, 3), (4,))]
+    assert torch.autograd.gradcheck(input_projection, args)
+
+
+def test_input_projection_falls_back_to_linear():
+    from hrnn.core import input_projection
+
+    x, weight = torch.randn(2, 5, 3, dtype=torch.bfloat16), torch.randn(4, 3, dtype=torch.bfloat16)
+    assert torch.equal(input_projection(x, weight, None), torch.nn.functional.linear(x, weight))

@@ -573,6 +573,12 @@ std::vector<at::Tensor> backward(const at::Tensor& g_in, const at::Tensor& hs,
   return {du, dw, da, dh0};
 }
 
+// An uninitialised tensor of `sizes` with like's dtype, its storage from the buffer pool.
+at::Tensor pool_tensor(std::vector<int64_t> sizes, const at::Tensor& like) {
+  TORCH_CHECK(like.device().is_cpu(), "hrnn fused: CPU tensors only");
+  return pool_empty(sizes, like.options());
+}
+
 std::vector<int64_t> pool_stats() {
   Pool& p = pool();
   std::lock_guard<std::mutex> lock(p.mu);
@@ -597,6 +603,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hrnn fused leaky scan (CPU)";
   m.def("forward", &forward, "leaky scan forward");
   m.def("backward", &backward, "leaky scan backward through time");
+  m.def("empty", &pool_tensor, "uninitialised tensor (sizes, like) from the buffer pool");
   m.def("pool_stats", &pool_stats, "(cached bytes, cached blocks, limit bytes)");
   m.def("set_pool_limit", &set_pool_limit, "max idle bytes the buffer pool keeps");
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hrnn.core import leaky_scan
+from hrnn.core import input_projection, leaky_scan
 from hrnn.models.clock import Clock
 
 CONNECTIVITY = ("full", "slow_to_fast")
@@ -54,7 +54,8 @@ class ClockedRNN(nn.Module):
     def forward(self, x: Tensor, h0: Tensor | None = None, last_only: bool = False) -> Tensor:
         batch, steps, _ = x.shape
         waves = self.clock.waves(steps).to(x.dtype)  # (T, M), once per forward pass
-        u = self.input(x)  # the input projection for all steps in one product
+        # The input projection for all steps in one product (self.input's addmm, into a reused buffer).
+        u = input_projection(x, self.input.weight, self.input.bias)
         if h0 is None:
             h0 = x.new_zeros(batch, self.hidden_size)
         return leaky_scan(u, self.recurrent_weight(), waves, h0, last_only=last_only)
