@@ -29,9 +29,25 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     _atomic(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
 
 
+def _remove_stale_temps(directory: Path) -> None:
+    """Delete our temp files (".NAME.tmpPID") in `directory` whose writer has died mid-write
+    (SIGKILL skips `finally`); a live writer's file is left alone."""
+    for stale in directory.glob(".*.tmp*"):
+        pid = stale.name.rsplit(".tmp", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # still running (or not ours to signal): leave it alone
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except PermissionError:
+            pass
+
+
 def _atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path.parent)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

@@ -40,11 +40,15 @@ def leaky_scan_reference(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor) -> T
     return torch.stack(states, dim=1)
 
 
-def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive: bool | None = None) -> Tensor:
+def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive: bool | None = None,
+               last_only: bool = False) -> Tensor:
     """All states of the leaky recurrence, (B, T, H); see the module docstring.
 
     skip_inactive: compute only the modules active at each step (valid for hard 0/1
     waves only); None decides by looking at the waves, False forces the dense path.
+    last_only: return only the final state, (B, H): the same values (and gradients) as
+    `leaky_scan(...)[:, -1]`, but the backward never builds a (B, T, H) gradient that is
+    zero everywhere except the last step (a 40 MB allocation per step at T = 784).
     """
     _check_shapes(u, w_h, waves, h0)
     from hrnn import fused  # deferred: hrnn.fused imports the compiled extension
@@ -52,10 +56,21 @@ def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive:
     reason = fused.supports(u, w_h, waves, h0)
     if reason is not None:
         fused.warn_fallback(reason)
-        return fused.leaky_scan_loop(u, w_h, waves, h0)
+        return fused.leaky_scan_loop(u, w_h, waves, h0, last_only)
     if skip_inactive is None:
         skip_inactive = is_hard(waves)
-    return fused.leaky_scan(u, w_h, waves, h0, skip_inactive)
+    return fused.leaky_scan(u, w_h, waves, h0, skip_inactive, last_only)
+
+
+def input_projection(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """u = x W^T + b for all steps, (B, T, H): F.linear, written into a reused buffer when the
+    fused kernels take these tensors (saves a fresh (B, T, H) allocation per step)."""
+    from hrnn import fused
+
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if x.dim() != 3 or fused.supports(*tensors) is not None:
+        return torch.nn.functional.linear(x, weight, bias)
+    return fused.input_projection(x, weight, bias)
 
 
 def _check_shapes(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor) -> None:

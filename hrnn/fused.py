@@ -9,6 +9,7 @@ PyTorch reference loop, which gives the same results; that is logged once per pr
     unavailable_reason()     why not (None when it did)
     supports(*tensors)       whether these tensors can take the fast path
     leaky_scan(...)          the fast op (same contract as hrnn.core.leaky_scan)
+    input_projection(...)    x W^T + b into a reused buffer (same contract as F.linear)
 """
 from __future__ import annotations
 
@@ -72,11 +73,12 @@ def warn_fallback(reason: str) -> None:
 
 class _LeakyScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, w_h, waves, h0, skip):  # noqa: D102
+    def forward(ctx, u, w_h, waves, h0, skip, last_only):  # noqa: D102
         states, cands = _C.forward(u, w_h, waves, h0, skip, True)
         ctx.save_for_backward(states, cands, h0, w_h, waves)
         ctx.skip = skip
-        return states
+        # last_only: the backward then gets a (B, H) gradient, not a mostly-zero (B, T, H) one.
+        return states[:, -1].clone() if last_only else states
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -86,11 +88,13 @@ class _LeakyScan(torch.autograd.Function):
         du, dw, dwaves, dh0 = _C.backward(grad_states, states, cands, h0, w_h, waves,
                                           ctx.skip, need[2])
         return (du if need[0] else None, dw if need[1] else None,
-                dwaves if need[2] else None, dh0 if need[3] else None, None)
+                dwaves if need[2] else None, dh0 if need[3] else None, None, None)
 
 
-def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive: bool) -> Tensor:
-    """All states (B, T, H) through the compiled kernels; caller checked shapes and `supports`.
+def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive: bool,
+               last_only: bool = False) -> Tensor:
+    """All states (B, T, H), or the last one (B, H) if last_only, through the compiled kernels;
+    caller checked shapes and `supports`.
 
     skip_inactive: compute, at each step, only the units whose activation is nonzero (in
     tiles of up to 16 units). Exact for any waves, since a = 0 holds the state bit-for-bit;
@@ -103,17 +107,55 @@ def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive:
     if not need_grad:
         # Inference: forward-only kernel; no candidates kept, no graph recorded.
         with torch.no_grad():
-            return _C.forward(u, w_h, waves, h0, skip, False)[0]
-    return _LeakyScan.apply(u, w_h, waves, h0, skip)
+            states = _C.forward(u, w_h, waves, h0, skip, False)[0]
+            return states[:, -1].clone() if last_only else states
+    return _LeakyScan.apply(u, w_h, waves, h0, skip, bool(last_only))
 
 
-def leaky_scan_loop(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor) -> Tensor:
+class _Projection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # noqa: D102
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        x2 = x.reshape(-1, x.shape[-1])
+        u = _C.empty([*x.shape[:-1], weight.shape[0]], x)
+        if bias is None:
+            torch.mm(x2, weight.t(), out=u.view(-1, weight.shape[0]))
+        else:
+            torch.addmm(bias, x2, weight.t(), out=u.view(-1, weight.shape[0]))
+        return u
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_u):  # noqa: D102
+        x, weight = ctx.saved_tensors
+        g = grad_u.reshape(-1, weight.shape[0])
+        need = ctx.needs_input_grad
+        dx = (g @ weight).view(x.shape) if need[0] else None
+        dw = g.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
+        db = g.sum(0) if ctx.has_bias and need[2] else None
+        return dx, dw, db
+
+
+def input_projection(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear(x, weight, bias) (the same addmm, so the same values) written into a block of the
+    buffer pool; caller checked `supports`.
+
+    A fresh (B, T, H) output costs first-touch page faults every step (~15 ms of a ~45 ms cwrnn
+    step at B = 100, T = 784, H = 128); a pool block is touched once per process. The block
+    goes back to the pool when u dies, right after the forward, and the scan's grad_u takes it.
+    """
+    return _Projection.apply(x.contiguous(), weight, bias)
+
+
+def leaky_scan_loop(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, last_only: bool = False) -> Tensor:
     """The pure PyTorch fallback: `hrnn.core.leaky_scan_reference`, step for step the same ops.
 
     The one change is reading u through `unbind(1)` rather than `u[:, t]`: each `u[:, t]`
     puts a select in the graph whose backward writes a zero-filled (B, T, H) gradient, so
     the reference's backward costs O(T^2) memory traffic (~17 s at B=100, T=784, H=128 on
     the 2-core dev machine, against ~0.1 s forward). Values and gradients are identical.
+    last_only returns the final h itself (B, H): the same value as the last row of the stack.
     """
     hidden = u.shape[2]
     a = waves.repeat_interleave(hidden // waves.shape[1], dim=1)
@@ -123,7 +165,7 @@ def leaky_scan_loop(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor) -> Tensor
     for u_t, a_t in zip(u.unbind(1), a.unbind(0)):
         h = torch.lerp(h, torch.tanh(torch.addmm(u_t, h, w_t)), a_t)
         states.append(h)
-    return torch.stack(states, dim=1)
+    return h if last_only else torch.stack(states, dim=1)
 
 
 def pool_stats() -> dict:

@@ -217,3 +217,123 @@ def test_unsupported_dtype_falls_back():
     inputs = [x.to(torch.bfloat16) for x in make_inputs(2, 5, 8, 2, hard=False, masked=False)]
     assert fused.supports(*inputs) is not None
     torch.testing.assert_close(leaky_scan(*inputs), leaky_scan_reference(*inputs))
+
+
+@needs_ext
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}H{}M{}{}{}".format(
+    *c[:4], "hard" if c[4] else "soft", "-masked" if c[5] else ""))
+@pytest.mark.parametrize("skip", [None, False])
+@pytest.mark.parametrize("waves_grad", [True, False])
+def test_last_only_matches_reference(case, skip, waves_grad):
+    """last_only=True: the final state (B, H) and every gradient equal the reference's
+    `[:, -1]`; with the waves' grad off, hard waves take the skipping kernels."""
+    batch, steps, hidden, n_modules, hard, masked = case
+    inputs = make_inputs(batch, steps, hidden, n_modules, hard, masked)
+    wrt = [0, 1, 2, 3] if waves_grad else [0, 1, 3]
+    grad_last = torch.randn(batch, hidden, generator=torch.Generator().manual_seed(4))
+    want, want_grads = run_with_grads(lambda *x: leaky_scan_reference(*x)[:, -1], inputs,
+                                      grad_last, wrt)
+    got, got_grads = run_with_grads(
+        lambda *x: leaky_scan(*x, skip_inactive=skip, last_only=True), inputs, grad_last, wrt)
+    assert got.shape == (batch, hidden)
+    assert_close_rel(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert_close_rel(g, w)
+    # The same op read at [:, -1] gives the same values and gradients as last_only.
+    full, full_grads = run_with_grads(
+        lambda *x: leaky_scan(*x, skip_inactive=skip)[:, -1], inputs, grad_last, wrt)
+    assert torch.equal(got, full)
+    for g, f in zip(got_grads, full_grads):
+        assert_close_rel(g, f, tol=1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("hard", [False, True])
+def test_last_only_gradcheck_float64(hard, one_thread):
+    u, w_h, waves, h0 = make_inputs(3, 7, 8, 2, hard=hard, masked=hard, dtype=torch.float64)
+    args = [x.clone().requires_grad_() for x in (u, w_h, waves, h0)]
+    assert torch.autograd.gradcheck(lambda *x: leaky_scan(*x, last_only=True), args)
+    # waves without grad: hard waves take the skipping backward
+    args = [x.clone().requires_grad_() for x in (u, w_h, h0)]
+    assert torch.autograd.gradcheck(
+        lambda u_, w_, h_: leaky_scan(u_, w_, waves, h_, last_only=True), args)
+
+
+@needs_ext
+def test_last_only_inference():
+    u, w_h, waves, h0 = (x.requires_grad_() for x in make_inputs(4, 20, 32, 4, True, True))
+    with torch.no_grad():
+        out = leaky_scan(u, w_h, waves, h0, last_only=True)
+    assert out.grad_fn is None and out.shape == (4, 32)
+    assert torch.equal(out, leaky_scan(u, w_h, waves, h0).detach()[:, -1])
+
+
+def test_last_only_fallback_is_identical(monkeypatch):
+    """The pure PyTorch loop gives the same final state and gradients with last_only."""
+    monkeypatch.setattr(fused, "_C", None)
+    monkeypatch.setattr(fused, "_REASON", "test: extension hidden")
+    monkeypatch.setattr(fused, "_warned", True)
+    inputs = make_inputs(3, 12, 16, 2, hard=False, masked=False)
+    grad_last = torch.randn(3, 16)
+    got, got_grads = run_with_grads(lambda *x: leaky_scan(*x, last_only=True), inputs,
+                                    grad_last, [0, 1, 2, 3])
+    want, want_grads = run_with_grads(lambda *x: leaky_scan_reference(*x)[:, -1], inputs,
+                                      grad_last, [0, 1, 2, 3])
+    assert torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("fused_path", [True, False])
+def test_fused_and_fallback_last_only_agree(monkeypatch, fused_path):
+    """Both paths (kernels and loop) give the same last state as the reference."""
+    if not fused_path:
+        monkeypatch.setattr(fused, "_C", None)
+        monkeypatch.setattr(fused, "_REASON", "test: extension hidden")
+        monkeypatch.setattr(fused, "_warned", True)
+    elif not fused.available():
+        pytest.skip(str(fused.unavailable_reason()))
+    inputs = make_inputs(4, 16, 32, 4, hard=True, masked=True)
+    assert_close_rel(leaky_scan(*inputs, last_only=True), leaky_scan_reference(*inputs)[:, -1])
+
+
+@needs_ext
+@pytest.mark.parametrize("bias", [True, False])
+def test_input_projection_matches_linear(bias):
+    """The pooled projection is F.linear's addmm: identical values, same gradients."""
+    from hrnn.core import input_projection
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 9, 3, generator=gen)
+    weight = torch.randn(16, 3, generator=gen)
+    b = torch.randn(16, generator=gen) if bias else None
+    inputs = [x, weight] + ([b] if bias else [])
+    grad_out = torch.randn(4, 9, 16, generator=gen)
+    wrt = list(range(len(inputs)))
+    got, got_grads = run_with_grads(lambda *a: input_projection(*a, *([None] if not bias else [])),
+                                    inputs, grad_out, wrt)
+    want, want_grads = run_with_grads(lambda *a: torch.nn.functional.linear(*a), inputs, grad_out, wrt)
+    assert torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert_close_rel(g, w, tol=1e-6)
+    first = input_projection(x, weight, b)
+    kept = first.clone()
+    second = input_projection(x * 2, weight, b)  # a live output's block is never handed out
+    assert torch.equal(first, kept) and not torch.equal(second, first)
+
+
+@needs_ext
+def test_input_projection_gradcheck_float64(one_thread):
+    from hrnn.core import input_projection
+
+    gen = torch.Generator().manual_seed(6)
+    args = [torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_()
+            for s in ((2, 5, 3), (4, 3), (4,))]
+    assert torch.autograd.gradcheck(input_projection, args)
+
+
+def test_input_projection_falls_back_to_linear():
+    from hrnn.core import input_projection
+
+    x, weight = torch.randn(2, 5, 3, dtype=torch.bfloat16), torch.randn(4, 3, dtype=torch.bfloat16)
+    assert torch.equal(input_projection(x, weight, None), torch.nn.functional.linear(x, weight))

@@ -88,3 +88,28 @@ def test_timescales_run_reports_recovered_periods(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["periods"] == [1.0, 2.0, 4.0, 8.0]  # the spread start, one step in
     assert metrics["true_periods"] == [4, 3] and metrics["recovered_periods"] == [4] and metrics["recovered"] == 1
+
+
+@pytest.mark.parametrize("name", ["cwrnn", "hrnn", "lstm"])
+def test_last_readout_asks_for_the_last_state_only(name):
+    """readout "last" gets backbone(x, last_only=True): the same output and gradients as the
+    head on backbone(x)[:, -1]."""
+    from hrnn.models.clock import FixedClock
+    from hrnn.models.recurrent import ClockedRNN, SequenceModel, TorchRNN
+
+    torch.manual_seed(0)
+    if name == "lstm":
+        backbone = TorchRNN("lstm", 3, 16)
+    else:
+        clock = FixedClock([1, 2, 4, 8])
+        backbone = ClockedRNN(3, 16, clock, "slow_to_fast" if name == "cwrnn" else "full")
+    model = SequenceModel(backbone, 16, 5, "last")
+    x = torch.randn(4, 11, 3)
+    out = model(x)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    want = model.head(model.backbone(x)[:, -1])
+    want_grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
+    assert out.shape == (4, 5)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

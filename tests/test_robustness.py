@@ -206,3 +206,19 @@ def test_random_valid_configs_train_two_steps(tmp_path, index):
     value = train(cfg, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 2 and value == pytest.approx(metrics["val_metric"]), overrides
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    """A writer killed mid-write leaves .NAME.tmpPID behind; the next save removes it, but
+    never a temp file whose writer is still alive."""
+    from hrnn.checkpoint import save_checkpoint
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".best.pt.tmp{dead.pid}"
+    live = tmp_path / f".last.pt.tmp{os.getppid()}"
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"in progress")
+    save_checkpoint(tmp_path / "last.pt", {"step": 2})
+    assert not stale.exists() and live.exists()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2

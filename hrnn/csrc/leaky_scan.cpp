@@ -294,7 +294,7 @@ inline void bwd_dw_block(T* dw, const T* const* dzr, const T* const* hpr, int64_
 }
 
 template <typename T, int VL, int R>
-void bwd_slice(const Problem<T>& P, int64_t b0, int64_t b1, const T* g, const T* hs,
+void bwd_slice(const Problem<T>& P, int64_t b0, int64_t b1, const T* g, const T* g_last, const T* hs,
                const T* cs, const T* h0, const T* w, T* du, T* dh0, T* dw_part, T* da_part,
                const std::vector<int32_t>& all_cols) {
   using VT = typename VecOf<T, VL>::type;
@@ -304,7 +304,12 @@ void bwd_slice(const Problem<T>& P, int64_t b0, int64_t b1, const T* g, const T*
   const int n_k = int(all_cols.size());
   T* carry_r[R];
   const T* dz_r[R];
-  for (int64_t b = b0; b < b1; ++b) std::memset(dh0 + b * H, 0, sizeof(T) * H);
+  // g == nullptr: the loss reads the last state only, g_last (B, H) is its gradient and
+  // seeds the carry; no (B, T, H) gradient exists.
+  for (int64_t b = b0; b < b1; ++b) {
+    if (g) std::memset(dh0 + b * H, 0, sizeof(T) * H);
+    else std::memcpy(dh0 + b * H, g_last + b * H, sizeof(T) * H);
+  }
   for (int64_t t = TT - 1; t >= 0; --t) {
     const T* at = P.a + t * H;
     const int32_t* ac = P.act_cols.data() + P.act_start[t];
@@ -322,14 +327,14 @@ void bwd_slice(const Problem<T>& P, int64_t b0, int64_t b1, const T* g, const T*
       for (int i = 0; i < n_act; ++i) {
         const int32_t j = ac[i];
         const VT av = vload<VT>(at + j), c = vload<VT>(cs + row + j);
-        const VT dh = vload<VT>(g + row + j) + vload<VT>(carry + j);
+        const VT dh = g ? vload<VT>(g + row + j) + vload<VT>(carry + j) : vload<VT>(carry + j);
         vstore(du + row + j, dh * av * (vset<VT>(T(1)) - c * c));
         if (da_t) vstore(da_t + j, vload<VT>(da_t + j) + dh * (c - vload<VT>(hp + j)));
         vstore(carry + j, dh * (vset<VT>(T(1)) - av));
       }
       for (int i = 0; i < n_idle; ++i) {
         const int32_t j = ic[i];
-        vstore(carry + j, vload<VT>(g + row + j) + vload<VT>(carry + j));
+        if (g) vstore(carry + j, vload<VT>(g + row + j) + vload<VT>(carry + j));
         vstore(du + row + j, vset<VT>(T(0)));
       }
     }
@@ -413,7 +418,7 @@ void run_fwd(const Problem<T>& P, const T* u, const T* wt, const T* h0, T* hs, T
 }
 
 template <typename T, int VL>
-void run_bwd(const Problem<T>& P, const T* g, const T* hs, const T* cs, const T* h0,
+void run_bwd(const Problem<T>& P, const T* g, const T* g_last, const T* hs, const T* cs, const T* h0,
              const T* w, T* du, T* dh0, T* dw_parts, T* da_parts) {
   const int64_t ns = n_slices(P.B), H = P.H;
   std::vector<int32_t> all_cols;
@@ -426,9 +431,9 @@ void run_bwd(const Problem<T>& P, const T* g, const T* hs, const T* cs, const T*
       std::memset(dwp, 0, sizeof(T) * H * H);  // first touch by the owning thread
       if (dap) std::memset(dap, 0, sizeof(T) * P.T_ * H);
       switch (pick_rows(b1 - b0)) {
-        case 6: bwd_slice<T, VL, 6>(P, b0, b1, g, hs, cs, h0, w, du, dh0, dwp, dap, all_cols); break;
-        case 5: bwd_slice<T, VL, 5>(P, b0, b1, g, hs, cs, h0, w, du, dh0, dwp, dap, all_cols); break;
-        default: bwd_slice<T, VL, 4>(P, b0, b1, g, hs, cs, h0, w, du, dh0, dwp, dap, all_cols); break;
+        case 6: bwd_slice<T, VL, 6>(P, b0, b1, g, g_last, hs, cs, h0, w, du, dh0, dwp, dap, all_cols); break;
+        case 5: bwd_slice<T, VL, 5>(P, b0, b1, g, g_last, hs, cs, h0, w, du, dh0, dwp, dap, all_cols); break;
+        default: bwd_slice<T, VL, 4>(P, b0, b1, g, g_last, hs, cs, h0, w, du, dh0, dwp, dap, all_cols); break;
       }
     }
   });
@@ -445,13 +450,13 @@ void fwd_typed(const Problem<T>& P, int VL, const T* u, const T* wt, const T* h0
 }
 
 template <typename T>
-void bwd_typed(const Problem<T>& P, int VL, const T* g, const T* hs, const T* cs, const T* h0,
+void bwd_typed(const Problem<T>& P, int VL, const T* g, const T* g_last, const T* hs, const T* cs, const T* h0,
                const T* w, T* du, T* dh0, T* dwp, T* dap) {
   switch (VL) {
-    case 16: if constexpr (std::is_same<T, float>::value) { run_bwd<T, 16>(P, g, hs, cs, h0, w, du, dh0, dwp, dap); break; } [[fallthrough]];
-    case 8: run_bwd<T, 8>(P, g, hs, cs, h0, w, du, dh0, dwp, dap); break;
-    case 4: run_bwd<T, 4>(P, g, hs, cs, h0, w, du, dh0, dwp, dap); break;
-    default: run_bwd<T, 1>(P, g, hs, cs, h0, w, du, dh0, dwp, dap); break;
+    case 16: if constexpr (std::is_same<T, float>::value) { run_bwd<T, 16>(P, g, g_last, hs, cs, h0, w, du, dh0, dwp, dap); break; } [[fallthrough]];
+    case 8: run_bwd<T, 8>(P, g, g_last, hs, cs, h0, w, du, dh0, dwp, dap); break;
+    case 4: run_bwd<T, 4>(P, g, g_last, hs, cs, h0, w, du, dh0, dwp, dap); break;
+    default: run_bwd<T, 1>(P, g, g_last, hs, cs, h0, w, du, dh0, dwp, dap); break;
   }
 }
 
@@ -513,13 +518,17 @@ std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& w,
 
 // backward(grad_states, states, candidates, h0, w_h, waves, skip, need_dwaves)
 //   -> (du, dw_h, dwaves (T, M) or empty, dh0). skip must be the forward's.
+// grad_states is (B, T, H), or (B, H) when the output was the last state only.
 std::vector<at::Tensor> backward(const at::Tensor& g_in, const at::Tensor& hs,
                                  const at::Tensor& cs, const at::Tensor& h0,
                                  const at::Tensor& w, const at::Tensor& waves, bool skip,
                                  bool need_da) {
   at::Tensor g = g_in.contiguous();
   check_inputs(hs, w, waves, h0);
-  TORCH_CHECK(g.sizes() == hs.sizes() && cs.sizes() == hs.sizes(), "hrnn fused: shape mismatch");
+  const bool last_only = g.dim() == 2;
+  TORCH_CHECK((last_only ? g.sizes() == h0.sizes() : g.sizes() == hs.sizes()) &&
+                  cs.sizes() == hs.sizes(),
+              "hrnn fused: shape mismatch");
   TORCH_CHECK(g.scalar_type() == hs.scalar_type() && cs.scalar_type() == hs.scalar_type(),
               "hrnn fused: mixed dtypes");
   at::NoGradGuard no_grad;
@@ -537,7 +546,9 @@ std::vector<at::Tensor> backward(const at::Tensor& g_in, const at::Tensor& hs,
     make_problem<scalar_t>(P, hs, waves, VL, skip);
     scalar_t* dap = need_da ? da_parts.data_ptr<scalar_t>() : nullptr;
     scalar_t* dwp = dw_parts.data_ptr<scalar_t>();
-    bwd_typed<scalar_t>(P, VL, g.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(),
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    bwd_typed<scalar_t>(P, VL, last_only ? nullptr : gp, last_only ? gp : nullptr,
+                        hs.data_ptr<scalar_t>(),
                         cs.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                         du.data_ptr<scalar_t>(), dh0.data_ptr<scalar_t>(), dwp, dap);
     // Reduce the per-slice partials here, serially: they are small, and separate ATen ops
@@ -560,6 +571,12 @@ std::vector<at::Tensor> backward(const at::Tensor& g_in, const at::Tensor& hs,
     }
   });
   return {du, dw, da, dh0};
+}
+
+// An uninitialised tensor of `sizes` with like's dtype, its storage from the buffer pool.
+at::Tensor pool_tensor(std::vector<int64_t> sizes, const at::Tensor& like) {
+  TORCH_CHECK(like.device().is_cpu(), "hrnn fused: CPU tensors only");
+  return pool_empty(sizes, like.options());
 }
 
 std::vector<int64_t> pool_stats() {
@@ -586,6 +603,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hrnn fused leaky scan (CPU)";
   m.def("forward", &forward, "leaky scan forward");
   m.def("backward", &backward, "leaky scan backward through time");
+  m.def("empty", &pool_tensor, "uninitialised tensor (sizes, like) from the buffer pool");
   m.def("pool_stats", &pool_stats, "(cached bytes, cached blocks, limit bytes)");
   m.def("set_pool_limit", &set_pool_limit, "max idle bytes the buffer pool keeps");
 }

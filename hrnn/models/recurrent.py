@@ -1,13 +1,14 @@
 """Recurrent backbones: the clocked modular RNN (hrnn, cwrnn) and torch.nn baselines.
 
-Every backbone maps x (B, T, I) to states (B, T, H); the task's head reads them.
+Every backbone maps x (B, T, I) to states (B, T, H), or with last_only=True to the final
+state (B, H); the task's head reads them.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from hrnn.core import leaky_scan
+from hrnn.core import input_projection, leaky_scan
 from hrnn.models.clock import Clock
 
 CONNECTIVITY = ("full", "slow_to_fast")
@@ -50,13 +51,14 @@ class ClockedRNN(nn.Module):
     def recurrent_weight(self) -> Tensor:
         return self.recurrent if self.mask is None else self.recurrent * self.mask
 
-    def forward(self, x: Tensor, h0: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, h0: Tensor | None = None, last_only: bool = False) -> Tensor:
         batch, steps, _ = x.shape
         waves = self.clock.waves(steps).to(x.dtype)  # (T, M), once per forward pass
-        u = self.input(x)  # the input projection for all steps in one product
+        # The input projection for all steps in one product (self.input's addmm, into a reused buffer).
+        u = input_projection(x, self.input.weight, self.input.bias)
         if h0 is None:
             h0 = x.new_zeros(batch, self.hidden_size)
-        return leaky_scan(u, self.recurrent_weight(), waves, h0)
+        return leaky_scan(u, self.recurrent_weight(), waves, h0, last_only=last_only)
 
 
 class TorchRNN(nn.Module):
@@ -68,8 +70,9 @@ class TorchRNN(nn.Module):
         super().__init__()
         self.rnn = self.LAYERS[kind](input_size, hidden_size, batch_first=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.rnn(x)[0]
+    def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
+        states = self.rnn(x)[0]
+        return states[:, -1] if last_only else states
 
 
 class SequenceModel(nn.Module):
@@ -86,8 +89,8 @@ class SequenceModel(nn.Module):
         return getattr(self.backbone, "clock", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        states = self.backbone(x)
-        return self.head(states[:, -1] if self.readout == "last" else states)
+        # "last": ask for the final state only, so no (B, T, H) gradient is built for it.
+        return self.head(self.backbone(x, last_only=self.readout == "last"))
 
     def penalty(self) -> Tensor:
         clock = self.clock
