@@ -65,9 +65,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     ckpt_dir = run_dir / "checkpoints"
 
     step, best, step_times, wall_before, skipped = 0, {"value": None, "step": 0}, [], 0.0, 0
+    history: list[dict[str, Any]] = []  # one entry per evaluation: the learning curve, kept in metrics.json
     if resume_state is not None:
         _load_into(resume_state, model, optimizer, task, ckpt_dir / "last.pt")
         step, best = resume_state["step"], dict(resume_state["best"])
+        history = [dict(entry) for entry in resume_state.get("history", [])]
         step_times = list(resume_state["step_times"])
         wall_before, skipped = resume_state["wall_s"], resume_state["nonfinite_skipped"]
 
@@ -90,6 +92,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             "step_times": step_times,
             "wall_s": wall_before + time.time() - started,
             "nonfinite_skipped": skipped,
+            "history": history,
             "config": OmegaConf.to_yaml(cfg),
             "model_class": _describe_model(cfg),
         }
@@ -146,13 +149,17 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                     best = {"value": val[task.metric_name], "step": step}
                     _save(ckpt_dir / "best.pt", checkpoint_state(), model)
                 line += f" (best {best['value']:.4f} at {best['step']})"
+                entry: dict[str, Any] = {"step": step, **{f"val_{name}": value for name, value in val.items()}}
                 if model.clock is not None:
                     summary = log_clock(writer, model.clock, task.spec.seq_len, step)
+                    entry["periods"] = [float(p) for p in summary["periods"]]
                     if hasattr(task, "recovered"):
                         found = task.recovered(summary["periods"])
                         writer.add_scalar("clock/recovered", len(found), step)
+                        entry["recovered"] = len(found)
                         line += f" | recovered {len(found)}/{len(task.periods)}"
                     line += f" | periods {format_periods(summary['periods'])}"  # always last
+                history.append(entry)
                 _save(ckpt_dir / "last.pt", checkpoint_state(), model)
                 writer.flush()
                 say(line)
@@ -195,6 +202,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "status": "finished",
+        "history": history,
     }
     if model.clock is not None:
         metrics["periods"] = model.clock.periods()

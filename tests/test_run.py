@@ -42,6 +42,11 @@ def test_cli_run_writes_events_checkpoints_and_metrics(tmp_path, tiny):
     assert metrics["metric"] == "mse" and metrics["steps"] == 6 and len(metrics["periods"]) == 4
     assert metrics["baseline"] == pytest.approx(1 / 6)
     assert metrics["params"] == 2 * 16 + 16 + 16 * 16 + 20 * 4 + 16 + 1
+    # The learning curve: one entry per evaluation, the last one the final evaluation.
+    assert [entry["step"] for entry in metrics["history"]] == [3, 6]
+    at_best = next(entry for entry in metrics["history"] if entry["step"] == metrics["best_step"])
+    assert at_best["periods"] == metrics["periods"]  # the final metrics come from the best checkpoint
+    assert all(set(entry) >= {"val_mse", "val_loss"} for entry in metrics["history"])
 
     for name in ("last.pt", "best.pt"):
         state = torch.load(run_dir / "checkpoints" / name, weights_only=True)
@@ -69,8 +74,9 @@ def test_stop_at_step_k_and_resume_reproduces_uninterrupted_run(tmp_path, tiny):
     result = run_cli([f"resume={tmp_path / 'part'}", "trainer.steps=9"], cwd=tmp_path)
     assert "resuming after step 6" in result.stdout
     full, part = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
-    for key in ("val_metric", "test_metric", "best_step", "steps", "periods", "val", "test"):
+    for key in ("val_metric", "test_metric", "best_step", "steps", "periods", "val", "test", "history"):
         assert part[key] == full[key], key
+    assert [entry["step"] for entry in part["history"]] == [3, 6, 9]
     scalars = read_events(tmp_path / "part").Scalars("train/loss")
     assert [e.step for e in scalars] == list(range(1, 10))  # no duplicated or missing steps after resume
 
