@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The results study behind docs/results.md: one multirun per table, then
+#   python scripts/results.py outputs/study > docs/results.md
+#
+#   scripts/study.sh [table ...]     tables: timescales baselines lstm adding copy (default: all)
+#
+# Every command uses resume=auto and a fixed sweep directory, so re-running it skips
+# finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
+# torch thread each. STUDY=<dir> moves the output (default outputs/study).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STUDY=${STUDY:-outputs/study}
+TRAIN=${TRAIN:-.venv/bin/hrnn-train}
+COMMON=(-m hydra/launcher=joblib hydra.launcher.n_jobs=2 trainer.progress=false resume=auto)
+PERIOD_SETS='task.periods=[4,12],[3,10],[6,20],[2,7,30]'
+TIMESCALES=(task=timescales trainer.steps=1500 trainer.eval_every=100)
+
+run() {  # a sweep with a failed job exits 1: report it and go on with the next table
+  echo "+ $TRAIN $*" >&2
+  "$TRAIN" "$@" || echo "sweep exited $?: its failed jobs are listed above" >&2
+}
+
+table() {
+  case "$1" in
+    timescales)  # the learned clocks (and the direct-period ablation), 5 seeds per period set
+      run "${COMMON[@]}" "${TIMESCALES[@]}" "$PERIOD_SETS" model=hrnn basis=binary,dct,period \
+        trainer.seed=0,1,2,3,4 hydra.sweep.dir="$STUDY/timescales" ;;
+    baselines)   # fixed Clockwork periods 2^i and the plain tanh RNN, 3 seeds per period set
+      run "${COMMON[@]}" "${TIMESCALES[@]}" "$PERIOD_SETS" model=cwrnn,rnn \
+        trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/timescales_baselines" ;;
+    lstm)        # torch.nn LSTM and GRU: 6x the step time of hrnn here, so fewer runs
+      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[4,12]' model=lstm,gru \
+        trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/timescales_lstm"
+      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[2,7,30]' model=lstm,gru \
+        trainer.seed=0 hydra.sweep.dir="$STUDY/timescales_lstm_2_7_30" ;;
+    adding)      # the adding problem at three lengths, one seed, 1000 steps
+      run "${COMMON[@]}" task=adding task.seq_len=200,400,1000 model=hrnn basis=binary,dct,period \
+        trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/adding"
+      run "${COMMON[@]}" task=adding task.seq_len=200,400,1000 model=cwrnn,rnn \
+        trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/adding_baselines"
+      run "${COMMON[@]}" task=adding task.seq_len=200,400 model=lstm,gru \
+        trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/adding_lstm" ;;
+    copy)        # the copy task at two lengths, one seed, 1000 steps
+      run "${COMMON[@]}" task=copy task.seq_len=100,200 model=hrnn basis=binary,dct,period \
+        trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy"
+      run "${COMMON[@]}" task=copy task.seq_len=100,200 model=cwrnn,rnn,lstm,gru \
+        trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy_baselines" ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines lstm adding copy" >&2; exit 2 ;;
+  esac
+}
+
+tables=("$@")
+[ ${#tables[@]} -eq 0 ] && tables=(timescales baselines adding copy lstm)
+for name in "${tables[@]}"; do table "$name"; done
