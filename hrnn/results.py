@@ -21,9 +21,20 @@ THRESHOLD = 0.01  # the validation MSE a timescales run must reach
 
 
 def model_label(config: dict[str, Any]) -> str:
-    """hrnn-binary, hrnn-dct, hrnn-period or the baseline's name."""
+    """hrnn-binary, hrnn-dct, hrnn-period or the baseline's name; clock settings off their defaults appended."""
     model = config.get("model", {}).get("name", "?")
-    return f"hrnn-{config.get('basis', {}).get('name', '?')}" if model == "hrnn" else model
+    if model != "hrnn":
+        return model
+    basis, regularizer = config.get("basis", {}), config.get("regularizer", {})
+    label = f"hrnn-{basis.get('name', '?')}"
+    if basis.get("name") != "period":
+        if regularizer.get("name", "softmax") != "softmax":
+            label += f" {regularizer['name']}"
+        if basis.get("sharpness", 1) != 1:
+            label += f" sharpness {basis['sharpness']:g}"
+        if regularizer.get("entropy_weight"):
+            label += f" entropy {regularizer['entropy_weight']:g}"
+    return label
 
 
 def read_study(study_dir: Path | str) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from hrnn.results import first_step_below, main, read_study, task_rows, timescales_rows
+from hrnn.results import first_step_below, main, model_label, read_study, task_rows, timescales_rows
 
 
 def write_job(sweep: Path, name: str, config: dict, metrics: dict | None) -> None:
@@ -65,6 +65,15 @@ def test_other_tasks_one_row_per_finished_job_with_the_ratio_to_baseline(tmp_pat
     out = capsys.readouterr().out
     assert "| copy | 100 | cwrnn | 0 | 1000 | xent 0.1000 | 0.1200 | 0.2400 | 0.500 | 0.500 |" in out
     assert "Every job finished." in out
+
+
+def test_labels_name_the_clock_and_its_settings_off_default():
+    assert model_label({"model": {"name": "lstm"}, "basis": {"name": "dct"}}) == "lstm"
+    assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "dct", "sharpness": 1.0},
+                        "regularizer": {"name": "softmax", "entropy_weight": 0.0}}) == "hrnn-dct"
+    assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "dct", "sharpness": 4.0},
+                        "regularizer": {"name": "softmax", "entropy_weight": 0.01}}) == "hrnn-dct sharpness 4 entropy 0.01"
+    assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "binary"}, "regularizer": {"name": "l1"}}) == "hrnn-binary l1"
 
 
 def test_first_step_below_and_missing_study_dir(tmp_path, capsys):
