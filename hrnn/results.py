@@ -34,6 +34,11 @@ def model_label(config: dict[str, Any]) -> str:
             label += f" sharpness {basis['sharpness']:g}"
         if regularizer.get("entropy_weight"):
             label += f" entropy {regularizer['entropy_weight']:g}"
+    else:
+        if basis.get("init", "spread") != "spread":
+            label += f" init {basis['init']}"
+        if basis.get("open_ratio", 0.1) != 0.1:
+            label += f" open {basis['open_ratio']:g}"
     return label
 
 

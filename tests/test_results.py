@@ -74,6 +74,8 @@ def test_labels_name_the_clock_and_its_settings_off_default():
     assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "dct", "sharpness": 4.0},
                         "regularizer": {"name": "softmax", "entropy_weight": 0.01}}) == "hrnn-dct sharpness 4 entropy 0.01"
     assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "binary"}, "regularizer": {"name": "l1"}}) == "hrnn-binary l1"
+    assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "period", "init": "random", "open_ratio": 0.3},
+                        "regularizer": {"name": "softmax", "entropy_weight": 0.01}}) == "hrnn-period init random open 0.3"
 
 
 def test_first_step_below_and_missing_study_dir(tmp_path, capsys):
