@@ -56,6 +56,32 @@ def read_study(study_dir: Path | str) -> list[dict[str, Any]]:
     return jobs
 
 
+def wave_recovered(job: dict[str, Any]) -> int | None:
+    """How many true periods some module's wave period matches (Clock.wave_periods).
+
+    Read from metrics.json; runs written before that field existed get it from their best
+    checkpoint's clock (imports torch only then). Equal to `recovered` except on the cosine basis.
+    """
+    metrics = job["metrics"]
+    if "recovered_wave" in metrics:
+        return metrics["recovered_wave"]
+    if "recovered" not in metrics:
+        return None
+    cfg = OmegaConf.create(job["config"])
+    if cfg.model.name != "hrnn" or cfg.basis.name != "dct":
+        return metrics["recovered"]
+    import torch
+
+    from hrnn.models import build_clock
+    from hrnn.tasks.synthetic import recovered_periods
+
+    clock = build_clock(cfg.model, cfg.basis, cfg.regularizer, cfg.task.seq_len)
+    state = torch.load(Path(job["dir"]) / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    with torch.no_grad():
+        clock.coefficients.copy_(state["backbone.clock.coefficients"])
+    return len(recovered_periods(metrics["true_periods"], clock.wave_periods()))
+
+
 def first_step_below(history: list[dict[str, Any]], key: str, threshold: float) -> int | None:
     """The first evaluation step whose validation value is below threshold (None: never)."""
     return next((entry["step"] for entry in history if entry.get(key, float("inf")) < threshold), None)
@@ -77,6 +103,7 @@ def timescales_rows(jobs: list[dict[str, Any]], threshold: float = THRESHOLD) ->
         reached = [m["val_metric"] < threshold for m in metrics]
         has_clock = all("recovered" in m for m in metrics) and bool(metrics)
         recovered_all = [m["recovered"] == len(m["true_periods"]) for m in metrics] if has_clock else []
+        wave_all = [wave_recovered(j) == len(j["metrics"]["true_periods"]) for j in done] if has_clock else []
         firsts = [first_step_below(m.get("history", []), "val_mse", threshold) for m in metrics]
         reached_steps = [s for s in firsts if s is not None]
         values = [m["val_metric"] for m in metrics]
@@ -88,6 +115,8 @@ def timescales_rows(jobs: list[dict[str, Any]], threshold: float = THRESHOLD) ->
             "reached": sum(reached),
             "recovered_all": sum(recovered_all) if has_clock else None,
             "solved": sum(r and a for r, a in zip(reached, recovered_all)) if has_clock else None,
+            "wave_all": sum(wave_all) if has_clock else None,
+            "wave_solved": sum(r and a for r, a in zip(reached, wave_all)) if has_clock else None,
             "recovered_counts": [m["recovered"] for m in metrics] if has_clock else None,
             "val_mean": statistics.fmean(values) if values else None,
             "val_std": statistics.stdev(values) if len(values) > 1 else None,
@@ -128,6 +157,7 @@ def _periods(periods: list[float] | None) -> str:
 
 def format_timescales(rows: list[dict[str, Any]], threshold: float = THRESHOLD) -> str:
     head = ["model", "true periods", "val MSE < " + str(threshold), "all periods recovered", "both",
+            "all recovered (wave)", "both (wave)",
             "recovered per seed", "val MSE mean ± std (min)", "first step < " + str(threshold) + " (median)",
             "learned periods (seed 0)", "step s", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -138,6 +168,8 @@ def format_timescales(rows: list[dict[str, Any]], threshold: float = THRESHOLD) 
         cells = [r["model"], r["periods"], f"{r['reached']}{of}",
                  "-" if r["recovered_all"] is None else f"{r['recovered_all']}{of}",
                  "-" if r["solved"] is None else f"{r['solved']}{of}",
+                 "-" if r["wave_all"] is None else f"{r['wave_all']}{of}",
+                 "-" if r["wave_solved"] is None else f"{r['wave_solved']}{of}",
                  "-" if r["recovered_counts"] is None else ",".join(map(str, r["recovered_counts"])),
                  f"{_fmt(r['val_mean'])}{std} ({_fmt(r['val_min'])})",
                  "-" if r["first_step_median"] is None else f"{r['first_step_median']:g}",

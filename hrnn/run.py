@@ -153,11 +153,14 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 if model.clock is not None:
                     summary = log_clock(writer, model.clock, task.spec.seq_len, step)
                     entry["periods"] = [float(p) for p in summary["periods"]]
+                    entry["wave_periods"] = [float(p) for p in model.clock.wave_periods()]
                     if hasattr(task, "recovered"):
                         found = task.recovered(summary["periods"])
+                        found_wave = task.recovered(entry["wave_periods"])
                         writer.add_scalar("clock/recovered", len(found), step)
-                        entry["recovered"] = len(found)
-                        line += f" | recovered {len(found)}/{len(task.periods)}"
+                        writer.add_scalar("clock/recovered_wave", len(found_wave), step)
+                        entry["recovered"], entry["recovered_wave"] = len(found), len(found_wave)
+                        line += f" | recovered {len(found)}/{len(task.periods)} (wave {len(found_wave)})"
                     line += f" | periods {format_periods(summary['periods'])}"  # always last
                 history.append(entry)
                 _save(ckpt_dir / "last.pt", checkpoint_state(), model)
@@ -206,10 +209,14 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     }
     if model.clock is not None:
         metrics["periods"] = model.clock.periods()
+        metrics["wave_periods"] = [float(p) for p in model.clock.wave_periods()]
         if hasattr(task, "recovered"):
             found = task.recovered(metrics["periods"])
-            metrics.update(true_periods=task.periods, recovered=len(found), recovered_periods=found)
+            found_wave = task.recovered(metrics["wave_periods"])
+            metrics.update(true_periods=task.periods, recovered=len(found), recovered_periods=found,
+                           recovered_wave=len(found_wave))
             writer.add_scalar("clock/recovered", len(found), step)
+            writer.add_scalar("clock/recovered_wave", len(found_wave), step)
     log_hparams(writer, cfg, metrics)
     atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     writer.close()

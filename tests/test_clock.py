@@ -197,3 +197,28 @@ def test_spread_init_starts_as_clockwork_hierarchy():
     assert weights[3, 2].item() == pytest.approx(0.8, rel=1e-5)  # period 4 for module 2
     dct = BasisClock("dct", size=101, n_modules=4, seq_len=200, regularizer="softmax")
     assert dct.periods() == pytest.approx([1, 2, 4, 200 / 25])
+
+
+def test_cosine_wave_period_is_the_fundamental_of_its_significant_harmonics():
+    """A pulse train of period 6 built from harmonics 3 and 2 ticks every 6 steps: wave_periods says 6,
+    periods (the dominant component) says a harmonic."""
+    steps = 240
+    clock = BasisClock("dct", steps // 2 + 1, 4, steps, "softmax")
+    logits = torch.full((steps // 2 + 1, 4), -30.0)
+    logits[[40, 80, 120], 0] = torch.tensor([2.0, 2.1, 1.5])  # periods 6, 3, 2 (weights ~0.38, 0.42, 0.20)
+    logits[12, 1] = 5.0  # one cosine of period 20
+    logits[0, 2] = 5.0  # the constant: always active
+    logits[[0, 24], 3] = torch.tensor([3.0, 0.0])  # constant with a small period-10 ripple below half its weight
+    with torch.no_grad():
+        clock.coefficients.copy_(logits)
+    assert clock.periods() == [3.0, 20.0, 1.0, 1.0]
+    assert clock.wave_periods() == [6.0, 20.0, 1.0, 1.0]
+    wave = clock.waves(steps)[:, 0].detach()
+    assert torch.allclose(wave[6:], wave[:-6], atol=1e-5)  # the wave repeats every 6 steps ...
+    assert not torch.allclose(wave[3:], wave[:-3], atol=1e-2)  # ... and not every 3
+    assert float(wave[0]) == pytest.approx(1.0, abs=1e-5) and float(wave[3]) < 0.5  # ticks at multiples of 6
+
+
+def test_binary_and_period_clocks_wave_period_is_the_dominant_period():
+    binary = BasisClock("binary", 30, 3, 30, "softmax")
+    assert binary.wave_periods() == binary.periods() == [1.0, 2.0, 4.0]

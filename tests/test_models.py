@@ -88,6 +88,30 @@ def test_timescales_run_reports_recovered_periods(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["periods"] == [1.0, 2.0, 4.0, 8.0]  # the spread start, one step in
     assert metrics["true_periods"] == [4, 3] and metrics["recovered_periods"] == [4] and metrics["recovered"] == 1
+    assert metrics["wave_periods"] == metrics["periods"] and metrics["recovered_wave"] == 1  # binary: the same reading
+
+
+def test_timescales_cosine_run_stores_wave_periods_and_results_reads_them_back(tmp_path):
+    """The results study's wave recovery, read from metrics.json and recomputed from best.pt, agree."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from hrnn.results import wave_recovered
+    from hrnn.tasks.synthetic import recovered_periods
+
+    cfg = compose_config(["task=timescales", "task.seq_len=24", "task.periods=[4,6]", "task.n_val=4", "task.n_test=4",
+                          "basis=dct", "model.hidden_size=8", "model.n_modules=4", "trainer.steps=2",
+                          "trainer.eval_every=1", "trainer.progress=false", "trainer.batch_size=2"])
+    train(cfg, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["wave_periods"]) == 4 and all(24 % p == 0 for p in metrics["wave_periods"])
+    assert metrics["recovered_wave"] == len(recovered_periods([4, 6], metrics["wave_periods"]))
+    assert all("wave_periods" in entry and "recovered_wave" in entry for entry in metrics["history"])
+    job = {"dir": str(tmp_path), "config": OmegaConf.to_container(cfg), "metrics": dict(metrics)}
+    assert wave_recovered(job) == metrics["recovered_wave"]
+    del job["metrics"]["recovered_wave"]  # a run from before the field: recomputed from the checkpoint
+    assert wave_recovered(job) == metrics["recovered_wave"]
 
 
 @pytest.mark.parametrize("name", ["cwrnn", "hrnn", "lstm"])

@@ -71,6 +71,10 @@ class Clock(nn.Module):
         """Each module's dominant period in time steps, in module order."""
         raise NotImplementedError
 
+    def wave_periods(self) -> list[float]:
+        """Each module's wave's own period: differs from `periods` only where a wave is a mix of harmonics."""
+        return self.periods()
+
     def penalty(self) -> Tensor:
         """Regularization added to the training loss."""
         return torch.zeros(())
@@ -177,6 +181,24 @@ class BasisClock(Clock):
     def periods(self) -> list[float]:
         dominant = self.spectrum().argmax(dim=1)
         return [float(self.component_periods[k]) for k in dominant]
+
+    def wave_periods(self, share: float = 0.5) -> list[float]:
+        """Cosine basis: the fundamental period N / gcd(k) of the frequencies k holding at least
+        `share` of the module's largest weight (k = 0, the constant, excepted; period 1 if it is alone).
+
+        A cosine clock can build a pulse train of period P from P's harmonics N/P, 2N/P, ... with
+        similar weights; its dominant component is then a harmonic (P/2, P/3) although the wave
+        ticks every P steps. Binary: the dominant period (a union of tick sets has no one period).
+        """
+        if self.basis != "dct":
+            return self.periods()
+        spectrum = self.spectrum()
+        result = []
+        for weights in spectrum:
+            significant = (weights >= share * weights.max()).nonzero().flatten().tolist()
+            frequencies = [k for k in significant if k > 0]
+            result.append(self.length / math.gcd(*frequencies) if frequencies else 1.0)
+        return result
 
 
 class PeriodClock(Clock):

@@ -117,6 +117,11 @@ class AddingTask(SyntheticTask):
         return {"mse": self.loss(output, target).item()}
 
 
+def recovered_periods(true_periods: list[int], learned_periods: list[float], tolerance: float = 0.05) -> list[int]:
+    """The true periods within `tolerance` (relative) of some learned period."""
+    return [p for p in true_periods if any(abs(q - p) <= tolerance * p for q in learned_periods)]
+
+
 class TimescalesTask(SyntheticTask):
     """Sample and hold with known periods: the ideal clock hierarchy is known.
 
@@ -146,7 +151,7 @@ class TimescalesTask(SyntheticTask):
         The tolerance covers bases that cannot express a period exactly (cosine
         periods are T/k); a binary period either equals the true one or misses it by >= 1 step.
         """
-        return [p for p in self.periods if any(abs(q - p) <= tolerance * p for q in learned_periods)]
+        return recovered_periods(self.periods, learned_periods, tolerance)
 
     def generate(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         x = torch.randn(n, self.spec.seq_len, len(self.periods), generator=gen)
