@@ -2,7 +2,7 @@
 # The results study behind docs/results.md: one multirun per table, then
 #   python scripts/results.py outputs/study > docs/results.md
 #
-#   scripts/study.sh [table ...]     tables: timescales baselines dct_variants period_variants lstm adding copy (default: all)
+#   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy (default: all)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -33,6 +33,10 @@ table() {
         basis.sharpness=4 regularizer.entropy_weight=0,0.01 trainer.seed=0,1,2,3,4 hydra.sweep.dir="$STUDY/timescales_dct_sharp"
       run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[6,20],[2,7,30]' model=hrnn basis=dct \
         regularizer.entropy_weight=0.01 trainer.seed=0,1,2,3,4 hydra.sweep.dir="$STUDY/timescales_dct_entropy" ;;
+    dct_t210)  # [2,7,30] at T = 210 = lcm(2, 7, 30): every true period is N/k for a whole k
+      run "${COMMON[@]}" task=timescales trainer.steps=1500 trainer.eval_every=100 task.seq_len=210 \
+        'task.periods=[2,7,30]' model=hrnn basis=dct basis.sharpness=1,4 trainer.seed=0,1,2,3,4 \
+        hydra.sweep.dir="$STUDY/timescales_dct_t210" ;;
     period_variants)  # the direct-period ablation with Phased LSTM's random initial periods and wider windows
       run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[4,12],[6,20]' model=hrnn basis=period basis.init=random \
         basis.open_ratio=0.05,0.3 trainer.seed=0,1,2,3,4 hydra.sweep.dir="$STUDY/timescales_period_variants" ;;
@@ -53,10 +57,10 @@ table() {
         trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy"
       run "${COMMON[@]}" task=copy task.seq_len=100,200 model=cwrnn,rnn,lstm,gru \
         trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy_baselines" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants period_variants lstm adding copy" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy" >&2; exit 2 ;;
   esac
 }
 
 tables=("$@")
-[ ${#tables[@]} -eq 0 ] && tables=(timescales baselines adding copy dct_variants period_variants lstm)
+[ ${#tables[@]} -eq 0 ] && tables=(timescales baselines adding copy dct_variants dct_t210 period_variants lstm)
 for name in "${tables[@]}"; do table "$name"; done
