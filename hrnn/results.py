@@ -89,15 +89,15 @@ def first_step_below(history: list[dict[str, Any]], key: str, threshold: float) 
 
 def timescales_rows(jobs: list[dict[str, Any]], threshold: float = THRESHOLD) -> list[dict[str, Any]]:
     """One row per (model, period set): seeds pooled."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for job in jobs:
         task = job["config"].get("task", {})
         if task.get("name") != "timescales":
             continue
-        key = (model_label(job["config"]), str(task.get("periods")))
+        key = (model_label(job["config"]), str(task.get("periods")), task.get("seq_len"))
         groups.setdefault(key, []).append(job)
     rows = []
-    for (label, periods), members in groups.items():
+    for (label, periods, seq_len), members in groups.items():
         done = [j for j in members if j["status"] == "finished"]
         metrics = [j["metrics"] for j in done]
         reached = [m["val_metric"] < threshold for m in metrics]
@@ -110,6 +110,7 @@ def timescales_rows(jobs: list[dict[str, Any]], threshold: float = THRESHOLD) ->
         rows.append({
             "model": label,
             "periods": periods,
+            "T": seq_len,
             "seeds": len(members),
             "finished": len(done),
             "reached": sum(reached),
@@ -156,16 +157,16 @@ def _periods(periods: list[float] | None) -> str:
 
 
 def format_timescales(rows: list[dict[str, Any]], threshold: float = THRESHOLD) -> str:
-    head = ["model", "true periods", "val MSE < " + str(threshold), "all periods recovered", "both",
+    head = ["model", "true periods", "T", "val MSE < " + str(threshold), "all periods recovered", "both",
             "all recovered (wave)", "both (wave)",
             "recovered per seed", "val MSE mean ± std (min)", "first step < " + str(threshold) + " (median)",
             "learned periods (seed 0)", "step s", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sorted(rows, key=lambda r: (r["periods"], r["model"])):
+    for r in sorted(rows, key=lambda r: (r["periods"], r["T"] or 0, r["model"])):
         n = r["finished"]
         of = f"/{n}" + (f" ({r['seeds'] - n} did not finish)" if r["seeds"] != n else "")
         std = f" ± {r['val_std']:.4f}" if r["val_std"] is not None else ""
-        cells = [r["model"], r["periods"], f"{r['reached']}{of}",
+        cells = [r["model"], r["periods"], str(r["T"]), f"{r['reached']}{of}",
                  "-" if r["recovered_all"] is None else f"{r['recovered_all']}{of}",
                  "-" if r["solved"] is None else f"{r['solved']}{of}",
                  "-" if r["wave_all"] is None else f"{r['wave_all']}{of}",
