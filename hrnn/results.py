@@ -3,7 +3,8 @@
 `python scripts/results.py outputs/study` prints markdown: one table for the timescales
 task (seeds pooled per model and period set: how many seeds reached the MSE threshold,
 recovered every true period, and both) and one for the other tasks (one row per job).
-Failed and unfinished jobs are listed, never dropped. Imports no torch.
+Failed and unfinished jobs are listed, never dropped. Imports torch only to read the wave
+periods of runs written before metrics.json carried them (from their best.pt).
 """
 from __future__ import annotations
 
