@@ -155,10 +155,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                     entry["periods"] = [float(p) for p in summary["periods"]]
                     entry["wave_periods"] = [float(p) for p in model.clock.wave_periods()]
                     if hasattr(task, "recovered"):
-                        found = task.recovered(summary["periods"])
-                        found_wave = task.recovered(entry["wave_periods"])
-                        writer.add_scalar("clock/recovered", len(found), step)
-                        writer.add_scalar("clock/recovered_wave", len(found_wave), step)
+                        found, found_wave = _log_recovery(writer, task, entry["periods"], entry["wave_periods"], step)
                         entry["recovered"], entry["recovered_wave"] = len(found), len(found_wave)
                         line += f" | recovered {len(found)}/{len(task.periods)} (wave {len(found_wave)})"
                     line += f" | periods {format_periods(summary['periods'])}"  # always last
@@ -211,18 +208,24 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         metrics["periods"] = model.clock.periods()
         metrics["wave_periods"] = [float(p) for p in model.clock.wave_periods()]
         if hasattr(task, "recovered"):
-            found = task.recovered(metrics["periods"])
-            found_wave = task.recovered(metrics["wave_periods"])
+            found, found_wave = _log_recovery(writer, task, metrics["periods"], metrics["wave_periods"], step)
             metrics.update(true_periods=task.periods, recovered=len(found), recovered_periods=found,
                            recovered_wave=len(found_wave))
-            writer.add_scalar("clock/recovered", len(found), step)
-            writer.add_scalar("clock/recovered_wave", len(found_wave), step)
     log_hparams(writer, cfg, metrics)
     atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     writer.close()
     say(f"test {task.metric_name} {test[task.metric_name]:.4f} | val {val[task.metric_name]:.4f} "
         f"(best step {best['step']}) | baseline {task.baseline:.4f} | {run_dir / 'metrics.json'}")
     return float(val[task.metric_name])
+
+
+def _log_recovery(writer: Any, task: Task, periods: list[float], wave_periods: list[float],
+                  step: int) -> tuple[list[int], list[int]]:
+    """The true periods found by the dominant and by the wave reading, logged under clock/."""
+    found, found_wave = task.recovered(periods), task.recovered(wave_periods)
+    writer.add_scalar("clock/recovered", len(found), step)
+    writer.add_scalar("clock/recovered_wave", len(found_wave), step)
+    return found, found_wave
 
 
 @torch.no_grad()
