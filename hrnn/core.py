@@ -2,10 +2,11 @@
 
     h_t = a_t * tanh(u_t + W_h h_{t-1}) + (1 - a_t) * h_{t-1}
 
-`u` is the input projection (W_x x_t + b), hoisted out of the time loop as one
-matrix product; `a` holds one activation per module and step, repeated over the
-module's units. Models call `leaky_scan` and never loop over time themselves,
-so a fused implementation can replace the loop behind this one function.
+`u` is the input projection (W_x x_t + b); `a` holds one activation per module and
+step, repeated over the module's units. Models call `leaky_rnn` (x, W_x, b in; the
+projection is part of the op) and never loop over time themselves, so the fused
+kernels replace the loop, and compute the projection inside it, behind this one function;
+`leaky_scan` is the same recurrence for a precomputed u.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive:
     `leaky_scan(...)[:, -1]`, but the backward never builds a (B, T, H) gradient that is
     zero everywhere except the last step (a 40 MB allocation per step at T = 784).
     """
-    _check_shapes(u, w_h, waves, h0)
+    _check_shapes(u.shape, w_h, waves, h0)
     from hrnn import fused  # deferred: hrnn.fused imports the compiled extension
 
     reason = fused.supports(u, w_h, waves, h0)
@@ -62,19 +63,39 @@ def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive:
     return fused.leaky_scan(u, w_h, waves, h0, skip_inactive, last_only)
 
 
-def input_projection(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """u = x W^T + b for all steps, (B, T, H): F.linear, written into a reused buffer when the
-    fused kernels take these tensors (saves a fresh (B, T, H) allocation per step)."""
+def leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, waves: Tensor, h0: Tensor,
+              skip_inactive: bool | None = None, last_only: bool = False) -> Tensor:
+    """`leaky_scan(F.linear(x, w_x, bias), w_h, waves, h0, ...)`: the layer models call.
+
+    x: (B, T, I) inputs, w_x: (H, I), bias: (H,) or None. The fused kernels compute the
+    projection inside the time loop (only for active modules on a hard clock) and its weight
+    gradients inside the backward loop, so no (B, T, H) input projection is materialized;
+    elsewhere the projection is one product before `leaky_scan`'s loop. Same values either way.
+    """
+    if x.dim() != 3 or w_x.shape != (w_h.shape[0], x.shape[-1]) or (
+            bias is not None and bias.shape != (w_h.shape[0],)):
+        raise ValueError(f"x {tuple(x.shape)}, w_x {tuple(w_x.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not fit hidden size {w_h.shape[0]}")
     from hrnn import fused
 
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    if x.dim() != 3 or fused.supports(*tensors) is not None:
-        return torch.nn.functional.linear(x, weight, bias)
-    return fused.input_projection(x, weight, bias)
+    reason = fused.supports(x, w_x, w_h, waves, h0, *(() if bias is None else (bias,)))
+    if reason is not None:
+        return leaky_scan(torch.nn.functional.linear(x, w_x, bias), w_h, waves, h0,
+                          skip_inactive=skip_inactive, last_only=last_only)
+    _check_shapes((x.shape[0], x.shape[1], w_h.shape[0]), w_h, waves, h0)
+    if skip_inactive is None:
+        skip_inactive = is_hard(waves)
+    return fused.leaky_rnn(x, w_x, bias, w_h, waves, h0, skip_inactive, last_only)
 
 
-def _check_shapes(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor) -> None:
-    batch, steps, hidden = u.shape
+def leaky_rnn_reference(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, waves: Tensor,
+                        h0: Tensor) -> Tensor:
+    """`leaky_rnn`'s definition: the projection as F.linear, then the reference loop."""
+    return leaky_scan_reference(torch.nn.functional.linear(x, w_x, bias), w_h, waves, h0)
+
+
+def _check_shapes(u_shape: tuple, w_h: Tensor, waves: Tensor, h0: Tensor) -> None:
+    batch, steps, hidden = u_shape
     if w_h.shape != (hidden, hidden):
         raise ValueError(f"w_h has shape {tuple(w_h.shape)}, expected ({hidden}, {hidden})")
     if waves.dim() != 2 or waves.shape[0] != steps or hidden % waves.shape[1] != 0:

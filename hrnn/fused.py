@@ -9,7 +9,7 @@ PyTorch reference loop, which gives the same results; that is logged once per pr
     unavailable_reason()     why not (None when it did)
     supports(*tensors)       whether these tensors can take the fast path
     leaky_scan(...)          the fast op (same contract as hrnn.core.leaky_scan)
-    input_projection(...)    x W^T + b into a reused buffer (same contract as F.linear)
+    leaky_rnn(...)           the same with the input projection fused in (hrnn.core.leaky_rnn)
 """
 from __future__ import annotations
 
@@ -112,40 +112,45 @@ def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive:
     return _LeakyScan.apply(u, w_h, waves, h0, skip, bool(last_only))
 
 
-class _Projection(torch.autograd.Function):
+class _LeakyRNN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):  # noqa: D102
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        x2 = x.reshape(-1, x.shape[-1])
-        u = _C.empty([*x.shape[:-1], weight.shape[0]], x)
-        if bias is None:
-            torch.mm(x2, weight.t(), out=u.view(-1, weight.shape[0]))
-        else:
-            torch.addmm(bias, x2, weight.t(), out=u.view(-1, weight.shape[0]))
-        return u
+    def forward(ctx, x, w_x, bias, w_h, waves, h0, skip, last_only):  # noqa: D102
+        states, cands = _C.forward_x(x, w_x, bias, w_h, waves, h0, skip, True)
+        ctx.save_for_backward(states, cands, x, w_x, h0, w_h, waves)
+        ctx.skip = skip
+        return states[:, -1].clone() if last_only else states
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_u):  # noqa: D102
-        x, weight = ctx.saved_tensors
-        g = grad_u.reshape(-1, weight.shape[0])
+    def backward(ctx, grad_states):  # noqa: D102
+        states, cands, x, w_x, h0, w_h, waves = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx = (g @ weight).view(x.shape) if need[0] else None
-        dw = g.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
-        db = g.sum(0) if ctx.has_bias and need[2] else None
-        return dx, dw, db
+        dx, dw_x, db, dw_h, dwaves, dh0 = _C.backward_x(grad_states, states, cands, x, w_x, h0, w_h,
+                                                         waves, ctx.skip, need[0], need[4])
+        grads = (dx, dw_x, db, dw_h, dwaves, dh0)
+        return (*(g if n else None for g, n in zip(grads, need)), None, None)
 
 
-def input_projection(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.linear(x, weight, bias) (the same addmm, so the same values) written into a block of the
-    buffer pool; caller checked `supports`.
+def leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, waves: Tensor, h0: Tensor,
+              skip_inactive: bool, last_only: bool = False) -> Tensor:
+    """`leaky_scan(F.linear(x, w_x, bias), ...)` with the projection inside the kernels' loop;
+    caller checked shapes and `supports`.
 
-    A fresh (B, T, H) output costs first-touch page faults every step (~15 ms of a ~45 ms cwrnn
-    step at B = 100, T = 784, H = 128); a pool block is touched once per process. The block
-    goes back to the pool when u dies, right after the forward, and the scan's grad_u takes it.
+    u_t = x_t W_x^T + b is computed per step for the active tiles only, and dW_x, db are
+    accumulated in the backward loop: no (B, T, H) u or gradient of u exists. On a hard clock
+    that is what makes skipping pay: with u hoisted, writing u and reading its gradient twice
+    (dW_x, db) cost every module at every step (~6 ms of a 19 ms cwrnn step at T = 784).
     """
-    return _Projection.apply(x.contiguous(), weight, bias)
+    tensors = (x, w_x, w_h, waves, h0) if bias is None else (x, w_x, bias, w_h, waves, h0)
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    skip = bool(skip_inactive) and not (need_grad and waves.requires_grad)
+    x, w_x, w_h, waves, h0 = (t.contiguous() for t in (x, w_x, w_h, waves, h0))
+    bias = None if bias is None else bias.contiguous()
+    if not need_grad:
+        with torch.no_grad():
+            states = _C.forward_x(x, w_x, bias, w_h, waves, h0, skip, False)[0]
+            return states[:, -1].clone() if last_only else states
+    return _LeakyRNN.apply(x, w_x, bias, w_h, waves, h0, skip, bool(last_only))
 
 
 def leaky_scan_loop(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, last_only: bool = False) -> Tensor:

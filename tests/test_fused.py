@@ -1,7 +1,8 @@
 """The fused recurrent core against the reference loop (issue 7).
 
 The compiled kernels must agree with `leaky_scan_reference` in values and in every gradient
-(u, w_h, waves, h0) to 1e-5 relative in float32, and pass gradcheck in float64 (the kernels
+(u, w_h, waves, h0) to 1e-5 relative in float32, and `leaky_rnn` (projection fused in) with
+`leaky_rnn_reference` in x, W_x and b too, and pass gradcheck in float64 (the kernels
 themselves run in double for that, not a fallback). No timing assertions here: see
 scripts/bench.py.
 """
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from hrnn import fused
-from hrnn.core import is_hard, leaky_scan, leaky_scan_reference
+from hrnn.core import is_hard, leaky_rnn, leaky_rnn_reference, leaky_scan, leaky_scan_reference
 
 needs_ext = pytest.mark.skipif(not fused.available(), reason=str(fused.unavailable_reason()))
 
@@ -297,43 +298,132 @@ def test_fused_and_fallback_last_only_agree(monkeypatch, fused_path):
     assert_close_rel(leaky_scan(*inputs, last_only=True), leaky_scan_reference(*inputs)[:, -1])
 
 
-@needs_ext
-@pytest.mark.parametrize("bias", [True, False])
-def test_input_projection_matches_linear(bias):
-    """The pooled projection is F.linear's addmm: identical values, same gradients."""
-    from hrnn.core import input_projection
+# ------------------------------------------------------------------ leaky_rnn: projection fused in
+def make_rnn_inputs(batch, steps, hidden, n_modules, hard, masked, n_inputs, bias,
+                    dtype=torch.float32, seed=0):
+    """(x, w_x, bias or None, w_h, waves, h0) for `leaky_rnn`."""
+    _, w_h, waves, h0 = make_inputs(batch, steps, hidden, n_modules, hard, masked, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(batch, steps, n_inputs, generator=gen, dtype=dtype)
+    w_x = torch.randn(hidden, n_inputs, generator=gen, dtype=dtype) * 0.8 / n_inputs ** 0.5
+    b = torch.randn(hidden, generator=gen, dtype=dtype) * 0.2 if bias else None
+    return x, w_x, b, w_h, waves, h0
 
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 9, 3, generator=gen)
-    weight = torch.randn(16, 3, generator=gen)
-    b = torch.randn(16, generator=gen) if bias else None
-    inputs = [x, weight] + ([b] if bias else [])
-    grad_out = torch.randn(4, 9, 16, generator=gen)
-    wrt = list(range(len(inputs)))
-    got, got_grads = run_with_grads(lambda *a: input_projection(*a, *([None] if not bias else [])),
-                                    inputs, grad_out, wrt)
-    want, want_grads = run_with_grads(lambda *a: torch.nn.functional.linear(*a), inputs, grad_out, wrt)
+
+def rnn_grads(fn, inputs, grad_out, wrt):
+    """run_with_grads that leaves a None bias alone."""
+    xs = [None if x is None else x.detach().clone().requires_grad_(i in wrt) for i, x in enumerate(inputs)]
+    out = fn(*xs)
+    grads = torch.autograd.grad(out, [xs[i] for i in wrt], grad_out)
+    return out.detach(), grads
+
+
+@needs_ext
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}H{}M{}{}{}".format(
+    *c[:4], "hard" if c[4] else "soft", "-masked" if c[5] else ""))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("last_only", [False, True], ids=["all", "last"])
+def test_leaky_rnn_matches_reference_float32(case, bias, last_only):
+    """Projection inside the loop: states and the gradients of x, W_x, b, W_h, waves, h0 equal
+    F.linear + the reference loop to 1e-5; with the waves' grad off, hard waves skip."""
+    batch, steps, hidden, n_modules, hard, masked = case
+    n_inputs = 1 if hidden % 2 else 3
+    inputs = make_rnn_inputs(batch, steps, hidden, n_modules, hard, masked, n_inputs, bias)
+    shape = (batch, hidden) if last_only else (batch, steps, hidden)
+    grad_out = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+
+    def reference(*a):
+        states = leaky_rnn_reference(*a)
+        return states[:, -1] if last_only else states
+
+    params = [0, 1, 5] + ([2] if bias else [])
+    for wrt in ([*params, 3, 4], [*params, 3]):  # waves with and without grad
+        want, want_grads = rnn_grads(reference, inputs, grad_out, wrt)
+        for skip in (None, False):
+            got, got_grads = rnn_grads(
+                lambda *a: leaky_rnn(*a, skip_inactive=skip, last_only=last_only), inputs, grad_out, wrt)
+            assert got.shape == shape
+            assert_close_rel(got, want)
+            for g, w in zip(got_grads, want_grads):
+                assert_close_rel(g, w)
+
+
+@needs_ext
+@pytest.mark.parametrize("hard", [False, True])
+def test_leaky_rnn_gradcheck_float64(hard, one_thread):
+    x, w_x, b, w_h, waves, h0 = make_rnn_inputs(3, 7, 8, 2, hard, hard, 2, True, dtype=torch.float64)
+    assert fused.supports(x, w_x, b, w_h, waves, h0) is None  # the double kernels, not the fallback
+    args = [t.clone().requires_grad_() for t in (x, w_x, b, w_h, waves, h0)]
+    assert torch.autograd.gradcheck(lambda *a: leaky_rnn(*a), args)
+    assert torch.autograd.gradcheck(lambda *a: leaky_rnn(*a, last_only=True), args)
+    # waves without grad: hard waves take the skipping forward and backward
+    args = [t.clone().requires_grad_() for t in (x, w_x, b, w_h, h0)]
+    assert torch.autograd.gradcheck(
+        lambda x_, wx_, b_, wh_, h_: leaky_rnn(x_, wx_, b_, wh_, waves, h_, skip_inactive=hard), args)
+    assert torch.autograd.gradcheck(
+        lambda x_, wx_, b_, wh_, h_: leaky_rnn(x_, wx_, b_, wh_, waves, h_, last_only=True), args)
+
+
+@needs_ext
+def test_leaky_rnn_hard_waves_hold_state_exactly():
+    """a = 0 keeps the state bit-for-bit on the skipping path too (nothing computed there)."""
+    x, w_x, b, w_h, waves, h0 = make_rnn_inputs(3, 16, 32, 4, True, True, 2, True)
+    for skip in (True, False):
+        states = leaky_rnn(x, w_x, b, w_h, waves, h0, skip_inactive=skip)
+        prev = torch.cat([h0[:, None], states[:, :-1]], dim=1)
+        held = ~waves.repeat_interleave(8, dim=1).bool()[None].expand_as(states)
+        assert held.any() and (~held).any()
+        assert torch.equal(states[held], prev[held])
+
+
+@needs_ext
+def test_leaky_rnn_inference_threads_and_layout():
+    """No-grad forward records nothing and equals the training forward; 1 and 2 threads give
+    bit-identical states; a non-contiguous x gives the same result."""
+    inputs = make_rnn_inputs(9, 20, 32, 4, False, False, 3, True)
+    req = [t.clone().requires_grad_() for t in inputs]
+    with torch.no_grad():
+        out = leaky_rnn(*req)
+    assert out.grad_fn is None
+    assert torch.equal(out, leaky_rnn(*req).detach())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = leaky_rnn(*inputs)
+        torch.set_num_threads(2)
+        two = leaky_rnn(*inputs)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    x = inputs[0]
+    x_nc = x.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not x_nc.is_contiguous()
+    assert torch.equal(leaky_rnn(x_nc, *inputs[1:]), one)
+
+
+def test_leaky_rnn_fallback_is_the_definition(monkeypatch, caplog):
+    """Without the kernels: F.linear then the PyTorch loop, identical to the reference, said once."""
+    monkeypatch.setattr(fused, "_C", None)
+    monkeypatch.setattr(fused, "_REASON", "test: extension hidden")
+    monkeypatch.setattr(fused, "_warned", False)
+    inputs = make_rnn_inputs(3, 12, 16, 2, False, False, 2, True)
+    grad_out = torch.randn(3, 12, 16)
+    wrt = [0, 1, 2, 3, 4, 5]
+    with caplog.at_level(logging.WARNING, logger="hrnn.fused"):
+        got, got_grads = rnn_grads(leaky_rnn, inputs, grad_out, wrt)
+        leaky_rnn(*inputs)
+    want, want_grads = rnn_grads(leaky_rnn_reference, inputs, grad_out, wrt)
     assert torch.equal(got, want)
     for g, w in zip(got_grads, want_grads):
-        assert_close_rel(g, w, tol=1e-6)
-    first = input_projection(x, weight, b)
-    kept = first.clone()
-    second = input_projection(x * 2, weight, b)  # a live output's block is never handed out
-    assert torch.equal(first, kept) and not torch.equal(second, first)
+        assert torch.equal(g, w)
+    assert len([r for r in caplog.records if "pure PyTorch" in r.getMessage()]) == 1
 
 
-@needs_ext
-def test_input_projection_gradcheck_float64(one_thread):
-    from hrnn.core import input_projection
-
-    gen = torch.Generator().manual_seed(6)
-    args = [torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_()
-            for s in ((2, 5, 3), (4, 3), (4,))]
-    assert torch.autograd.gradcheck(input_projection, args)
-
-
-def test_input_projection_falls_back_to_linear():
-    from hrnn.core import input_projection
-
-    x, weight = torch.randn(2, 5, 3, dtype=torch.bfloat16), torch.randn(4, 3, dtype=torch.bfloat16)
-    assert torch.equal(input_projection(x, weight, None), torch.nn.functional.linear(x, weight))
+def test_leaky_rnn_rejects_mismatched_projection():
+    x, w_x, b, w_h, waves, h0 = make_rnn_inputs(2, 5, 8, 2, False, False, 3, True)
+    with pytest.raises(ValueError, match=r"w_x \(8, 2\)"):
+        leaky_rnn(x, w_x[:, :2], b, w_h, waves, h0)
+    with pytest.raises(ValueError, match=r"bias \(7,\)"):
+        leaky_rnn(x, w_x, b[:7], w_h, waves, h0)
+    with pytest.raises(ValueError, match="waves has shape"):
+        leaky_rnn(x, w_x, b, w_h, waves[:4], h0)

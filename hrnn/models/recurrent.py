@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hrnn.core import input_projection, leaky_scan
+from hrnn.core import leaky_rnn
 from hrnn.models.clock import Clock
 
 CONNECTIVITY = ("full", "slow_to_fast")
@@ -54,11 +54,11 @@ class ClockedRNN(nn.Module):
     def forward(self, x: Tensor, h0: Tensor | None = None, last_only: bool = False) -> Tensor:
         batch, steps, _ = x.shape
         waves = self.clock.waves(steps).to(x.dtype)  # (T, M), once per forward pass
-        # The input projection for all steps in one product (self.input's addmm, into a reused buffer).
-        u = input_projection(x, self.input.weight, self.input.bias)
         if h0 is None:
             h0 = x.new_zeros(batch, self.hidden_size)
-        return leaky_scan(u, self.recurrent_weight(), waves, h0, last_only=last_only)
+        # u_t = W_x x_t + b and the recurrence in one op (the projection fused into the kernels' loop).
+        return leaky_rnn(x, self.input.weight, self.input.bias, self.recurrent_weight(), waves, h0,
+                         last_only=last_only)
 
 
 class TorchRNN(nn.Module):
