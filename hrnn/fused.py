@@ -71,6 +71,13 @@ def warn_fallback(reason: str) -> None:
     log.warning("hrnn: leaky_scan is using the pure PyTorch loop (same results, slower): %s", reason)
 
 
+def _grad_and_skip(tensors: tuple, waves: Tensor, skip_inactive: bool) -> tuple[bool, bool]:
+    """Whether a graph is needed, and whether to skip inactive tiles: not when the waves need a
+    gradient, which at a = 0 depends on the candidates skipping would not compute."""
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return need_grad, bool(skip_inactive) and not (need_grad and waves.requires_grad)
+
+
 class _LeakyScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, w_h, waves, h0, skip, last_only):  # noqa: D102
@@ -101,8 +108,7 @@ def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive:
     but the gradient w.r.t. the waves at a = 0 needs the skipped candidates, so skipping is
     turned off when the waves require grad.
     """
-    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, w_h, waves, h0))
-    skip = bool(skip_inactive) and not (need_grad and waves.requires_grad)
+    need_grad, skip = _grad_and_skip((u, w_h, waves, h0), waves, skip_inactive)
     u, w_h, waves, h0 = u.contiguous(), w_h.contiguous(), waves.contiguous(), h0.contiguous()
     if not need_grad:
         # Inference: forward-only kernel; no candidates kept, no graph recorded.
@@ -142,8 +148,7 @@ def leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, waves: T
     (dW_x, db) cost every module at every step (~6 ms of a 19 ms cwrnn step at T = 784).
     """
     tensors = (x, w_x, w_h, waves, h0) if bias is None else (x, w_x, bias, w_h, waves, h0)
-    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    skip = bool(skip_inactive) and not (need_grad and waves.requires_grad)
+    need_grad, skip = _grad_and_skip(tensors, waves, skip_inactive)
     x, w_x, w_h, waves, h0 = (t.contiguous() for t in (x, w_x, w_h, waves, h0))
     bias = None if bias is None else bias.contiguous()
     if not need_grad:
