@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from hrnn.summary import read_jobs
+from hrnn.summary import mean_std, plus_minus, read_jobs
 
 THRESHOLD = 0.01  # the validation MSE a timescales run must reach
 
@@ -44,14 +44,10 @@ def model_label(config: dict[str, Any]) -> str:
 
 
 def read_study(study_dir: Path | str) -> list[dict[str, Any]]:
-    """Every job of every sweep directory under study_dir, with its composed config."""
+    """Every job of every sweep directory under study_dir (read_jobs records, config included)."""
     jobs = []
     for sweep in sorted(p for p in Path(study_dir).iterdir() if p.is_dir()):
         for job in read_jobs(sweep):
-            try:
-                job["config"] = OmegaConf.to_container(OmegaConf.load(Path(job["dir"]) / ".hydra" / "config.yaml"))
-            except Exception:  # noqa: BLE001 - a job without a readable config still gets listed
-                job["config"] = {}
             job["sweep"] = sweep.name
             jobs.append(job)
     return jobs
@@ -108,6 +104,7 @@ def timescales_rows(jobs: list[dict[str, Any]], threshold: float = THRESHOLD) ->
         firsts = [first_step_below(m.get("history", []), "val_mse", threshold) for m in metrics]
         reached_steps = [s for s in firsts if s is not None]
         values = [m["val_metric"] for m in metrics]
+        val_mean, val_std = mean_std(values)
         rows.append({
             "model": label,
             "periods": periods,
@@ -120,8 +117,8 @@ def timescales_rows(jobs: list[dict[str, Any]], threshold: float = THRESHOLD) ->
             "wave_all": sum(wave_all) if has_clock else None,
             "wave_solved": sum(r and a for r, a in zip(reached, wave_all)) if has_clock else None,
             "recovered_counts": [m["recovered"] for m in metrics] if has_clock else None,
-            "val_mean": statistics.fmean(values) if values else None,
-            "val_std": statistics.stdev(values) if len(values) > 1 else None,
+            "val_mean": val_mean,
+            "val_std": val_std,
             "val_min": min(values) if values else None,
             "first_step_median": statistics.median(reached_steps) if reached_steps else None,
             "periods_seed0": next((m.get("periods") for m in metrics if m.get("seed") == 0), None),
@@ -166,14 +163,13 @@ def format_timescales(rows: list[dict[str, Any]], threshold: float = THRESHOLD) 
     for r in sorted(rows, key=lambda r: (r["periods"], r["T"] or 0, r["model"])):
         n = r["finished"]
         of = f"/{n}" + (f" ({r['seeds'] - n} did not finish)" if r["seeds"] != n else "")
-        std = f" ± {r['val_std']:.4f}" if r["val_std"] is not None else ""
         cells = [r["model"], r["periods"], str(r["T"]), f"{r['reached']}{of}",
                  "-" if r["recovered_all"] is None else f"{r['recovered_all']}{of}",
                  "-" if r["solved"] is None else f"{r['solved']}{of}",
                  "-" if r["wave_all"] is None else f"{r['wave_all']}{of}",
                  "-" if r["wave_solved"] is None else f"{r['wave_solved']}{of}",
                  "-" if r["recovered_counts"] is None else ",".join(map(str, r["recovered_counts"])),
-                 f"{_fmt(r['val_mean'])}{std} ({_fmt(r['val_min'])})",
+                 f"{plus_minus(r['val_mean'], r['val_std'])} ({_fmt(r['val_min'])})",
                  "-" if r["first_step_median"] is None else f"{r['first_step_median']:g}",
                  _periods(r["periods_seed0"]), _fmt(r["step_s"], 4), _fmt(r["wall_s"], 0)]
         lines.append("| " + " | ".join(cells) + " |")

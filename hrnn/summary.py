@@ -24,7 +24,7 @@ ALWAYS_IGNORED = ("resume",)  # changes how a job runs, not what it computes
 
 
 def read_jobs(sweep_dir: Path | str) -> list[dict[str, Any]]:
-    """One record per job directory: name, dir, overrides, ignored keys, status, metrics, error."""
+    """One record per job directory: name, dir, overrides, ignored keys, config, seed, status, metrics, error."""
     sweep_dir = Path(sweep_dir)
     jobs = []
     for path in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -50,10 +50,11 @@ def _read_job(path: Path) -> dict[str, Any]:
         job["ignored"].update(OmegaConf.select(hydra_cfg, "hydra.job.config.override_dirname.exclude_keys", default=[]) or [])
     except Exception:  # noqa: BLE001
         pass
-    try:
-        job["seed"] = OmegaConf.select(OmegaConf.load(path / ".hydra" / "config.yaml"), "trainer.seed", default=None)
+    try:  # the composed config, as plain containers ({} when missing or unreadable)
+        job["config"] = OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"))
     except Exception:  # noqa: BLE001
-        job["seed"] = None
+        job["config"] = {}
+    job["seed"] = job["config"].get("trainer", {}).get("seed")
     error = path / "error.txt"
     metrics = path / "metrics.json"
     if error.exists():
@@ -103,7 +104,7 @@ def summarize(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["unfinished"] = sum(j["status"] == "unfinished" for j in members)
         row["metric"] = ",".join(dict.fromkeys(str(j["metrics"].get("metric")) for j in done))
         for name in ("val_metric", "test_metric", "wall_s"):
-            mean, std = _mean_std([j["metrics"].get(name) for j in done])
+            mean, std = mean_std([j["metrics"].get(name) for j in done])
             row[f"{name}_mean"], row[f"{name}_std"] = mean, std
         baselines = [j["metrics"].get("baseline") for j in done if j["metrics"].get("baseline") is not None]
         row["baseline"] = baselines[0] if baselines else None
@@ -113,7 +114,8 @@ def summarize(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _mean_std(values: list[Any]) -> tuple[float | None, float | None]:
+def mean_std(values: list[Any]) -> tuple[float | None, float | None]:
+    """Mean and sample std of the numbers among values (std None for fewer than two)."""
     numbers = [float(v) for v in values if isinstance(v, (int, float))]
     if not numbers:
         return None, None
@@ -126,7 +128,8 @@ def _periods(periods: Any) -> str:
     return str(periods)
 
 
-def _pm(mean: float | None, std: float | None, digits: int = 4) -> str:
+def plus_minus(mean: float | None, std: float | None, digits: int = 4) -> str:
+    """'mean ± std' ('-' without a mean, no '± ' without a std)."""
     if mean is None:
         return "-"
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
@@ -146,10 +149,10 @@ def format_markdown(rows: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row[k] for k in group_keys] + [
-            row["seeds"], _status(row), _pm(row["val_metric_mean"], row["val_metric_std"]),
-            _pm(row["test_metric_mean"], row["test_metric_std"]),
+            row["seeds"], _status(row), plus_minus(row["val_metric_mean"], row["val_metric_std"]),
+            plus_minus(row["test_metric_mean"], row["test_metric_std"]),
             "-" if row["baseline"] is None else f"{row['baseline']:.4f}", row["periods"] or "-",
-            _pm(row["wall_s_mean"], row["wall_s_std"], 1)]
+            plus_minus(row["wall_s_mean"], row["wall_s_std"], 1)]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     problems = [j for j in jobs if j["status"] != "finished"]
     if problems:
