@@ -34,7 +34,7 @@ table() {
       run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[6,20],[2,7,30]' model=hrnn basis=dct \
         regularizer.entropy_weight=0.01 trainer.seed=0,1,2,3,4 hydra.sweep.dir="$STUDY/timescales_dct_entropy" ;;
     dct_t210)  # [2,7,30] at T = 210 = lcm(2, 7, 30): every true period is N/k for a whole k
-      run "${COMMON[@]}" task=timescales trainer.steps=1500 trainer.eval_every=100 task.seq_len=210 \
+      run "${COMMON[@]}" "${TIMESCALES[@]}" task.seq_len=210 \
         'task.periods=[2,7,30]' model=hrnn basis=dct basis.sharpness=1,4 trainer.seed=0,1,2,3,4 \
         hydra.sweep.dir="$STUDY/timescales_dct_t210" ;;
     period_variants)  # the direct-period ablation with Phased LSTM's random initial periods and wider windows
