@@ -222,3 +222,5 @@ def test_cosine_wave_period_is_the_fundamental_of_its_significant_harmonics():
 def test_binary_and_period_clocks_wave_period_is_the_dominant_period():
     binary = BasisClock("binary", 30, 3, 30, "softmax")
     assert binary.wave_periods() == binary.periods() == [1.0, 2.0, 4.0]
+    period = PeriodClock(n_modules=3, seq_len=100)
+    assert period.wave_periods() == period.periods() and len(period.periods()) == 3
