@@ -642,7 +642,6 @@ std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& w, const 
 std::vector<at::Tensor> forward_x(const at::Tensor& x, const at::Tensor& w_x,
                                   const c10::optional<at::Tensor>& bias, const at::Tensor& w,
                                   const at::Tensor& waves, const at::Tensor& h0, bool skip, bool save) {
-  TORCH_CHECK(w_x.defined(), "w_x is required");
   return forward_impl(x, w_x, bias.has_value() ? *bias : at::Tensor(), w, waves, h0, skip, save);
 }
 
@@ -762,7 +761,6 @@ std::vector<at::Tensor> backward_x(const at::Tensor& g, const at::Tensor& hs, co
                                    const at::Tensor& x, const at::Tensor& w_x, const at::Tensor& h0,
                                    const at::Tensor& w, const at::Tensor& waves, bool skip,
                                    bool need_dx, bool need_da) {
-  TORCH_CHECK(w_x.defined(), "w_x is required");
   return backward_impl(g, hs, cs, x.contiguous(), w_x, h0, w, waves, skip, need_dx, need_da);
 }
 
