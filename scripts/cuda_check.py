@@ -64,10 +64,13 @@ def check_models(runs: Path, steps: int) -> dict:
 
 
 def check_resume(runs: Path, steps: int) -> dict:
-    """Stop at steps/2 and resume on the device; resume a copy of the half-way run on the CPU."""
-    common = [f"trainer.device={DEVICE}", "task=copy", "task.seq_len=20", f"trainer.eval_every={steps // 4}", *SMALL]
+    """Stop half-way and resume on the device; resume a copy of the half-way run on the CPU."""
+    # Stop on an evaluation step: a run that ends elsewhere adds a final evaluation to its history.
+    every = max(1, steps // 4)
+    steps = 4 * every
+    common = [f"trainer.device={DEVICE}", "task=copy", "task.seq_len=20", f"trainer.eval_every={every}", *SMALL]
     full = cli([*common, f"trainer.steps={steps}"], runs / "full")
-    cli([*common, f"trainer.steps={steps // 2}"], runs / "part")
+    cli([*common, f"trainer.steps={2 * every}"], runs / "part")
     shutil.copytree(runs / "part", runs / "part_cpu")
     part = cli([f"resume={runs / 'part'}", f"trainer.steps={steps}"], runs / "part")
     keys = ("val_metric", "test_metric", "best_step", "steps", "val", "test", "history", "periods")
@@ -111,8 +114,7 @@ def check_numerics() -> dict:
 def time_step(model_name: str, basis: str | None, device: str, steps: int = 784, repeat: int = 7) -> float:
     import torch
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench import BATCH, CLASSES, INPUTS, build
+    from bench import BATCH, CLASSES, INPUTS, build  # scripts/ is on sys.path (main)
 
     model = build(model_name, basis, steps).to(device)
     x = torch.randn(BATCH, steps, INPUTS, device=device)
@@ -146,7 +148,7 @@ def main() -> int:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device here; this script checks trainer.device=cuda", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(ROOT))
+    sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # hrnn from this checkout; bench's model builder
     runs = args.runs or args.out / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
