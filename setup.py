@@ -1,18 +1,41 @@
 """Build hook for the fused recurrent core (hrnn/csrc); package metadata lives in setup.cfg.
 
 Install with `pip install --no-build-isolation -e .` so the build sees the installed torch
-instead of fetching a second one. The extension is optional: if torch is not importable at
-build time, HRNN_NO_EXT=1 is set, or the compiler fails, the package installs without it and
-hrnn.fused falls back to the pure PyTorch loop (saying so once at run time).
+instead of fetching a second one. The extension is optional for a user: if torch is not
+importable at build time, HRNN_NO_EXT=1 is set, or the compiler fails, the package installs
+without it and hrnn.fused falls back to the pure PyTorch loop (saying so once at run time).
+A developer's `make test` fails instead (HRNN_REQUIRE_FUSED=1, see tests/conftest.py).
 
-HRNN_ARCH_FLAGS overrides the target flags (default "-march=native": the kernels are built for
-the machine that installs them; set e.g. "-march=x86-64-v3" for a portable build).
+One build serves every x86-64 CPU (ATen's CPU_CAPABILITY scheme): hrnn/csrc/kernels.cpp is
+compiled once per capability with that capability's flags, into objects linked beside the
+bindings (built for the baseline ISA, never -march=native); at import the best capability this
+CPU executes is chosen, and HRNN_CPU_CAPABILITY=default|avx2|avx512 forces a lower one.
+Elsewhere (e.g. aarch64) only `default` is built, with the compiler's baseline flags.
 """
 import os
+import platform
 import shlex
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
+
+CSRC = "hrnn/csrc"
+# capability -> compiler flags for its kernels (x86-64)
+X86_CAPABILITIES = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+}
+# -ffp-contract=fast: -std=c++17 (ISO mode) would otherwise forbid fused multiply-add.
+KERNEL_FLAGS = ["-std=c++17", "-O3", "-fPIC", "-ffp-contract=fast", "-fvisibility=hidden"]
+
+
+def _capabilities() -> dict:
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return X86_CAPABILITIES
+    return {"default": []}
 
 
 def _ext_setup():
@@ -26,13 +49,15 @@ def _ext_setup():
               "installing without the fused extension", file=sys.stderr)
         return {}
 
-    class OptionalBuildExtension(BuildExtension):
-        """A failed compile leaves the pure PyTorch path instead of failing the install."""
+    class KernelsBuildExtension(BuildExtension):
+        """Compiles the per-capability kernel objects first; a failed compile leaves the pure
+        PyTorch path instead of failing the install."""
 
         failed: set = set()
 
         def build_extension(self, ext):
             try:
+                self._build_kernels(ext)
                 super().build_extension(ext)
             except Exception as err:  # noqa: BLE001 - any compiler/linker failure
                 self.failed.add(ext.name)
@@ -47,17 +72,46 @@ def _ext_setup():
             finally:
                 self.extensions = kept
 
-    arch = shlex.split(os.environ.get("HRNN_ARCH_FLAGS", "-march=native"))
+        def _build_kernels(self, ext):
+            """kernels.cpp once per capability, in parallel (no torch headers: seconds each).
+            A capability the compiler cannot build is left out with a line saying so; the
+            baseline must build."""
+            cxx = shlex.split(os.environ.get("CXX", "c++"))
+            out_dir = os.path.join(self.build_temp, "hrnn_kernels")
+            os.makedirs(out_dir, exist_ok=True)
+            source = os.path.join(CSRC, "kernels.cpp")
+
+            def compile_one(item):
+                name, flags = item
+                obj = os.path.join(out_dir, f"kernels_{name}.o")
+                cmd = [*cxx, *KERNEL_FLAGS, *flags, f"-DHRNN_CPU_CAPABILITY={name}", "-c", source, "-o", obj]
+                result = subprocess.run(cmd, capture_output=True, text=True)
+                return name, obj, result
+
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                results = list(pool.map(compile_one, _capabilities().items()))
+            for name, obj, result in results:
+                if result.returncode != 0:
+                    if name == "default":
+                        raise RuntimeError(f"kernels.cpp (default) did not compile:\n{result.stderr[-2000:]}")
+                    print(f"hrnn: the {name} kernels did not compile here; built without them",
+                          file=sys.stderr)
+                    continue
+                ext.extra_objects.append(obj)
+                if name != "default":
+                    ext.define_macros.append((f"HRNN_HAVE_{name.upper()}", "1"))
+
     ext = CppExtension(
         "hrnn._fused_C",
-        ["hrnn/csrc/leaky_scan.cpp"],
-        # -ffp-contract=fast: -std=c++17 (ISO mode) would otherwise forbid fused multiply-add.
+        [os.path.join(CSRC, "leaky_scan.cpp")],
+        include_dirs=[os.path.abspath(CSRC)],
         # -fopenmp: at::parallel_for is header code that needs it; the OpenMP runtime is the
         # one torch already loaded (same soname), so there is still one thread pool.
-        extra_compile_args=["-O3", "-ffp-contract=fast", "-fopenmp", *arch],
+        extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
+        depends=[os.path.join(CSRC, f) for f in ("kernels.h", "kernels.cpp")],
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension}}
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": KernelsBuildExtension}}
 
 
 setup(**_ext_setup())

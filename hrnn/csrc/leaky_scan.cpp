@@ -1,26 +1,14 @@
-// Fused CPU kernels for the leaky modular recurrence (see hrnn/core.py):
+// Bindings of the fused CPU kernels for the leaky modular recurrence (see hrnn/core.py):
 //
 //     z_t = u_t + h_{t-1} W^T,   c_t = tanh(z_t),   h_t = lerp(h_{t-1}, c_t, a_t)
 //
-// Design (each choice measured, see the README "Performance" section):
-//  * Batch rows never interact through time, in either direction, so the batch is cut
-//    into one slice per thread and each thread runs the WHOLE time loop on its slice:
-//    one parallel region per call, no synchronisation per step.
-//  * The per-step products (rows x H @ H x H, e.g. 50x128x128) are register-blocked
-//    kernels written with GCC vector extensions (AVX-512 under -march=native), with
-//    the tanh / lerp epilogue fused in; nothing goes through ATen dispatch per step.
-//  * Backward through time is hand-written; the weight gradient is accumulated per
-//    thread inside the loop (rank-rows update per step touching only the active rows of
-//    dW) and the per-thread partials are summed once at the end.
-//  * Hard clocks: at each step only "tiles" (VL consecutive units) that contain an
-//    active unit are computed, forward and backward; the others copy the state.
-//  * forward_x / backward_x fuse the input projection: u_t = b + x_t W_x^T is formed in
-//    the accumulator of the step's product (active tiles only), and dW_x, db are
-//    accumulated per thread in the backward loop, so neither u nor its gradient, (B, T, H)
-//    each, is ever written. With u hoisted, writing it and reading its gradient twice cost
-//    the hard clock as much as the dense one (6 of 19 ms at T = 784), halving the saving.
-//  * The big (B, T, H) buffers come from a small pool of reused blocks, so their
-//    pages are touched once per process rather than once per call.
+// This file is built once, for the baseline ISA; the kernels (kernels.cpp) are built once per
+// CPU capability and one build is chosen at run time (ATen's CPU_CAPABILITY scheme): the best
+// one this CPU executes, or a lower one named by set_capability (HRNN_CPU_CAPABILITY, read in
+// hrnn/fused.py). Here: argument checks, the buffer pool, the tile lists, the split of the batch
+// into one slice per thread (one parallel region per call), and the reduction of the per-slice
+// partial gradients. The big (B, T, H) buffers come from a small pool of reused blocks, so their
+// pages are touched once per process rather than once per call.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -31,7 +19,10 @@
 #include <map>
 #include <mutex>
 #include <type_traits>
+#include <string>
 #include <vector>
+
+#include "kernels.h"
 
 namespace {
 
@@ -91,461 +82,120 @@ at::Tensor pool_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
       ptr, sizes, [bytes](void* q) { pool_release(q, bytes); }, opts);
 }
 
-// ---------------------------------------------------------------- vectors
-template <typename T, int VL>
-struct VecOf {
-  typedef T type __attribute__((vector_size(sizeof(T) * VL)));
-};
-
-template <typename VT, typename T>
-inline VT vload(const T* p) {
-  VT v;
-  std::memcpy(&v, p, sizeof(VT));
-  return v;
-}
-template <typename VT, typename T>
-inline void vstore(T* p, const VT& v) {
-  std::memcpy(p, &v, sizeof(VT));
-}
-template <typename VT, typename T>
-inline VT vset(T x) {
-  return VT{} + x;
-}
-
-// tanh. float: rational minimax approximation (Eigen's single-precision coefficients,
-// clamp at +-7.9053, beyond which tanh rounds to +-1 within 2.4e-7); max relative error
-// measured 3.4e-7 against double tanh over [-12, 12]. double: libm tanh per lane.
-template <typename VT>
-inline VT vtanh(VT x, float) {
-  const VT hi = vset<VT>(7.90531110763549805f), lo = vset<VT>(-7.90531110763549805f);
-  x = x > hi ? hi : x;
-  x = x < lo ? lo : x;
-  const VT x2 = x * x;
-  VT p = vset<VT>(-2.76076847742355e-16f);
-  p = p * x2 + 2.00018790482477e-13f;
-  p = p * x2 + -8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  p = p * x;
-  VT q = vset<VT>(1.19825839466702e-06f);
-  q = q * x2 + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  return p / q;
-}
-template <typename VT>
-inline VT vtanh(VT x, double) {
-  constexpr int n = sizeof(VT) / sizeof(double);
-  for (int i = 0; i < n; ++i) x[i] = std::tanh(x[i]);
-  return x;
-}
-
-// torch.lerp's formula: exact state hold at a = 0 and exact candidate at a = 1.
-template <typename VT, typename T>
-inline VT vlerp(VT start, VT end, VT w) {
-  const VT diff = end - start;
-  const VT one = vset<VT>(T(1)), half = vset<VT>(T(0.5));
-  const VT aw = w < vset<VT>(T(0)) ? -w : w;
-  const VT lo = start + w * diff;
-  const VT hi = end - diff * (one - w);
-  return aw < half ? lo : hi;
-}
-
-// ---------------------------------------------------------------- problem view
-template <typename T>
-struct Problem {
-  int64_t B, T_, H;
-  int64_t n_tiles;                 // H / VL
-  const T* a;                      // (T, H) activations, repeated over module units
-  std::vector<T> a_buf;
-  std::vector<int32_t> act_cols;   // per step: element offsets of computed tiles
-  std::vector<int32_t> act_start;  // (T + 1) offsets into act_cols
-  std::vector<int32_t> idle_cols;  // per step: offsets of skipped tiles
-  std::vector<int32_t> idle_start;
-};
-
-template <typename T>
-void build_tiles(Problem<T>& P, int VL, bool skip) {
-  P.n_tiles = P.H / VL;
-  P.act_start.assign(1, 0);
-  P.idle_start.assign(1, 0);
-  P.act_cols.reserve(P.T_ * P.n_tiles);
-  for (int64_t t = 0; t < P.T_; ++t) {
-    const T* at = P.a + t * P.H;
-    for (int64_t tile = 0; tile < P.n_tiles; ++tile) {
-      bool active = !skip;
-      if (skip)
-        for (int i = 0; i < VL; ++i) active = active || at[tile * VL + i] != T(0);
-      (active ? P.act_cols : P.idle_cols).push_back(int32_t(tile * VL));
-    }
-    P.act_start.push_back(int32_t(P.act_cols.size()));
-    P.idle_start.push_back(int32_t(P.idle_cols.size()));
-  }
-}
-
-// ---------------------------------------------------------------- forward
-// Where z_t's input term comes from: u (B, T, H) precomputed, or, with the projection fused,
-// x (B, T, I) and W_x^T (I, H) plus an optional bias (H): z_t = b + x_t W_x^T + h_{t-1} W_h^T,
-// computed per step for the active tiles only, so a (B, T, H) u never exists.
-template <typename T>
-struct Input {
-  const T* u = nullptr;
-  const T* x = nullptr;
-  const T* wxT = nullptr;
-  const T* bias = nullptr;
-  int64_t I = 0;
-};
-
-// One row block (R rows) x NV active tiles: z = u + h_prev W^T over the full K, then
-// c = tanh(z), h = lerp(h_prev, c, a).
-template <typename T, int VL, int R, int NV>
-inline void fwd_block(const T* const* hp, const T* const* in, const Input<T>& src, T* const* ho,
-                      T* const* co, const T* wt, int64_t H, const int32_t* cols, const T* a) {
-  using VT = typename VecOf<T, VL>::type;
-  VT acc[R][NV];
-  if (src.x) {  // fused projection: in[r] is row r's x_t (I values)
-    for (int v = 0; v < NV; ++v) {
-      const VT bv = src.bias ? vload<VT>(src.bias + cols[v]) : vset<VT>(T(0));
-      for (int r = 0; r < R; ++r) acc[r][v] = bv;
-    }
-    for (int64_t i = 0; i < src.I; ++i) {
-      const T* wi = src.wxT + i * H;
-      VT w[NV];
-      for (int v = 0; v < NV; ++v) w[v] = vload<VT>(wi + cols[v]);
-      for (int r = 0; r < R; ++r) {
-        const VT xb = vset<VT>(in[r][i]);
-        for (int v = 0; v < NV; ++v) acc[r][v] += xb * w[v];
-      }
-    }
-  } else {  // in[r] is row r's u_t (H values)
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = vload<VT>(in[r] + cols[v]);
-  }
-  for (int64_t k = 0; k < H; ++k) {
-    const T* wk = wt + k * H;
-    VT w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = vload<VT>(wk + cols[v]);
-    for (int r = 0; r < R; ++r) {
-      const VT hb = vset<VT>(hp[r][k]);
-      for (int v = 0; v < NV; ++v) acc[r][v] += hb * w[v];
-    }
-  }
-  for (int v = 0; v < NV; ++v) {
-    const VT av = vload<VT>(a + cols[v]);
-    for (int r = 0; r < R; ++r) {
-      const VT c = vtanh(acc[r][v], T(0));
-      if (co) vstore(co[r] + cols[v], c);
-      vstore(ho[r] + cols[v], vlerp<VT, T>(vload<VT>(hp[r] + cols[v]), c, av));
-    }
-  }
-}
-
-template <typename T, int VL, int R>
-void fwd_slice(const Problem<T>& P, int64_t b0, int64_t b1, const Input<T>& src, const T* wt,
-               const T* h0, T* hs, T* cs) {
-  using VT = typename VecOf<T, VL>::type;
-  const int64_t H = P.H, TT = P.T_;
-  const T* hp[R];
-  const T* in[R];
-  T* ho[R];
-  T* co[R];
-  for (int64_t t = 0; t < TT; ++t) {
-    const T* at = P.a + t * H;
-    const int32_t* ac = P.act_cols.data() + P.act_start[t];
-    const int n_act = P.act_start[t + 1] - P.act_start[t];
-    const int32_t* ic = P.idle_cols.data() + P.idle_start[t];
-    const int n_idle = P.idle_start[t + 1] - P.idle_start[t];
-    for (int64_t rb = b0; rb < b1; rb += R) {
-      for (int r = 0; r < R; ++r) {
-        // Short last block: repeat the last row (identical writes, harmless).
-        const int64_t b = std::min(rb + r, b1 - 1);
-        hp[r] = t ? hs + (b * TT + t - 1) * H : h0 + b * H;
-        in[r] = src.x ? src.x + (b * TT + t) * src.I : src.u + (b * TT + t) * H;
-        ho[r] = hs + (b * TT + t) * H;
-        co[r] = cs ? cs + (b * TT + t) * H : nullptr;
-      }
-      T* const* cop = cs ? co : nullptr;
-      int i = 0;
-      for (; i + 4 <= n_act; i += 4) fwd_block<T, VL, R, 4>(hp, in, src, ho, cop, wt, H, ac + i, at);
-      switch (n_act - i) {
-        case 3: fwd_block<T, VL, R, 3>(hp, in, src, ho, cop, wt, H, ac + i, at); break;
-        case 2: fwd_block<T, VL, R, 2>(hp, in, src, ho, cop, wt, H, ac + i, at); break;
-        case 1: fwd_block<T, VL, R, 1>(hp, in, src, ho, cop, wt, H, ac + i, at); break;
-        default: break;
-      }
-      for (int j = 0; j < n_idle; ++j)
-        for (int r = 0; r < R; ++r) vstore(ho[r] + ic[j], vload<VT>(hp[r] + ic[j]));
-    }
-  }
-}
-
-// ---------------------------------------------------------------- backward
-// carry[r, k-tiles] += sum_{j in active tiles} dz[r, j] W[j, k-tiles]
-template <typename T, int VL, int R, int NV>
-inline void bwd_carry_block(T* const* carry, const T* const* dz, const T* w, int64_t H,
-                            const int32_t* kcols, const int32_t* jcols, int n_j) {
-  using VT = typename VecOf<T, VL>::type;
-  VT acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vload<VT>(carry[r] + kcols[v]);
-  for (int jt = 0; jt < n_j; ++jt) {
-    for (int jj = 0; jj < VL; ++jj) {
-      const int64_t j = jcols[jt] + jj;
-      const T* wj = w + j * H;
-      VT wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = vload<VT>(wj + kcols[v]);
-      for (int r = 0; r < R; ++r) {
-        const VT d = vset<VT>(dz[r][j]);
-        for (int v = 0; v < NV; ++v) acc[r][v] += d * wv[v];
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) vstore(carry[r] + kcols[v], acc[r][v]);
-}
-
-// dW[j0 .. j0+JB, k-tiles] += sum_b dz[b, j] h_prev[b, k-tiles]
-template <typename T, int VL, int JB, int NV>
-inline void bwd_dw_block(T* dw, const T* const* dzr, const T* const* hpr, int64_t nrows,
-                         int64_t H, int64_t j0, const int32_t* kcols) {
-  using VT = typename VecOf<T, VL>::type;
-  VT acc[JB][NV];
-  for (int jj = 0; jj < JB; ++jj)
-    for (int v = 0; v < NV; ++v) acc[jj][v] = vload<VT>(dw + (j0 + jj) * H + kcols[v]);
-  for (int64_t b = 0; b < nrows; ++b) {
-    VT hv[NV];
-    for (int v = 0; v < NV; ++v) hv[v] = vload<VT>(hpr[b] + kcols[v]);
-    for (int jj = 0; jj < JB; ++jj) {
-      const VT d = vset<VT>(dzr[b][j0 + jj]);
-      for (int v = 0; v < NV; ++v) acc[jj][v] += d * hv[v];
-    }
-  }
-  for (int jj = 0; jj < JB; ++jj)
-    for (int v = 0; v < NV; ++v) vstore(dw + (j0 + jj) * H + kcols[v], acc[jj][v]);
-}
-
-// What one backward call reads and writes; every pointer covers the whole batch.
-template <typename T>
-struct Grads {
-  const T* g = nullptr;       // (B, T, H) gradient of the states, or nullptr when ...
-  const T* g_last = nullptr;  // ... the loss read the last state only: its (B, H) gradient
-  const T* hs = nullptr;      // (B, T, H) states
-  const T* cs = nullptr;      // (B, T, H) candidates
-  const T* h0 = nullptr;
-  const T* w = nullptr;       // (H, H) W_h
-  Input<T> src;               // the forward's input source (x-mode: x and W_x^T, for dx)
-  T* du = nullptr;            // u-mode: (B, T, H) gradient of u
-  T* dx = nullptr;            // x-mode, when x needs a gradient: (B, T, I)
-  T* dh0 = nullptr;           // (B, H); also the running dL/dh_{t-1} ("carry")
-  T* dw_parts = nullptr;      // (slices, H, H) per-slice partial dW_h
-  T* dwx_parts = nullptr;     // x-mode: (slices, I + 1, H) partial dW_x^T, last row db
-  T* da_parts = nullptr;      // optional (slices, T, H) partial gradient of a
-};
-
-template <typename T, int VL, int R>
-void bwd_slice(const Problem<T>& P, int64_t b0, int64_t b1, int64_t slice, const Grads<T>& G,
-               const std::vector<int32_t>& all_cols) {
-  using VT = typename VecOf<T, VL>::type;
-  constexpr int JB = VL < 4 ? VL : 4;
-  const int64_t H = P.H, TT = P.T_, nrows = b1 - b0, I = G.src.I;
-  const bool proj = G.src.x != nullptr;
-  const T *g = G.g, *hs = G.hs, *cs = G.cs, *h0 = G.h0;
-  T* dh0 = G.dh0;
-  T* dw_part = G.dw_parts + slice * H * H;
-  T* dwx_part = proj ? G.dwx_parts + slice * (I + 1) * H : nullptr;
-  T* da_part = G.da_parts ? G.da_parts + slice * TT * H : nullptr;
-  // x-mode: dz lives one step at a time in this scratch; u-mode: dz is du itself.
-  std::vector<T> dz_scratch(proj ? nrows * H : 0);
-  const T one = T(1);
-  std::vector<const T*> hpr(nrows), dzr(nrows), xr(nrows), ones(nrows, &one);
-  const int n_k = int(all_cols.size());
-  T* carry_r[R];
-  const T* dz_r[R];
-  for (int64_t b = b0; b < b1; ++b) {
-    if (g) std::memset(dh0 + b * H, 0, sizeof(T) * H);
-    else std::memcpy(dh0 + b * H, G.g_last + b * H, sizeof(T) * H);
-  }
-  for (int64_t t = TT - 1; t >= 0; --t) {
-    const T* at = P.a + t * H;
-    const int32_t* ac = P.act_cols.data() + P.act_start[t];
-    const int n_act = P.act_start[t + 1] - P.act_start[t];
-    const int32_t* ic = P.idle_cols.data() + P.idle_start[t];
-    const int n_idle = P.idle_start[t + 1] - P.idle_start[t];
-    T* da_t = da_part ? da_part + t * H : nullptr;
-    // Pass 1, elementwise: dh = g + carry; dz = dh a (1 - c^2); carry = dh (1 - a).
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t row = (b * TT + t) * H;
-      const T* hp = t ? hs + row - H : h0 + b * H;
-      T* dz = proj ? dz_scratch.data() + (b - b0) * H : G.du + row;
-      hpr[b - b0] = hp;
-      dzr[b - b0] = dz;
-      if (proj) xr[b - b0] = G.src.x + (b * TT + t) * I;
-      T* carry = dh0 + b * H;
-      for (int i = 0; i < n_act; ++i) {
-        const int32_t j = ac[i];
-        const VT av = vload<VT>(at + j), c = vload<VT>(cs + row + j);
-        const VT dh = g ? vload<VT>(g + row + j) + vload<VT>(carry + j) : vload<VT>(carry + j);
-        vstore(dz + j, dh * av * (vset<VT>(T(1)) - c * c));
-        if (da_t) vstore(da_t + j, vload<VT>(da_t + j) + dh * (c - vload<VT>(hp + j)));
-        vstore(carry + j, dh * (vset<VT>(T(1)) - av));
-      }
-      for (int i = 0; i < n_idle; ++i) {
-        const int32_t j = ic[i];
-        if (g) vstore(carry + j, vload<VT>(g + row + j) + vload<VT>(carry + j));
-        if (!proj) vstore(dz + j, vset<VT>(T(0)));  // du is an output; the scratch is not
-      }
-    }
-    // dx_t = dz W_x over the active units (zero when none is active).
-    if (G.dx) {
-      for (int64_t b = b0; b < b1; ++b) {
-        T* dxr = G.dx + (b * TT + t) * I;
-        for (int64_t i = 0; i < I; ++i) {
-          VT acc = vset<VT>(T(0));
-          for (int ia = 0; ia < n_act; ++ia)
-            acc += vload<VT>(dzr[b - b0] + ac[ia]) * vload<VT>(G.src.wxT + i * H + ac[ia]);
-          T s = 0;
-          for (int l = 0; l < VL; ++l) s += acc[l];
-          dxr[i] = s;
-        }
-      }
-    }
-    if (n_act == 0) continue;
-    // Pass 2: carry += dz[:, active] W[active, :]  (dL/dh_{t-1}).
-    for (int64_t rb = b0; rb < b1; rb += R) {
-      for (int r = 0; r < R; ++r) {
-        const int64_t b = std::min(rb + r, b1 - 1);
-        carry_r[r] = dh0 + b * H;
-        dz_r[r] = dzr[b - b0];
-      }
-      int i = 0;
-      for (; i + 4 <= n_k; i += 4)
-        bwd_carry_block<T, VL, R, 4>(carry_r, dz_r, G.w, H, all_cols.data() + i, ac, n_act);
-      switch (n_k - i) {
-        case 3: bwd_carry_block<T, VL, R, 3>(carry_r, dz_r, G.w, H, all_cols.data() + i, ac, n_act); break;
-        case 2: bwd_carry_block<T, VL, R, 2>(carry_r, dz_r, G.w, H, all_cols.data() + i, ac, n_act); break;
-        case 1: bwd_carry_block<T, VL, R, 1>(carry_r, dz_r, G.w, H, all_cols.data() + i, ac, n_act); break;
-        default: break;
-      }
-    }
-    // Pass 3: dW[active rows, :] += dz^T h_prev over this slice's rows.
-    for (int ia = 0; ia < n_act; ++ia) {
-      for (int jj = 0; jj < VL; jj += JB) {
-        const int64_t j0 = ac[ia] + jj;
-        int i = 0;
-        for (; i + 4 <= n_k; i += 4)
-          bwd_dw_block<T, VL, JB, 4>(dw_part, dzr.data(), hpr.data(), nrows, H, j0, all_cols.data() + i);
-        switch (n_k - i) {
-          case 3: bwd_dw_block<T, VL, JB, 3>(dw_part, dzr.data(), hpr.data(), nrows, H, j0, all_cols.data() + i); break;
-          case 2: bwd_dw_block<T, VL, JB, 2>(dw_part, dzr.data(), hpr.data(), nrows, H, j0, all_cols.data() + i); break;
-          case 1: bwd_dw_block<T, VL, JB, 1>(dw_part, dzr.data(), hpr.data(), nrows, H, j0, all_cols.data() + i); break;
-          default: break;
-        }
-      }
-    }
-    if (!proj) continue;
-    // Pass 4 (x-mode): dW_x^T[:, active] += x_t^T dz and db[active] += sum_b dz, the same
-    // block kernel with x (and a column of ones) in the place of dz.
-    for (int64_t i0 = 0; i0 <= I; ++i0) {
-      const T* const* scal = i0 < I ? xr.data() : ones.data();
-      const int64_t irow = i0 < I ? i0 : 0;
-      T* dst = i0 < I ? dwx_part : dwx_part + I * H;
-      int ia = 0;
-      for (; ia + 4 <= n_act; ia += 4)
-        bwd_dw_block<T, VL, 1, 4>(dst, scal, dzr.data(), nrows, H, irow, ac + ia);
-      switch (n_act - ia) {
-        case 3: bwd_dw_block<T, VL, 1, 3>(dst, scal, dzr.data(), nrows, H, irow, ac + ia); break;
-        case 2: bwd_dw_block<T, VL, 1, 2>(dst, scal, dzr.data(), nrows, H, irow, ac + ia); break;
-        case 1: bwd_dw_block<T, VL, 1, 1>(dst, scal, dzr.data(), nrows, H, irow, ac + ia); break;
-        default: break;
-      }
-    }
-  }
-}
-
 // ---------------------------------------------------------------- dispatch
-int pick_vl(int64_t H, int64_t group, bool is_float) {
-  // Widest vector dividing H; for skipping, prefer one that also divides the module
-  // width, so tiles never straddle two modules.
-  const int cands_f[] = {16, 8, 4, 1};
-  const int cands_d[] = {8, 4, 1};
-  const int* c = is_float ? cands_f : cands_d;
-  const int n = is_float ? 4 : 3;
-  for (int i = 0; i < n; ++i)
-    if (H % c[i] == 0 && group % c[i] == 0) return c[i];
+using hrnn_cpu::Grads;
+using hrnn_cpu::Input;
+using hrnn_cpu::KernelTable;
+using hrnn_cpu::Scratch;
+
+// The builds this extension holds that this CPU can execute, lowest first.
+std::vector<const KernelTable*> executable_tables() {
+  std::vector<const KernelTable*> out{hrnn_cpu::kernels_default()};
+#if defined(HRNN_HAVE_AVX2)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    out.push_back(hrnn_cpu::kernels_avx2());
+#endif
+#if defined(HRNN_HAVE_AVX512)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma"))
+    out.push_back(hrnn_cpu::kernels_avx512());
+#endif
+  return out;
+}
+
+const KernelTable*& active_table() {
+  static const KernelTable* table = executable_tables().back();
+  return table;
+}
+
+std::vector<std::string> capabilities() {
+  std::vector<std::string> names;
+  for (const KernelTable* t : executable_tables()) names.emplace_back(t->name);
+  return names;
+}
+
+std::string capability() { return active_table()->name; }
+
+void set_capability(const std::string& name) {
+  std::string allowed;
+  for (const KernelTable* t : executable_tables()) {
+    if (name == t->name) {
+      active_table() = t;
+      return;
+    }
+    allowed += (allowed.empty() ? "" : ", ") + std::string(t->name);
+  }
+  TORCH_CHECK(false, "CPU capability '", name, "' is not available here; allowed on this CPU: ", allowed);
+}
+
+// ---------------------------------------------------------------- problem
+template <typename T>
+struct ProblemData {
+  hrnn_cpu::Problem<T> view;
+  std::vector<T> a;
+  std::vector<int32_t> act_cols, act_start, idle_cols, idle_start, all_cols;
+};
+
+int pick_vl(int64_t H, int64_t group, int max_vl) {
+  // Widest vector (at most one register) dividing H; for skipping, prefer one that also divides
+  // the module width, so tiles never straddle two modules.
+  for (int vl = max_vl; vl > 1; vl /= 2)
+    if (H % vl == 0 && group % vl == 0) return vl;
   return 1;
 }
 
-int pick_rows(int64_t rows) {
-  // Register-block height with the least padding (ties go to the taller block).
-  int best = 6;
-  int64_t best_pad = -1;
-  for (int r : {6, 5, 4}) {
-    const int64_t pad = (rows + r - 1) / r * r - rows;
-    if (best_pad < 0 || pad < best_pad) best = r, best_pad = pad;
-  }
-  return best;
+template <typename T>
+int max_vl() {
+  const KernelTable* k = active_table();
+  return std::is_same<T, float>::value ? k->max_vl_float : k->max_vl_double;
 }
 
 int64_t n_slices(int64_t B) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
 }
 
-template <typename T, int VL>
-void run_fwd(const Problem<T>& P, const Input<T>& src, const T* wt, const T* h0, T* hs, T* cs) {
+template <typename T>
+void fwd_call(const hrnn_cpu::Problem<T>& P, int vl, int64_t b0, int64_t b1, const Input<T>& src,
+              const T* wt, const T* h0, T* hs, T* cs) {
+  const KernelTable* k = active_table();
+  if constexpr (std::is_same<T, float>::value) k->fwd_float(P, vl, b0, b1, src, wt, h0, hs, cs);
+  else k->fwd_double(P, vl, b0, b1, src, wt, h0, hs, cs);
+}
+
+template <typename T>
+void bwd_call(const hrnn_cpu::Problem<T>& P, int vl, int64_t b0, int64_t b1, int64_t slice,
+              const Grads<T>& G, const Scratch<T>& S) {
+  const KernelTable* k = active_table();
+  if constexpr (std::is_same<T, float>::value) k->bwd_float(P, vl, b0, b1, slice, G, S);
+  else k->bwd_double(P, vl, b0, b1, slice, G, S);
+}
+
+template <typename T>
+void run_fwd(const hrnn_cpu::Problem<T>& P, int vl, const Input<T>& src, const T* wt, const T* h0,
+             T* hs, T* cs) {
   const int64_t ns = n_slices(P.B);
   at::parallel_for(0, ns, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t b0 = P.B * s / ns, b1 = P.B * (s + 1) / ns;
-      switch (pick_rows(b1 - b0)) {
-        case 6: fwd_slice<T, VL, 6>(P, b0, b1, src, wt, h0, hs, cs); break;
-        case 5: fwd_slice<T, VL, 5>(P, b0, b1, src, wt, h0, hs, cs); break;
-        default: fwd_slice<T, VL, 4>(P, b0, b1, src, wt, h0, hs, cs); break;
-      }
-    }
+    for (int64_t s = s0; s < s1; ++s)
+      fwd_call<T>(P, vl, P.B * s / ns, P.B * (s + 1) / ns, src, wt, h0, hs, cs);
   });
 }
 
-template <typename T, int VL>
-void run_bwd(const Problem<T>& P, const Grads<T>& G) {
+template <typename T>
+void run_bwd(const hrnn_cpu::Problem<T>& P, int vl, const Grads<T>& G) {
   const int64_t ns = n_slices(P.B), H = P.H, I = G.src.I;
-  std::vector<int32_t> all_cols;
-  for (int64_t k = 0; k < H; k += VL) all_cols.push_back(int32_t(k));
   at::parallel_for(0, ns, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
-      const int64_t b0 = P.B * s / ns, b1 = P.B * (s + 1) / ns;
+      const int64_t b0 = P.B * s / ns, b1 = P.B * (s + 1) / ns, nrows = b1 - b0;
       // First touch of the partials by the owning thread.
       std::memset(G.dw_parts + s * H * H, 0, sizeof(T) * H * H);
       if (G.dwx_parts) std::memset(G.dwx_parts + s * (I + 1) * H, 0, sizeof(T) * (I + 1) * H);
       if (G.da_parts) std::memset(G.da_parts + s * P.T_ * H, 0, sizeof(T) * P.T_ * H);
-      switch (pick_rows(b1 - b0)) {
-        case 6: bwd_slice<T, VL, 6>(P, b0, b1, s, G, all_cols); break;
-        case 5: bwd_slice<T, VL, 5>(P, b0, b1, s, G, all_cols); break;
-        default: bwd_slice<T, VL, 4>(P, b0, b1, s, G, all_cols); break;
-      }
+      std::vector<T> dz(G.src.x ? nrows * H : 0), h(nrows * H);
+      bwd_call<T>(P, vl, b0, b1, s, G, Scratch<T>{dz.data(), h.data()});
     }
   });
-}
-
-template <typename T>
-void fwd_typed(const Problem<T>& P, int VL, const Input<T>& src, const T* wt, const T* h0, T* hs, T* cs) {
-  switch (VL) {
-    case 16: if constexpr (std::is_same<T, float>::value) { run_fwd<T, 16>(P, src, wt, h0, hs, cs); break; } [[fallthrough]];
-    case 8: run_fwd<T, 8>(P, src, wt, h0, hs, cs); break;
-    case 4: run_fwd<T, 4>(P, src, wt, h0, hs, cs); break;
-    default: run_fwd<T, 1>(P, src, wt, h0, hs, cs); break;
-  }
-}
-
-template <typename T>
-void bwd_typed(const Problem<T>& P, int VL, const Grads<T>& G) {
-  switch (VL) {
-    case 16: if constexpr (std::is_same<T, float>::value) { run_bwd<T, 16>(P, G); break; } [[fallthrough]];
-    case 8: run_bwd<T, 8>(P, G); break;
-    case 4: run_bwd<T, 4>(P, G); break;
-    default: run_bwd<T, 1>(P, G); break;
-  }
 }
 
 void check_inputs(const at::Tensor& u, const at::Tensor& w, const at::Tensor& waves,
@@ -581,19 +231,30 @@ void check_projection(const at::Tensor& x, const at::Tensor& w_x, const at::Tens
 }
 
 template <typename T>
-void make_problem(Problem<T>& P, int64_t B, int64_t TT, int64_t H, const at::Tensor& waves,
-                  int VL, bool skip) {
-  P.B = B;
-  P.T_ = TT;
-  P.H = H;
-  const int64_t M = waves.size(1), S = P.H / M;
+void make_problem(ProblemData<T>& D, int64_t B, int64_t TT, int64_t H, const at::Tensor& waves,
+                  int vl, bool skip) {
+  const int64_t M = waves.size(1), S = H / M, n_tiles = H / vl;
   const T* wv = waves.data_ptr<T>();
-  P.a_buf.resize(P.T_ * P.H);
-  for (int64_t t = 0; t < P.T_; ++t)
-    for (int64_t m = 0; m < M; ++m)
-      std::fill_n(P.a_buf.data() + t * P.H + m * S, S, wv[t * M + m]);
-  P.a = P.a_buf.data();
-  build_tiles(P, VL, skip);
+  D.a.resize(TT * H);
+  for (int64_t t = 0; t < TT; ++t)
+    for (int64_t m = 0; m < M; ++m) std::fill_n(D.a.data() + t * H + m * S, S, wv[t * M + m]);
+  // Per step, the tiles that hold an active unit (all of them without skipping) and the rest.
+  D.act_start.assign(1, 0);
+  D.idle_start.assign(1, 0);
+  D.act_cols.reserve(TT * n_tiles);
+  for (int64_t t = 0; t < TT; ++t) {
+    const T* at = D.a.data() + t * H;
+    for (int64_t tile = 0; tile < n_tiles; ++tile) {
+      bool active = !skip;
+      for (int i = 0; i < vl && !active; ++i) active = at[tile * vl + i] != T(0);
+      (active ? D.act_cols : D.idle_cols).push_back(int32_t(tile * vl));
+    }
+    D.act_start.push_back(int32_t(D.act_cols.size()));
+    D.idle_start.push_back(int32_t(D.idle_cols.size()));
+  }
+  for (int64_t k = 0; k < H; k += vl) D.all_cols.push_back(int32_t(k));
+  D.view = {B, TT, H, D.a.data(), D.act_cols.data(), D.act_start.data(), D.idle_cols.data(),
+            D.idle_start.data(), D.all_cols.data(), int(n_tiles)};
 }
 
 // Shared by both entry points: `in` is u (B, T, H), or x (B, T, I) when w_x is defined.
@@ -607,15 +268,15 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& in, const at::Tensor& w_x
   else TORCH_CHECK(in.size(2) == w.size(0), "u must be (B, T, H)");
   at::NoGradGuard no_grad;
   const int64_t B = in.size(0), T = in.size(1), H = w.size(0), S = H / waves.size(1);
-  const int VL = pick_vl(H, skip ? S : H, in.scalar_type() == at::kFloat);
   at::Tensor hs = pool_empty({B, T, H}, in.options());
   at::Tensor cs = save ? pool_empty({B, T, H}, in.options()) : at::Tensor();
   at::Tensor wt = w.t().contiguous();
   at::Tensor wxT = proj ? w_x.t().contiguous() : at::Tensor();
   at::Tensor b = proj && bias.defined() ? bias.contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "hrnn_leaky_fwd", [&] {
-    Problem<scalar_t> P;
-    make_problem<scalar_t>(P, B, T, H, waves, VL, skip);
+    const int vl = pick_vl(H, skip ? S : H, max_vl<scalar_t>());
+    ProblemData<scalar_t> D;
+    make_problem<scalar_t>(D, B, T, H, waves, vl, skip);
     Input<scalar_t> src;
     if (proj) {
       src.x = in.data_ptr<scalar_t>();
@@ -625,7 +286,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& in, const at::Tensor& w_x
     } else {
       src.u = in.data_ptr<scalar_t>();
     }
-    fwd_typed<scalar_t>(P, VL, src, wt.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(),
+    run_fwd<scalar_t>(D.view, vl, src, wt.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(),
                         hs.data_ptr<scalar_t>(), save ? cs.data_ptr<scalar_t>() : nullptr);
   });
   return {hs, save ? cs : at::empty({0}, in.options())};
@@ -671,7 +332,6 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& g_in, const at::Tensor& 
   at::NoGradGuard no_grad;
   const int64_t B = hs.size(0), T = hs.size(1), H = hs.size(2), M = waves.size(1), S = H / M;
   const int64_t I = proj ? x.size(2) : 0;
-  const int VL = pick_vl(H, skip ? S : H, hs.scalar_type() == at::kFloat);
   const int64_t ns = n_slices(B);
   const auto opts = hs.options();
   at::Tensor du = proj ? at::Tensor() : pool_empty({B, T, H}, opts);
@@ -686,8 +346,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& g_in, const at::Tensor& 
   at::Tensor da_parts = need_da ? pool_empty({ns, T, H}, opts) : at::Tensor();
   at::Tensor wxT = proj ? w_x.t().contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "hrnn_leaky_bwd", [&] {
-    Problem<scalar_t> P;
-    make_problem<scalar_t>(P, B, T, H, waves, VL, skip);
+    const int vl = pick_vl(H, skip ? S : H, max_vl<scalar_t>());
+    ProblemData<scalar_t> D;
+    make_problem<scalar_t>(D, B, T, H, waves, vl, skip);
     Grads<scalar_t> G;
     const scalar_t* gp = g.data_ptr<scalar_t>();
     G.g = last_only ? nullptr : gp;
@@ -708,7 +369,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& g_in, const at::Tensor& 
     G.dh0 = dh0.data_ptr<scalar_t>();
     G.dw_parts = dw_parts.data_ptr<scalar_t>();
     G.da_parts = need_da ? da_parts.data_ptr<scalar_t>() : nullptr;
-    bwd_typed<scalar_t>(P, VL, G);
+    run_bwd<scalar_t>(D.view, vl, G);
     // Reduce the per-slice partials here, serially: they are small, and separate ATen ops
     // would each open another parallel region.
     const scalar_t* dwp = G.dw_parts;
@@ -792,4 +453,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_x", &backward_x, "backward of forward_x, projection gradients included");
   m.def("pool_stats", &pool_stats, "(cached bytes, cached blocks, limit bytes)");
   m.def("set_pool_limit", &set_pool_limit, "max idle bytes the buffer pool keeps");
+  m.def("capabilities", &capabilities, "CPU capabilities built and executable here, lowest first");
+  m.def("capability", &capability, "the CPU capability whose kernels run");
+  m.def("set_capability", &set_capability, "run the kernels of this capability (one of capabilities())");
 }
