@@ -10,6 +10,11 @@ PyTorch reference loop, which gives the same results; that is logged once per pr
     supports(*tensors)       whether these tensors can take the fast path
     leaky_scan(...)          the fast op (same contract as hrnn.core.leaky_scan)
     leaky_rnn(...)           the same with the input projection fused in (hrnn.core.leaky_rnn)
+    cpu_capability()         which build of the kernels runs: default, avx2 or avx512
+
+One install holds the kernels built for each CPU capability; at import the best one this CPU
+executes is chosen, and HRNN_CPU_CAPABILITY=default|avx2|avx512 forces a lower one (to compare
+them, or to rule one out); a value this CPU cannot run is an error naming the allowed ones.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import os
 
 import torch
 from torch import Tensor
+
+from hrnn.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,34 @@ except ImportError as err:  # not built (source tree without install) or disable
     _C = None
     _REASON = (f"the C++ extension hrnn._fused_C is not available ({err}); "
                "build it with `pip install --no-build-isolation -e .`")
+
+CAPABILITIES = ("default", "avx2", "avx512")  # lowest first
+CAPABILITY_VARIABLE = "HRNN_CPU_CAPABILITY"
+
+
+def set_cpu_capability(name: str) -> None:
+    """Run the kernels built for `name` from now on (one of `cpu_capabilities()`); UserError otherwise."""
+    if name not in CAPABILITIES:
+        raise UserError(f"{CAPABILITY_VARIABLE}={name!r} is not a CPU capability; allowed: {', '.join(CAPABILITIES)}")
+    here = cpu_capabilities()
+    if name not in here:
+        raise UserError(f"{CAPABILITY_VARIABLE}={name} cannot run on this CPU; allowed here: {', '.join(here) or 'none'}")
+    _C.set_capability(name)
+
+
+def cpu_capability() -> str | None:
+    """The CPU capability whose kernels run (default, avx2 or avx512); None without the extension."""
+    return _C.capability() if _C is not None else None
+
+
+def cpu_capabilities() -> list[str]:
+    """The capabilities this CPU can run, lowest first (empty without the extension)."""
+    return list(_C.capabilities()) if _C is not None else []
+
+
+# The extension starts on the best build this CPU executes; HRNN_CPU_CAPABILITY names a lower one.
+if _C is not None and os.environ.get(CAPABILITY_VARIABLE, "").strip():
+    set_cpu_capability(os.environ[CAPABILITY_VARIABLE].strip())
 
 _warned = False  # the fallback is announced once per process
 

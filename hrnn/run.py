@@ -402,6 +402,7 @@ def main() -> None:
         os.environ["HYDRA_FULL_ERROR"] = "1"
     multirun = "-m" in args or "--multirun" in args
     try:
+        from hrnn import fused  # noqa: F401 - a bad HRNN_CPU_CAPABILITY fails here, in one line
         if not any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
             preflight([a for a in args if a not in ("-m", "--multirun")], multirun)
             args += _resume_dir_overrides(args, multirun)
