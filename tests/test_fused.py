@@ -1,13 +1,13 @@
-"""The fused recurrent core against the reference loop (issue 7).
+"""The fused recurrent core against the reference loop, under every CPU capability.
 
 The compiled kernels must agree with `leaky_scan_reference` in values and in every gradient
 (u, w_h, waves, h0) to 1e-5 relative in float32, and `leaky_rnn` (projection fused in) with
 `leaky_rnn_reference` in x, W_x and b too, and pass gradcheck in float64 (the kernels
-themselves run in double for that, not a fallback). No timing assertions here: see
-scripts/bench.py.
+themselves run in double for that, not a fallback). Every test here runs once per CPU
+capability this machine executes (default, avx2, avx512: tests/test_cpu_dispatch.py checks
+that none was left out). No timing assertions here: see scripts/bench.py.
 """
 import logging
-import os
 
 import pytest
 import torch
@@ -18,10 +18,16 @@ from hrnn.core import is_hard, leaky_rnn, leaky_rnn_reference, leaky_scan, leaky
 needs_ext = pytest.mark.skipif(not fused.available(), reason=str(fused.unavailable_reason()))
 
 
-@pytest.mark.skipif(not os.environ.get("HRNN_REQUIRE_FUSED"), reason="set HRNN_REQUIRE_FUSED=1 to require it")
-def test_extension_is_built_when_required():
-    """CI sets HRNN_REQUIRE_FUSED=1 so a broken build fails loudly instead of skipping."""
-    assert fused.available(), fused.unavailable_reason()
+@pytest.fixture(autouse=True, params=fused.cpu_capabilities() or ["no extension"])
+def cpu_capability(request):
+    """Run the test under one CPU capability's kernels, then restore the one in use."""
+    if not fused.available():
+        yield None
+        return
+    before = fused.cpu_capability()
+    fused.set_cpu_capability(request.param)
+    yield request.param
+    fused.set_cpu_capability(before)
 
 
 def make_inputs(batch, steps, hidden, n_modules, hard, masked, dtype=torch.float32, seed=0):
