@@ -1,7 +1,12 @@
 """Training-step time and peak memory of hrnn's recurrent core against torch.nn RNNs.
 
-    python scripts/bench.py            # T = 200, 784, 2000 (a few minutes on 2 cores)
+    python scripts/bench.py            # T = 200, 784, 2000 (several minutes on 2 cores)
     python scripts/bench.py --quick    # tiny run: checks the script works, numbers meaningless
+
+The fused configurations (hrnn-*, cwrnn*) run once under each CPU capability this machine
+executes (HRNN_CPU_CAPABILITY: default, avx2, avx512; `--capabilities` picks some); the torch
+baselines, the PyTorch loop and the FLOP floor do not depend on it and run once per T. Each
+capability's ratios are printed, with the loop / fused speed-up at every T.
 
 Every configuration runs in a fresh subprocess, one after another: batch 100, hidden 128,
 8 modules, 1 input, float32, the real model classes (hrnn.models) with a 10-way linear head
@@ -78,14 +83,18 @@ def worker(spec: dict) -> dict:
     from hrnn.core import leaky_rnn
 
     _, model_name, basis, _, dense = CONFIGS[spec["config"]]
-    dense_calls = 0
-    if dense:  # the op the model calls, forced dense; counted so a renamed op cannot go unpatched
-        def dense_rnn(*args, **kwargs):
-            nonlocal dense_calls
-            dense_calls += 1
-            return leaky_rnn(*args, **{**kwargs, "skip_inactive": False})
+    if dense:  # the op the model calls, forced dense
+        recurrent.leaky_rnn = lambda *args, **kwargs: leaky_rnn(*args, **{**kwargs, "skip_inactive": False})
+    # Count the fused op's calls by whether they skipped inactive tiles: the cwrnn row must have
+    # skipped and the cwrnn-dense row must not have (tests/test_bench.py checks both).
+    kernel_calls = {"skipping": 0, "dense": 0}
+    fused_rnn = fused.leaky_rnn
 
-        recurrent.leaky_rnn = dense_rnn
+    def counted_rnn(x, w_x, bias, w_h, waves, h0, skip_inactive, last_only=False):
+        kernel_calls["skipping" if skip_inactive else "dense"] += 1
+        return fused_rnn(x, w_x, bias, w_h, waves, h0, skip_inactive, last_only)
+
+    fused.leaky_rnn = counted_rnn
     torch.manual_seed(0)
     steps = spec["steps"]
     model = build(model_name, basis, steps)
@@ -113,7 +122,8 @@ def worker(spec: dict) -> dict:
         "min": min(times), "max": max(times), "times": times,
         "peak_mb": max(0, rss_after - rss_before) / 1024,
         "fused": fused.available() and model_name in ("hrnn", "cwrnn"),
-        "dense_calls": dense_calls,
+        "capability": spec.get("capability"), "capability_used": fused.cpu_capability(),
+        "kernel_calls": kernel_calls,
     }
 
 
@@ -139,6 +149,8 @@ def flop_rate(threads: int, seconds: float = 1.0) -> float:
 
 def run_config(spec: dict) -> dict:
     env = dict(os.environ, **CONFIGS[spec["config"]][3])
+    if spec.get("capability"):
+        env["HRNN_CPU_CAPABILITY"] = spec["capability"]
     env.setdefault("PYTHONPATH", "")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env["PYTHONPATH"]) if p)
@@ -156,6 +168,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=7, help="timed steps (median of these; >= 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--capabilities", help="comma-separated CPU capabilities for the fused configs "
+                        "(default: every one this machine executes)")
     parser.add_argument("--quick", action="store_true", help="T=30, 1 warm-up, 2 timed steps: a smoke test")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -193,41 +207,62 @@ def main(argv=None) -> int:
     rate = flop_rate(threads)
     print(f"FLOP rate of ({BATCH}x{HIDDEN}) @ ({HIDDEN}x{HIDDEN}): {rate / 1e9:.1f} GFLOP/s")
 
+    capabilities = fused.cpu_capabilities()[::-1] or [None]  # best first
+    if args.capabilities:
+        asked = [c for c in args.capabilities.split(",") if c]
+        bad = [c for c in asked if c not in capabilities]
+        if bad:
+            parser.error(f"capabilities {bad} do not run here; this machine executes {capabilities}")
+        capabilities = asked
+    print(f"CPU capabilities of the fused kernels: {', '.join(map(str, capabilities))} (best first)")
+
     results = []
     for steps in args.steps:
         floor = 2 * BATCH * HIDDEN * (HIDDEN + 1) * steps * 3 / rate
-        rows = {}
+        rows = {}  # row name -> result; fused configs are named config@capability
         for name in names:
-            spec = {"config": name, "steps": steps, "warmup": args.warmup, "repeat": args.repeat,
-                    "threads": threads}
-            res = run_config(spec)
-            res["floor"] = floor
-            rows[name] = res
-            results.append(res)
+            fused_config = CONFIGS[name][1] in ("hrnn", "cwrnn") and not CONFIGS[name][3]
+            for capability in capabilities if fused_config else [None]:
+                spec = {"config": name, "steps": steps, "warmup": args.warmup, "repeat": args.repeat,
+                        "threads": threads, "capability": capability}
+                res = run_config(spec)
+                res["floor"] = floor
+                rows[f"{name}@{capability}" if capability else name] = res
+                results.append(res)
         print(f"\nT = {steps}   FLOP floor {floor:.4f} s")
-        print(f"  {'config':<14} {'median s':>9} {'min s':>8} {'max s':>8} {'x floor':>8} {'peak MB':>8}  description")
-        for name, r in rows.items():
-            print(f"  {name:<14} {r['median']:9.4f} {r['min']:8.4f} {r['max']:8.4f} "
-                  f"{r['median'] / floor:8.2f} {r['peak_mb']:8.1f}  {CONFIGS[name][0]}")
-        ratios = []
-        for label, num, den in [("hrnn-dct / floor", "hrnn-dct", None),
-                                ("hrnn-binary / floor", "hrnn-binary", None),
-                                ("LSTM / hrnn-dct", "lstm", "hrnn-dct"),
-                                ("GRU / hrnn-dct", "gru", "hrnn-dct"),
-                                ("RNN / hrnn-dct", "rnn", "hrnn-dct"),
-                                ("cwrnn dense / hard", "cwrnn-dense", "cwrnn"),
-                                ("loop / fused hrnn-dct", "hrnn-dct-loop", "hrnn-dct")]:
-            if num in rows and (den is None or den in rows):
-                value = rows[num]["median"] / (floor if den is None else rows[den]["median"])
-                ratios.append(f"{label} {value:.2f}")
-        if "lstm" in rows and "hrnn-dct" in rows:
-            ratios.append(f"peak MB hrnn-dct / LSTM {rows['hrnn-dct']['peak_mb'] / max(rows['lstm']['peak_mb'], 1e-9):.2f}")
-        print("  ratios (medians): " + "; ".join(ratios))
+        print(f"  {'config':<21} {'median s':>9} {'min s':>8} {'max s':>8} {'x floor':>8} {'peak MB':>8}  description")
+        for row, r in rows.items():
+            print(f"  {row:<21} {r['median']:9.4f} {r['min']:8.4f} {r['max']:8.4f} "
+                  f"{r['median'] / floor:8.2f} {r['peak_mb']:8.1f}  {CONFIGS[r['config']][0]}")
+        for capability in capabilities:
+            print(f"  ratios (medians), {capability or 'no fused kernels'}: " + "; ".join(ratios(rows, capability, floor)))
     print(f"\nload average {os.getloadavg()[0]:.2f} at end")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"flop_rate": rate, "threads": threads, "results": results}, f, indent=1)
+            json.dump({"flop_rate": rate, "threads": threads, "capabilities": capabilities, "results": results}, f, indent=1)
     return 0
+
+
+def ratios(rows: dict, capability: str | None, floor: float) -> list[str]:
+    """The targets' ratios for one capability's fused rows against the shared baselines."""
+    def row(name):
+        fused_row = f"{name}@{capability}" if capability else name
+        return rows.get(fused_row, rows.get(name))
+
+    out = []
+    for label, num, den in [("hrnn-dct / floor", "hrnn-dct", None),
+                            ("hrnn-binary / floor", "hrnn-binary", None),
+                            ("LSTM / hrnn-dct", "lstm", "hrnn-dct"),
+                            ("GRU / hrnn-dct", "gru", "hrnn-dct"),
+                            ("RNN / hrnn-dct", "rnn", "hrnn-dct"),
+                            ("cwrnn dense / hard", "cwrnn-dense", "cwrnn"),
+                            ("loop / fused hrnn-dct", "hrnn-dct-loop", "hrnn-dct")]:
+        if row(num) and (den is None or row(den)):
+            value = row(num)["median"] / (floor if den is None else row(den)["median"])
+            out.append(f"{label} {value:.2f}")
+    if row("lstm") and row("hrnn-dct"):
+        out.append(f"peak MB hrnn-dct / LSTM {row('hrnn-dct')['peak_mb'] / max(row('lstm')['peak_mb'], 1e-9):.2f}")
+    return out
 
 
 if __name__ == "__main__":

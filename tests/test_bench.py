@@ -1,21 +1,38 @@
-"""scripts/bench.py runs end to end (tiny sizes; the numbers themselves are not checked)."""
+"""scripts/bench.py runs end to end and measures what its rows say (tiny sizes; timings unchecked)."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from hrnn import fused
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_quick_runs(tmp_path):
+@pytest.mark.skipif(not fused.available(), reason=str(fused.unavailable_reason()))
+def test_bench_quick_runs_each_capability_and_path(tmp_path):
     out = tmp_path / "bench.json"
+    capabilities = fused.cpu_capabilities()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "hrnn-dct,cwrnn,cwrnn-dense,lstm",
-         "--json", str(out)],
+         "--capabilities", ",".join(capabilities), "--threads", "1", "--json", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "T = 30" in proc.stdout and "LSTM / hrnn-dct" in proc.stdout and "cwrnn dense / hard" in proc.stdout
-    results = {r["config"]: r for r in json.loads(out.read_text())["results"]}
-    assert results["cwrnn-dense"]["dense_calls"] > 0  # the dense run really went through the forced-dense op
-    assert results["cwrnn"]["dense_calls"] == 0
+    results = json.loads(out.read_text())["results"]
+    fused_rows = [r for r in results if r["config"] != "lstm"]
+    # Each fused config ran once under each capability, and really ran that capability's kernels.
+    assert sorted((r["config"], r["capability"]) for r in fused_rows) == sorted(
+        (c, cap) for c in ("hrnn-dct", "cwrnn", "cwrnn-dense") for cap in capabilities)
+    for r in fused_rows:
+        assert r["capability_used"] == r["capability"]
+        calls = r["kernel_calls"]
+        if r["config"] == "cwrnn":  # hard waves: the skipping kernels, never the dense ones
+            assert calls["skipping"] > 0 and calls["dense"] == 0, r
+        else:  # cwrnn-dense is forced dense; hrnn-dct's soft waves need no skipping
+            assert calls["dense"] > 0 and calls["skipping"] == 0, r
+    lstm = [r for r in results if r["config"] == "lstm"]
+    assert len(lstm) == 1 and lstm[0]["kernel_calls"] == {"skipping": 0, "dense": 0}
