@@ -18,6 +18,16 @@ TINY = ["model.hidden_size=16", "model.n_modules=4", "trainer.batch_size=8", "tr
         "task.n_val=50", "task.n_test=50", "trainer.progress=false", "trainer.log_every=1"]
 
 
+def pytest_configure(config):
+    """`make test` (and CI) set HRNN_REQUIRE_FUSED=1: a C++ core that did not build stops the run
+    before any test, instead of its tests skipping and the suite passing on the slow fallback."""
+    if os.environ.get("HRNN_REQUIRE_FUSED", "0") != "0":
+        from hrnn import fused
+
+        if not fused.available():
+            raise pytest.UsageError(f"HRNN_REQUIRE_FUSED=1 but {fused.unavailable_reason()}")
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
