@@ -2,8 +2,8 @@
 //
 //     z_t = u_t + h_{t-1} W^T,   c_t = tanh(z_t),   h_t = lerp(h_{t-1}, c_t, a_t)
 //
-// This file is compiled once per CPU capability (setup.py), with HRNN_CPU_CAPABILITY naming it
-// and that capability's flags (none: SSE2 on x86-64; -mavx2 -mfma; -mavx512f ...). Everything
+// This file is compiled once per x86-64 CPU capability (setup.py), with HRNN_CPU_CAPABILITY
+// naming it and that capability's flags (-mavx2 -mfma; -mavx512f ...). Everything
 // here lives in a namespace of its own per capability, so no two builds share a symbol; the
 // bindings (leaky_scan.cpp) pick one build's KernelTable at run time.
 //
@@ -27,7 +27,7 @@
 #include <type_traits>
 
 #ifndef HRNN_CPU_CAPABILITY
-#error "compile with -DHRNN_CPU_CAPABILITY=default|avx2|avx512 (setup.py does)"
+#error "compile with -DHRNN_CPU_CAPABILITY=avx2|avx512 (setup.py does)"
 #endif
 #define HRNN_CAT2(a, b) a##b
 #define HRNN_CAT(a, b) HRNN_CAT2(a, b)
@@ -41,14 +41,10 @@ namespace HRNN_NS {
 // ---------------------------------------------------------------- this capability
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64, kRegisters = 32;
-#elif defined(__AVX__)
+#elif defined(__AVX2__)
 constexpr int kVectorBytes = 32, kRegisters = 16;
-#elif defined(__x86_64__) || defined(__i386__)
-constexpr int kVectorBytes = 16, kRegisters = 16;  // SSE2
-#elif defined(__aarch64__)
-constexpr int kVectorBytes = 16, kRegisters = 32;  // NEON
 #else
-constexpr int kVectorBytes = 16, kRegisters = 16;
+#error "register kernels are built for AVX2 or AVX-512 (the portable path is in leaky_scan.cpp)"
 #endif
 
 // Register blocking: a block keeps rows x tiles accumulators, plus one register per tile of W
@@ -407,7 +403,7 @@ void bwd_slice(const Problem<T>& P, int64_t b0, int64_t b1, int64_t slice, const
 }
 
 // ---------------------------------------------------------------- entry points
-// Calls f(integral_constant<VL>) for a runtime vl in 1, 2, 4, 8, 16 (up to one register).
+// Calls f(integral_constant<VL>) for a runtime vl in 1, 2, 4, 8, 16 (at most one register).
 template <typename T, typename F>
 inline void with_vl(int vl, F&& f) {
   constexpr int max_vl = kVectorBytes / int(sizeof(T));

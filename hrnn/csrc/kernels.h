@@ -1,5 +1,5 @@
 // The interface between the bindings (leaky_scan.cpp, built once for the baseline ISA) and the
-// kernels (kernels.cpp, built once per CPU capability with that capability's flags).
+// register kernels (kernels.cpp, built once per CPU capability with that capability's flags).
 //
 // Plain structs and raw pointers only: a kernel object must not instantiate any standard-library
 // template that the bindings also use, or the linker may keep the AVX-512 copy of that shared
@@ -77,8 +77,9 @@ struct KernelTable {
                      const Grads<double>&, const Scratch<double>&);
 };
 
-const KernelTable* kernels_default();  // always built: SSE2 on x86-64, the baseline elsewhere
-const KernelTable* kernels_avx2();     // built on x86-64: AVX2 + FMA
-const KernelTable* kernels_avx512();   // built on x86-64: AVX-512 F/BW/VL/DQ + FMA
+// Register kernels, built on x86-64 (kernels.cpp). The portable capability, `default`, lives in
+// leaky_scan.cpp: its products go through the BLAS torch ships.
+const KernelTable* kernels_avx2();    // AVX2 + FMA
+const KernelTable* kernels_avx512();  // AVX-512 F/BW/VL/DQ + FMA
 
 }  // namespace hrnn_cpu

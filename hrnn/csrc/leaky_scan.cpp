@@ -82,15 +82,180 @@ at::Tensor pool_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
       ptr, sizes, [bytes](void* q) { pool_release(q, bytes); }, opts);
 }
 
-// ---------------------------------------------------------------- dispatch
 using hrnn_cpu::Grads;
 using hrnn_cpu::Input;
 using hrnn_cpu::KernelTable;
 using hrnn_cpu::Scratch;
 
+// ---------------------------------------------------------------- the portable capability
+// `default`, for any CPU: the time loop, tanh and lerp here (compiled for the baseline ISA), the
+// per-step products through ATen's matmul, i.e. the BLAS torch ships, which picks its own ISA at
+// run time. Register kernels compiled for SSE2 measured 1.5x slower than the PyTorch loop on an
+// AVX2/AVX-512 machine (docs/performance.md): the loop's products are the BLAS's, at full width.
+// The state hold at a = 0 is exact either way, so this path computes every unit (no skipping).
+namespace portable {
+
+constexpr int64_t kLoopInputs = 16;  // up to this many inputs, the projection is a loop, not a call
+
+// Row-major (rows x cols) view of rows `stride` elements apart; no ownership.
+template <typename T>
+at::Tensor view(const T* p, int64_t rows, int64_t cols, int64_t stride) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {stride, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// out (+)= a @ b, through ATen (beta 0: overwrite, 1: accumulate).
+template <typename T>
+void matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor out, bool accumulate) {
+  if (a.size(1) == 0) {
+    if (!accumulate) out.zero_();
+    return;
+  }
+  if (accumulate) at::addmm_out(out, out, a, b);
+  else at::mm_out(out, a, b);
+}
+
+// tanh as in the register kernels (Eigen's float rational approximation, libm for double),
+// written so that the compiler vectorizes the loop at the baseline ISA.
+inline void tanh_inplace(float* z, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = std::min(std::max(z[i], -7.90531110763549805f), 7.90531110763549805f);
+    const float x2 = x * x;
+    float p = -2.76076847742355e-16f;
+    p = p * x2 + 2.00018790482477e-13f;
+    p = p * x2 + -8.60467152213735e-11f;
+    p = p * x2 + 5.12229709037114e-08f;
+    p = p * x2 + 1.48572235717979e-05f;
+    p = p * x2 + 6.37261928875436e-04f;
+    p = p * x2 + 4.89352455891786e-03f;
+    float q = 1.19825839466702e-06f;
+    q = q * x2 + 1.18534705686654e-04f;
+    q = q * x2 + 2.26843463243900e-03f;
+    q = q * x2 + 4.89352518554385e-03f;
+    z[i] = p * x / q;
+  }
+}
+inline void tanh_inplace(double* z, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) z[i] = std::tanh(z[i]);
+}
+
+// torch.lerp's formula: exact hold at a = 0, exact candidate at a = 1.
+template <typename T>
+inline T lerp(T start, T end, T w) {
+  const T diff = end - start;
+  return (w < T(0) ? -w : w) < T(0.5) ? start + w * diff : end - diff * (T(1) - w);
+}
+
+template <typename T>
+void fwd(const hrnn_cpu::Problem<T>& P, int, int64_t b0, int64_t b1, const Input<T>& src,
+         const T* wt, const T* h0, T* hs, T* cs) {
+  const int64_t H = P.H, TT = P.T_, n = b1 - b0, I = src.I;
+  std::vector<T> z_buf(n * H);
+  at::Tensor z = view(z_buf.data(), n, H, H), w_t = view(wt, H, H, H);
+  at::Tensor wx_t = src.x ? view(src.wxT, I, H, H) : at::Tensor();
+  for (int64_t t = 0; t < TT; ++t) {
+    const T* hp = t ? hs + (b0 * TT + t - 1) * H : h0 + b0 * H;
+    const int64_t hp_stride = t ? TT * H : H;
+    if (src.x && I > kLoopInputs) {  // z = b + x_t W_x^T
+      matmul<T>(view(src.x + (b0 * TT + t) * I, n, I, TT * I), wx_t, z, false);
+      if (src.bias)
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t j = 0; j < H; ++j) z_buf[r * H + j] += src.bias[j];
+    } else if (src.x) {  // a few inputs: one pass, no product call
+      for (int64_t r = 0; r < n; ++r) {
+        T* zr = &z_buf[r * H];
+        const T* xr = src.x + ((b0 + r) * TT + t) * I;
+        if (src.bias) std::copy_n(src.bias, H, zr);
+        else std::fill_n(zr, H, T(0));
+        for (int64_t i = 0; i < I; ++i)
+          for (int64_t j = 0; j < H; ++j) zr[j] += xr[i] * src.wxT[i * H + j];
+      }
+    } else {
+      for (int64_t r = 0; r < n; ++r) std::copy_n(src.u + ((b0 + r) * TT + t) * H, H, &z_buf[r * H]);
+    }
+    matmul<T>(view(hp, n, H, hp_stride), w_t, z, true);  // z += h_{t-1} W^T
+    tanh_inplace(z_buf.data(), n * H);
+    const T* at = P.a + t * H;
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t row = ((b0 + r) * TT + t) * H;
+      const T* c = &z_buf[r * H];
+      const T* h = hp + r * hp_stride;
+      if (cs) std::copy_n(c, H, cs + row);
+      for (int64_t j = 0; j < H; ++j) hs[row + j] = lerp(h[j], c[j], at[j]);
+    }
+  }
+}
+
+template <typename T>
+void bwd(const hrnn_cpu::Problem<T>& P, int, int64_t b0, int64_t b1, int64_t slice,
+         const Grads<T>& G, const Scratch<T>& S) {
+  const int64_t H = P.H, TT = P.T_, n = b1 - b0, I = G.src.I;
+  const bool proj = G.src.x != nullptr;
+  T* carry = G.dh0 + b0 * H;  // rows b0..b1 of dL/dh_{t-1}, contiguous
+  for (int64_t r = 0; r < n; ++r) {
+    if (G.g) std::fill_n(carry + r * H, H, T(0));
+    else std::copy_n(G.g_last + (b0 + r) * H, H, carry + r * H);
+  }
+  at::Tensor carry_v = view(carry, n, H, H), w = view(G.w, H, H, H);
+  at::Tensor dw = view(G.dw_parts + slice * H * H, H, H, H);
+  at::Tensor wx_t = proj ? view(G.src.wxT, I, H, H) : at::Tensor();
+  T* dwx_part = proj ? G.dwx_parts + slice * (I + 1) * H : nullptr;
+  T* db = proj ? dwx_part + I * H : nullptr;
+  at::Tensor dwx = proj ? view(dwx_part, I, H, H) : at::Tensor();
+  T* da_part = G.da_parts ? G.da_parts + slice * TT * H : nullptr;
+  for (int64_t t = TT - 1; t >= 0; --t) {
+    const T* at = P.a + t * H;
+    T* dz0 = proj ? S.dz : G.du + (b0 * TT + t) * H;
+    const int64_t dz_stride = proj ? H : TT * H;
+    const T* hp0 = t ? G.hs + (b0 * TT + t - 1) * H : G.h0 + b0 * H;
+    const int64_t hp_stride = t ? TT * H : H;
+    // dh = g + carry (carry holds dh); dz = dh a (1 - c^2); da += dh (c - h_{t-1});
+    // carry = dh (1 - a). Branch-free inner loops, so that they vectorize.
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t row = ((b0 + r) * TT + t) * H;
+      const T* c = G.cs + row;
+      T* dz = dz0 + r * dz_stride;
+      T* cr = carry + r * H;
+      if (G.g)
+        for (int64_t j = 0; j < H; ++j) cr[j] += G.g[row + j];
+      if (da_part) {
+        const T* hp = hp0 + r * hp_stride;
+        T* da = da_part + t * H;
+        for (int64_t j = 0; j < H; ++j) da[j] += cr[j] * (c[j] - hp[j]);
+      }
+      for (int64_t j = 0; j < H; ++j) {
+        dz[j] = cr[j] * at[j] * (T(1) - c[j] * c[j]);
+        cr[j] *= T(1) - at[j];
+      }
+    }
+    at::Tensor dz = view(dz0, n, H, dz_stride);
+    if (G.dx) matmul<T>(dz, wx_t.t(), view(G.dx + (b0 * TT + t) * I, n, I, TT * I), false);  // dx_t = dz W_x
+    matmul<T>(dz, w, carry_v, true);                                       // carry += dz W
+    matmul<T>(dz.t(), view(hp0, n, H, hp_stride), dw, true);               // dW += dz^T h_{t-1}
+    if (!proj) continue;
+    if (I > kLoopInputs)
+      matmul<T>(view(G.src.x + (b0 * TT + t) * I, n, I, TT * I).t(), dz, dwx, true);  // dW_x^T += x_t^T dz
+    for (int64_t r = 0; r < n; ++r) {
+      const T* dzr = dz0 + r * dz_stride;
+      const T* xr = G.src.x + ((b0 + r) * TT + t) * I;
+      for (int64_t i = 0; i < (I > kLoopInputs ? 0 : I); ++i)
+        for (int64_t j = 0; j < H; ++j) dwx_part[i * H + j] += xr[i] * dzr[j];
+      for (int64_t j = 0; j < H; ++j) db[j] += dzr[j];
+    }
+  }
+}
+
+const KernelTable* table() {
+  static const KernelTable t{"default", 16, 8, &fwd<float>, &fwd<double>, &bwd<float>, &bwd<double>};
+  return &t;
+}
+
+}  // namespace portable
+
+// ---------------------------------------------------------------- dispatch
 // The builds this extension holds that this CPU can execute, lowest first.
 std::vector<const KernelTable*> executable_tables() {
-  std::vector<const KernelTable*> out{hrnn_cpu::kernels_default()};
+  std::vector<const KernelTable*> out{portable::table()};
 #if defined(HRNN_HAVE_AVX2)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
