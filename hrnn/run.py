@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from hrnn.checkpoint import atomic_write_bytes, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from hrnn.config import validate
+from hrnn.core import set_matmul_precision
 from hrnn.errors import UserError
 from hrnn.models import build_model, count_parameters
 from hrnn.spectrum import format_periods, log_clock
@@ -55,6 +56,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     trainer = cfg.trainer
     device = pick_device(trainer.device)
     torch.set_num_threads(_num_threads(trainer.num_threads))
+    set_matmul_precision(trainer.matmul_precision)
     _check_writable(run_dir)
     seed_everything(trainer.seed)
 
