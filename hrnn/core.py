@@ -98,11 +98,12 @@ def leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, waves: T
                          f"{None if bias is None else tuple(bias.shape)} do not fit hidden size {w_h.shape[0]}")
     from hrnn import fused
 
-    if x.is_cuda:
+    if x.is_cuda:  # the Triton kernels, else the projection and leaky_scan's CUDA branch (the loop)
         from hrnn import triton_core
         _check_shapes((x.shape[0], x.shape[1], w_h.shape[0]), w_h, waves, h0)
         if triton_core.use_kernels(x, w_h, w_x, waves, h0, *(() if bias is None else (bias,))):
             return triton_core.leaky_rnn(x, w_x, bias, w_h, waves, h0, last_only, _matmul_precision)
+        return leaky_scan(torch.nn.functional.linear(x, w_x, bias), w_h, waves, h0, last_only=last_only)
     reason = fused.supports(x, w_x, w_h, waves, h0, *(() if bias is None else (bias,)))
     if reason is not None:
         return leaky_scan(torch.nn.functional.linear(x, w_x, bias), w_h, waves, h0,

@@ -10,8 +10,11 @@ fails to import, loudly. The interpreter computes tf32 and tf32x3 dots exactly, 
 accuracy is checked on a GPU (scripts/gpu_check.sh), not here; bf16 is emulated by rounding.
 """
 import importlib
+import json
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -197,8 +200,10 @@ def test_supports_says_why_not():
     u, w_h, waves, h0 = make_inputs(2, 4, 16, 2, hard=False, masked=False)
     assert triton_core.supports(u, w_h, waves, h0) is None
     assert "float32/float64" in triton_core.supports(*(t.to(torch.bfloat16) for t in (u, w_h, waves, h0)))
-    big = torch.zeros(300, 300)
-    assert "hidden size 300 > 256" in triton_core.supports(torch.zeros(2, 4, 300), big, waves, torch.zeros(2, 300))
+    big = torch.zeros(129, 129)
+    assert "hidden size 129 > 128 in torch.float32" in triton_core.supports(torch.zeros(2, 4, 129), big)
+    assert triton_core.supports(torch.zeros(2, 4, 128), torch.zeros(128, 128)) is None
+    assert "> 64 in torch.float64" in triton_core.supports(*(torch.zeros(s, dtype=torch.float64) for s in ((2, 4, 65), (65, 65))))
 
 
 def test_path_is_logged_once_per_reason(monkeypatch, caplog):
@@ -227,3 +232,83 @@ def test_matmul_precision_setting(monkeypatch, tmp_path):
     train(compose_config(["task=adding", "task.seq_len=8", "trainer.steps=1", "trainer.eval_every=1",
                           "trainer.matmul_precision=bf16", *TINY]), tmp_path)
     assert core._matmul_precision == "bf16"
+
+
+@pytest.fixture
+def cuda_looking(monkeypatch):
+    """CPU tensors that say they are CUDA tensors: hrnn.core's CUDA branch, run by the interpreter."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(triton_core, "_said", set())
+
+
+def test_core_sends_cuda_tensors_to_the_kernels_with_its_precision(cuda_looking, monkeypatch, caplog):
+    """hrnn.core.leaky_scan / leaky_rnn on CUDA run the kernels in set_matmul_precision's mode
+    (bf16 here: its rounding shows which path ran) and say so once."""
+    monkeypatch.setattr(core, "_matmul_precision", "ieee")
+    core.set_matmul_precision("bf16")
+    u, w_h, waves, h0 = make_inputs(6, 20, 32, 4, hard=False, masked=False)
+    with caplog.at_level(logging.INFO, logger="hrnn.triton_core"):
+        got = core.leaky_scan(u, w_h, waves, h0)
+        x, w_x, b, *_ = make_rnn_inputs(6, 20, 32, 4, False, False, 3, True)
+        got_rnn = core.leaky_rnn(x, w_x, b, w_h, waves, h0, last_only=True)
+    assert_close_rel(got, bf16_reference(u, w_h, waves, h0))
+    assert_close_rel(got_rnn, bf16_reference(torch.nn.functional.linear(x, w_x, b), w_h, waves, h0)[:, -1])
+    assert [r.getMessage() for r in caplog.records] == ["hrnn: CUDA tensors run the Triton kernels"]
+
+
+def test_core_falls_back_to_the_loop_on_cuda_and_says_why(cuda_looking, monkeypatch, caplog):
+    monkeypatch.setattr(triton_core, "_K", None)
+    monkeypatch.setattr(triton_core, "_REASON", "test: kernels hidden")
+    inputs = make_rnn_inputs(3, 12, 16, 2, False, False, 2, True)
+    grad_out = torch.randn(3, 12, 16)
+    with caplog.at_level(logging.INFO):
+        got, got_grads = rnn_grads(core.leaky_rnn, inputs, grad_out, [0, 1, 2, 3, 4, 5])
+    want, want_grads = rnn_grads(leaky_rnn_reference, inputs, grad_out, [0, 1, 2, 3, 4, 5])
+    assert torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.equal(g, w)
+    assert [r.getMessage() for r in caplog.records] == [
+        "hrnn: CUDA tensors run the pure PyTorch loop (same results, slower): test: kernels hidden"]
+
+
+# Compiles both kernels for an H100 (sm_90) in a fresh process without the interpreter: no GPU
+# needed, Triton's own ptxas. Catches what the interpreter cannot: GPU-only code (the bf16
+# operands), the dot lowering each precision gets, and shared memory at the largest hidden
+# size `supports` admits (an H100 block gets at most 232448 bytes).
+COMPILE = r"""
+import json, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hrnn import triton_core, triton_kernels as K
+
+def compile_(kernel, ptrs, dtype, constexprs, warps):
+    sig = {n: ("*" + dtype if n in ptrs else "constexpr" if n in constexprs else "i32") for n in kernel.arg_names}
+    return triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps})
+
+out = {}
+for precision, dtype in (("tf32", torch.float32), ("bf16", torch.float32), ("ieee", torch.float64)):
+    hidden = triton_core.MAX_HIDDEN[dtype]
+    _, opts = triton_core._launch(hidden, 100)
+    warps, common = opts.pop("num_warps"), dict(T=784, PRECISION=precision, INTERPRET=False, **opts)
+    ty = "fp64" if dtype == torch.float64 else "fp32"
+    fwd = compile_(K.leaky_forward_kernel, {"u", "w_h", "waves", "h0", "buf", "cands", "last"}, ty,
+                   dict(WRITE_STATES=True, WRITE_CANDS=True, WRITE_LAST=True, **common), warps)
+    bwd = compile_(K.leaky_backward_kernel, {"grad", "grad_last", "buf", "cands", "w_h", "waves", "dz", "dh0",
+                   "da_part"}, ty, dict(GRAD_ALL=True, NEED_DA=True, **common), warps)
+    out[precision] = {"shared": [fwd.metadata.shared, bwd.metadata.shared],
+                      "mma": [line.split()[0] for line in fwd.asm["ptx"].splitlines() if "mma.sync" in line][:1]}
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_hopper_within_shared_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for precision, r in out.items():
+        assert max(r["shared"]) <= 232448, (precision, r)
+    assert out["tf32"]["mma"] == ["mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"]  # tensor cores, tf32
+    assert out["bf16"]["mma"] == ["mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"]
+    assert out["ieee"]["mma"] == ["mma.sync.aligned.m16n8k16.row.col.f64.f64.f64.f64"]  # double: DMMA
