@@ -352,6 +352,8 @@ def _resume_state(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 def _config_for_resume(state: dict[str, Any], cfg: DictConfig) -> DictConfig:
     """The stored config, plus command-line overrides that do not change the trajectory."""
     stored = OmegaConf.create(state["config"])
+    # Trainer keys added since the run was made (e.g. matmul_precision) take today's defaults.
+    stored.trainer = OmegaConf.merge(cfg.trainer, stored.trainer)
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     for override in overrides:
         key, _, _ = override.lstrip("+~").partition("=")

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 _before = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernels are defined
@@ -226,7 +227,7 @@ def test_matmul_precision_setting(monkeypatch, tmp_path):
     monkeypatch.setattr(core, "_matmul_precision", "ieee")
     with pytest.raises(ValueError, match=r"'fp16' is not allowed; allowed: ieee, tf32, tf32x3, bf16"):
         core.set_matmul_precision("fp16")
-    assert validate(compose_config([])).trainer.matmul_precision == "tf32"
+    assert validate(compose_config([])).trainer.matmul_precision in core.MATMUL_PRECISIONS
     with pytest.raises(UserError, match=r"^trainer.matmul_precision='fp16' is not allowed; allowed: ieee, tf32"):
         validate(compose_config(["trainer.matmul_precision=fp16"]))
     train(compose_config(["task=adding", "task.seq_len=8", "trainer.steps=1", "trainer.eval_every=1",
@@ -312,3 +313,18 @@ def test_kernels_compile_for_hopper_within_shared_memory():
     assert out["tf32"]["mma"] == ["mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"]  # tensor cores, tf32
     assert out["bf16"]["mma"] == ["mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"]
     assert out["ieee"]["mma"] == ["mma.sync.aligned.m16n8k16.row.col.f64.f64.f64.f64"]  # double: DMMA
+
+
+def test_resume_of_a_run_made_before_matmul_precision(tmp_path):
+    """A checkpoint whose stored config has no trainer.matmul_precision (made before the key
+    existed) resumes, with today's default for it."""
+    run = ["task=adding", "task.seq_len=8", "trainer.eval_every=1", *TINY]
+    train(compose_config([*run, "trainer.steps=1"]), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    stored = OmegaConf.create(state["config"])
+    del stored.trainer["matmul_precision"]
+    torch.save({**state, "config": OmegaConf.to_yaml(stored)}, last)
+    (tmp_path / "metrics.json").unlink()
+    train(compose_config([*run, "trainer.steps=1", f"resume={tmp_path}"]), tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "finished"
