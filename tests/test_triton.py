@@ -310,9 +310,11 @@ def test_kernels_compile_for_hopper_within_shared_memory():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for precision, r in out.items():
         assert max(r["shared"]) <= 232448, (precision, r)
-    assert out["tf32"]["mma"] == ["mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"]  # tensor cores, tf32
-    assert out["bf16"]["mma"] == ["mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"]
-    assert out["ieee"]["mma"] == ["mma.sync.aligned.m16n8k16.row.col.f64.f64.f64.f64"]  # double: DMMA
+    # Tensor-core instructions with the operand types each precision asks for (the tile shape
+    # is the compiler's choice and differs between Triton versions).
+    for precision, types in (("tf32", ".f32.tf32.tf32.f32"), ("bf16", ".f32.bf16.bf16.f32"), ("ieee", ".f64.f64.f64.f64")):
+        mma = out[precision]["mma"]
+        assert len(mma) == 1 and mma[0].startswith("mma.sync") and mma[0].endswith(types), (precision, mma)
 
 
 def test_resume_of_a_run_made_before_matmul_precision(tmp_path):
