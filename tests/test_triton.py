@@ -28,6 +28,16 @@ if not triton_core.INTERPRET:  # defined earlier in this process without the int
     importlib.reload(triton_kernels)
     importlib.reload(triton_core)
 
+
+def _restore_env():
+    if _before is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _before
+
+
+_restore_env()  # the other test modules' tests (and their subprocesses) run without it
+
 from conftest import TINY, compose_config  # noqa: E402
 from hrnn import core  # noqa: E402
 from hrnn.config import validate  # noqa: E402
@@ -39,17 +49,12 @@ from test_fused import CASES, assert_close_rel, make_inputs, make_rnn_inputs, rn
 assert triton_core.INTERPRET, triton_core._REASON
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def interpreter_env():
-    """Triton also reads TRITON_INTERPRET at launch (lazy imports): keep it for this module's
-    tests, then give the process its environment back."""
+    """Triton also reads TRITON_INTERPRET at launch (lazy imports): set for this module's tests."""
     os.environ["TRITON_INTERPRET"] = "1"
     yield
-    if _before is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _before
+    _restore_env()
 
 
 # The CPU kernels' matrix, plus 18 rows: two programs of 16, the second mostly padding.
