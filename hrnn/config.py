@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hrnn.core import MATMUL_PRECISIONS
 from hrnn.errors import UserError
 from hrnn.models.clock import INIT_MODES
 from hrnn.models.recurrent import CONNECTIVITY
@@ -116,6 +117,7 @@ class TrainerSchema:
     log_every: int = 10
     nonfinite: str = "stop"
     progress: bool = True
+    matmul_precision: str = MISSING  # no default here: conf/trainer/default.yaml has it
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -200,6 +202,8 @@ def _check_values(cfg: DictConfig) -> None:
         if bad:
             raise UserError(f"task.periods has non-positive period {bad[0]}; periods must be positive integers")
     _require(trainer.device in DEVICES, f"trainer.device={trainer.device!r} is not allowed; allowed: {', '.join(DEVICES)}")
+    _require(trainer.matmul_precision in MATMUL_PRECISIONS, f"trainer.matmul_precision={trainer.matmul_precision!r} "
+             f"is not allowed; allowed: {', '.join(MATMUL_PRECISIONS)}")
     _require(trainer.nonfinite in NONFINITE, f"trainer.nonfinite={trainer.nonfinite!r} is not allowed; allowed: {', '.join(NONFINITE)}")
     _require(trainer.num_threads is None or trainer.num_threads > 0, f"trainer.num_threads={trainer.num_threads} must be positive or null")
     _require(trainer.grad_clip is None or trainer.grad_clip > 0, f"trainer.grad_clip={trainer.grad_clip} must be positive or null")

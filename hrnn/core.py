@@ -13,6 +13,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+MATMUL_PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
+# tl.dot precision of the CUDA kernels' per-step products. The op itself is exact; runs set
+# trainer.matmul_precision (conf/trainer/default.yaml) through set_matmul_precision.
+_matmul_precision = "ieee"
+
+
+def set_matmul_precision(name: str) -> None:
+    """Precision of the recurrent products on CUDA (the Triton kernels): ieee (fp32 FMA), tf32,
+    tf32x3 (three tf32 products, about fp32 accuracy) or bf16 operands. The state and every
+    accumulation stay fp32 in all of them; CPU tensors always run exact fp32/fp64."""
+    if name not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul precision {name!r} is not allowed; allowed: {', '.join(MATMUL_PRECISIONS)}")
+    global _matmul_precision
+    _matmul_precision = name
+
 
 def is_hard(waves: Tensor) -> bool:
     """True when every activation is exactly 0 or 1: inactive modules can be skipped."""
@@ -54,6 +69,11 @@ def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive:
     _check_shapes(u.shape, w_h, waves, h0)
     from hrnn import fused  # deferred: hrnn.fused imports the compiled extension
 
+    if u.is_cuda:  # the Triton kernels, else the PyTorch loop; one log line says which and why
+        from hrnn import triton_core
+        if triton_core.use_kernels(u, w_h, waves, h0):
+            return triton_core.leaky_scan(u, w_h, waves, h0, last_only, _matmul_precision)
+        return fused.leaky_scan_loop(u, w_h, waves, h0, last_only)
     reason = fused.supports(u, w_h, waves, h0)
     if reason is not None:
         fused.warn_fallback(reason)
@@ -78,6 +98,12 @@ def leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, waves: T
                          f"{None if bias is None else tuple(bias.shape)} do not fit hidden size {w_h.shape[0]}")
     from hrnn import fused
 
+    if x.is_cuda:  # the Triton kernels, else the projection and leaky_scan's CUDA branch (the loop)
+        from hrnn import triton_core
+        _check_shapes((x.shape[0], x.shape[1], w_h.shape[0]), w_h, waves, h0)
+        if triton_core.use_kernels(x, w_h, w_x, waves, h0, *(() if bias is None else (bias,))):
+            return triton_core.leaky_rnn(x, w_x, bias, w_h, waves, h0, last_only, _matmul_precision)
+        return leaky_scan(torch.nn.functional.linear(x, w_x, bias), w_h, waves, h0, last_only=last_only)
     reason = fused.supports(x, w_x, w_h, waves, h0, *(() if bias is None else (bias,)))
     if reason is not None:
         return leaky_scan(torch.nn.functional.linear(x, w_x, bias), w_h, waves, h0,

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from hrnn.checkpoint import atomic_write_bytes, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from hrnn.config import validate
+from hrnn.core import set_matmul_precision
 from hrnn.errors import UserError
 from hrnn.models import build_model, count_parameters
 from hrnn.spectrum import format_periods, log_clock
@@ -55,6 +56,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     trainer = cfg.trainer
     device = pick_device(trainer.device)
     torch.set_num_threads(_num_threads(trainer.num_threads))
+    set_matmul_precision(trainer.matmul_precision)
     _check_writable(run_dir)
     seed_everything(trainer.seed)
 
@@ -350,6 +352,8 @@ def _resume_state(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 def _config_for_resume(state: dict[str, Any], cfg: DictConfig) -> DictConfig:
     """The stored config, plus command-line overrides that do not change the trajectory."""
     stored = OmegaConf.create(state["config"])
+    # Trainer keys added since the run was made (e.g. matmul_precision) take today's defaults.
+    stored.trainer = OmegaConf.merge(cfg.trainer, stored.trainer)
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     for override in overrides:
         key, _, _ = override.lstrip("+~").partition("=")

@@ -1,0 +1,175 @@
+"""CUDA path of `hrnn.core.leaky_scan` / `leaky_rnn`: the Triton kernels (hrnn/triton_kernels.py)
+behind autograd Functions.
+
+    use_kernels(*tensors) -> bool   whether these tensors take the kernels; logs which path runs, once
+    supports(*tensors)              None, or why the kernels cannot take these tensors
+    leaky_scan(...)                 the op for a precomputed u (same contract as hrnn.core.leaky_scan)
+    leaky_rnn(...)                  the same with x, W_x, b: the projection is one product before
+                                    the loop, its gradients come from torch's linear backward
+
+The input projection is not fused into the loop (unlike the CPU kernels): on a GPU it is one
+GEMM of (T*B, I) x (I, H), a few microseconds against milliseconds for the serial loop, and the
+kernels then take any I. It runs time-major, so u and du are contiguous (T, B, H) slices and
+dW_x = du^T x, db = sum du are torch's own products.
+
+Precision (`hrnn.core.set_matmul_precision`, `trainer.matmul_precision`) is the tl.dot input
+precision of the two per-step products (h W_h^T forward, dz W_h backward): ieee, tf32, tf32x3
+or bf16 operands. The state, the candidates, dh and every accumulation stay fp32; dW_h and the
+projection are torch GEMMs under torch's own fp32 setting. float64 tensors always run ieee.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+# W_h stays in shared memory for the whole loop: 128 fp32 units (64 fp64) keep the backward
+# under 227 KB per block on an H100 (tests/test_triton.py compiles them for sm_90 to check).
+MAX_HIDDEN = {torch.float32: 128, torch.float64: 64}
+BLOCK_B = 16       # batch rows per program (tl.dot needs at least 16)
+# Launch settings that measurement may change (scripts/bench_cuda.py --sweep sets them):
+# None picks BLOCK_B and 4 warps for HP <= 64, 8 above.
+TUNING: dict = {"block_b": None, "num_warps": None}
+
+try:
+    if os.environ.get("HRNN_DISABLE_TRITON"):
+        raise ImportError("disabled by HRNN_DISABLE_TRITON")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from hrnn import triton_kernels as _K
+
+    # TRITON_INTERPRET=1 when the kernels were defined: they run on CPU tensors (tests).
+    INTERPRET = isinstance(_K.leaky_forward_kernel, InterpretedFunction)
+    _REASON: str | None = None
+except ImportError as err:
+    _K, INTERPRET = None, False
+    _REASON = f"the Triton kernels are not available ({err})" + (
+        "; install Triton with `pip install -e '.[gpu]'`" if isinstance(err, ModuleNotFoundError) else "")
+
+_said: set[str] = set()  # log lines already given (one per distinct path and reason)
+
+
+def supports(inputs: Tensor, w_h: Tensor, *others: Tensor) -> str | None:
+    """None if the kernels take these tensors (x or u, W_h, then the others), else why not."""
+    if _K is None:
+        return _REASON
+    for t in (inputs, w_h, *others):
+        if t.device.type != "cuda" and not INTERPRET:
+            return f"the Triton kernels take CUDA tensors (got a {t.device.type} tensor)"
+        if t.dtype != inputs.dtype or t.dtype not in (torch.float32, torch.float64):
+            return f"the Triton kernels take float32/float64 only (got {t.dtype})"
+        if t.layout != torch.strided:
+            return "the Triton kernels take dense tensors only"
+    batch, steps, hidden = inputs.shape[0], inputs.shape[1], w_h.shape[0]
+    if hidden > MAX_HIDDEN[inputs.dtype]:
+        return (f"hidden size {hidden} > {MAX_HIDDEN[inputs.dtype]} in {inputs.dtype}: "
+                "W_h would not fit in one SM's shared memory")
+    if (steps + 1) * batch * _padded(hidden) >= 2 ** 31:
+        return f"B * T * H = {batch} * {steps} * {hidden} exceeds the kernels' 32-bit offsets"
+    return None
+
+
+def use_kernels(inputs: Tensor, w_h: Tensor, *others: Tensor) -> bool:
+    """`supports(...) is None`, saying once per process (and reason) which path CUDA tensors take."""
+    reason = supports(inputs, w_h, *others)
+    line = ("hrnn: CUDA tensors run the Triton kernels" if reason is None else
+            f"hrnn: CUDA tensors run the pure PyTorch loop (same results, slower): {reason}")
+    if line not in _said:
+        _said.add(line)
+        (log.info if reason is None else log.warning)(line)
+    return reason is None
+
+
+def _padded(hidden: int) -> int:
+    return max(16, 1 << (hidden - 1).bit_length())
+
+
+def _launch(hidden: int, batch: int) -> tuple[tuple, dict]:
+    """Grid and launch options for HP = hidden padded."""
+    hp = _padded(hidden)
+    block_b = TUNING["block_b"] or BLOCK_B
+    warps = TUNING["num_warps"] or (4 if hp <= 64 else 8)
+    return ((batch + block_b - 1) // block_b,), {"HP": hp, "BLOCK_B": block_b, "num_warps": warps}
+
+
+def _dot_precision(precision: str, dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float64 else precision
+
+
+def _forward(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, precision: str, keep: bool,
+             last_only: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(buf, cands, last): buf (T + 1, B, H) with h0 at 0 when the states are kept or returned;
+    cands (T, B, H) when keep (for the backward); last (B, H) when last_only."""
+    batch, steps, hidden = u.shape
+    states = keep or not last_only
+    buf = u.new_empty(steps + 1, batch, hidden) if states else h0
+    if states:
+        buf[0] = h0
+    cands = u.new_empty(steps, batch, hidden) if keep else h0
+    last = u.new_empty(batch, hidden) if last_only else h0
+    grid, opts = _launch(hidden, batch)
+    _K.leaky_forward_kernel[grid](
+        u, u.stride(0), u.stride(1), w_h, waves, h0, buf, cands, last,
+        batch, hidden, waves.shape[1], hidden // waves.shape[1], T=steps,
+        WRITE_STATES=states, WRITE_CANDS=keep, WRITE_LAST=last_only,
+        PRECISION=_dot_precision(precision, u.dtype), INTERPRET=INTERPRET, **opts)
+    return buf, cands, last
+
+
+class _LeakyScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, w_h, waves, h0, last_only, precision):  # noqa: D102
+        buf, cands, last = _forward(u, w_h, waves, h0, precision, True, last_only)
+        ctx.save_for_backward(buf, cands, w_h, waves)
+        ctx.last_only, ctx.precision = last_only, precision
+        # All states: a (B, T, H) view of the time-major buffer, no copy.
+        return last if last_only else buf[1:].transpose(0, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        buf, cands, w_h, waves = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        steps, batch, hidden = cands.shape
+        n_modules = waves.shape[1]
+        grid, opts = _launch(hidden, batch)
+        if ctx.last_only:
+            grad, strides = grad.contiguous(), (0, 0)
+        else:
+            grad = grad if grad.stride(2) == 1 else grad.contiguous()
+            strides = (grad.stride(0), grad.stride(1))
+        dz = torch.empty_like(cands)
+        dh0 = buf.new_empty(batch, hidden)
+        da_part = buf.new_empty(grid[0], steps, hidden) if need[2] else dh0
+        _K.leaky_backward_kernel[grid](
+            grad, *strides, grad, buf, cands, w_h, waves, dz, dh0, da_part,
+            batch, hidden, n_modules, hidden // n_modules, T=steps,
+            GRAD_ALL=not ctx.last_only, NEED_DA=need[2],
+            PRECISION=_dot_precision(ctx.precision, buf.dtype), INTERPRET=INTERPRET, **opts)
+        # dW_h = sum_t dz_t^T h_{t-1}: one GEMM over the time-major slices, no copy.
+        dw = torch.mm(dz.view(-1, hidden).t(), buf[:-1].view(-1, hidden)) if need[1] else None
+        dwaves = da_part.sum(0).view(steps, n_modules, -1).sum(2) if need[2] else None
+        return dz.transpose(0, 1) if need[0] else None, dw, dwaves, dh0 if need[3] else None, None, None
+
+
+def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, last_only: bool, precision: str) -> Tensor:
+    """All states (B, T, H) or the last (B, H) through the kernels; caller checked shapes and
+    `supports`. u may have any strides with unit stride over H (else it is copied)."""
+    u = u if u.stride(2) == 1 else u.contiguous()
+    w_h, waves, h0 = w_h.contiguous(), waves.contiguous(), h0.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, w_h, waves, h0)):
+        return _LeakyScan.apply(u, w_h, waves, h0, bool(last_only), precision)
+    with torch.no_grad():  # inference: no candidates kept, the states only if returned
+        buf, _, last = _forward(u, w_h, waves, h0, precision, False, last_only)
+        return last if last_only else buf[1:].transpose(0, 1)
+
+
+def leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, waves: Tensor, h0: Tensor,
+              last_only: bool, precision: str) -> Tensor:
+    """`leaky_scan(F.linear(x, w_x, bias), ...)` with the projection computed time-major."""
+    u = torch.nn.functional.linear(x.transpose(0, 1), w_x, bias)  # (T, B, H), contiguous
+    return leaky_scan(u.transpose(0, 1), w_h, waves, h0, last_only, precision)

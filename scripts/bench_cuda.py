@@ -1,0 +1,251 @@
+"""CUDA training-step time and peak GPU memory: hrnn's Triton path against cuDNN (issue 16).
+
+    python scripts/bench_cuda.py                # T = 200, 784, 2000 x batch 100, 1000, every config
+    python scripts/bench_cuda.py --check        # first: each precision's gradients against float64
+    python scripts/bench_cuda.py --sweep        # first: the kernels' batch tile and warps, measured
+    python scripts/bench_cuda.py --quick        # smoke test: T = 30, batch 100; numbers meaningless
+
+The models are scripts/bench.py's (its `build` and CONFIGS: the real model classes, hidden 128,
+8 modules, 1 input, a 10-way head on the last state, cross-entropy, Adam), run in this one
+process on the GPU. A training step is zero_grad + forward + backward + Adam step, timed between
+two torch.cuda.synchronize(); the first steps are warm-up (Triton compiles its kernels for each
+T and precision then). Peak memory is torch.cuda.max_memory_allocated over the steps minus what
+was allocated before them (model, data and optimizer state excluded).
+
+hrnn rows run in the default precision, trainer.matmul_precision from conf/trainer/default.yaml,
+and `hrnn-dct[p]` rows in each other precision p. `hrnn-dct-loop` is the CUDA fallback (the
+kernels hidden, as if Triton were missing). cwrnn-dense equals cwrnn on CUDA: the kernels are
+dense (skipping inactive modules is CPU-only). torch.nn.LSTM/GRU/RNN run cuDNN with torch's
+defaults, printed in the header (cuDNN may use TF32 for fp32 RNNs).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # hrnn from this checkout; bench's builder
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from bench import CLASSES, CONFIGS, HIDDEN, INPUTS, MODULES, build  # noqa: E402
+from hrnn import core, triton_core  # noqa: E402
+
+NAMES = ["hrnn-dct", "hrnn-binary", "cwrnn", "cwrnn-dense", "lstm", "gru", "rnn", "hrnn-dct-loop"]
+DEFAULT_PRECISION = OmegaConf.load(ROOT / "conf" / "trainer" / "default.yaml").matmul_precision
+DEVICE = "cuda"  # --device cpu: a dry run of the script's logic (C++ kernels, not Triton)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def pytorch_loop():
+    """The CUDA fallback on purpose: the kernels hidden, as when Triton is missing."""
+    saved = triton_core._K, triton_core._REASON
+    triton_core._K, triton_core._REASON = None, "hidden by bench_cuda.py for the loop baseline"
+    try:
+        yield
+    finally:
+        triton_core._K, triton_core._REASON = saved
+
+
+@contextlib.contextmanager
+def precision(name: str):
+    before = core._matmul_precision
+    core.set_matmul_precision(name)
+    try:
+        yield
+    finally:
+        core.set_matmul_precision(before)
+
+
+def time_config(name: str, batch: int, steps: int, warmup: int = 2, repeat: int = 7,
+                matmul_precision: str = DEFAULT_PRECISION) -> dict:
+    """Median step time (s) and peak step memory (MB) of one bench.py config on DEVICE."""
+    _, model_name, basis, _, _ = CONFIGS[name]
+    torch.manual_seed(0)
+    model = build(model_name, basis, steps).to(DEVICE)
+    x = torch.randn(batch, steps, INPUTS, device=DEVICE)
+    y = torch.randint(0, CLASSES, (batch,), device=DEVICE)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    loop = pytorch_loop() if name.endswith("-loop") else contextlib.nullcontext()
+    with loop, precision(matmul_precision):
+        sync()
+        base = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+        if DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(repeat):
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if DEVICE == "cuda" else float("nan")
+    del model, opt, x, y
+    return {"config": name, "batch": batch, "steps": steps, "precision": matmul_precision,
+            "median": statistics.median(times), "min": min(times), "max": max(times), "peak_mb": peak}
+
+
+def check_precisions(batch: int = 100, steps: int = 784) -> dict:
+    """hrnn-dct's loss gradients (every parameter, clock included) and logits in each precision
+    against the same model in float64 through the PyTorch loop: max relative error (norm)."""
+    torch.manual_seed(0)
+    model = build("hrnn", "dct", steps).to(DEVICE)
+    x = torch.randn(batch, steps, INPUTS, device=DEVICE)
+    y = torch.randint(0, CLASSES, (batch,), device=DEVICE)
+    ref_model = build("hrnn", "dct", steps).to(DEVICE).double()
+    ref_model.load_state_dict(model.state_dict())
+    with pytorch_loop():
+        ref_out = ref_model(x.double())
+        torch.nn.functional.cross_entropy(ref_out, y).backward()
+    refs = {n: p.grad for n, p in ref_model.named_parameters()}
+    out = {}
+    for name in core.MATMUL_PRECISIONS:
+        model.zero_grad(set_to_none=True)
+        with precision(name):
+            logits = model(x)
+            torch.nn.functional.cross_entropy(logits, y).backward()
+        errs = {n: ((p.grad.double() - refs[n]).norm() / refs[n].norm()).item() for n, p in model.named_parameters()}
+        worst = max(errs, key=errs.get)
+        out[name] = {"grad_max_rel_err": errs[worst], "worst_param": worst,
+                     "logits_rel_err": ((logits.double() - ref_out).norm() / ref_out.norm()).item(), "grads": errs}
+    return out
+
+
+def sweep(batches: list[int], steps: int, warmup: int, repeat: int) -> list[dict]:
+    """hrnn-dct's step time for each batch tile and warp count (triton_core.TUNING)."""
+    rows = []
+    for batch in batches:
+        for block_b in (16, 32):  # 64 rows spill registers at every warp count (docs/gpu.md)
+            for warps in (4, 8, 16):
+                triton_core.TUNING.update(block_b=block_b, num_warps=warps)
+                try:
+                    r = time_config("hrnn-dct", batch, steps, warmup, repeat)
+                except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: record, go on
+                    r = {"batch": batch, "median": float("nan"), "error": str(err).splitlines()[0][:200]}
+                finally:
+                    triton_core.TUNING.update(block_b=None, num_warps=None)
+                r.update(block_b=block_b, num_warps=warps)
+                rows.append(r)
+                print(f"  sweep B={batch} T={steps} block_b={block_b:<3} warps={warps:<3} "
+                      f"{r['median'] * 1e3:9.3f} ms {r.get('error', '')}", flush=True)
+    return rows
+
+
+def header() -> dict:
+    import triton
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (dry run)",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+            "cudnn": torch.backends.cudnn.version() if DEVICE == "cuda" else None,
+            "cublas_fp32_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_fp32_tf32": torch.backends.cudnn.allow_tf32,
+            "default_matmul_precision": DEFAULT_PRECISION,
+            "kernels": triton_core.supports(torch.zeros(1, 1, HIDDEN, device=DEVICE),
+                                            torch.zeros(HIDDEN, HIDDEN, device=DEVICE)) or "Triton"}
+    print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    print(f"hidden {HIDDEN}, {MODULES} modules, {INPUTS} input, float32; step = zero_grad + forward + "
+          "backward + Adam; median of the timed steps", flush=True)
+    return info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[200, 784, 2000], help="sequence lengths T")
+    parser.add_argument("--batch", type=int, nargs="+", default=[100, 1000], help="batch sizes")
+    parser.add_argument("--only", default=",".join(NAMES), help="comma-separated configs: " + ", ".join(NAMES))
+    parser.add_argument("--precisions", default=",".join(p for p in core.MATMUL_PRECISIONS if p != DEFAULT_PRECISION),
+                        help="extra hrnn-dct rows in these precisions ('' for none)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--check", action="store_true", help="first: gradients in each precision vs float64")
+    parser.add_argument("--sweep", action="store_true", help="first: batch tile x warps for hrnn-dct at T=784")
+    parser.add_argument("--no-bench", action="store_true", help="only --check / --sweep")
+    parser.add_argument("--quick", action="store_true", help="T=30, batch 100, 1 warm-up, 2 timed steps")
+    parser.add_argument("--json", type=Path, help="also write every result here")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device here; this script times the CUDA path", file=sys.stderr)
+        return 2
+    names = [n for n in args.only.split(",") if n]
+    extra = [p for p in args.precisions.split(",") if p]
+    bad = [n for n in names if n not in NAMES] + [p for p in extra if p not in core.MATMUL_PRECISIONS]
+    if bad:
+        parser.error(f"unknown config or precision {bad[0]!r}; configs: {', '.join(NAMES)}; "
+                     f"precisions: {', '.join(core.MATMUL_PRECISIONS)}")
+    if args.quick:
+        args.steps, args.batch, args.warmup, args.repeat = [30], [100], 1, 2
+    report = {"header": header()}
+    if args.check:
+        steps = 30 if args.quick else 784
+        report["check"] = check_precisions(100, steps)
+        print(f"\ngradients vs float64 (hrnn-dct, B=100, T={steps}; bars: default < 1e-2, ieee < 1e-5):")
+        for name, r in report["check"].items():
+            print(f"  {name:<7} grad max rel err {r['grad_max_rel_err']:.2e} ({r['worst_param']})  "
+                  f"logits {r['logits_rel_err']:.2e}", flush=True)
+    if args.sweep:
+        print("\nkernel tiles (hrnn-dct training step):")
+        report["sweep"] = sweep(args.batch, 30 if args.quick else 784, args.warmup, args.repeat)
+    if not args.no_bench:
+        report["bench"] = bench(names, extra, args)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def bench(names: list[str], extra: list[str], args) -> list[dict]:
+    results = []
+    for steps in args.steps:
+        for batch in args.batch:
+            rows = {}
+            runs = [(n, DEFAULT_PRECISION) for n in names]
+            runs += [(f"hrnn-dct[{p}]", p) for p in extra if "hrnn-dct" in names]
+            for label, p in runs:
+                r = time_config(label.split("[")[0], batch, steps, args.warmup, args.repeat, p)
+                r["label"] = label
+                rows[label] = r
+                results.append(r)
+            print(f"\nT = {steps}, batch {batch}")
+            print(f"  {'config':<18} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'peak MB':>9}  description")
+            for label, r in rows.items():
+                print(f"  {label:<18} {r['median'] * 1e3:10.3f} {r['min'] * 1e3:9.3f} {r['max'] * 1e3:9.3f} "
+                      f"{r['peak_mb']:9.1f}  {CONFIGS[r['config']][0]}")
+            ratios = [f"{a} / {b} {rows[a]['median'] / rows[b]['median']:.2f}"
+                      for a, b in [("lstm", "hrnn-dct"), ("gru", "hrnn-dct"), ("rnn", "hrnn-dct"),
+                                   ("lstm", "hrnn-binary"), ("lstm", "cwrnn"), ("hrnn-dct-loop", "hrnn-dct")]
+                      if a in rows and b in rows]
+            print("  speed-ups (medians): " + "; ".join(ratios), flush=True)
+            if "lstm" in rows and "hrnn-dct" in rows and steps == 784 and batch in (100, 1000):
+                need = 2.0 if batch == 100 else 4.0
+                got = rows["lstm"]["median"] / rows["hrnn-dct"]["median"]
+                print(f"  done-when: hrnn-dct {got:.2f}x faster than cuDNN LSTM at B={batch} "
+                      f"(needs {need:.0f}x): {'MET' if got >= need else 'NOT MET'}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""The Triton kernels (the CUDA path, issue 16) against the reference loop, on the CPU.
+
+Triton's interpreter (TRITON_INTERPRET=1, set below before the kernels are defined) runs the
+kernels on CPU tensors, so these tests need no GPU: the kernels' entry points in
+hrnn.triton_core are called directly (hrnn.core sends only CUDA tensors there). Values and every
+gradient must equal `leaky_scan_reference` / `leaky_rnn_reference` to 1e-5 relative in ieee
+mode, for the case matrix of the CPU kernels (tests/test_fused.py) plus a batch that needs
+two programs. Triton is a test dependency (setup.cfg extra `test`): without it this module
+fails to import, loudly. The interpreter computes tf32 and tf32x3 dots exactly, so their
+accuracy is checked on a GPU (scripts/gpu_check.sh), not here; bf16 is emulated by rounding.
+"""
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+_before = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernels are defined
+from hrnn import triton_core, triton_kernels  # noqa: E402
+
+if not triton_core.INTERPRET:  # defined earlier in this process without the interpreter
+    importlib.reload(triton_kernels)
+    importlib.reload(triton_core)
+
+
+def _restore_env():
+    if _before is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _before
+
+
+_restore_env()  # the other test modules' tests (and their subprocesses) run without it
+
+from conftest import TINY, compose_config  # noqa: E402
+from hrnn import core  # noqa: E402
+from hrnn.config import validate  # noqa: E402
+from hrnn.core import leaky_rnn_reference, leaky_scan_reference  # noqa: E402
+from hrnn.errors import UserError  # noqa: E402
+from hrnn.run import train  # noqa: E402
+from test_fused import CASES, assert_close_rel, make_inputs, make_rnn_inputs, rnn_grads, run_with_grads  # noqa: E402
+
+assert triton_core.INTERPRET, triton_core._REASON
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter_env():
+    """Triton also reads TRITON_INTERPRET at launch (lazy imports): set for this module's tests."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    _restore_env()
+
+
+# The CPU kernels' matrix, plus 18 rows: two programs of 16, the second mostly padding.
+TRITON_CASES = [*CASES, (18, 12, 16, 2, False, True)]
+
+
+def case_id(c):
+    return "B{}T{}H{}M{}{}{}".format(*c[:4], "hard" if c[4] else "soft", "-masked" if c[5] else "")
+
+
+def scan(last_only, precision="ieee"):
+    return lambda *a: triton_core.leaky_scan(*a, last_only, precision)
+
+
+def rnn(last_only, precision="ieee"):
+    return lambda *a: triton_core.leaky_rnn(*a, last_only, precision)
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
+@pytest.mark.parametrize("last_only", [False, True], ids=["all", "last"])
+def test_scan_matches_reference(case, last_only):
+    """u, W_h, waves, h0: values and gradients to 1e-5 (the waves' gradient on: the kernel's
+    per-program da; test_rnn_matches_reference runs with it off)."""
+    batch, steps, hidden, n_modules, hard, masked = case
+    inputs = make_inputs(batch, steps, hidden, n_modules, hard, masked)
+    assert triton_core.supports(inputs[0], inputs[1], *inputs[2:]) is None
+    shape = (batch, hidden) if last_only else (batch, steps, hidden)
+    grad_out = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+    def reference(*a):
+        states = leaky_scan_reference(*a)
+        return states[:, -1] if last_only else states
+
+    want, want_grads = run_with_grads(reference, inputs, grad_out, [0, 1, 2, 3])
+    got, got_grads = run_with_grads(scan(last_only), inputs, grad_out, [0, 1, 2, 3])
+    assert got.shape == shape
+    assert_close_rel(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert_close_rel(g, w)
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("last_only", [False, True], ids=["all", "last"])
+def test_rnn_matches_reference(case, bias, last_only):
+    """x, W_x, b, W_h, h0 through the time-major projection and the kernels, the waves without a
+    gradient (no da pass). At most 12 steps: the loop is the scan's, tested above at full
+    length; the interpreter is slow."""
+    batch, steps, hidden, n_modules, hard, masked = case
+    steps = min(steps, 12)
+    n_inputs = 1 if hidden % 2 else 3
+    inputs = make_rnn_inputs(batch, steps, hidden, n_modules, hard, masked, n_inputs, bias)
+    shape = (batch, hidden) if last_only else (batch, steps, hidden)
+    grad_out = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+
+    def reference(*a):
+        states = leaky_rnn_reference(*a)
+        return states[:, -1] if last_only else states
+
+    wrt = [0, 1, 3, 5] + ([2] if bias else [])
+    want, want_grads = rnn_grads(reference, inputs, grad_out, wrt)
+    got, got_grads = rnn_grads(rnn(last_only), inputs, grad_out, wrt)
+    assert got.shape == shape
+    assert_close_rel(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert_close_rel(g, w)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_gradcheck_float64(hard):
+    """The kernels in double (ieee dots) pass gradcheck, all states and last only. fast_mode
+    (random projections of the Jacobian) keeps the interpreter's calls few."""
+    x, w_x, b, w_h, waves, h0 = make_rnn_inputs(3, 5, 8, 2, hard, hard, 2, True, dtype=torch.float64)
+    args = [t.clone().requires_grad_() for t in (x, w_x, b, w_h, waves, h0)]
+    assert triton_core.supports(x, w_h, w_x, b, waves, h0) is None
+    for last_only in (False, True):
+        assert torch.autograd.gradcheck(rnn(last_only), args, fast_mode=True)
+
+
+def test_hard_waves_hold_and_replace_exactly():
+    """a = 0 keeps the state bit-for-bit, a = 1 writes the candidate itself (torch.lerp's rule)."""
+    u, w_h, waves, h0 = make_inputs(3, 12, 32, 4, hard=True, masked=True)
+    states = triton_core.leaky_scan(u, w_h, waves, h0, False, "ieee")
+    prev = torch.cat([h0[:, None], states[:, :-1]], dim=1)
+    held = ~waves.repeat_interleave(8, dim=1).bool()[None].expand_as(states)
+    assert held.any() and (~held).any()
+    assert torch.equal(states[held], prev[held])
+    candidates = torch.tanh(u + prev @ w_h.t())
+    torch.testing.assert_close(states[~held], candidates[~held], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("last_only", [False, True])
+def test_inference_records_nothing_and_matches(last_only):
+    """No grad needed: the forward-only launch (no candidates) gives the training forward's values."""
+    inputs = make_rnn_inputs(5, 10, 32, 4, False, False, 3, True)
+    with torch.no_grad():
+        out = triton_core.leaky_rnn(*inputs, last_only, "ieee")
+    req = [t.clone().requires_grad_() for t in inputs]
+    trained = triton_core.leaky_rnn(*req, last_only, "ieee")
+    assert out.grad_fn is None and trained.grad_fn is not None
+    assert torch.equal(out, trained.detach())
+    ref = leaky_rnn_reference(*inputs)
+    assert_close_rel(out, ref[:, -1] if last_only else ref)
+
+
+def test_strided_inputs_and_gradients():
+    """A u that is a transposed view, and an incoming gradient without unit stride over H."""
+    u, w_h, waves, h0 = make_inputs(4, 10, 16, 2, hard=False, masked=False)
+    u_tm = u.transpose(0, 1).contiguous().transpose(0, 1)
+    grad = torch.randn(4, 10, 16).transpose(1, 2).contiguous().transpose(1, 2)
+    assert not u_tm.is_contiguous() and grad.stride(2) != 1
+    want, want_grads = run_with_grads(leaky_scan_reference, (u, w_h, waves, h0), grad, [0, 1, 2, 3])
+    got, got_grads = run_with_grads(scan(False), (u_tm, w_h, waves, h0), grad, [0, 1, 2, 3])
+    assert_close_rel(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert_close_rel(g, w)
+
+
+def bf16(t):
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+def bf16_reference(u, w_h, waves, h0):
+    """The bf16 mode's definition: both product operands rounded to bf16, everything else fp32."""
+    a = waves.repeat_interleave(u.shape[2] // waves.shape[1], dim=1)
+    h, states = h0, []
+    for t in range(u.shape[1]):
+        h = torch.lerp(h, torch.tanh(u[:, t] + bf16(h) @ bf16(w_h).t()), a[t])
+        states.append(h)
+    return torch.stack(states, dim=1)
+
+
+def test_bf16_rounds_the_product_operands_only():
+    """bf16: the forward equals a loop that rounds h and W_h before each product and keeps the
+    state in fp32; it differs from ieee by bf16 rounding, not more. Gradients stay close to the
+    exact ones (the backward's dz @ W_h also takes bf16 operands)."""
+    inputs = make_inputs(6, 30, 32, 4, hard=False, masked=False)
+    grad_out = torch.randn(6, 30, 32, generator=torch.Generator().manual_seed(5))
+    got, got_grads = run_with_grads(scan(False, "bf16"), inputs, grad_out, [0, 1, 2, 3])
+    assert_close_rel(got, bf16_reference(*inputs))
+    exact, exact_grads = run_with_grads(leaky_scan_reference, inputs, grad_out, [0, 1, 2, 3])
+    err = ((got - exact).norm() / exact.norm()).item()
+    assert 1e-5 < err < 2e-2, err
+    for g, w in zip(got_grads, exact_grads):
+        assert 1e-6 < ((g - w).norm() / w.norm()).item() < 5e-2
+
+
+def test_supports_says_why_not():
+    u, w_h, waves, h0 = make_inputs(2, 4, 16, 2, hard=False, masked=False)
+    assert triton_core.supports(u, w_h, waves, h0) is None
+    assert "float32/float64" in triton_core.supports(*(t.to(torch.bfloat16) for t in (u, w_h, waves, h0)))
+    big = torch.zeros(129, 129)
+    assert "hidden size 129 > 128 in torch.float32" in triton_core.supports(torch.zeros(2, 4, 129), big)
+    assert triton_core.supports(torch.zeros(2, 4, 128), torch.zeros(128, 128)) is None
+    assert "> 64 in torch.float64" in triton_core.supports(*(torch.zeros(s, dtype=torch.float64) for s in ((2, 4, 65), (65, 65))))
+
+
+def test_path_is_logged_once_per_reason(monkeypatch, caplog):
+    monkeypatch.setattr(triton_core, "_said", set())
+    u, w_h, waves, h0 = make_inputs(2, 4, 16, 2, hard=False, masked=False)
+    with caplog.at_level(logging.INFO, logger="hrnn.triton_core"):
+        assert triton_core.use_kernels(u, w_h, waves, h0)
+        assert triton_core.use_kernels(u, w_h, waves, h0)
+        half = [t.half() for t in (u, w_h, waves, h0)]
+        assert not triton_core.use_kernels(*half)
+        assert not triton_core.use_kernels(*half)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["hrnn: CUDA tensors run the Triton kernels",
+                     "hrnn: CUDA tensors run the pure PyTorch loop (same results, slower): "
+                     "the Triton kernels take float32/float64 only (got torch.float16)"]
+
+
+def test_matmul_precision_setting(monkeypatch, tmp_path):
+    """The runner applies trainer.matmul_precision to hrnn.core; bad values fail in one line."""
+    monkeypatch.setattr(core, "_matmul_precision", "ieee")
+    with pytest.raises(ValueError, match=r"'fp16' is not allowed; allowed: ieee, tf32, tf32x3, bf16"):
+        core.set_matmul_precision("fp16")
+    assert validate(compose_config([])).trainer.matmul_precision in core.MATMUL_PRECISIONS
+    with pytest.raises(UserError, match=r"^trainer.matmul_precision='fp16' is not allowed; allowed: ieee, tf32"):
+        validate(compose_config(["trainer.matmul_precision=fp16"]))
+    train(compose_config(["task=adding", "task.seq_len=8", "trainer.steps=1", "trainer.eval_every=1",
+                          "trainer.matmul_precision=bf16", *TINY]), tmp_path)
+    assert core._matmul_precision == "bf16"
+
+
+@pytest.fixture
+def cuda_looking(monkeypatch):
+    """CPU tensors that say they are CUDA tensors: hrnn.core's CUDA branch, run by the interpreter."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(triton_core, "_said", set())
+
+
+def test_core_sends_cuda_tensors_to_the_kernels_with_its_precision(cuda_looking, monkeypatch, caplog):
+    """hrnn.core.leaky_scan / leaky_rnn on CUDA run the kernels in set_matmul_precision's mode
+    (bf16 here: its rounding shows which path ran) and say so once."""
+    monkeypatch.setattr(core, "_matmul_precision", "ieee")
+    core.set_matmul_precision("bf16")
+    u, w_h, waves, h0 = make_inputs(6, 20, 32, 4, hard=False, masked=False)
+    with caplog.at_level(logging.INFO, logger="hrnn.triton_core"):
+        got = core.leaky_scan(u, w_h, waves, h0)
+        x, w_x, b, *_ = make_rnn_inputs(6, 20, 32, 4, False, False, 3, True)
+        got_rnn = core.leaky_rnn(x, w_x, b, w_h, waves, h0, last_only=True)
+    assert_close_rel(got, bf16_reference(u, w_h, waves, h0))
+    assert_close_rel(got_rnn, bf16_reference(torch.nn.functional.linear(x, w_x, b), w_h, waves, h0)[:, -1])
+    assert [r.getMessage() for r in caplog.records] == ["hrnn: CUDA tensors run the Triton kernels"]
+
+
+def test_core_falls_back_to_the_loop_on_cuda_and_says_why(cuda_looking, monkeypatch, caplog):
+    monkeypatch.setattr(triton_core, "_K", None)
+    monkeypatch.setattr(triton_core, "_REASON", "test: kernels hidden")
+    inputs = make_rnn_inputs(3, 12, 16, 2, False, False, 2, True)
+    grad_out = torch.randn(3, 12, 16)
+    with caplog.at_level(logging.INFO):
+        got, got_grads = rnn_grads(core.leaky_rnn, inputs, grad_out, [0, 1, 2, 3, 4, 5])
+    want, want_grads = rnn_grads(leaky_rnn_reference, inputs, grad_out, [0, 1, 2, 3, 4, 5])
+    assert torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.equal(g, w)
+    assert [r.getMessage() for r in caplog.records] == [
+        "hrnn: CUDA tensors run the pure PyTorch loop (same results, slower): test: kernels hidden"]
+
+
+# Compiles both kernels for an H100 (sm_90) in a fresh process without the interpreter: no GPU
+# needed, Triton's own ptxas. Catches what the interpreter cannot: GPU-only code (the bf16
+# operands), the dot lowering each precision gets, and shared memory at the largest hidden
+# size `supports` admits (an H100 block gets at most 232448 bytes).
+COMPILE = r"""
+import json, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hrnn import triton_core, triton_kernels as K
+
+def compile_(kernel, ptrs, dtype, constexprs, warps):
+    sig = {n: ("*" + dtype if n in ptrs else "constexpr" if n in constexprs else "i32") for n in kernel.arg_names}
+    return triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps})
+
+out = {}
+for precision, dtype in (("tf32", torch.float32), ("bf16", torch.float32), ("ieee", torch.float64)):
+    hidden = triton_core.MAX_HIDDEN[dtype]
+    _, opts = triton_core._launch(hidden, 100)
+    warps, common = opts.pop("num_warps"), dict(T=784, PRECISION=precision, INTERPRET=False, **opts)
+    ty = "fp64" if dtype == torch.float64 else "fp32"
+    fwd = compile_(K.leaky_forward_kernel, {"u", "w_h", "waves", "h0", "buf", "cands", "last"}, ty,
+                   dict(WRITE_STATES=True, WRITE_CANDS=True, WRITE_LAST=True, **common), warps)
+    bwd = compile_(K.leaky_backward_kernel, {"grad", "grad_last", "buf", "cands", "w_h", "waves", "dz", "dh0",
+                   "da_part"}, ty, dict(GRAD_ALL=True, NEED_DA=True, **common), warps)
+    out[precision] = {"shared": [fwd.metadata.shared, bwd.metadata.shared],
+                      "mma": [line.split()[0] for line in fwd.asm["ptx"].splitlines() if "mma.sync" in line][:1]}
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_hopper_within_shared_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for precision, r in out.items():
+        assert max(r["shared"]) <= 232448, (precision, r)
+    # Tensor-core instructions with the operand types each precision asks for (the tile shape
+    # is the compiler's choice and differs between Triton versions).
+    for precision, types in (("tf32", ".f32.tf32.tf32.f32"), ("bf16", ".f32.bf16.bf16.f32"), ("ieee", ".f64.f64.f64.f64")):
+        mma = out[precision]["mma"]
+        assert len(mma) == 1 and mma[0].startswith("mma.sync") and mma[0].endswith(types), (precision, mma)
+
+
+def test_resume_of_a_run_made_before_matmul_precision(tmp_path):
+    """A checkpoint whose stored config has no trainer.matmul_precision (made before the key
+    existed) resumes, with today's default for it."""
+    run = ["task=adding", "task.seq_len=8", "trainer.eval_every=1", *TINY]
+    train(compose_config([*run, "trainer.steps=1"]), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    stored = OmegaConf.create(state["config"])
+    del stored.trainer["matmul_precision"]
+    torch.save({**state, "config": OmegaConf.to_yaml(stored)}, last)
+    (tmp_path / "metrics.json").unlink()
+    train(compose_config([*run, "trainer.steps=1", f"resume={tmp_path}"]), tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "finished"
