@@ -137,7 +137,7 @@ def test_pmnist_applies_one_fixed_permutation(tmp_path):
     splits = (_tiny_mnist(rng, 20), _tiny_mnist(rng, 5), _tiny_mnist(rng, 5))
     with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
         pickle.dump(splits, f)
-    plain = MnistTask(str(tmp_path), seed=0)
+    plain = MnistTask(str(tmp_path), seed=0, permute=False, permutation_seed=0)
     permuted = MnistTask(str(tmp_path), seed=0, permute=True, permutation_seed=3)
     again = MnistTask(str(tmp_path), seed=5, permute=True, permutation_seed=3)
     assert torch.equal(permuted.permutation, again.permutation)

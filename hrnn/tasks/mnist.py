@@ -117,7 +117,7 @@ class MnistTask(Task):
     metric_name = "acc"
     higher_is_better = True
 
-    def __init__(self, data_dir: str, seed: int, permute: bool = False, permutation_seed: int = 0) -> None:
+    def __init__(self, data_dir: str, seed: int, permute: bool, permutation_seed: int) -> None:
         self.name = "pmnist" if permute else "smnist"
         self.spec = TaskSpec(input_size=1, output_size=10, seq_len=PIXELS, readout="last")
         splits = load_mnist(data_dir)
