@@ -58,8 +58,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     try:
         while run.step < trainer.steps:
             run.step += 1
-            if not train_step(run, bar):
-                continue
+            train_step(run, bar)
+            bar.update(1)
             if run.step % trainer.eval_every == 0 or run.step == trainer.steps:
                 evaluate_and_checkpoint(run)
             if stop.signum is not None:
@@ -150,8 +150,11 @@ def set_up(cfg: DictConfig, run_dir: Path) -> Run:
     return run
 
 
-def train_step(run: Run, bar: tqdm) -> bool:
-    """Batch, forward, task loss plus the clock's penalty, backward, clip, step; False if the step was skipped."""
+def train_step(run: Run, bar: tqdm) -> None:
+    """Batch, forward, task loss plus the clock's penalty, backward, clip, step.
+
+    A non-finite loss or gradient stops the run (trainer.nonfinite=stop) or skips only the
+    optimizer update (skip): the step still counts, and its evaluation and checkpoint happen."""
     trainer, task, model, device = run.cfg.trainer, run.task, run.model, run.device
     model.train()
     x, y = task.train_batch(trainer.batch_size)
@@ -171,15 +174,13 @@ def train_step(run: Run, bar: tqdm) -> bool:
                             f"lower optim.lr or set trainer.nonfinite=skip")
         run.skipped += 1
         run.writer.add_scalar("train/nonfinite_skipped", run.skipped, run.step)
-        return False
+        return
     run.optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     run.step_times.append(time.perf_counter() - tick)
     if run.step % trainer.log_every == 0 or run.step == trainer.steps:
         _log_train(run, bar, output.detach(), y, loss, total, grad_norm)
-    bar.update(1)
-    return True
 
 
 def _log_train(run: Run, bar: tqdm, output: Tensor, y: Tensor, loss: Tensor, total: Tensor, grad_norm: Tensor) -> None:

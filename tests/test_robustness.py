@@ -89,7 +89,8 @@ def test_signal_saves_checkpoint_and_says_how_to_resume(tmp_path, reference, sig
         _same_outcome(read_metrics(run_dir), reference)
 
 
-def _nan_task_loss(monkeypatch, bad_steps: set[int]) -> None:
+def _nan_task_loss(monkeypatch, bad_steps: set[int], signal_at: int | None = None) -> None:
+    """The training loss of the given steps becomes NaN; at step `signal_at` the process also gets SIGTERM."""
     from hrnn.tasks.synthetic import AddingTask
 
     calls = {"n": 0}
@@ -99,6 +100,8 @@ def _nan_task_loss(monkeypatch, bad_steps: set[int]) -> None:
         value = original(self, output, target)
         if output.requires_grad:
             calls["n"] += 1
+            if calls["n"] == signal_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # the run's handler only sets a flag
             if calls["n"] in bad_steps:
                 return value * float("nan")
         return value
@@ -124,6 +127,37 @@ def test_nonfinite_skip_counts_and_continues(tmp_path, monkeypatch):
     assert metrics["nonfinite_skipped"] == 2 and metrics["steps"] == 8
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_nonfinite_skip_skips_only_the_update_evaluations_and_checkpoints_still_happen(tmp_path, monkeypatch):
+    """Steps 4 and 8 are evaluation steps, 8 the last: both are evaluated and checkpointed, the run finishes."""
+    _nan_task_loss(monkeypatch, {4, 8})
+    cfg = compose_config([*RUN, "trainer.steps=8", "trainer.eval_every=4", "trainer.nonfinite=skip"])
+    value = train(cfg, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [entry["step"] for entry in metrics["history"]] == [4, 8]
+    assert metrics["nonfinite_skipped"] == 2 and metrics["steps"] == 8 and value == metrics["val_metric"]
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
+    assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["step"] in (4, 8)
+
+
+def test_nonfinite_skip_on_the_only_evaluation_step_still_writes_best_and_tests(tmp_path, monkeypatch):
+    _nan_task_loss(monkeypatch, {3})
+    cfg = compose_config([*RUN, "trainer.steps=3", "trainer.eval_every=3", "trainer.nonfinite=skip"])
+    train(cfg, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["best_step"] == 3 and metrics["test_metric"] > 0
+    assert (tmp_path / "checkpoints" / "best.pt").exists()
+
+
+def test_a_signal_during_a_skipped_step_stops_at_that_step(tmp_path, monkeypatch):
+    _nan_task_loss(monkeypatch, {3}, signal_at=3)
+    cfg = compose_config([*RUN, "trainer.steps=8", "trainer.eval_every=4", "trainer.nonfinite=skip"])
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg, tmp_path)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 3 and state["nonfinite_skipped"] == 1
 
 
 @pytest.fixture
