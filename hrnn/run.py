@@ -35,6 +35,7 @@ from hrnn.checkpoint import atomic_write_bytes, capture_rng, load_checkpoint, re
 from hrnn.config import validate
 from hrnn.errors import UserError
 from hrnn.models import SequenceModel, build_model, count_parameters
+from hrnn.seeds import stream_seed
 from hrnn.spectrum import format_periods, log_clock
 from hrnn.sweep import log_hparams, override_unchanged, run_job, threads_per_job
 from hrnn.tasks import Task, build_task
@@ -342,9 +343,11 @@ def _num_threads(requested: int | None) -> int:
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    """The global RNGs (model initialisation, random clock starts) draw from the model stream."""
+    model_seed = stream_seed("model", seed)
+    random.seed(model_seed)
+    np.random.seed(model_seed % 2**32)
+    torch.manual_seed(model_seed)
 
 
 def _check_writable(run_dir: Path) -> None:

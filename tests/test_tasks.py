@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import compose_config
+from hrnn.config import validate
 from hrnn.errors import UserError
-from hrnn.tasks import load_mnist
+from hrnn.seeds import STREAMS, stream_seed
+from hrnn.tasks import build_task, load_mnist
 from hrnn.tasks.mnist import MnistTask
 from hrnn.tasks.synthetic import AddingTask, CopyTask, TimescalesTask
 
@@ -80,6 +83,25 @@ def test_eval_sets_fixed_and_training_stream_seeded():
     first = a.train_batch(5)
     a.load_state_dict(state)
     assert torch.equal(a.train_batch(5)[0], first[0])
+
+
+def test_no_choice_of_seeds_lets_training_replay_the_validation_set():
+    """trainer.seed == task.data_seed (1234): the first training batch of copy shares no row with the validation set."""
+    cfg = validate(compose_config(["task=copy"]))
+    task = build_task(cfg.task, cfg.data_dir, seed=cfg.task.data_seed)
+    x_train, _ = task.train_batch(100)
+    x_val, _ = next(task.eval_batches("val", cfg.task.n_val))
+    x_test, _ = next(task.eval_batches("test", cfg.task.n_test))
+    rows = lambda x: {tuple(row.argmax(-1).tolist()) for row in x}  # each sequence as its symbols
+    assert len(x_val) == 1000 and len(rows(x_val)) > 990
+    assert rows(x_train).isdisjoint(rows(x_val)) and rows(x_train).isdisjoint(rows(x_test))
+    assert rows(x_val).isdisjoint(rows(x_test))
+
+
+def test_streams_are_distinct_for_every_seed_and_name():
+    seeds = [stream_seed(name, seed) for name in STREAMS for seed in range(300)]
+    assert len(set(seeds)) == len(seeds)
+    assert stream_seed("train", 7) == stream_seed("train", 7)  # a pure function: resume and reruns are exact
 
 
 def _tiny_mnist(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hrnn.errors import UserError
-from hrnn.tasks.base import Task, TaskSpec, generator, iterate
+from hrnn.seeds import generator
+from hrnn.tasks.base import Task, TaskSpec, iterate
 
 PIXELS = 784
 FETCH_COMMAND = "make data"
@@ -121,12 +122,12 @@ class MnistTask(Task):
         self.name = "pmnist" if permute else "smnist"
         self.spec = TaskSpec(input_size=1, output_size=10, seq_len=PIXELS, readout="last")
         splits = load_mnist(data_dir)
-        self.permutation = torch.randperm(PIXELS, generator=generator(permutation_seed)) if permute else None
+        self.permutation = torch.randperm(PIXELS, generator=generator("permutation", permutation_seed)) if permute else None
         self._data = {name: self._prepare(*arrays) for name, arrays in splits.items()}
         counts = torch.bincount(self._data["train"][1], minlength=10).float()
         self.baseline = (counts.max() / counts.sum()).item()
         self.baseline_note = "accuracy of always predicting the most frequent training class"
-        self._gen = generator(seed)
+        self._gen = generator("train", seed)
         self._order = torch.randperm(len(self._data["train"][0]), generator=self._gen)
         self._position = 0
 
