@@ -108,6 +108,7 @@ class Run:
             "step_times": self.step_times,
             "wall_s": self.wall_s(),
             "nonfinite_skipped": self.skipped,
+            "threads": torch.get_num_threads(),  # reused on resume: gradient sums depend on it
             "history": self.history,
             "config": OmegaConf.to_yaml(self.cfg),
             "model_class": _describe_model(self.cfg),
@@ -414,9 +415,13 @@ def _resume_state(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 
 
 def _config_for_resume(state: dict[str, Any], cfg: DictConfig) -> DictConfig:
-    """The stored config, plus command-line overrides that do not change the trajectory."""
+    """The stored config, plus command-line overrides that do not change the trajectory.
+
+    The thread count is the run's own: the kernels sum gradients per thread, so the stored
+    count is reused (docs/resume.md); an explicit trainer.num_threads still wins, with a note."""
     stored = OmegaConf.create(state["config"])
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    overridden = set()
     for override in overrides:
         key, _, _ = override.lstrip("+~").partition("=")
         if key == "resume" or key.startswith("hydra"):
@@ -427,6 +432,14 @@ def _config_for_resume(state: dict[str, Any], cfg: DictConfig) -> DictConfig:
             raise UserError(f"cannot change {key} when resuming (it would change the run); "
                             f"allowed with resume: {', '.join(RESUMABLE_OVERRIDES)}")
         OmegaConf.update(stored, key, OmegaConf.select(cfg, key), merge=False)
+        overridden.add(key)
+    if "threads" in state:  # checkpoints written before the count was stored resolve it again
+        if "trainer.num_threads" not in overridden:
+            stored.trainer.num_threads = state["threads"]
+        elif _num_threads(stored.trainer.num_threads) != state["threads"]:
+            say(f"note: trainer.num_threads={stored.trainer.num_threads} differs from the {state['threads']} threads "
+                f"this run used so far; the continuation equals the uninterrupted run only up to floating-point "
+                f"summation order")
     stored.resume = cfg.resume
     return stored
 

@@ -23,12 +23,14 @@ def compose_config(overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=overrides)
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `hrnn-train ARGS` as a user would, in cwd."""
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, check: bool = True, env: dict | None = None,
+            cores: set[int] | None = None) -> subprocess.CompletedProcess:
+    """Run `hrnn-train ARGS` as a user would, in cwd; `cores` pins it, as on a machine with only those cores."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
     result = subprocess.run([sys.executable, "-m", "hrnn.run", *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=timeout, env=full_env)
+                            timeout=timeout, env=full_env, preexec_fn=pin)
     if check and result.returncode != 0:
         raise AssertionError(f"hrnn-train {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,34 @@ def test_stop_at_step_k_and_resume_reproduces_uninterrupted_run(tmp_path, tiny):
     assert [entry["step"] for entry in part["history"]] == [3, 6, 9]
     scalars = read_events(tmp_path / "part").Scalars("train/loss")
     assert [e.step for e in scalars] == list(range(1, 10))  # no duplicated or missing steps after resume
+
+
+TWO_CORES = sorted(os.sched_getaffinity(0))[:2] if hasattr(os, "sched_getaffinity") else []
+
+
+@pytest.mark.skipif(len(TWO_CORES) < 2, reason="needs two cores to run with two thread counts")
+def test_resume_on_a_machine_with_fewer_cores_keeps_the_runs_thread_count(tmp_path, tiny):
+    """num_threads=null resolves to the cores; the kernels' gradient sums depend on the thread count, so a
+    resume on one core reuses the run's two threads and ends bit-identical to the uninterrupted run."""
+    two, one = set(TWO_CORES), {TWO_CORES[0]}
+    common = ["task=copy", "task.seq_len=10", "basis=dct", "trainer.eval_every=3", *tiny]
+    run_cli([*common, "trainer.steps=9", f"hydra.run.dir={tmp_path / 'full'}"], cwd=tmp_path, cores=two)
+    run_cli([*common, "trainer.steps=6", f"hydra.run.dir={tmp_path / 'part'}"], cwd=tmp_path, cores=two)
+    result = run_cli([f"resume={tmp_path / 'part'}", "trainer.steps=9"], cwd=tmp_path, cores=one)
+    assert "note:" not in result.stdout
+    full, part = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True) for run in ("full", "part"))
+    assert all(torch.equal(full["model"][key], part["model"][key]) for key in full["model"])
+    assert read_metrics(tmp_path / "part")["threads"] == 2 and part["threads"] == 2
+
+
+def test_an_explicit_thread_count_on_resume_is_used_with_a_note(tmp_path, tiny):
+    run_cli(["task=adding", "task.seq_len=10", "trainer.steps=2", "trainer.eval_every=2", "trainer.num_threads=2",
+             f"hydra.run.dir={tmp_path / 'run'}", *tiny], cwd=tmp_path)
+    result = run_cli([f"resume={tmp_path / 'run'}", "trainer.steps=4", "trainer.num_threads=1"], cwd=tmp_path)
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert notes == ["note: trainer.num_threads=1 differs from the 2 threads this run used so far; the continuation "
+                     "equals the uninterrupted run only up to floating-point summation order"]
+    assert read_metrics(tmp_path / "run")["threads"] == 1
 
 
 BAD_INPUTS = [
