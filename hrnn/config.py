@@ -211,7 +211,8 @@ def _check_values(cfg: DictConfig) -> None:
     _require(trainer.nonfinite in NONFINITE, f"trainer.nonfinite={trainer.nonfinite!r} is not allowed; allowed: {', '.join(NONFINITE)}")
     _require(trainer.num_threads is None or trainer.num_threads > 0, f"trainer.num_threads={trainer.num_threads} must be positive or null")
     _require(trainer.grad_clip is None or trainer.grad_clip > 0, f"trainer.grad_clip={trainer.grad_clip} must be positive or null")
-    _require(cfg.optim.clock_lr is None or cfg.optim.clock_lr > 0, f"optim.clock_lr={cfg.optim.clock_lr} must be positive or null")
+    _require(cfg.optim.clock_lr is None or cfg.optim.clock_lr >= 0,
+             f"optim.clock_lr={cfg.optim.clock_lr} must be positive, 0 (the clock frozen at its start) or null (optim.lr)")
     _require(cfg.optim.weight_decay >= 0, f"optim.weight_decay={cfg.optim.weight_decay} must be non-negative")
     if model.name in ("hrnn", "cwrnn"):
         _positive(cfg, "model.n_modules")

@@ -311,13 +311,22 @@ def evaluate(model: torch.nn.Module, task: Task, split: str, batch_size: int, de
 
 def build_optimizer(optim_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Clock parameters get their own learning rate: a softmax logit must move by several
-    units for a module to change period, which takes thousands of steps at the weights' rate."""
+    units for a module to change period, which takes thousands of steps at the weights' rate.
+
+    optim.clock_lr=0 freezes the clock at its start (the ablation against a fixed hierarchy):
+    its parameters stop requiring gradients, so they get no update, no optimizer state and no
+    share of the clipped gradient norm. null gives them optim.lr."""
     clock = model.clock if hasattr(model, "clock") else None
     clock_params = [p for p in clock.parameters() if p.requires_grad] if clock is not None else []
+    if optim_cfg.clock_lr == 0:
+        for p in clock_params:
+            p.requires_grad_(False)
+        clock_params = []
     clock_ids = {id(p) for p in clock_params}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in clock_ids]}]
     if clock_params:
-        groups.append({"params": clock_params, "lr": optim_cfg.clock_lr or optim_cfg.lr, "weight_decay": 0.0})
+        clock_lr = optim_cfg.lr if optim_cfg.clock_lr is None else optim_cfg.clock_lr
+        groups.append({"params": clock_params, "lr": clock_lr, "weight_decay": 0.0})
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
     return kinds[optim_cfg.name](groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
 

@@ -11,7 +11,7 @@ import torch
 from conftest import compose_config
 from hrnn.config import validate
 from hrnn.models import build_model, count_parameters
-from hrnn.run import build_optimizer, train
+from hrnn.run import build_optimizer, seed_everything, train
 from hrnn.tasks import build_task
 
 TASK_OVERRIDES = {
@@ -66,6 +66,33 @@ def test_clock_coefficients_receive_gradient_from_the_task_loss():
     x, y = task.train_batch(4)
     task.loss(net(x), y).backward()
     assert net.clock.coefficients.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("basis", ["dct", "period"])
+def test_clock_lr_zero_freezes_the_clock_at_its_start(tmp_path, basis):
+    """Random starting periods (drawn from the model stream) stay bit-identical while the weights train."""
+    cfg = compose_config([*TASK_OVERRIDES["adding"], f"basis={basis}", "basis.init=random", "optim.clock_lr=0",
+                          "model.hidden_size=8", "model.n_modules=2", "trainer.steps=5", "trainer.eval_every=5",
+                          "trainer.progress=false", "trainer.batch_size=4"])
+    train(cfg, tmp_path)
+    seed_everything(cfg.trainer.seed)  # the start, rebuilt as set_up builds it
+    start = build_model(validate(cfg), build_task(cfg.task, cfg.data_dir, cfg.trainer.seed).spec).state_dict()
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    clock_keys = [key for key in start if key.startswith("backbone.clock.")]
+    assert clock_keys and all(torch.equal(state["model"][key], start[key]) for key in clock_keys)
+    assert not torch.equal(state["model"]["backbone.recurrent"], start["backbone.recurrent"])
+    assert len(state["optimizer"]["param_groups"]) == 1  # no group, so no Adam state, for the clock
+    assert len(state["optimizer"]["state"]) == len(start) - len(clock_keys)
+
+
+@pytest.mark.parametrize("clock_lr,expected", [("null", 0.001), ("0.05", 0.05)])
+def test_clock_lr_null_is_the_weights_rate(clock_lr, expected):
+    cfg = validate(compose_config([*TASK_OVERRIDES["adding"], f"optim.clock_lr={clock_lr}", "optim.lr=0.001",
+                                   "model.hidden_size=8", "model.n_modules=2"]))
+    net = build_model(cfg, build_task(cfg.task, cfg.data_dir, seed=0).spec)
+    groups = build_optimizer(cfg.optim, net).param_groups
+    assert [group["lr"] for group in groups] == [0.001, expected]
+    assert groups[1]["params"] == [net.clock.coefficients]
 
 
 def test_in_process_train_returns_validation_metric(tmp_path):

@@ -128,6 +128,7 @@ BAD_INPUTS = [
     (["trainer.batch_size=-1"], "trainer.batch_size=-1 must be positive"),
     (["-m", "trainer.seed=0,1", "model.hidden_size=10,12", "model.n_modules=4"],
      "model.hidden_size=10 is not divisible by model.n_modules=4"),
+    (["optim.clock_lr=-0.1"], "optim.clock_lr=-0.1 must be positive, 0 (the clock frozen at its start) or null (optim.lr)"),
     (["model.connectivity=sideways"], "model.connectivity='sideways' is not allowed; allowed: full, slow_to_fast"),
 ]
 
