@@ -230,8 +230,25 @@ def test_cosine_wave_period_is_the_fundamental_of_its_significant_harmonics():
     assert float(wave[0]) == pytest.approx(1.0, abs=1e-5) and float(wave[3]) < 0.5  # ticks at multiples of 6
 
 
-def test_binary_and_period_clocks_wave_period_is_the_dominant_period():
-    binary = basis_clock("binary", 30, 3, 30, "softmax")
-    assert binary.wave_periods() == binary.periods() == [1.0, 2.0, 4.0]
-    period = period_clock(n_modules=3, seq_len=100)
-    assert period.wave_periods() == period.periods() and len(period.periods()) == 3
+def test_binary_wave_period_is_the_dominant_period_even_for_a_mix():
+    """A binary mix of periods 2 and 3 ticks on the union of their ticks, which has no one period:
+    the reading is the dominant column's period, here 3 (weight ~0.6 against ~0.4)."""
+    clock = basis_clock("binary", 12, 2, 12, "softmax")
+    logits = torch.full((12, 2), -30.0)
+    logits[[1, 2], 0] = torch.tensor([0.0, math.log(1.5)])  # periods 2 and 3
+    logits[4, 1] = 5.0  # period 5 alone
+    with torch.no_grad():
+        clock.coefficients.copy_(logits)
+    wave = clock.waves(12)[:, 0].detach()
+    assert [t for t in range(12) if wave[t] > 0.5] == [0, 3, 6, 9]  # the ticks of period 3 carry 0.6 ...
+    assert [t for t in range(12) if 0.1 < wave[t] < 0.5] == [2, 4, 8, 10]  # ... period 2's alone 0.4
+    assert clock.wave_periods() == [3.0, 5.0]
+
+
+def test_period_clock_wave_period_is_its_learned_period():
+    clock = period_clock(n_modules=3, seq_len=100)
+    with torch.no_grad():
+        clock.log_period.copy_(torch.tensor([3.0, 7.5, 40.0]).log())
+    assert clock.wave_periods() == pytest.approx([3.0, 7.5, 40.0])
+    waves = clock.waves(120).detach()
+    assert all(torch.allclose(waves[p_int:, m], waves[:-p_int, m], atol=1e-4) for m, p_int in [(0, 3), (2, 40)])

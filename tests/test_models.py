@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import pickle
 
 import numpy as np
@@ -95,14 +96,28 @@ def test_clock_lr_null_is_the_weights_rate(clock_lr, expected):
     assert groups[1]["params"] == [net.clock.coefficients]
 
 
-def test_in_process_train_returns_validation_metric(tmp_path):
-    cfg = compose_config([*TASK_OVERRIDES["adding"], "model.hidden_size=8", "model.n_modules=2", "trainer.steps=2",
-                          "trainer.eval_every=1", "trainer.progress=false", "trainer.batch_size=4"])
+def test_final_metrics_are_the_best_checkpoint_scored_on_the_whole_sets(tmp_path):
+    """metrics.json's val and test MSE (and train's return value, the val MSE a sweeper optimises),
+    recomputed here from best.pt on the full sets in one batch; best.pt is the evaluation with the
+    lowest validation MSE in the history."""
+    cfg = compose_config([*TASK_OVERRIDES["adding"], "task.n_val=30", "task.n_test=20", "model.hidden_size=8",
+                          "model.n_modules=2", "trainer.steps=6", "trainer.eval_every=2", "trainer.eval_batch_size=7",
+                          "trainer.progress=false", "trainer.batch_size=4", "optim.lr=0.05"])
     value = train(cfg, tmp_path)
-    import json
-
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert value == pytest.approx(metrics["val_metric"])
+    history = {entry["step"]: entry["val_mse"] for entry in metrics["history"]}
+    assert metrics["best_step"] == min(history, key=history.get) and len(set(history.values())) == 3
+    task = build_task(cfg.task, cfg.data_dir, seed=0)
+    net = build_model(validate(cfg), task.spec)
+    net.load_state_dict(torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["model"])
+    mse = {}
+    with torch.no_grad():
+        for split, n in (("val", 30), ("test", 20)):
+            x, y = next(task.eval_batches(split, n))
+            assert len(x) == n
+            mse[split] = torch.nn.functional.mse_loss(net(x), y).item()
+    assert metrics["val_metric"] == pytest.approx(mse["val"], rel=1e-5) and value == pytest.approx(mse["val"], rel=1e-5)
+    assert metrics["test_metric"] == pytest.approx(mse["test"], rel=1e-5)
 
 
 def test_timescales_run_reports_recovered_periods(tmp_path):
@@ -110,18 +125,14 @@ def test_timescales_run_reports_recovered_periods(tmp_path):
                           "basis=binary", "model.hidden_size=8", "model.n_modules=4", "trainer.steps=1",
                           "trainer.progress=false", "trainer.batch_size=2"])
     train(cfg, tmp_path)
-    import json
-
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["periods"] == [1.0, 2.0, 4.0, 8.0]  # the spread start, one step in
     assert metrics["true_periods"] == [4, 3] and metrics["recovered_periods"] == [4] and metrics["recovered"] == 1
-    assert metrics["wave_periods"] == metrics["periods"] and metrics["recovered_wave"] == 1  # binary: the same reading
+    assert metrics["wave_periods"] == [1.0, 2.0, 4.0, 8.0] and metrics["recovered_wave"] == 1
 
 
 def test_timescales_cosine_run_stores_wave_periods_and_results_reads_them_back(tmp_path):
     """The results study's wave recovery, read from metrics.json and recomputed from best.pt, agree."""
-    import json
-
     from omegaconf import OmegaConf
 
     from hrnn.results import wave_recovered

@@ -141,7 +141,7 @@ def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, message):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and message in lines[0], lines[0]
     assert "Traceback" not in result.stderr + result.stdout
-    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("last.pt"))
+    assert list(tmp_path.iterdir()) == []  # writes nothing: no run directory, no log, no .hydra
 
 
 def test_missing_mnist_names_the_command_that_fixes_it(tmp_path, tiny):

@@ -143,6 +143,23 @@ def test_mnist_idx_format(tmp_path, compress):
     assert np.allclose(data["test"][0], test.reshape(7, -1) / 255.0)
 
 
+def test_mnist_idx_at_full_size_splits_50k_train_10k_validation_in_order(tmp_path):
+    """The real IDX files hold 60,000 training images: the first 50,000 train, the last 10,000 validate."""
+    n = 60_000
+    index = np.arange(n)
+    images = np.zeros((n, 28, 28), dtype=np.uint8)
+    images[:, 0, 0], images[:, 0, 1] = index // 256, index % 256  # each image carries its index
+    _write_idx(tmp_path / "train-images-idx3-ubyte", images, compress=True)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", index % 10, compress=True)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", images[:3], compress=True)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", index[:3] % 10, compress=True)
+    data = load_mnist(tmp_path)
+    position = lambda x: np.rint(x[:, 0] * 255).astype(int) * 256 + np.rint(x[:, 1] * 255).astype(int)
+    assert np.array_equal(position(data["train"][0]), index[:50_000])
+    assert np.array_equal(position(data["val"][0]), index[50_000:])
+    assert np.array_equal(data["val"][1], index[50_000:] % 10) and len(data["test"][0]) == 3
+
+
 def test_mnist_missing_names_the_fix(tmp_path):
     with pytest.raises(UserError, match="make data"):
         load_mnist(tmp_path)

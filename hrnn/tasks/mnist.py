@@ -103,8 +103,8 @@ def _load_idx(paths: dict[str, Path]) -> dict[str, tuple[np.ndarray, np.ndarray]
     test_y = arrays["test_labels"].astype(np.int64)
     if train_x.shape[1] != PIXELS or len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise UserError(f"MNIST IDX files in {paths['train_images'].parent} have inconsistent shapes")
-    # The classic split: the last 10k training images are the validation set.
-    n_train = len(train_x) - 10_000 if len(train_x) > 10_000 else len(train_x) * 5 // 6
+    # The classic split: the last sixth of the training images (10,000 of 60,000) is the validation set.
+    n_train = len(train_x) * 5 // 6
     return {
         "train": (train_x[:n_train], train_y[:n_train]),
         "val": (train_x[n_train:], train_y[n_train:]),
