@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -208,6 +209,8 @@ def _check_values(cfg: DictConfig) -> None:
         if bad:
             raise UserError(f"task.periods has non-positive period {bad[0]}; periods must be positive integers")
     _require(trainer.device in DEVICES, f"trainer.device={trainer.device!r} is not allowed; allowed: {', '.join(DEVICES)}")
+    _require(trainer.device != "cuda" or torch.cuda.is_available(),
+             "trainer.device=cuda but no CUDA device is available; allowed here: cpu, auto")
     _require(trainer.nonfinite in NONFINITE, f"trainer.nonfinite={trainer.nonfinite!r} is not allowed; allowed: {', '.join(NONFINITE)}")
     _require(trainer.num_threads is None or trainer.num_threads > 0, f"trainer.num_threads={trainer.num_threads} must be positive or null")
     _require(trainer.grad_clip is None or trainer.grad_clip > 0, f"trainer.grad_clip={trainer.grad_clip} must be positive or null")

@@ -168,15 +168,20 @@ def finished_run(tmp_path) -> Path:
     return run_dir
 
 
-def _resume_fails_cleanly(run_dir: Path, cwd: Path, expected: str) -> None:
-    last = run_dir / "checkpoints" / "last.pt"
-    before = last.read_bytes()
-    result = run_cli([f"resume={run_dir}"], cwd=cwd, check=False, timeout=60)
+def _resume_fails_cleanly(run_dir: Path, cwd: Path, expected: str, *overrides: str) -> None:
+    files = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    result = run_cli([f"resume={run_dir}", *overrides], cwd=cwd, check=False, timeout=60)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    assert last.read_bytes() == before  # the file is left as it was
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == files  # left as it was
+
+
+def test_changing_a_key_on_resume_is_refused_and_the_run_left_alone(finished_run, tmp_path):
+    _resume_fails_cleanly(finished_run, tmp_path, "error: cannot change model.hidden_size when resuming (it would "
+                          "change the run); allowed with resume: trainer.steps, trainer.device, trainer.num_threads, "
+                          "trainer.progress, trainer.log_every", "model.hidden_size=64", "trainer.steps=8")
 
 
 def test_truncated_checkpoint_refused_and_left_alone(finished_run, tmp_path):

@@ -128,6 +128,7 @@ BAD_INPUTS = [
     (["trainer.batch_size=-1"], "trainer.batch_size=-1 must be positive"),
     (["-m", "trainer.seed=0,1", "model.hidden_size=10,12", "model.n_modules=4"],
      "model.hidden_size=10 is not divisible by model.n_modules=4"),
+    (["trainer.device=cuda"], "trainer.device=cuda but no CUDA device is available; allowed here: cpu, auto"),
     (["optim.clock_lr=-0.1"], "optim.clock_lr=-0.1 must be positive, 0 (the clock frozen at its start) or null (optim.lr)"),
     (["model.connectivity=sideways"], "model.connectivity='sideways' is not allowed; allowed: full, slow_to_fast"),
 ]
@@ -135,7 +136,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, message):
-    result = run_cli(args, cwd=tmp_path, check=False, timeout=60)
+    result = run_cli(args, cwd=tmp_path, check=False, timeout=60, env={"CUDA_VISIBLE_DEVICES": ""})  # as without a GPU
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
