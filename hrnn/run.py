@@ -47,6 +47,14 @@ RESUMABLE_OVERRIDES = ("trainer.steps", "trainer.device", "trainer.num_threads",
 say = tqdm.write  # print without breaking the progress bar
 
 
+def run_name(model: str, basis: str) -> str:
+    """The run directory's suffix (conf/config.yaml): the model, and for hrnn its basis; the baselines have none."""
+    return f"{model}_{basis}" if model == "hrnn" else model
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import hrnn.run  # noqa: F401  registers the run_name resolver, as hrnn-train does
 from conftest import CONF_DIR, compose_config, read_metrics, run_cli
 from hrnn.config import validate
 
@@ -66,6 +68,21 @@ def test_cli_run_writes_events_checkpoints_and_metrics(tmp_path, tiny):
     spectrum = events.Images("clock/spectrum")[-1]
     assert spectrum.height == 4 * 8 and spectrum.width >= 20  # 4 modules x 20 binary periods
     assert any(tag.startswith("clock/") for tag in events.Tags()["histograms"])
+
+
+@pytest.mark.parametrize("model,suffix", [("hrnn", "_hrnn_binary"), ("cwrnn", "_cwrnn"), ("lstm", "_lstm"),
+                                          ("gru", "_gru"), ("rnn", "_rnn")])
+def test_run_directory_names_the_basis_only_for_hrnn(model, suffix):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={model}", "basis=binary"], return_hydra_config=True)
+    parent, name = cfg.hydra.run.dir.rsplit("/", 1)
+    assert parent == "outputs/adding" and name.endswith(suffix) and len(name) == len("2026-01-01_00-00-00") + len(suffix)
+
+
+def test_a_baseline_run_directory_has_no_basis(tmp_path, tiny):
+    run_cli(["model=lstm", "task.seq_len=5", "trainer.steps=1", *tiny], cwd=tmp_path)
+    (run_dir,) = (tmp_path / "outputs" / "adding").iterdir()
+    assert run_dir.name.endswith("_lstm") and (run_dir / "metrics.json").exists()
 
 
 def test_stop_at_step_k_and_resume_reproduces_uninterrupted_run(tmp_path, tiny):
