@@ -1,6 +1,7 @@
 """Shared helpers: compose configs like the CLI does, and run the CLI in a subprocess."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,16 @@ CONF_DIR = ROOT / "conf"
 # Small enough for a 2-core machine: a run of a few steps takes seconds.
 TINY = ["model.hidden_size=16", "model.n_modules=4", "trainer.batch_size=8", "trainer.eval_batch_size=50",
         "task.n_val=50", "task.n_test=50", "trainer.progress=false", "trainer.log_every=1"]
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not part of the hrnn package)."""
+    module_name = f"scripts_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / "scripts" / f"{name}.py")
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

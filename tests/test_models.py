@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config
+from conftest import compose_config, load_script
 from hrnn.config import validate
 from hrnn.models import build_model, count_parameters
 from hrnn.run import build_optimizer, seed_everything, train
@@ -135,7 +135,6 @@ def test_timescales_cosine_run_stores_wave_periods_and_results_reads_them_back(t
     """The results study's wave recovery, read from metrics.json and recomputed from best.pt, agree."""
     from omegaconf import OmegaConf
 
-    from hrnn.results import wave_recovered
     from hrnn.tasks.synthetic import recovered_periods
 
     cfg = compose_config(["task=timescales", "task.seq_len=24", "task.periods=[4,6]", "task.n_val=4", "task.n_test=4",
@@ -147,6 +146,7 @@ def test_timescales_cosine_run_stores_wave_periods_and_results_reads_them_back(t
     assert metrics["recovered_wave"] == len(recovered_periods([4, 6], metrics["wave_periods"]))
     assert all("wave_periods" in entry and "recovered_wave" in entry for entry in metrics["history"])
     job = {"dir": str(tmp_path), "config": OmegaConf.to_container(cfg), "metrics": dict(metrics)}
+    wave_recovered = load_script("results").wave_recovered
     assert wave_recovered(job) == metrics["recovered_wave"]
     del job["metrics"]["recovered_wave"]  # a run from before the field: recomputed from the checkpoint
     assert wave_recovered(job) == metrics["recovered_wave"]
