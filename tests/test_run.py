@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import hrnn.run  # noqa: F401  registers the run_name resolver, as hrnn-train does
 from conftest import CONF_DIR, compose_config, read_metrics, run_cli
 from hrnn.config import validate
+from hrnn.run import train
 
 GROUP_OPTIONS = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
                  for group in ("task", "model", "basis", "regularizer", "optim", "trainer", "experiment")}
@@ -99,27 +100,26 @@ def test_stop_at_step_k_and_resume_reproduces_uninterrupted_run(tmp_path, tiny):
     assert [e.step for e in scalars] == list(range(1, 10))  # no duplicated or missing steps after resume
 
 
-TWO_CORES = sorted(os.sched_getaffinity(0))[:2] if hasattr(os, "sched_getaffinity") else []
+CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 
-@pytest.mark.skipif(len(TWO_CORES) < 2, reason="needs two cores to run with two thread counts")
+@pytest.mark.skipif(len(CORES) < 2, reason="needs two cores to run with two thread counts")
 def test_resume_on_a_machine_with_fewer_cores_keeps_the_runs_thread_count(tmp_path, tiny):
     """num_threads=null resolves to the cores; the kernels' gradient sums depend on the thread count, so a
-    resume on one core reuses the run's two threads and ends bit-identical to the uninterrupted run."""
-    two, one = set(TWO_CORES), {TWO_CORES[0]}
+    resume on one core reuses the run's thread count and ends bit-identical to the uninterrupted run."""
     common = ["task=copy", "task.seq_len=10", "basis=dct", "trainer.eval_every=3", *tiny]
-    run_cli([*common, "trainer.steps=9", f"hydra.run.dir={tmp_path / 'full'}"], cwd=tmp_path, cores=two)
-    run_cli([*common, "trainer.steps=6", f"hydra.run.dir={tmp_path / 'part'}"], cwd=tmp_path, cores=two)
-    result = run_cli([f"resume={tmp_path / 'part'}", "trainer.steps=9"], cwd=tmp_path, cores=one)
+    train(compose_config([*common, "trainer.steps=9"]), tmp_path / "full")  # here: all of CORES
+    train(compose_config([*common, "trainer.steps=6"]), tmp_path / "part")
+    result = run_cli([f"resume={tmp_path / 'part'}", "trainer.steps=9"], cwd=tmp_path, cores={CORES[0]})
     assert "note:" not in result.stdout
     full, part = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True) for run in ("full", "part"))
     assert all(torch.equal(full["model"][key], part["model"][key]) for key in full["model"])
-    assert read_metrics(tmp_path / "part")["threads"] == 2 and part["threads"] == 2
+    assert read_metrics(tmp_path / "part")["threads"] == part["threads"] == len(CORES)
 
 
 def test_an_explicit_thread_count_on_resume_is_used_with_a_note(tmp_path, tiny):
-    run_cli(["task=adding", "task.seq_len=10", "trainer.steps=2", "trainer.eval_every=2", "trainer.num_threads=2",
-             f"hydra.run.dir={tmp_path / 'run'}", *tiny], cwd=tmp_path)
+    train(compose_config(["task=adding", "task.seq_len=10", "trainer.steps=2", "trainer.eval_every=2",
+                          "trainer.num_threads=2", *tiny]), tmp_path / "run")
     result = run_cli([f"resume={tmp_path / 'run'}", "trainer.steps=4", "trainer.num_threads=1"], cwd=tmp_path)
     notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
     assert notes == ["note: trainer.num_threads=1 differs from the 2 threads this run used so far; the continuation "
