@@ -74,7 +74,8 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path, r
     assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # no temporary files left behind
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+# SIGTERM (what SLURM and kill send) in the default suite; Ctrl-C's SIGINT takes the same path, so it is slow-only.
+@pytest.mark.parametrize("signum,code", [pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow), (signal.SIGTERM, 143)])
 def test_signal_saves_checkpoint_and_says_how_to_resume(tmp_path, reference, signum, code):
     run_dir = tmp_path / "run"
     proc = _start([*RUN, "trainer.steps=400", f"hydra.run.dir={run_dir}"], tmp_path)
