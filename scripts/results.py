@@ -13,6 +13,7 @@ needs (reading job directories, mean ± std) is hrnn.summary.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -20,11 +21,26 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from hrnn.summary import mean_std, plus_minus, read_jobs  # noqa: E402
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 THRESHOLD = 0.01  # the validation MSE a timescales run must reach
+
+
+# The settings a label names when a job changed them from conf/'s defaults, as (group, key, word).
+LABELLED = {"coefficients": [("regularizer", "name", ""), ("basis", "sharpness", "sharpness"),
+                             ("regularizer", "entropy_weight", "entropy")],
+            "period": [("basis", "init", "init"), ("basis", "open_ratio", "open")]}
+
+
+@functools.lru_cache(maxsize=None)
+def default_config(basis: str) -> dict[str, Any]:
+    """conf/'s defaults with this basis: what a label leaves out."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_container(compose(config_name="config", overrides=[f"basis={basis}"]))
 
 
 def model_label(config: dict[str, Any]) -> str:
@@ -32,21 +48,13 @@ def model_label(config: dict[str, Any]) -> str:
     model = config.get("model", {}).get("name", "?")
     if model != "hrnn":
         return model
-    basis, regularizer = config.get("basis", {}), config.get("regularizer", {})
-    label = f"hrnn-{basis.get('name', '?')}"
-    if basis.get("name") != "period":
-        if regularizer.get("name", "softmax") != "softmax":
-            label += f" {regularizer['name']}"
-        if basis.get("sharpness", 1) != 1:
-            label += f" sharpness {basis['sharpness']:g}"
-        if regularizer.get("entropy_weight"):
-            label += f" entropy {regularizer['entropy_weight']:g}"
-    else:
-        if basis.get("init", "spread") != "spread":
-            label += f" init {basis['init']}"
-        if basis.get("open_ratio", 0.1) != 0.1:
-            label += f" open {basis['open_ratio']:g}"
-    return label
+    basis = config.get("basis", {}).get("name", "?")
+    defaults, parts = default_config(basis), [f"hrnn-{basis}"]
+    for group, key, word in LABELLED["period" if basis == "period" else "coefficients"]:
+        value = config.get(group, {}).get(key, defaults[group].get(key))
+        if value != defaults[group].get(key):
+            parts.append(f"{word} {value:g}".strip() if isinstance(value, float) else f"{word} {value}".strip())
+    return " ".join(parts)
 
 
 def read_study(study_dir: Path | str) -> list[dict[str, Any]]:
