@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,11 +163,17 @@ def test_a_signal_during_a_skipped_step_stops_at_that_step(tmp_path, monkeypatch
     assert state["step"] == 3 and state["nonfinite_skipped"] == 1
 
 
+@pytest.fixture(scope="module")
+def pristine_run(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("pristine")
+    run_cli([*RUN, "trainer.steps=4", f"hydra.run.dir={cwd / 'run'}"], cwd=cwd)
+    return cwd / "run"
+
+
 @pytest.fixture
-def finished_run(tmp_path) -> Path:
-    run_dir = tmp_path / "run"
-    run_cli([*RUN, "trainer.steps=4", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    return run_dir
+def finished_run(pristine_run, tmp_path) -> Path:
+    """A finished run of its own for each test (a copy: the tests damage it)."""
+    return Path(shutil.copytree(pristine_run, tmp_path / "run"))
 
 
 def _resume_fails_cleanly(run_dir: Path, cwd: Path, expected: str, *overrides: str) -> None:
