@@ -1,7 +1,6 @@
 """hrnn-train end to end, as a subprocess: files written and re-read, resume exactness, clear errors."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
