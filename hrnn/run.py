@@ -394,13 +394,18 @@ def _save(path: Path, state: dict[str, Any], model: torch.nn.Module) -> None:
     save_checkpoint(path, state)
 
 
+# Signals that ask the loop to checkpoint and stop: Ctrl-C, kill, and SIGUSR2, which SLURM jobs launched
+# by submitit receive shortly before their time limit (submitit's own handler would raise mid-step).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, name))
+
+
 class _SignalFlag:
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop at the end of the current step."""
+    """A stop signal asks the loop to checkpoint and stop at the end of the current step."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (some launchers): keep default behaviour

@@ -92,8 +92,8 @@ def test_signal_saves_checkpoint_and_says_how_to_resume(tmp_path, reference, sig
         _same_outcome(read_metrics(run_dir), reference)
 
 
-def _nan_task_loss(monkeypatch, bad_steps: set[int], signal_at: int | None = None) -> None:
-    """The training loss of the given steps becomes NaN; at step `signal_at` the process also gets SIGTERM."""
+def _nan_task_loss(monkeypatch, bad_steps: set[int], signal_at: int | None = None, signum: int = signal.SIGTERM) -> None:
+    """The training loss of the given steps becomes NaN; at step `signal_at` the process also gets `signum`."""
     from hrnn.tasks.synthetic import AddingTask
 
     calls = {"n": 0}
@@ -104,7 +104,7 @@ def _nan_task_loss(monkeypatch, bad_steps: set[int], signal_at: int | None = Non
         if output.requires_grad:
             calls["n"] += 1
             if calls["n"] == signal_at:
-                os.kill(os.getpid(), signal.SIGTERM)  # the run's handler only sets a flag
+                os.kill(os.getpid(), signum)  # the run's handler only sets a flag
             if calls["n"] in bad_steps:
                 return value * float("nan")
         return value
@@ -161,6 +161,16 @@ def test_a_signal_during_a_skipped_step_stops_at_that_step(tmp_path, monkeypatch
     assert stopped.value.code == 128 + signal.SIGTERM
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 3 and state["nonfinite_skipped"] == 1
+
+
+def test_slurms_warning_signal_checkpoints_and_stops_like_sigterm(tmp_path, monkeypatch):
+    """submitit's SLURM jobs get SIGUSR2 before their time limit; the run checkpoints the step it is on."""
+    _nan_task_loss(monkeypatch, set(), signal_at=5, signum=signal.SIGUSR2)
+    cfg = compose_config([*RUN, "trainer.steps=8", "trainer.eval_every=4"])
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg, tmp_path)
+    assert stopped.value.code == 128 + signal.SIGUSR2
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
 
 
 @pytest.fixture(scope="module")

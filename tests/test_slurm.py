@@ -50,7 +50,8 @@ def test_slurm_defaults_become_one_job_array(tmp_path, monkeypatch):
     text, parameters = sbatch_file(cfg, monkeypatch, [["trainer.seed=0"], ["trainer.seed=1"], ["trainer.seed=2"]])
     lines = set(text.splitlines())
     for line in ("#SBATCH --time=240", "#SBATCH --cpus-per-task=4", "#SBATCH --gpus-per-node=0", "#SBATCH --mem=16GB",
-                 "#SBATCH --ntasks-per-node=1", "#SBATCH --array=0-2%3"):
+                 "#SBATCH --ntasks-per-node=1", "#SBATCH --array=0-2%3",
+                 "#SBATCH --signal=USR2@120"):  # the warning hrnn checkpoints on (test_robustness)
         assert line in lines, line
     assert not any(line.startswith("#SBATCH --partition") for line in lines)  # null: the cluster's default
     assert parameters["array_parallelism"] == 64
