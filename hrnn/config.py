@@ -1,15 +1,18 @@
 """Config schema and validation: every bad key or value fails before training, in one line.
 
-Each group option has a small dataclass schema; merging the composed config into it
-rejects unknown keys and wrong types, and `validate` checks ranges and the
-combinations that types cannot express (divisibility, basis size against T).
+Each group option has a small dataclass schema that gives types only: every default
+lives in the YAML files in conf/, and a key missing there is an error here. Merging the
+composed config into its schema rejects unknown keys, wrong types and missing values;
+`validate` then checks ranges and the combinations that types cannot express
+(divisibility, basis size against T).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hrnn.core import MATMUL_PRECISIONS
@@ -22,73 +25,73 @@ from hrnn.models.recurrent import CONNECTIVITY
 class SyntheticTaskSchema:
     name: str
     seq_len: int
-    n_val: int = 1000
-    n_test: int = 1000
-    data_seed: int = 1234
+    n_val: int
+    n_test: int
+    data_seed: int
 
 
 @dataclass
 class TimescalesTaskSchema(SyntheticTaskSchema):
-    periods: list[int] = field(default_factory=lambda: [4, 12])
+    periods: list[int]
 
 
 @dataclass
 class MnistTaskSchema:
     name: str
-    seq_len: int = 784
-    permutation_seed: int = 0
+    seq_len: int
+    permutation_seed: int
 
 
 @dataclass
 class ClockedModelSchema:
     name: str
-    hidden_size: int = 128
-    n_modules: int = 8
-    connectivity: str = "full"
+    hidden_size: int
+    n_modules: int
+    connectivity: str
 
 
 @dataclass
 class CwrnnModelSchema:
     name: str
-    hidden_size: int = 128
-    n_modules: int = 8
+    hidden_size: int
+    n_modules: int
 
 
 @dataclass
 class TorchModelSchema:
     name: str
-    hidden_size: int = 128
-    n_modules: int = 8  # unused; lets one sweep set model.n_modules for every model
+    hidden_size: int
+    n_modules: int  # unused; lets one sweep set model.n_modules for every model
 
 
 @dataclass
 class BasisSchema:
     name: str
-    size: Optional[int] = None
-    init: str = "spread"
-    init_weight: float = 0.8
-    sharpness: float = 1.0
+    size: Optional[int]
+    init: str
+    init_weight: float
+    sharpness: float
 
 
 @dataclass
 class PeriodBasisSchema:
     name: str
-    init: str = "spread"
-    open_ratio: float = 0.1
-    leak: float = 0.001
+    init: str
+    open_ratio: float
+    leak: float
 
 
 @dataclass
 class SoftmaxSchema:
     name: str
-    temperature: float = 1.0
-    entropy_weight: float = 0.0
+    temperature: float
+    entropy_weight: float
 
 
 @dataclass
 class L1Schema:
     name: str
-    weight: float = 0.001
+    weight: float
 
 
 @dataclass
@@ -98,26 +101,26 @@ class NoRegularizerSchema:
 
 @dataclass
 class OptimSchema:
-    name: str = "adam"
-    lr: float = 1e-3
-    clock_lr: Optional[float] = None
-    weight_decay: float = 0.0
+    name: str
+    lr: float
+    clock_lr: Optional[float]
+    weight_decay: float
 
 
 @dataclass
 class TrainerSchema:
-    steps: int = 8000
-    batch_size: int = 100
-    eval_every: int = 500
-    eval_batch_size: int = 500
-    seed: int = 0
-    device: str = "cpu"
-    num_threads: Optional[int] = None
-    grad_clip: Optional[float] = 1.0
-    log_every: int = 10
-    nonfinite: str = "stop"
-    progress: bool = True
-    matmul_precision: str = MISSING  # no default here: conf/trainer/default.yaml has it
+    steps: int
+    batch_size: int
+    eval_every: int
+    eval_batch_size: int
+    seed: int
+    device: str
+    num_threads: Optional[int]
+    grad_clip: Optional[float]
+    log_every: int
+    nonfinite: str
+    progress: bool
+    matmul_precision: str
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -163,7 +166,7 @@ def validate(cfg: DictConfig) -> DictConfig:
 
 def _merge(group: str, schema: type, values: DictConfig) -> DictConfig:
     try:
-        return OmegaConf.merge(OmegaConf.structured(schema), values)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
         value = getattr(exc, "value", None)
@@ -172,6 +175,12 @@ def _merge(group: str, schema: type, values: DictConfig) -> DictConfig:
         if "not in struct" in str(exc) or "Key '" in first_line and "not" in first_line:
             raise UserError(f"unknown key {group}.{key} for {group}={values.get('name')}; allowed keys: {allowed}") from None
         raise UserError(f"bad value {value!r} for {group}.{key}: {first_line}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        where = f"conf/{group}/{values.name}.yaml" if "name" in values else f"conf/{group}/"
+        raise UserError(f"config key {group}.{missing[0]} has no value; give it one in {where} "
+                        f"or on the command line ({group}.{missing[0]}=...)")
+    return merged
 
 
 def _require(condition: bool, message: str) -> None:
@@ -202,12 +211,15 @@ def _check_values(cfg: DictConfig) -> None:
         if bad:
             raise UserError(f"task.periods has non-positive period {bad[0]}; periods must be positive integers")
     _require(trainer.device in DEVICES, f"trainer.device={trainer.device!r} is not allowed; allowed: {', '.join(DEVICES)}")
+    _require(trainer.device != "cuda" or torch.cuda.is_available(),
+             "trainer.device=cuda but no CUDA device is available; allowed here: cpu, auto")
     _require(trainer.matmul_precision in MATMUL_PRECISIONS, f"trainer.matmul_precision={trainer.matmul_precision!r} "
              f"is not allowed; allowed: {', '.join(MATMUL_PRECISIONS)}")
     _require(trainer.nonfinite in NONFINITE, f"trainer.nonfinite={trainer.nonfinite!r} is not allowed; allowed: {', '.join(NONFINITE)}")
     _require(trainer.num_threads is None or trainer.num_threads > 0, f"trainer.num_threads={trainer.num_threads} must be positive or null")
     _require(trainer.grad_clip is None or trainer.grad_clip > 0, f"trainer.grad_clip={trainer.grad_clip} must be positive or null")
-    _require(cfg.optim.clock_lr is None or cfg.optim.clock_lr > 0, f"optim.clock_lr={cfg.optim.clock_lr} must be positive or null")
+    _require(cfg.optim.clock_lr is None or cfg.optim.clock_lr >= 0,
+             f"optim.clock_lr={cfg.optim.clock_lr} must be positive, 0 (the clock frozen at its start) or null (optim.lr)")
     _require(cfg.optim.weight_decay >= 0, f"optim.weight_decay={cfg.optim.weight_decay} must be non-negative")
     if model.name in ("hrnn", "cwrnn"):
         _positive(cfg, "model.n_modules")

@@ -1,10 +1,11 @@
 """hrnn-train: train one model on one task, as Hydra composes it from conf/.
 
-One training step, top to bottom, is in `train`: batch from the task, forward,
-task loss plus the clock's penalty, backward, clip, step. Evaluation every
-`trainer.eval_every` steps writes `checkpoints/last.pt` (and `best.pt` when the
-validation metric improves); the final test uses the best checkpoint, and
-`metrics.json` records the outcome for sweeps and the results study.
+`train` reads top to bottom: `set_up` (config, seeds, task, model, optimizer, resume),
+the loop of `train_step`s (batch, forward, task loss plus the clock's penalty, backward,
+clip, step), `evaluate_and_checkpoint` every `trainer.eval_every` steps (writes
+`checkpoints/last.pt`, and `best.pt` when the validation metric improves), and `finish`
+(the final test on the best checkpoint; `metrics.json` records the outcome for sweeps
+and the results study).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import signal
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +28,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from tqdm import tqdm
 
 from hrnn.checkpoint import atomic_write_bytes, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from hrnn.config import validate
 from hrnn.core import set_matmul_precision
 from hrnn.errors import UserError
-from hrnn.models import build_model, count_parameters
+from hrnn.models import SequenceModel, build_model, count_parameters
+from hrnn.seeds import stream_seed
 from hrnn.spectrum import format_periods, log_clock
 from hrnn.sweep import log_hparams, override_unchanged, run_job, threads_per_job
 from hrnn.tasks import Task, build_task
@@ -41,13 +45,91 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("task", "model", "basis", "regularizer", "optim", "trainer", "experiment")
 # What may change when a run is resumed: nothing that alters the trajectory.
 RESUMABLE_OVERRIDES = ("trainer.steps", "trainer.device", "trainer.num_threads", "trainer.progress", "trainer.log_every")
+say = tqdm.write  # print without breaking the progress bar
+
+
+def run_name(model: str, basis: str) -> str:
+    """The run directory's suffix (conf/config.yaml): the model, and for hrnn its basis; the baselines have none."""
+    return f"{model}_{basis}" if model == "hrnn" else model
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
-    """Train, evaluate, test; write checkpoints and metrics.json into run_dir. Returns the best validation metric."""
+    """Train, evaluate, test; write checkpoints and metrics.json into run_dir. Returns the final validation metric."""
+    run = set_up(cfg, run_dir)
+    trainer = run.cfg.trainer
+    stop = _SignalFlag()
+    bar = tqdm(total=trainer.steps, initial=run.step, disable=not trainer.progress, dynamic_ncols=True, unit="step")
+    try:
+        while run.step < trainer.steps:
+            run.step += 1
+            train_step(run, bar)
+            bar.update(1)
+            if run.step % trainer.eval_every == 0 or run.step == trainer.steps:
+                evaluate_and_checkpoint(run)
+            if stop.signum is not None:
+                stop_with_checkpoint(run, stop.signum)
+    finally:
+        bar.close()
+        stop.restore()
+    return finish(run)
+
+
+@dataclass
+class Run:
+    """One run's objects and the state the loop advances; `checkpoint_state` is what last.pt and best.pt hold."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    task: Task
+    model: SequenceModel
+    optimizer: torch.optim.Optimizer
+    started: float  # time.time() when this process started the run
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"value": None, "step": 0})
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluation: the learning curve
+    step_times: list[float] = field(default_factory=list)
+    wall_before: float = 0.0  # wall time spent before a resume
+    skipped: int = 0  # non-finite steps skipped (trainer.nonfinite=skip)
+    writer: Any = None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def wall_s(self) -> float:
+        return self.wall_before + time.time() - self.started
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "task": self.task.state_dict(),
+            "step": self.step,
+            "best": self.best,
+            "rng": capture_rng(),
+            "step_times": self.step_times,
+            "wall_s": self.wall_s(),
+            "nonfinite_skipped": self.skipped,
+            "threads": torch.get_num_threads(),  # reused on resume: gradient sums depend on it
+            "history": self.history,
+            "config": OmegaConf.to_yaml(self.cfg),
+            "model_class": _describe_model(self.cfg),
+        }
+
+    def save(self, name: str) -> None:
+        _save(self.ckpt_dir / name, self.checkpoint_state(), self.model)
+
+
+def set_up(cfg: DictConfig, run_dir: Path) -> Run:
+    """Validated config (the stored one on resume), device, threads, seeds, task, model, optimizer,
+    the checkpoint's state on resume, and the TensorBoard writer."""
     started = time.time()
     resume_state = _resume_state(cfg, run_dir)
     if resume_state is not None:
@@ -62,124 +144,126 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
     task = build_task(cfg.task, cfg.data_dir, trainer.seed)
     model = build_model(cfg, task.spec).to(device)
-    optimizer = build_optimizer(cfg.optim, model)
-    params = count_parameters(model)
-    ckpt_dir = run_dir / "checkpoints"
-
-    step, best, step_times, wall_before, skipped = 0, {"value": None, "step": 0}, [], 0.0, 0
-    history: list[dict[str, Any]] = []  # one entry per evaluation: the learning curve, kept in metrics.json
+    run = Run(cfg, run_dir, device, task, model, build_optimizer(cfg.optim, model), started)
     if resume_state is not None:
-        _load_into(resume_state, model, optimizer, task, ckpt_dir / "last.pt")
-        step, best = resume_state["step"], dict(resume_state["best"])
-        history = [dict(entry) for entry in resume_state.get("history", [])]
-        step_times = list(resume_state["step_times"])
-        wall_before, skipped = resume_state["wall_s"], resume_state["nonfinite_skipped"]
+        _load_into(resume_state, model, run.optimizer, task, run.ckpt_dir / "last.pt")
+        run.step, run.best = resume_state["step"], dict(resume_state["best"])
+        run.history = [dict(entry) for entry in resume_state.get("history", [])]
+        run.step_times = list(resume_state["step_times"])
+        run.wall_before, run.skipped = resume_state["wall_s"], resume_state["nonfinite_skipped"]
 
     from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow and only needed here
 
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=step + 1 if step else None)
-    say = tqdm.write
-    say(f"hrnn | task {task.name} (T={task.spec.seq_len}) | model {_describe_model(cfg)} | {params:,} parameters | {device}")
+    run.writer = SummaryWriter(log_dir=str(run_dir), purge_step=run.step + 1 if run.step else None)
+    say(f"hrnn | task {task.name} (T={task.spec.seq_len}) | model {_describe_model(cfg)} | "
+        f"{count_parameters(model):,} parameters | {device}{_cpu_kernels(device)}")
     say(f"baseline {task.metric_name} {task.baseline:.4f} ({task.baseline_note})")
-    say(f"run dir {run_dir}" + (f" | resuming after step {step}" if step else ""))
+    say(f"run dir {run_dir}" + (f" | resuming after step {run.step}" if run.step else ""))
+    return run
 
-    def checkpoint_state() -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "task": task.state_dict(),
-            "step": step,
-            "best": best,
-            "rng": capture_rng(),
-            "step_times": step_times,
-            "wall_s": wall_before + time.time() - started,
-            "nonfinite_skipped": skipped,
-            "history": history,
-            "config": OmegaConf.to_yaml(cfg),
-            "model_class": _describe_model(cfg),
-        }
 
-    stop = _SignalFlag()
-    bar = tqdm(total=trainer.steps, initial=step, disable=not trainer.progress, dynamic_ncols=True, unit="step")
-    try:
-        while step < trainer.steps:
-            step += 1
-            model.train()
-            x, y = task.train_batch(trainer.batch_size)
-            x, y = x.to(device), y.to(device)
-            tick = time.perf_counter()
-            output = model(x)
-            loss = task.loss(output, y)
-            total = loss + model.penalty().to(device)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip or math.inf)
-            if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
-                if trainer.nonfinite == "stop":
-                    last = ckpt_dir / "last.pt"
-                    where = f"last good checkpoint {last}" if last.exists() else "no checkpoint was written yet"
-                    raise UserError(f"non-finite loss or gradient at step {step}; {where}; "
-                                    f"lower optim.lr or set trainer.nonfinite=skip")
-                skipped += 1
-                writer.add_scalar("train/nonfinite_skipped", skipped, step)
-                continue
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            step_times.append(time.perf_counter() - tick)
+def _cpu_kernels(device: torch.device) -> str:
+    """Which CPU recurrence runs: the fused kernels of one capability, or the PyTorch loop."""
+    from hrnn import fused  # imported by main first: a bad HRNN_CPU_CAPABILITY is reported there
 
-            if step % trainer.log_every == 0 or step == trainer.steps:
-                with torch.no_grad():
-                    train_metric = task.metrics(output.detach(), y)[task.metric_name]
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar(f"train/{task.metric_name}", train_metric, step)
-                writer.add_scalar("train/penalty", (total - loss).item(), step)
-                writer.add_scalar("train/grad_norm", grad_norm.item(), step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                writer.add_scalar("train/steps_per_s", 1.0 / statistics.median(step_times[-trainer.log_every:]), step)
-                bar.set_postfix(loss=f"{loss.item():.4f}", **{task.metric_name: f"{train_metric:.4f}"}, refresh=False)
-            bar.update(1)
+    if device.type != "cpu":
+        return ""
+    if fused.available():
+        return f" (fused kernels: {fused.cpu_capability()})"
+    return " (PyTorch loop: the fused kernels are not built)"
 
-            if step % trainer.eval_every == 0 or step == trainer.steps:
-                tock = time.perf_counter()
-                val = evaluate(model, task, "val", trainer.eval_batch_size, device)
-                for name, value in val.items():
-                    writer.add_scalar(f"val/{name}", value, step)
-                writer.add_scalar("val/eval_s", time.perf_counter() - tock, step)
-                line = f"step {step}/{trainer.steps} | val {task.metric_name} {val[task.metric_name]:.4f}"
-                if task.is_better(val[task.metric_name], best["value"]):
-                    best = {"value": val[task.metric_name], "step": step}
-                    _save(ckpt_dir / "best.pt", checkpoint_state(), model)
-                line += f" (best {best['value']:.4f} at {best['step']})"
-                entry: dict[str, Any] = {"step": step, **{f"val_{name}": value for name, value in val.items()}}
-                if model.clock is not None:
-                    summary = log_clock(writer, model.clock, task.spec.seq_len, step)
-                    entry["periods"] = [float(p) for p in summary["periods"]]
-                    entry["wave_periods"] = [float(p) for p in model.clock.wave_periods()]
-                    if hasattr(task, "recovered"):
-                        found, found_wave = _log_recovery(writer, task, entry["periods"], entry["wave_periods"], step)
-                        entry["recovered"], entry["recovered_wave"] = len(found), len(found_wave)
-                        line += f" | recovered {len(found)}/{len(task.periods)} (wave {len(found_wave)})"
-                    line += f" | periods {format_periods(summary['periods'])}"  # always last
-                history.append(entry)
-                _save(ckpt_dir / "last.pt", checkpoint_state(), model)
-                writer.flush()
-                say(line)
-            if stop.signum is not None:
-                _save(ckpt_dir / "last.pt", checkpoint_state(), model)
-                writer.close()
-                say(f"stopped by {signal.Signals(stop.signum).name} at step {step}; checkpoint saved; "
-                    f"continue with: hrnn-train resume={run_dir}")
-                raise SystemExit(128 + stop.signum)
-    finally:
-        bar.close()
-        stop.restore()
 
-    # Final test on the best checkpoint.
-    best_state = load_checkpoint(ckpt_dir / "best.pt")
+def train_step(run: Run, bar: tqdm) -> None:
+    """Batch, forward, task loss plus the clock's penalty, backward, clip, step.
+
+    A non-finite loss or gradient stops the run (trainer.nonfinite=stop) or skips only the
+    optimizer update (skip): the step still counts, and its evaluation and checkpoint happen."""
+    trainer, task, model, device = run.cfg.trainer, run.task, run.model, run.device
+    model.train()
+    x, y = task.train_batch(trainer.batch_size)
+    x, y = x.to(device), y.to(device)
+    tick = time.perf_counter()
+    output = model(x)
+    loss = task.loss(output, y)
+    total = loss + model.penalty().to(device)
+    run.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip or math.inf)
+    if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
+        if trainer.nonfinite == "stop":
+            last = run.ckpt_dir / "last.pt"
+            where = f"last good checkpoint {last}" if last.exists() else "no checkpoint was written yet"
+            raise UserError(f"non-finite loss or gradient at step {run.step}; {where}; "
+                            f"lower optim.lr or set trainer.nonfinite=skip")
+        run.skipped += 1
+        run.writer.add_scalar("train/nonfinite_skipped", run.skipped, run.step)
+        return
+    run.optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    run.step_times.append(time.perf_counter() - tick)
+    if run.step % trainer.log_every == 0 or run.step == trainer.steps:
+        _log_train(run, bar, output.detach(), y, loss, total, grad_norm)
+
+
+def _log_train(run: Run, bar: tqdm, output: Tensor, y: Tensor, loss: Tensor, total: Tensor, grad_norm: Tensor) -> None:
+    task, writer, step = run.task, run.writer, run.step
+    with torch.no_grad():
+        train_metric = task.metrics(output, y)[task.metric_name]
+    writer.add_scalar("train/loss", loss.item(), step)
+    writer.add_scalar(f"train/{task.metric_name}", train_metric, step)
+    writer.add_scalar("train/penalty", (total - loss).item(), step)
+    writer.add_scalar("train/grad_norm", grad_norm.item(), step)
+    writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], step)
+    writer.add_scalar("train/steps_per_s", 1.0 / statistics.median(run.step_times[-run.cfg.trainer.log_every:]), step)
+    bar.set_postfix(loss=f"{loss.item():.4f}", **{task.metric_name: f"{train_metric:.4f}"}, refresh=False)
+
+
+def evaluate_and_checkpoint(run: Run) -> None:
+    """Validation metrics and the clock to TensorBoard and the history; best.pt when the metric improves; last.pt."""
+    task, model, writer, step, trainer = run.task, run.model, run.writer, run.step, run.cfg.trainer
+    tock = time.perf_counter()
+    val = evaluate(model, task, "val", trainer.eval_batch_size, run.device)
+    for name, value in val.items():
+        writer.add_scalar(f"val/{name}", value, step)
+    writer.add_scalar("val/eval_s", time.perf_counter() - tock, step)
+    line = f"step {step}/{trainer.steps} | val {task.metric_name} {val[task.metric_name]:.4f}"
+    if task.is_better(val[task.metric_name], run.best["value"]):
+        run.best = {"value": val[task.metric_name], "step": step}
+        run.save("best.pt")
+    line += f" (best {run.best['value']:.4f} at {run.best['step']})"
+    entry: dict[str, Any] = {"step": step, **{f"val_{name}": value for name, value in val.items()}}
+    if model.clock is not None:
+        summary = log_clock(writer, model.clock, task.spec.seq_len, step)
+        entry["periods"] = [float(p) for p in summary["periods"]]
+        entry["wave_periods"] = [float(p) for p in model.clock.wave_periods()]
+        if hasattr(task, "recovered"):
+            found, found_wave = _log_recovery(writer, task, entry["periods"], entry["wave_periods"], step)
+            entry["recovered"], entry["recovered_wave"] = len(found), len(found_wave)
+            line += f" | recovered {len(found)}/{len(task.periods)} (wave {len(found_wave)})"
+        line += f" | periods {format_periods(summary['periods'])}"  # always last
+    run.history.append(entry)
+    run.save("last.pt")
+    writer.flush()
+    say(line)
+
+
+def stop_with_checkpoint(run: Run, signum: int) -> None:
+    """After SIGINT/SIGTERM: save last.pt, say how to continue, exit 128 + signum."""
+    run.save("last.pt")
+    run.writer.close()
+    say(f"stopped by {signal.Signals(signum).name} at step {run.step}; checkpoint saved; "
+        f"continue with: hrnn-train resume={run.run_dir}")
+    raise SystemExit(128 + signum)
+
+
+def finish(run: Run) -> float:
+    """Test the best checkpoint, write metrics.json and the hparams; return the final validation metric."""
+    task, model, writer, step, cfg = run.task, run.model, run.writer, run.step, run.cfg
+    best_state = load_checkpoint(run.ckpt_dir / "best.pt")
     model.load_state_dict(best_state["model"])
-    test = evaluate(model, task, "test", trainer.eval_batch_size, device)
-    val = evaluate(model, task, "val", trainer.eval_batch_size, device)
+    test = evaluate(model, task, "test", cfg.trainer.eval_batch_size, run.device)
+    val = evaluate(model, task, "val", cfg.trainer.eval_batch_size, run.device)
     for name, value in test.items():
         writer.add_scalar(f"test/{name}", value, step)
     metrics = {
@@ -188,23 +272,24 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         "val_metric": val[task.metric_name],
         "test_metric": test[task.metric_name],
         "baseline": task.baseline,
-        "best_step": best["step"],
+        "best_step": run.best["step"],
         "val": val,
         "test": test,
-        "params": params,
+        "params": count_parameters(model),
         "steps": step,
-        "wall_s": wall_before + time.time() - started,
-        "train_step_s": statistics.median(step_times) if step_times else None,
-        "nonfinite_skipped": skipped,
+        "wall_s": run.wall_s(),
+        "train_step_s": statistics.median(run.step_times) if run.step_times else None,
+        "nonfinite_skipped": run.skipped,
         "task": task.name,
         "model": cfg.model.name,
         "basis": cfg.basis.name,
         "regularizer": cfg.regularizer.name,
-        "seed": trainer.seed,
-        "device": str(device),
+        "seed": cfg.trainer.seed,
+        "device": str(run.device),
+        "cpu_kernels": _cpu_kernels(run.device).strip(" ()") or None,
         "threads": torch.get_num_threads(),
         "status": "finished",
-        "history": history,
+        "history": run.history,
     }
     if model.clock is not None:
         metrics["periods"] = model.clock.periods()
@@ -214,10 +299,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             metrics.update(true_periods=task.periods, recovered=len(found), recovered_periods=found,
                            recovered_wave=len(found_wave))
     log_hparams(writer, cfg, metrics)
-    atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    atomic_write_bytes(run.run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     writer.close()
     say(f"test {task.metric_name} {test[task.metric_name]:.4f} | val {val[task.metric_name]:.4f} "
-        f"(best step {best['step']}) | baseline {task.baseline:.4f} | {run_dir / 'metrics.json'}")
+        f"(best step {run.best['step']}) | baseline {task.baseline:.4f} | {run.run_dir / 'metrics.json'}")
     return float(val[task.metric_name])
 
 
@@ -248,13 +333,22 @@ def evaluate(model: torch.nn.Module, task: Task, split: str, batch_size: int, de
 
 def build_optimizer(optim_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Clock parameters get their own learning rate: a softmax logit must move by several
-    units for a module to change period, which takes thousands of steps at the weights' rate."""
+    units for a module to change period, which takes thousands of steps at the weights' rate.
+
+    optim.clock_lr=0 freezes the clock at its start (the ablation against a fixed hierarchy):
+    its parameters stop requiring gradients, so they get no update, no optimizer state and no
+    share of the clipped gradient norm. null gives them optim.lr."""
     clock = model.clock if hasattr(model, "clock") else None
     clock_params = [p for p in clock.parameters() if p.requires_grad] if clock is not None else []
+    if optim_cfg.clock_lr == 0:
+        for p in clock_params:
+            p.requires_grad_(False)
+        clock_params = []
     clock_ids = {id(p) for p in clock_params}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in clock_ids]}]
     if clock_params:
-        groups.append({"params": clock_params, "lr": optim_cfg.clock_lr or optim_cfg.lr, "weight_decay": 0.0})
+        clock_lr = optim_cfg.lr if optim_cfg.clock_lr is None else optim_cfg.clock_lr
+        groups.append({"params": clock_params, "lr": clock_lr, "weight_decay": 0.0})
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
     return kinds[optim_cfg.name](groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
 
@@ -263,10 +357,9 @@ def build_optimizer(optim_cfg: DictConfig, model: torch.nn.Module) -> torch.opti
 
 
 def pick_device(name: str) -> torch.device:
+    """`auto` is cuda where there is a GPU; validation has refused `cuda` without one."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device=cuda but no CUDA device is available; allowed here: cpu, auto")
     return torch.device(name)
 
 
@@ -281,9 +374,11 @@ def _num_threads(requested: int | None) -> int:
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    """The global RNGs (model initialisation, random clock starts) draw from the model stream."""
+    model_seed = stream_seed("model", seed)
+    random.seed(model_seed)
+    np.random.seed(model_seed % 2**32)
+    torch.manual_seed(model_seed)
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -313,13 +408,18 @@ def _save(path: Path, state: dict[str, Any], model: torch.nn.Module) -> None:
     save_checkpoint(path, state)
 
 
+# Signals that ask the loop to checkpoint and stop: Ctrl-C, kill, and SIGUSR2, which SLURM jobs launched
+# by submitit receive shortly before their time limit (submitit's own handler would raise mid-step).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, name))
+
+
 class _SignalFlag:
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop at the end of the current step."""
+    """A stop signal asks the loop to checkpoint and stop at the end of the current step."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (some launchers): keep default behaviour
@@ -350,11 +450,15 @@ def _resume_state(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 
 
 def _config_for_resume(state: dict[str, Any], cfg: DictConfig) -> DictConfig:
-    """The stored config, plus command-line overrides that do not change the trajectory."""
+    """The stored config, plus command-line overrides that do not change the trajectory.
+
+    The thread count is the run's own: the kernels sum gradients per thread, so the stored
+    count is reused (docs/resume.md); an explicit trainer.num_threads still wins, with a note."""
     stored = OmegaConf.create(state["config"])
     # Trainer keys added since the run was made (e.g. matmul_precision) take today's defaults.
     stored.trainer = OmegaConf.merge(cfg.trainer, stored.trainer)
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    overridden = set()
     for override in overrides:
         key, _, _ = override.lstrip("+~").partition("=")
         if key == "resume" or key.startswith("hydra"):
@@ -365,6 +469,14 @@ def _config_for_resume(state: dict[str, Any], cfg: DictConfig) -> DictConfig:
             raise UserError(f"cannot change {key} when resuming (it would change the run); "
                             f"allowed with resume: {', '.join(RESUMABLE_OVERRIDES)}")
         OmegaConf.update(stored, key, OmegaConf.select(cfg, key), merge=False)
+        overridden.add(key)
+    if "threads" in state:  # checkpoints written before the count was stored resolve it again
+        if "trainer.num_threads" not in overridden:
+            stored.trainer.num_threads = state["threads"]
+        elif _num_threads(stored.trainer.num_threads) != state["threads"]:
+            say(f"note: trainer.num_threads={stored.trainer.num_threads} differs from the {state['threads']} threads "
+                f"this run used so far; the continuation equals the uninterrupted run only up to floating-point "
+                f"summation order")
     stored.resume = cfg.resume
     return stored
 

@@ -1,6 +1,7 @@
 """Shared helpers: compose configs like the CLI does, and run the CLI in a subprocess."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,17 +29,29 @@ def pytest_configure(config):
             raise pytest.UsageError(f"HRNN_REQUIRE_FUSED=1 but {fused.unavailable_reason()}")
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not part of the hrnn package)."""
+    module_name = f"scripts_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / "scripts" / f"{name}.py")
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `hrnn-train ARGS` as a user would, in cwd."""
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, check: bool = True, env: dict | None = None,
+            cores: set[int] | None = None) -> subprocess.CompletedProcess:
+    """Run `hrnn-train ARGS` as a user would, in cwd; `cores` pins it, as on a machine with only those cores."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
     result = subprocess.run([sys.executable, "-m", "hrnn.run", *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=timeout, env=full_env)
+                            timeout=timeout, env=full_env, preexec_fn=pin)
     if check and result.returncode != 0:
         raise AssertionError(f"hrnn-train {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result

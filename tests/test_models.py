@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import gzip
+import json
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config
+from conftest import compose_config, load_script
 from hrnn.config import validate
 from hrnn.models import build_model, count_parameters
-from hrnn.run import build_optimizer, train
+from hrnn.run import build_optimizer, seed_everything, train
 from hrnn.tasks import build_task
 
 TASK_OVERRIDES = {
@@ -68,14 +69,55 @@ def test_clock_coefficients_receive_gradient_from_the_task_loss():
     assert net.clock.coefficients.grad.abs().sum() > 0
 
 
-def test_in_process_train_returns_validation_metric(tmp_path):
-    cfg = compose_config([*TASK_OVERRIDES["adding"], "model.hidden_size=8", "model.n_modules=2", "trainer.steps=2",
-                          "trainer.eval_every=1", "trainer.progress=false", "trainer.batch_size=4"])
-    value = train(cfg, tmp_path)
-    import json
+@pytest.mark.parametrize("basis", ["dct", "period"])
+def test_clock_lr_zero_freezes_the_clock_at_its_start(tmp_path, basis):
+    """Random starting periods (drawn from the model stream) stay bit-identical while the weights train."""
+    cfg = compose_config([*TASK_OVERRIDES["adding"], f"basis={basis}", "basis.init=random", "optim.clock_lr=0",
+                          "model.hidden_size=8", "model.n_modules=2", "trainer.steps=5", "trainer.eval_every=5",
+                          "trainer.progress=false", "trainer.batch_size=4"])
+    train(cfg, tmp_path)
+    seed_everything(cfg.trainer.seed)  # the start, rebuilt as set_up builds it
+    start = build_model(validate(cfg), build_task(cfg.task, cfg.data_dir, cfg.trainer.seed).spec).state_dict()
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    clock_keys = [key for key in start if key.startswith("backbone.clock.")]
+    assert clock_keys and all(torch.equal(state["model"][key], start[key]) for key in clock_keys)
+    assert not torch.equal(state["model"]["backbone.recurrent"], start["backbone.recurrent"])
+    assert len(state["optimizer"]["param_groups"]) == 1  # no group, so no Adam state, for the clock
+    assert len(state["optimizer"]["state"]) == len(start) - len(clock_keys)
 
+
+@pytest.mark.parametrize("clock_lr,expected", [("null", 0.001), ("0.05", 0.05)])
+def test_clock_lr_null_is_the_weights_rate(clock_lr, expected):
+    cfg = validate(compose_config([*TASK_OVERRIDES["adding"], f"optim.clock_lr={clock_lr}", "optim.lr=0.001",
+                                   "model.hidden_size=8", "model.n_modules=2"]))
+    net = build_model(cfg, build_task(cfg.task, cfg.data_dir, seed=0).spec)
+    groups = build_optimizer(cfg.optim, net).param_groups
+    assert [group["lr"] for group in groups] == [0.001, expected]
+    assert groups[1]["params"] == [net.clock.coefficients]
+
+
+def test_final_metrics_are_the_best_checkpoint_scored_on_the_whole_sets(tmp_path):
+    """metrics.json's val and test MSE (and train's return value, the val MSE a sweeper optimises),
+    recomputed here from best.pt on the full sets in one batch; best.pt is the evaluation with the
+    lowest validation MSE in the history."""
+    cfg = compose_config([*TASK_OVERRIDES["adding"], "task.n_val=30", "task.n_test=20", "model.hidden_size=8",
+                          "model.n_modules=2", "trainer.steps=6", "trainer.eval_every=2", "trainer.eval_batch_size=7",
+                          "trainer.progress=false", "trainer.batch_size=4", "optim.lr=0.05"])
+    value = train(cfg, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert value == pytest.approx(metrics["val_metric"])
+    history = {entry["step"]: entry["val_mse"] for entry in metrics["history"]}
+    assert metrics["best_step"] == min(history, key=history.get) and len(set(history.values())) == 3
+    task = build_task(cfg.task, cfg.data_dir, seed=0)
+    net = build_model(validate(cfg), task.spec)
+    net.load_state_dict(torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["model"])
+    mse = {}
+    with torch.no_grad():
+        for split, n in (("val", 30), ("test", 20)):
+            x, y = next(task.eval_batches(split, n))
+            assert len(x) == n
+            mse[split] = torch.nn.functional.mse_loss(net(x), y).item()
+    assert metrics["val_metric"] == pytest.approx(mse["val"], rel=1e-5) and value == pytest.approx(mse["val"], rel=1e-5)
+    assert metrics["test_metric"] == pytest.approx(mse["test"], rel=1e-5)
 
 
 def test_timescales_run_reports_recovered_periods(tmp_path):
@@ -83,21 +125,16 @@ def test_timescales_run_reports_recovered_periods(tmp_path):
                           "basis=binary", "model.hidden_size=8", "model.n_modules=4", "trainer.steps=1",
                           "trainer.progress=false", "trainer.batch_size=2"])
     train(cfg, tmp_path)
-    import json
-
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["periods"] == [1.0, 2.0, 4.0, 8.0]  # the spread start, one step in
     assert metrics["true_periods"] == [4, 3] and metrics["recovered_periods"] == [4] and metrics["recovered"] == 1
-    assert metrics["wave_periods"] == metrics["periods"] and metrics["recovered_wave"] == 1  # binary: the same reading
+    assert metrics["wave_periods"] == [1.0, 2.0, 4.0, 8.0] and metrics["recovered_wave"] == 1
 
 
 def test_timescales_cosine_run_stores_wave_periods_and_results_reads_them_back(tmp_path):
     """The results study's wave recovery, read from metrics.json and recomputed from best.pt, agree."""
-    import json
-
     from omegaconf import OmegaConf
 
-    from hrnn.results import wave_recovered
     from hrnn.tasks.synthetic import recovered_periods
 
     cfg = compose_config(["task=timescales", "task.seq_len=24", "task.periods=[4,6]", "task.n_val=4", "task.n_test=4",
@@ -109,6 +146,7 @@ def test_timescales_cosine_run_stores_wave_periods_and_results_reads_them_back(t
     assert metrics["recovered_wave"] == len(recovered_periods([4, 6], metrics["wave_periods"]))
     assert all("wave_periods" in entry and "recovered_wave" in entry for entry in metrics["history"])
     job = {"dir": str(tmp_path), "config": OmegaConf.to_container(cfg), "metrics": dict(metrics)}
+    wave_recovered = load_script("results").wave_recovered
     assert wave_recovered(job) == metrics["recovered_wave"]
     del job["metrics"]["recovered_wave"]  # a run from before the field: recomputed from the checkpoint
     assert wave_recovered(job) == metrics["recovered_wave"]

@@ -1,4 +1,4 @@
-"""The results study's tables (hrnn.results): counts and steps computed from metrics.json files on disk."""
+"""The results study's tables (scripts/results.py): counts and steps computed from metrics.json files on disk."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from hrnn.results import first_step_below, main, model_label, read_study, task_rows, timescales_rows
+from conftest import load_script
+
+results = load_script("results")
+first_step_below, main, model_label = results.first_step_below, results.main, results.model_label
+read_study, task_rows, timescales_rows = results.read_study, results.task_rows, results.timescales_rows
 
 
 def write_job(sweep: Path, name: str, config: dict, metrics: dict | None) -> None:

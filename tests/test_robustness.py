@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,7 +75,8 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path, r
     assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # no temporary files left behind
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+# SIGTERM (what SLURM and kill send) in the default suite; Ctrl-C's SIGINT takes the same path, so it is slow-only.
+@pytest.mark.parametrize("signum,code", [pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow), (signal.SIGTERM, 143)])
 def test_signal_saves_checkpoint_and_says_how_to_resume(tmp_path, reference, signum, code):
     run_dir = tmp_path / "run"
     proc = _start([*RUN, "trainer.steps=400", f"hydra.run.dir={run_dir}"], tmp_path)
@@ -89,7 +92,8 @@ def test_signal_saves_checkpoint_and_says_how_to_resume(tmp_path, reference, sig
         _same_outcome(read_metrics(run_dir), reference)
 
 
-def _nan_task_loss(monkeypatch, bad_steps: set[int]) -> None:
+def _nan_task_loss(monkeypatch, bad_steps: set[int], signal_at: int | None = None, signum: int = signal.SIGTERM) -> None:
+    """The training loss of the given steps becomes NaN; at step `signal_at` the process also gets `signum`."""
     from hrnn.tasks.synthetic import AddingTask
 
     calls = {"n": 0}
@@ -99,6 +103,8 @@ def _nan_task_loss(monkeypatch, bad_steps: set[int]) -> None:
         value = original(self, output, target)
         if output.requires_grad:
             calls["n"] += 1
+            if calls["n"] == signal_at:
+                os.kill(os.getpid(), signum)  # the run's handler only sets a flag
             if calls["n"] in bad_steps:
                 return value * float("nan")
         return value
@@ -126,22 +132,74 @@ def test_nonfinite_skip_counts_and_continues(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_nonfinite_skip_skips_only_the_update_evaluations_and_checkpoints_still_happen(tmp_path, monkeypatch):
+    """Steps 4 and 8 are evaluation steps, 8 the last: both are evaluated and checkpointed, the run finishes."""
+    _nan_task_loss(monkeypatch, {4, 8})
+    cfg = compose_config([*RUN, "trainer.steps=8", "trainer.eval_every=4", "trainer.nonfinite=skip"])
+    train(cfg, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [entry["step"] for entry in metrics["history"]] == [4, 8]
+    assert metrics["nonfinite_skipped"] == 2 and metrics["steps"] == 8
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
+    assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["step"] in (4, 8)
+
+
+def test_nonfinite_skip_on_the_only_evaluation_step_still_writes_best_and_tests(tmp_path, monkeypatch):
+    _nan_task_loss(monkeypatch, {3})
+    cfg = compose_config([*RUN, "trainer.steps=3", "trainer.eval_every=3", "trainer.nonfinite=skip"])
+    train(cfg, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["best_step"] == 3 and metrics["test_metric"] > 0
+    assert (tmp_path / "checkpoints" / "best.pt").exists()
+
+
+def test_a_signal_during_a_skipped_step_stops_at_that_step(tmp_path, monkeypatch):
+    _nan_task_loss(monkeypatch, {3}, signal_at=3)
+    cfg = compose_config([*RUN, "trainer.steps=8", "trainer.eval_every=4", "trainer.nonfinite=skip"])
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg, tmp_path)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 3 and state["nonfinite_skipped"] == 1
+
+
+def test_slurms_warning_signal_checkpoints_and_stops_like_sigterm(tmp_path, monkeypatch):
+    """submitit's SLURM jobs get SIGUSR2 before their time limit; the run checkpoints the step it is on."""
+    _nan_task_loss(monkeypatch, set(), signal_at=5, signum=signal.SIGUSR2)
+    cfg = compose_config([*RUN, "trainer.steps=8", "trainer.eval_every=4"])
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg, tmp_path)
+    assert stopped.value.code == 128 + signal.SIGUSR2
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
+
+
+@pytest.fixture(scope="module")
+def pristine_run(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("pristine")
+    run_cli([*RUN, "trainer.steps=4", f"hydra.run.dir={cwd / 'run'}"], cwd=cwd)
+    return cwd / "run"
+
+
 @pytest.fixture
-def finished_run(tmp_path) -> Path:
-    run_dir = tmp_path / "run"
-    run_cli([*RUN, "trainer.steps=4", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    return run_dir
+def finished_run(pristine_run, tmp_path) -> Path:
+    """A finished run of its own for each test (a copy: the tests damage it)."""
+    return Path(shutil.copytree(pristine_run, tmp_path / "run"))
 
 
-def _resume_fails_cleanly(run_dir: Path, cwd: Path, expected: str) -> None:
-    last = run_dir / "checkpoints" / "last.pt"
-    before = last.read_bytes()
-    result = run_cli([f"resume={run_dir}"], cwd=cwd, check=False, timeout=60)
+def _resume_fails_cleanly(run_dir: Path, cwd: Path, expected: str, *overrides: str) -> None:
+    files = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    result = run_cli([f"resume={run_dir}", *overrides], cwd=cwd, check=False, timeout=60)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    assert last.read_bytes() == before  # the file is left as it was
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == files  # left as it was
+
+
+def test_changing_a_key_on_resume_is_refused_and_the_run_left_alone(finished_run, tmp_path):
+    _resume_fails_cleanly(finished_run, tmp_path, "error: cannot change model.hidden_size when resuming (it would "
+                          "change the run); allowed with resume: trainer.steps, trainer.device, trainer.num_threads, "
+                          "trainer.progress, trainer.log_every", "model.hidden_size=64", "trainer.steps=8")
 
 
 def test_truncated_checkpoint_refused_and_left_alone(finished_run, tmp_path):
@@ -203,9 +261,10 @@ def test_random_valid_configs_train_two_steps(tmp_path, index):
     overrides = _random_valid_config(random.Random(1000 + index))
     cfg = compose_config([*overrides, "trainer.steps=2", "trainer.eval_every=1", "task.n_val=3", "task.n_test=3",
                           "trainer.progress=false"])
-    value = train(cfg, tmp_path)
+    train(cfg, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["steps"] == 2 and value == pytest.approx(metrics["val_metric"]), overrides
+    assert metrics["steps"] == 2 and [entry["step"] for entry in metrics["history"]] == [1, 2], overrides
+    assert all(math.isfinite(metrics[key]) for key in ("val_metric", "test_metric")), overrides
 
 
 def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):

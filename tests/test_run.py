@@ -1,15 +1,18 @@
 """hrnn-train end to end, as a subprocess: files written and re-read, resume exactness, clear errors."""
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import hrnn.run  # noqa: F401  registers the run_name resolver, as hrnn-train does
 from conftest import CONF_DIR, compose_config, read_metrics, run_cli
 from hrnn.config import validate
+from hrnn.run import train
 
 GROUP_OPTIONS = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
                  for group in ("task", "model", "basis", "regularizer", "optim", "trainer", "experiment")}
@@ -67,6 +70,21 @@ def test_cli_run_writes_events_checkpoints_and_metrics(tmp_path, tiny):
     assert any(tag.startswith("clock/") for tag in events.Tags()["histograms"])
 
 
+@pytest.mark.parametrize("model,suffix", [("hrnn", "_hrnn_binary"), ("cwrnn", "_cwrnn"), ("lstm", "_lstm"),
+                                          ("gru", "_gru"), ("rnn", "_rnn")])
+def test_run_directory_names_the_basis_only_for_hrnn(model, suffix):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={model}", "basis=binary"], return_hydra_config=True)
+    parent, name = cfg.hydra.run.dir.rsplit("/", 1)
+    assert parent == "outputs/adding" and name.endswith(suffix) and len(name) == len("2026-01-01_00-00-00") + len(suffix)
+
+
+def test_a_baseline_run_directory_has_no_basis(tmp_path, tiny):
+    run_cli(["model=lstm", "task.seq_len=5", "trainer.steps=1", *tiny], cwd=tmp_path)
+    (run_dir,) = (tmp_path / "outputs" / "adding").iterdir()
+    assert run_dir.name.endswith("_lstm") and (run_dir / "metrics.json").exists()
+
+
 def test_stop_at_step_k_and_resume_reproduces_uninterrupted_run(tmp_path, tiny):
     common = ["task=copy", "task.seq_len=10", "basis=dct", "trainer.eval_every=3", *tiny]
     run_cli([*common, "trainer.steps=9", f"hydra.run.dir={tmp_path / 'full'}"], cwd=tmp_path)
@@ -79,6 +97,33 @@ def test_stop_at_step_k_and_resume_reproduces_uninterrupted_run(tmp_path, tiny):
     assert [entry["step"] for entry in part["history"]] == [3, 6, 9]
     scalars = read_events(tmp_path / "part").Scalars("train/loss")
     assert [e.step for e in scalars] == list(range(1, 10))  # no duplicated or missing steps after resume
+
+
+CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+@pytest.mark.skipif(len(CORES) < 2, reason="needs two cores to run with two thread counts")
+def test_resume_on_a_machine_with_fewer_cores_keeps_the_runs_thread_count(tmp_path, tiny):
+    """num_threads=null resolves to the cores; the kernels' gradient sums depend on the thread count, so a
+    resume on one core reuses the run's thread count and ends bit-identical to the uninterrupted run."""
+    common = ["task=copy", "task.seq_len=10", "basis=dct", "trainer.eval_every=3", *tiny]
+    train(compose_config([*common, "trainer.steps=9"]), tmp_path / "full")  # here: all of CORES
+    train(compose_config([*common, "trainer.steps=6"]), tmp_path / "part")
+    result = run_cli([f"resume={tmp_path / 'part'}", "trainer.steps=9"], cwd=tmp_path, cores={CORES[0]})
+    assert "note:" not in result.stdout
+    full, part = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True) for run in ("full", "part"))
+    assert all(torch.equal(full["model"][key], part["model"][key]) for key in full["model"])
+    assert read_metrics(tmp_path / "part")["threads"] == part["threads"] == len(CORES)
+
+
+def test_an_explicit_thread_count_on_resume_is_used_with_a_note(tmp_path, tiny):
+    train(compose_config(["task=adding", "task.seq_len=10", "trainer.steps=2", "trainer.eval_every=2",
+                          "trainer.num_threads=2", *tiny]), tmp_path / "run")
+    result = run_cli([f"resume={tmp_path / 'run'}", "trainer.steps=4", "trainer.num_threads=1"], cwd=tmp_path)
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert notes == ["note: trainer.num_threads=1 differs from the 2 threads this run used so far; the continuation "
+                     "equals the uninterrupted run only up to floating-point summation order"]
+    assert read_metrics(tmp_path / "run")["threads"] == 1
 
 
 BAD_INPUTS = [
@@ -99,19 +144,21 @@ BAD_INPUTS = [
     (["trainer.batch_size=-1"], "trainer.batch_size=-1 must be positive"),
     (["-m", "trainer.seed=0,1", "model.hidden_size=10,12", "model.n_modules=4"],
      "model.hidden_size=10 is not divisible by model.n_modules=4"),
+    (["trainer.device=cuda"], "trainer.device=cuda but no CUDA device is available; allowed here: cpu, auto"),
+    (["optim.clock_lr=-0.1"], "optim.clock_lr=-0.1 must be positive, 0 (the clock frozen at its start) or null (optim.lr)"),
     (["model.connectivity=sideways"], "model.connectivity='sideways' is not allowed; allowed: full, slow_to_fast"),
 ]
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, message):
-    result = run_cli(args, cwd=tmp_path, check=False, timeout=60)
+    result = run_cli(args, cwd=tmp_path, check=False, timeout=60, env={"CUDA_VISIBLE_DEVICES": ""})  # as without a GPU
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and message in lines[0], lines[0]
     assert "Traceback" not in result.stderr + result.stdout
-    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("last.pt"))
+    assert list(tmp_path.iterdir()) == []  # writes nothing: no run directory, no log, no .hydra
 
 
 def test_missing_mnist_names_the_command_that_fixes_it(tmp_path, tiny):

@@ -6,12 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import compose_config
 from hrnn.errors import UserError
+from hrnn.run import train
 from hrnn.summary import format_markdown, read_jobs, summarize
 from hrnn.sweep import flat_hparams, hparam_types, run_job, threads_per_job
 
@@ -138,21 +141,37 @@ def test_submitit_local_runs_a_job(tmp_path: Path) -> None:
     assert (sweep / ".submitit").is_dir()
 
 
-def test_resume_auto_skips_finished_jobs_and_resumes_the_others(tmp_path: Path) -> None:
+def test_resume_auto_skips_finished_jobs_and_resumes_the_interrupted_one(tmp_path: Path) -> None:
+    """The sweep is killed (SIGKILL) while its second job trains; resume=auto skips the first job and
+    continues the second from its last checkpoint to the metrics of an uninterrupted run."""
     sweep = tmp_path / "sweep"
-    args = ["-m", "trainer.seed=0,1", f"hydra.sweep.dir={sweep}", *SMALL, *SYNTHETIC]
-    assert hrnn_train(args, tmp_path).returncode == 0
+    run = [*SMALL, *SYNTHETIC, "trainer.steps=40", "trainer.eval_every=4", "trainer.num_threads=1"]
+    args = ["-m", "trainer.seed=0,1", f"hydra.sweep.dir={sweep}", *run]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "hrnn.run", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(sweep.glob("1_*/checkpoints/last.pt")):
+            assert proc.poll() is None and time.time() < deadline, "the second job never checkpointed"
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait()
     first, second = job_dirs(sweep)
+    assert not (second / "metrics.json").exists(), "the second job finished before the kill; raise trainer.steps"
     kept = (first / "metrics.json").read_bytes()
-    before = json.loads((second / "metrics.json").read_text())
-    (second / "metrics.json").unlink()  # as if the job had been killed after its last checkpoint
+
     result = hrnn_train([*args, "resume=auto"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{first.name}: already finished" in result.stdout
-    assert "resuming after step 2" in result.stdout
+    assert "resuming after step " in result.stdout
     assert (first / "metrics.json").read_bytes() == kept
-    after = json.loads((second / "metrics.json").read_text())
-    assert after["val_metric"] == before["val_metric"] and after["test_metric"] == before["test_metric"]
+    reference = tmp_path / "reference"
+    train(compose_config(["trainer.seed=1", *run]), reference)  # the second job, uninterrupted
+    after, expected = (json.loads((d / "metrics.json").read_text()) for d in (second, reference))
+    for key in ("val_metric", "test_metric", "best_step", "history"):
+        assert after[key] == expected[key], key
     assert job_dirs(sweep) == [first, second]
 
 

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import compose_config
+from hrnn.config import validate
 from hrnn.errors import UserError
-from hrnn.tasks import load_mnist
+from hrnn.seeds import STREAMS, stream_seed
+from hrnn.tasks import build_task, load_mnist
 from hrnn.tasks.mnist import MnistTask
 from hrnn.tasks.synthetic import AddingTask, CopyTask, TimescalesTask
 
@@ -82,6 +85,25 @@ def test_eval_sets_fixed_and_training_stream_seeded():
     assert torch.equal(a.train_batch(5)[0], first[0])
 
 
+def test_no_choice_of_seeds_lets_training_replay_the_validation_set():
+    """trainer.seed == task.data_seed (1234): the first training batch of copy shares no row with the validation set."""
+    cfg = validate(compose_config(["task=copy"]))
+    task = build_task(cfg.task, cfg.data_dir, seed=cfg.task.data_seed)
+    x_train, _ = task.train_batch(100)
+    x_val, _ = next(task.eval_batches("val", cfg.task.n_val))
+    x_test, _ = next(task.eval_batches("test", cfg.task.n_test))
+    rows = lambda x: {tuple(row.argmax(-1).tolist()) for row in x}  # each sequence as its symbols
+    assert len(x_val) == 1000 and len(rows(x_val)) > 990
+    assert rows(x_train).isdisjoint(rows(x_val)) and rows(x_train).isdisjoint(rows(x_test))
+    assert rows(x_val).isdisjoint(rows(x_test))
+
+
+def test_streams_are_distinct_for_every_seed_and_name():
+    seeds = [stream_seed(name, seed) for name in STREAMS for seed in range(300)]
+    assert len(set(seeds)) == len(seeds)
+    assert stream_seed("train", 7) == stream_seed("train", 7)  # a pure function: resume and reruns are exact
+
+
 def _tiny_mnist(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n).astype(np.int64)
 
@@ -121,6 +143,23 @@ def test_mnist_idx_format(tmp_path, compress):
     assert np.allclose(data["test"][0], test.reshape(7, -1) / 255.0)
 
 
+def test_mnist_idx_at_full_size_splits_50k_train_10k_validation_in_order(tmp_path):
+    """The real IDX files hold 60,000 training images: the first 50,000 train, the last 10,000 validate."""
+    n = 60_000
+    index = np.arange(n)
+    images = np.zeros((n, 28, 28), dtype=np.uint8)
+    images[:, 0, 0], images[:, 0, 1] = index // 256, index % 256  # each image carries its index
+    _write_idx(tmp_path / "train-images-idx3-ubyte", images, compress=True)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", index % 10, compress=True)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", images[:3], compress=True)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", index[:3] % 10, compress=True)
+    data = load_mnist(tmp_path)
+    position = lambda x: np.rint(x[:, 0] * 255).astype(int) * 256 + np.rint(x[:, 1] * 255).astype(int)
+    assert np.array_equal(position(data["train"][0]), index[:50_000])
+    assert np.array_equal(position(data["val"][0]), index[50_000:])
+    assert np.array_equal(data["val"][1], index[50_000:] % 10) and len(data["test"][0]) == 3
+
+
 def test_mnist_missing_names_the_fix(tmp_path):
     with pytest.raises(UserError, match="make data"):
         load_mnist(tmp_path)
@@ -137,7 +176,7 @@ def test_pmnist_applies_one_fixed_permutation(tmp_path):
     splits = (_tiny_mnist(rng, 20), _tiny_mnist(rng, 5), _tiny_mnist(rng, 5))
     with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
         pickle.dump(splits, f)
-    plain = MnistTask(str(tmp_path), seed=0)
+    plain = MnistTask(str(tmp_path), seed=0, permute=False, permutation_seed=0)
     permuted = MnistTask(str(tmp_path), seed=0, permute=True, permutation_seed=3)
     again = MnistTask(str(tmp_path), seed=5, permute=True, permutation_seed=3)
     assert torch.equal(permuted.permutation, again.permutation)

@@ -32,11 +32,18 @@ def build_clock(model_cfg: DictConfig, basis_cfg: DictConfig, reg_cfg: DictConfi
         regularizer=reg_cfg.name,
         init=basis_cfg.init,
         init_weight=basis_cfg.init_weight,
-        temperature=reg_cfg.get("temperature", 1.0),
-        entropy_weight=reg_cfg.get("entropy_weight", 0.0),
-        l1_weight=reg_cfg.get("weight", 0.0),
         sharpness=basis_cfg.sharpness,
+        **_regularizer_settings(reg_cfg),
     )
+
+
+def _regularizer_settings(reg_cfg: DictConfig) -> dict[str, float]:
+    """The clock's arguments that the chosen regularizer's config group holds."""
+    if reg_cfg.name == "softmax":
+        return {"temperature": reg_cfg.temperature, "entropy_weight": reg_cfg.entropy_weight}
+    if reg_cfg.name == "l1":
+        return {"l1_weight": reg_cfg.weight}
+    return {}
 
 
 def build_model(cfg: DictConfig, spec: TaskSpec) -> SequenceModel:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 INIT_MODES = ("spread", "random", "uniform")
@@ -102,13 +101,20 @@ class BasisClock(Clock):
         n_modules: int,
         seq_len: int,
         regularizer: str,
-        init: str = "spread",
-        init_weight: float = 0.8,
-        temperature: float = 1.0,
-        entropy_weight: float = 0.0,
-        l1_weight: float = 0.0,
-        sharpness: float = 1.0,
+        *,
+        init: str,
+        init_weight: float,
+        sharpness: float,
+        temperature: float | None = None,
+        entropy_weight: float | None = None,
+        l1_weight: float | None = None,
     ) -> None:
+        """The last three belong to one regularizer each (softmax: temperature and entropy_weight;
+        l1: l1_weight); each is required by its regularizer and ignored by the others."""
+        if regularizer == "softmax" and (temperature is None or entropy_weight is None):
+            raise ValueError("the softmax regularizer needs temperature and entropy_weight")
+        if regularizer == "l1" and l1_weight is None:
+            raise ValueError("the l1 regularizer needs l1_weight")
         super().__init__()
         self.basis, self.size, self.n_modules, self.length = basis, size, n_modules, seq_len
         self.sharpness = sharpness
@@ -209,7 +215,7 @@ class PeriodClock(Clock):
     `leak` * (phase distance) when closed, so the period gets gradient (Neil et al. 2016).
     """
 
-    def __init__(self, n_modules: int, seq_len: int, init: str = "spread", open_ratio: float = 0.1, leak: float = 0.001) -> None:
+    def __init__(self, n_modules: int, seq_len: int, *, init: str, open_ratio: float, leak: float) -> None:
         super().__init__()
         self.n_modules, self.open_ratio, self.leak = n_modules, open_ratio, leak
         max_period = float(seq_len)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hrnn.errors import UserError
-from hrnn.tasks.base import Task, TaskSpec, generator, iterate
+from hrnn.seeds import generator
+from hrnn.tasks.base import Task, TaskSpec, iterate
 
 PIXELS = 784
 FETCH_COMMAND = "make data"
@@ -102,8 +103,8 @@ def _load_idx(paths: dict[str, Path]) -> dict[str, tuple[np.ndarray, np.ndarray]
     test_y = arrays["test_labels"].astype(np.int64)
     if train_x.shape[1] != PIXELS or len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise UserError(f"MNIST IDX files in {paths['train_images'].parent} have inconsistent shapes")
-    # The classic split: the last 10k training images are the validation set.
-    n_train = len(train_x) - 10_000 if len(train_x) > 10_000 else len(train_x) * 5 // 6
+    # The classic split: the last sixth of the training images (10,000 of 60,000) is the validation set.
+    n_train = len(train_x) * 5 // 6
     return {
         "train": (train_x[:n_train], train_y[:n_train]),
         "val": (train_x[n_train:], train_y[n_train:]),
@@ -117,16 +118,16 @@ class MnistTask(Task):
     metric_name = "acc"
     higher_is_better = True
 
-    def __init__(self, data_dir: str, seed: int, permute: bool = False, permutation_seed: int = 0) -> None:
+    def __init__(self, data_dir: str, seed: int, permute: bool, permutation_seed: int) -> None:
         self.name = "pmnist" if permute else "smnist"
         self.spec = TaskSpec(input_size=1, output_size=10, seq_len=PIXELS, readout="last")
         splits = load_mnist(data_dir)
-        self.permutation = torch.randperm(PIXELS, generator=generator(permutation_seed)) if permute else None
+        self.permutation = torch.randperm(PIXELS, generator=generator("permutation", permutation_seed)) if permute else None
         self._data = {name: self._prepare(*arrays) for name, arrays in splits.items()}
         counts = torch.bincount(self._data["train"][1], minlength=10).float()
         self.baseline = (counts.max() / counts.sum()).item()
         self.baseline_note = "accuracy of always predicting the most frequent training class"
-        self._gen = generator(seed)
+        self._gen = generator("train", seed)
         self._order = torch.randperm(len(self._data["train"][0]), generator=self._gen)
         self._position = 0
 
