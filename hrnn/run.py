@@ -32,12 +32,13 @@ from hrnn.checkpoint import atomic_write_bytes, capture_rng, load_checkpoint, re
 from hrnn.config import validate
 from hrnn.errors import UserError
 from hrnn.models import build_model, count_parameters
-from hrnn.spectrum import format_periods, log_clock
-from hrnn.sweep import log_hparams, override_unchanged, run_job, threads_per_job
+from hrnn.search import TrialPruned, report_evaluation
+from hrnn.sweep import override_unchanged, run_job, threads_per_job
+from hrnn.tensorboard_logging import format_periods, log_clock, log_hparams
 from hrnn.tasks import Task, build_task
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("task", "model", "basis", "regularizer", "optim", "trainer", "experiment")
+GROUPS = ("task", "model", "basis", "regularizer", "optim", "trainer", "experiment", "hparams_search")
 # What may change when a run is resumed: nothing that alters the trajectory.
 RESUMABLE_OVERRIDES = ("trainer.steps", "trainer.device", "trainer.num_threads", "trainer.progress", "trainer.log_every")
 
@@ -151,7 +152,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 line += f" (best {best['value']:.4f} at {best['step']})"
                 entry: dict[str, Any] = {"step": step, **{f"val_{name}": value for name, value in val.items()}}
                 if model.clock is not None:
-                    summary = log_clock(writer, model.clock, task.spec.seq_len, step)
+                    summary = log_clock(writer, model.clock, task.spec.seq_len, step, history)
                     entry["periods"] = [float(p) for p in summary["periods"]]
                     entry["wave_periods"] = [float(p) for p in model.clock.wave_periods()]
                     if hasattr(task, "recovered"):
@@ -163,6 +164,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 _save(ckpt_dir / "last.pt", checkpoint_state(), model)
                 writer.flush()
                 say(line)
+                try:  # in a hyperparameter search, a hopeless trial stops here, its files kept
+                    report_evaluation(step, val[task.metric_name], task.higher_is_better)
+                except TrialPruned:
+                    writer.close()
+                    raise
             if stop.signum is not None:
                 _save(ckpt_dir / "last.pt", checkpoint_state(), model)
                 writer.close()
@@ -447,11 +453,13 @@ def preflight(args: list[str], multirun: bool = False) -> None:
     choices = []
     for override in parsed:
         key = override.get_key_element().lstrip("+~")
+        if override.is_sweep_override() and not override.is_discrete_sweep():
+            continue  # interval(...) of a search: the search's jobs are validated when they start
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
         if key in GROUPS:
             allowed = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
             for value in values:
-                if value not in allowed and not (key == "experiment" and value == "null"):
+                if value not in allowed and not (key in ("experiment", "hparams_search") and value == "null"):
                     raise UserError(f"unknown {key} {value!r}; allowed: {', '.join(allowed)}")
         choices.append([f"{override.get_key_element()}={v}" for v in values])
     if any(c.startswith("resume=") and c != "resume=auto" and c != "resume=null" for cs in choices for c in cs):
