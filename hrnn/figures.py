@@ -68,7 +68,7 @@ def spectrum_figure(spectrum: np.ndarray, component_periods: np.ndarray, periods
         ax.set_ylabel(f"m{m}\nP={period_label(periods[m])}", rotation=0, ha="right", va="center")
         ax.set_ylim(bottom=0.0)
         ax.tick_params(axis="y", labelsize=7)
-    axes[0].set_xscale("log")
+    _log2_axis(axes[0], "x")
     axes[0].set_title("clock spectrum: weight of each basis period per module (dashed: learned period)")
     axes[-1].set_xlabel("period (time steps)")
     return fig
@@ -83,12 +83,23 @@ def hierarchy_figure(steps: list[int], periods: list[list[float]]):
     ax = fig.add_subplot()
     for m in range(table.shape[1]):
         ax.plot(steps, table[:, m], marker="o", markersize=3, label=f"module {m}")
-    ax.set_yscale("log")
+    _log2_axis(ax, "y")
     ax.set_xlabel("training step")
     ax.set_ylabel("learned period (time steps)")
     ax.set_title("learned hierarchy over training")
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     return fig
+
+
+def _log2_axis(ax, which: str) -> None:
+    """Log scale with ticks at 1, 2, 4, 8, ... written as plain numbers: periods read as time steps."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    getattr(ax, f"set_{which}scale")("log", base=2)
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_locator(LogLocator(base=2))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: period_label(value)))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def clock_figures(summary: dict[str, Any], hierarchy: list[tuple[int, list[float]]]) -> dict[str, Any]:
