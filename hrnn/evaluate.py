@@ -84,6 +84,8 @@ def evaluate_run(run_dir: Path, split: str, checkpoint: str, overrides: dict[str
         raise UserError(f"checkpoint {path} does not fit its own config ({state.get('model_class')}): "
                         f"{str(exc).strip().splitlines()[0][:200]}") from None
     model.to(device)
+    if figures:
+        _check_figures(model)
     metrics = evaluate(model, task, split, cfg.trainer.eval_batch_size, device)
     result = {"split": split, "checkpoint": checkpoint, "step": state["step"], "metric": task.metric_name,
               "higher_is_better": task.higher_is_better, "value": metrics[task.metric_name], "metrics": metrics,
@@ -103,15 +105,21 @@ def write_figures(model: torch.nn.Module, seq_len: int, state: dict[str, Any], o
     from hrnn import figures
     from hrnn.tensorboard_logging import clock_summary
 
-    if model.clock is None:
-        raise UserError("this run's model has no clock, so there are no clock figures; drop --figures")
-    if not figures.available():
-        raise UserError("--figures needs matplotlib: pip install -e .[figures]")
+    _check_figures(model)
     hierarchy = [(e["step"], e["periods"]) for e in state.get("history", []) if "periods" in e]
     summary = clock_summary(model.clock.cpu(), seq_len)
     if not hierarchy or hierarchy[-1][0] != state["step"]:
         hierarchy.append((state["step"], summary["periods"]))
     return figures.save_figures(figures.clock_figures(summary, hierarchy), out_dir)
+
+
+def _check_figures(model: torch.nn.Module) -> None:
+    from hrnn import figures
+
+    if model.clock is None:
+        raise UserError("this run's model has no clock, so there are no clock figures; drop --figures")
+    if not figures.available():
+        raise UserError("--figures needs matplotlib: pip install -e .[figures]")
 
 
 def _yaml_value(key: str, value: str) -> Any:

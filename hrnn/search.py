@@ -57,7 +57,8 @@ def distribution(key: str, sweep: Any):
         return CategoricalDistribution(list(sweep.list))
     if isinstance(sweep, RangeSweep):
         if all(isinstance(v, int) for v in (sweep.start, sweep.stop, sweep.step)) and sweep.step > 0:
-            return IntDistribution(sweep.start, sweep.stop - 1, step=sweep.step)
+            last = sweep.start + (sweep.stop - 1 - sweep.start) // sweep.step * sweep.step  # range() excludes stop
+            return IntDistribution(sweep.start, last, step=sweep.step)
         raise UserError(f"search parameter {key}=range(...) needs integer start, stop and a positive step")
     if isinstance(sweep, IntervalSweep):
         log = "log" in sweep.tags
@@ -100,24 +101,30 @@ def report_evaluation(step: int, value: float, higher_is_better: bool) -> None:
 def _job_trial(higher_is_better: bool):
     """This job's running trial, opened from the study's storage with the search's pruner."""
     import optuna
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import instantiate
 
     key = (os.environ[ENV_STORAGE], os.environ[ENV_STUDY], int(os.environ[ENV_TRIAL]))
     if key not in _trial_cache:
         url, name, number = key
-        pruner_cfg = HydraConfig.get().sweeper.get("pruner") if HydraConfig.initialized() else None
-        pruner = instantiate(pruner_cfg) if pruner_cfg is not None else optuna.pruners.NopPruner()
-        study = optuna.load_study(study_name=name, storage=open_storage(url), pruner=pruner)
+        study = optuna.load_study(study_name=name, storage=open_storage(url), pruner=_search_pruner())
         wanted = optuna.study.StudyDirection.MAXIMIZE if higher_is_better else optuna.study.StudyDirection.MINIMIZE
         if study.direction != wanted:
             word = "higher" if higher_is_better else "lower"
             raise UserError(f"hydra.sweeper.direction={study.direction.name.lower()} but this task's metric is better "
-                            f"{word}; set hydra.sweeper.direction={wanted.name.lower()}")
+                            f"when {word}; set hydra.sweeper.direction={wanted.name.lower()}")
         trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
         _trial_cache.clear()  # a joblib worker runs one trial after another
         _trial_cache[key] = optuna.Trial(study, trial_id)
     return _trial_cache[key]
+
+
+def _search_pruner():
+    """The pruner of this job's search, from the sweeper's config in the job's Hydra config."""
+    import optuna
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    config = HydraConfig.get().sweeper.get("pruner") if HydraConfig.initialized() else None
+    return instantiate(config) if config is not None else optuna.pruners.NopPruner()
 
 
 # ----------------------------------------------------------------------------- reading a study

@@ -104,9 +104,12 @@ def threads_per_job(launcher: DictConfig | None, cores: int) -> int:
     n_jobs = OmegaConf.select(launcher, "n_jobs", default=None)
     if n_jobs is None:
         return cores
-    n_jobs = int(n_jobs)
-    workers = cores + 1 + n_jobs if n_jobs < 0 else n_jobs
-    return max(1, cores // max(1, min(workers, cores)))
+    return max(1, cores // min(joblib_workers(int(n_jobs), cores), cores))
+
+
+def joblib_workers(n_jobs: int, cores: int) -> int:
+    """Jobs joblib runs at once for its n_jobs (n_jobs < 0 means cores + 1 + n_jobs)."""
+    return max(1, cores + 1 + n_jobs if n_jobs < 0 else n_jobs)
 
 
 # ----------------------------------------------------------------------------- end of a sweep

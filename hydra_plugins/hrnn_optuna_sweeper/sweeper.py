@@ -11,6 +11,7 @@ checkpoint. Its configuration (defaults included) is conf/hydra/sweeper/hrnn_opt
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,13 +24,16 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from hrnn.sweep import joblib_workers
+
 
 class OptunaSweeper(Sweeper):
     def __init__(self, direction: str, study_name: str, storage: str | None, n_trials: int, n_jobs: int,
                  sampler: DictConfig, pruner: DictConfig, params: DictConfig | None) -> None:
         super().__init__()
         self.direction, self.study_name, self.storage = direction, study_name, storage
-        self.n_trials, self.n_jobs = n_trials, n_jobs
+        self.n_trials = n_trials
+        self.n_jobs = joblib_workers(n_jobs, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         self.sampler_cfg, self.pruner_cfg = sampler, pruner
         self.params = dict(params or {})
 
