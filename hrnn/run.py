@@ -34,8 +34,8 @@ from hrnn.errors import UserError
 from hrnn.models import build_model, count_parameters
 from hrnn.search import TrialPruned, report_evaluation
 from hrnn.sweep import override_unchanged, run_job, threads_per_job
-from hrnn.tensorboard_logging import format_periods, log_clock, log_hparams
 from hrnn.tasks import Task, build_task
+from hrnn.tensorboard_logging import format_periods, log_clock, log_hparams
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("task", "model", "basis", "regularizer", "optim", "trainer", "experiment", "hparams_search")
@@ -359,8 +359,8 @@ def _config_for_resume(state: dict[str, Any], cfg: DictConfig) -> DictConfig:
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     for override in overrides:
         key, _, _ = override.lstrip("+~").partition("=")
-        if key == "resume" or key.startswith("hydra"):
-            continue
+        if key in ("resume", "experiment", "hparams_search") or key.startswith("hydra"):
+            continue  # presets are no keys of the run: the stored config holds the values they chose
         if key not in RESUMABLE_OVERRIDES and override_unchanged(key, cfg, stored):
             continue  # e.g. a sweep's own overrides when resume=auto continues its job
         if key not in RESUMABLE_OVERRIDES:
@@ -461,6 +461,9 @@ def preflight(args: list[str], multirun: bool = False) -> None:
             for value in values:
                 if value not in allowed and not (key in ("experiment", "hparams_search") and value == "null"):
                     raise UserError(f"unknown {key} {value!r}; allowed: {', '.join(allowed)}")
+                if key == "hparams_search" and value != "null" and not multirun:
+                    raise UserError(f"hparams_search={value} is a search of many runs: add -m "
+                                    f"(hrnn-train -m hparams_search={value})")
         choices.append([f"{override.get_key_element()}={v}" for v in values])
     if any(c.startswith("resume=") and c != "resume=auto" and c != "resume=null" for cs in choices for c in cs):
         return  # the stored config of the run is validated when it is loaded

@@ -21,6 +21,8 @@ from conftest import CONF_DIR, compose_config
 from hrnn import search
 from hrnn.config import validate
 from hrnn.errors import UserError
+from hrnn.run import preflight
+from hrnn.summary import read_jobs
 
 # Tiny trials: T=20 (so basis sizes up to 8 fit dct's 11 frequencies), 16 hidden units; 4 evaluations each.
 TRIAL = ["task.seq_len=20", "task.n_val=50", "task.n_test=50", "model.hidden_size=16", "basis.size=choice(4,8)",
@@ -118,7 +120,12 @@ def test_pruning_follows_the_median_rule_on_the_reported_evaluations(adding_sear
             assert torch_step(job / "checkpoints" / "last.pt") == step  # its files are kept
         else:
             assert trial.state == complete and not all(any(v) for v in verdicts), (trial.number, verdicts)
-    assert "pruned by the search at step" in result.stdout
+    jobs = {j["name"]: j for j in read_jobs(sweep)}  # scripts/summarize.py lists a pruned trial as such
+    for trial in study.trials:
+        if trial.state == pruned:
+            assert jobs[str(trial.number)]["status"] == "unfinished"
+            assert jobs[str(trial.number)]["error"].startswith("pruned by the search at step")
+    assert f"- {next(t.number for t in study.trials if t.state == pruned)}: unfinished: pruned by the search" in result.stdout
 
 
 def _median_rule(trial, step: int, others: list) -> bool:
@@ -136,9 +143,10 @@ def read_events(run_dir: Path):
     return events
 
 
-def test_resume_auto_continues_the_stored_study(adding_search, tmp_path) -> None:
-    """Rerunning the finished 6-trial search with n_trials=8 and resume=auto adds trials 6 and 7;
-    the earlier trials and their files stay as they were. Without resume=auto it refuses."""
+@pytest.mark.slow
+def test_resume_auto_extends_a_finished_search(adding_search, tmp_path) -> None:
+    """Rerunning the finished 6-trial search with n_trials=8 and resume=auto adds trials 6 and 7 at new
+    points; the earlier trials and their files stay as they were. Without resume=auto it refuses."""
     sweep, _ = adding_search
     copy = tmp_path / "sweep"
     subprocess.run(["cp", "-a", str(sweep), str(copy)], check=True)
@@ -162,13 +170,12 @@ def test_resume_auto_continues_the_stored_study(adding_search, tmp_path) -> None
     assert not new_points & {tuple(sorted(p.items())) for *_, p in before}  # the sampler's seed moved on
 
 
-@pytest.mark.slow
 def test_killed_search_resumes_its_running_trial_from_the_checkpoint(tmp_path) -> None:
     """SIGTERM in the middle of trial 1 (basic launcher: the trial runs in the search's process);
     resume=auto runs trial 1 again in its own directory from its last checkpoint, then trial 2."""
     sweep = tmp_path / "sweep"
     args = ["-m", "hparams_search=adding", "hydra/launcher=basic", "hydra.sweeper.n_trials=3", *TRIAL,
-            "trainer.steps=600", "trainer.eval_every=100", "trainer.num_threads=1", f"hydra.sweep.dir={sweep}"]
+            "trainer.steps=300", "trainer.eval_every=100", "trainer.num_threads=1", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "hrnn.run", *args], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -184,6 +191,10 @@ def test_killed_search_resumes_its_running_trial_from_the_checkpoint(tmp_path) -
     first, interrupted = study.trials
     at_kill = torch_step(last)
 
+    refused = hrnn_train(args, tmp_path)  # the same command without resume=auto would start over: refused
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].endswith(
+        "already holds a search; continue it with resume=auto, or start a new one in another hydra.sweep.dir")
+    assert torch_step(last) == at_kill
     result = hrnn_train([*args, "resume=auto"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "search: continuing 1 trial(s) left running: 1" in result.stdout
@@ -192,8 +203,24 @@ def test_killed_search_resumes_its_running_trial_from_the_checkpoint(tmp_path) -
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "COMPLETE"]
     assert study.trials[0].value == first.value and study.trials[1].params == interrupted.params
     metrics = json.loads((sweep / "1" / "metrics.json").read_text())
-    assert metrics["steps"] == 600 and study.trials[1].value == metrics["val_metric"]
+    assert metrics["steps"] == 300 and study.trials[1].value == metrics["val_metric"]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["0", "1", "2"]
+
+
+@pytest.mark.slow
+def test_submitit_jobs_report_to_the_study(tmp_path) -> None:
+    """The submitit launcher (the SLURM plugin's local twin) runs each trial in a process of its own,
+    started by submitit: the trials' evaluations still reach the study through its SQLite file."""
+    sweep = tmp_path / "sweep"
+    result = hrnn_train(["-m", "hparams_search=adding", "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1",
+                         "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2", *TRIAL, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    study = load_study(sweep)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    for trial in study.trials:
+        assert sorted(trial.intermediate_values) == [3, 6, 9, 12]
+        assert trial.value == json.loads((sweep / str(trial.number) / "metrics.json").read_text())["val_metric"]
+    assert (sweep / ".submitit").is_dir()
 
 
 # ----------------------------------------------------------------------------- units (no training)
@@ -278,6 +305,15 @@ def test_the_slurm_launcher_composes_with_a_search_preset() -> None:
         cfg = compose(config_name="config", overrides=["hparams_search=adding", "hydra/launcher=slurm"],
                       return_hydra_config=True)
     assert cfg.hydra.sweeper.n_jobs == 1  # slurm has no n_jobs: one trial at a time unless told
+
+
+def test_preset_names_and_the_missing_dash_m_are_one_line() -> None:
+    with pytest.raises(UserError, match=r"^unknown hparams_search 'nosuch'; allowed: adding, smnist$"):
+        preflight(["hparams_search=nosuch"], multirun=True)
+    with pytest.raises(UserError, match=r"^hparams_search=adding is a search of many runs: add -m "):
+        preflight(["hparams_search=adding"], multirun=False)
+    preflight(["hparams_search=adding", "optim.lr=tag(log, interval(1e-4, 1e-2))", "basis.size=choice(16,32)"],
+              multirun=True)  # intervals are the search's to sample; the choices are checked here
 
 
 def test_a_job_outside_a_search_reports_nothing(monkeypatch) -> None:

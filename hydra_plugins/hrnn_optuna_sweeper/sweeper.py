@@ -19,11 +19,15 @@ from typing import Any, Sequence
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
+from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from hrnn import search
+from hrnn.errors import UserError
 from hrnn.sweep import joblib_workers
 
 
@@ -43,26 +47,24 @@ class OptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> list[Any]:
-        import optuna
-
-        from hrnn import search
-
         try:
-            return self._sweep(arguments, optuna, search)
-        except search.UserError as exc:
+            return self._sweep(arguments)
+        except UserError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
-    def _sweep(self, arguments: list[str], optuna, search) -> list[Any]:
+    def _sweep(self, arguments: list[str]) -> list[Any]:
+        import optuna  # here, not at the top: Hydra imports every plugin on every hrnn-train
+
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         path = Path(self.storage) if self.storage else sweep_dir / search.STUDY_FILE
         resume = str(self.config.get("resume")) == "auto"
         if path.exists() and not resume:
-            raise search.UserError(f"{path} already holds a search; continue it with resume=auto, "
+            raise UserError(f"{path} already holds a search; continue it with resume=auto, "
                                    f"or start a new one in another hydra.sweep.dir")
         if self.direction not in ("minimize", "maximize"):
-            raise search.UserError(f"hydra.sweeper.direction={self.direction!r}; allowed: minimize, maximize")
-        space, fixed = self._space(arguments, search)
+            raise UserError(f"hydra.sweeper.direction={self.direction!r}; allowed: minimize, maximize")
+        space, fixed = self._space(arguments)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
@@ -70,8 +72,8 @@ class OptunaSweeper(Sweeper):
         study = optuna.create_study(study_name=self.study_name, storage=search.open_storage(url),
                                     direction=self.direction, load_if_exists=True)
         if study.direction.name.lower() != self.direction:
-            raise search.UserError(f"the stored study in {path} is to {study.direction.name.lower()}, "
-                                   f"not hydra.sweeper.direction={self.direction}")
+            raise UserError(f"the study stored in {path} is to {study.direction.name.lower()}, "
+                            f"not to {self.direction} (hydra.sweeper.direction)")
         # A resumed search draws new points, not the first run's again: the seed moves on by the trials stored.
         study.sampler = instantiate(self.sampler_cfg, **({"seed": self.sampler_cfg.seed + len(study.trials)}
                                                          if self.sampler_cfg.get("seed") is not None else {}))
@@ -100,14 +102,20 @@ class OptunaSweeper(Sweeper):
                 jobs = [[*fixed, *(search.as_override(k, v) for k, v in params.items()),
                          *(_env_override(k, v) for k, v in {**env, search.ENV_TRIAL: str(number)}.items())]
                         for number, params in group]
-                self.validate_batch_is_legal(jobs)
+                try:  # composed here first: a bad parameter is one line, not a failure in every job
+                    self.validate_batch_is_legal(jobs)
+                except (HydraException, OmegaConfBaseException) as exc:
+                    for number, _ in group:
+                        study.tell(number, state=optuna.trial.TrialState.FAIL)
+                    raise UserError(f"cannot compose trial {group[0][0]} "
+                                           f"({' '.join(jobs[0][len(fixed):-3])}): {str(exc).strip().splitlines()[0]}") from None
                 results = self.launcher.launch(jobs, initial_job_idx=group[0][0])
                 for (number, _), result in zip(group, results):
-                    self._tell(study, number, result, optuna, search)
+                    self._tell(study, number, result)
                 returns.append(results)
         return returns
 
-    def _space(self, arguments: list[str], search) -> tuple[dict[str, Any], list[str]]:
+    def _space(self, arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
         """Search distributions (the preset's params, then sweeps on the command line) and fixed overrides."""
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         space, fixed = {}, []
@@ -121,13 +129,14 @@ class OptunaSweeper(Sweeper):
                 space.pop(key, None)  # a fixed value on the command line takes the key out of the search
                 fixed.append(override.input_line)
         if not space:
-            raise search.UserError("the search has no parameters; set hydra.sweeper.params or give key=choice(...)")
+            raise UserError("the search has no parameters; set hydra.sweeper.params or give key=choice(...)")
         return space, fixed
 
     @staticmethod
-    def _tell(study, number: int, result, optuna, search) -> None:
-        state = optuna.trial.TrialState
-        trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+    def _tell(study, number: int, result) -> None:
+        from optuna.trial import TrialState as state
+
+        trial = _stored(study, number)  # as the job left it
         value = result._return_value if result.status == JobStatus.COMPLETED else None
         if search.PRUNED_AT in trial.user_attrs:
             study.tell(number, state=state.PRUNED)
@@ -135,9 +144,13 @@ class OptunaSweeper(Sweeper):
             study.tell(number, float(value))
         else:
             study.tell(number, state=state.FAIL)
-        outcome = study._storage.get_trial(trial._trial_id)
+        outcome = _stored(study, number)
         shown = "" if outcome.value is None else f" value {outcome.value:.6g}"
         print(f"search: trial {number} {outcome.state.name.lower()}{shown}", flush=True)
+
+
+def _stored(study, number: int):
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
 def _consecutive(batch: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
