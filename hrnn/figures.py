@@ -10,6 +10,7 @@ TensorBoard at every evaluation (hrnn/tensorboard_logging.py) and to PNG/PDF fil
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,7 @@ NAMES = ("waves", "spectrum", "hierarchy")
 
 
 def available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def period_label(period: float) -> str:

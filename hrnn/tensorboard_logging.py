@@ -87,7 +87,7 @@ def log_clock(writer: SummaryWriter, clock: Clock, steps: int, global_step: int,
 
 def format_periods(periods: list[float]) -> str:
     """`1 2 4 8 17`: integers where the period is whole, one decimal otherwise."""
-    return " ".join(f"{p:.0f}" if abs(p - round(p)) < 0.05 else f"{p:.1f}" for p in periods)
+    return " ".join(figures.period_label(p) for p in periods)
 
 
 # ----------------------------------------------------------------------------- HPARAMS tab

@@ -17,7 +17,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, compose_config
+from conftest import CONF_DIR
 from hrnn import search
 from hrnn.config import validate
 from hrnn.errors import UserError
