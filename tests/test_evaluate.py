@@ -50,6 +50,26 @@ def test_hrnn_eval_reproduces_the_test_metric_exactly(finished_run: Path) -> Non
     assert f"wrote {finished_run / 'eval_test_best.json'}" in result.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks reading a CUDA checkpoint on a machine without CUDA")
+def test_a_checkpoint_written_on_cuda_reads_on_the_cpu(finished_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """Its storages tagged cuda:0, as torch.save records tensors of a GPU run: plain torch.load fails on
+    this machine, hrnn-eval maps it to the CPU and reproduces the test metric."""
+    import shutil
+    import torch.serialization
+
+    from hrnn.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "gpu_run"
+    shutil.copytree(finished_run, run)
+    state = load_checkpoint(run / "checkpoints" / "best.pt")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        save_checkpoint(run / "checkpoints" / "best.pt", state)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert evaluate_run(run, "test", "best", {})["value"] == read_metrics(run)["test_metric"]
+
+
 def test_hrnn_eval_val_and_last_checkpoint_and_batch_size(finished_run: Path) -> None:
     metrics = read_metrics(finished_run)
     best_val = evaluate_run(finished_run, "val", "best", {"trainer.eval_batch_size": "7"})
