@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml setup.py $(wildcard hrnn/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q --no-build-isolation -e ".[test,sweep]"
+	$(BIN)/pip install -q --no-build-isolation -e ".[test,sweep,figures]"
 	touch $(STAMP)
 
 train: install

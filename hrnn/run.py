@@ -36,13 +36,14 @@ from hrnn.config import validate
 from hrnn.core import set_matmul_precision
 from hrnn.errors import UserError
 from hrnn.models import SequenceModel, build_model, count_parameters
+from hrnn.search import TrialPruned, report_evaluation
 from hrnn.seeds import stream_seed
-from hrnn.spectrum import format_periods, log_clock
-from hrnn.sweep import log_hparams, override_unchanged, run_job, threads_per_job
+from hrnn.sweep import override_unchanged, run_job, threads_per_job
 from hrnn.tasks import Task, build_task
+from hrnn.tensorboard_logging import format_periods, log_clock, log_hparams
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("task", "model", "basis", "regularizer", "optim", "trainer", "experiment")
+GROUPS = ("task", "model", "basis", "regularizer", "optim", "trainer", "experiment", "hparams_search")
 # What may change when a run is resumed: nothing that alters the trajectory.
 RESUMABLE_OVERRIDES = ("trainer.steps", "trainer.device", "trainer.num_threads", "trainer.progress", "trainer.log_every")
 say = tqdm.write  # print without breaking the progress bar
@@ -234,7 +235,7 @@ def evaluate_and_checkpoint(run: Run) -> None:
     line += f" (best {run.best['value']:.4f} at {run.best['step']})"
     entry: dict[str, Any] = {"step": step, **{f"val_{name}": value for name, value in val.items()}}
     if model.clock is not None:
-        summary = log_clock(writer, model.clock, task.spec.seq_len, step)
+        summary = log_clock(writer, model.clock, task.spec.seq_len, step, run.history)
         entry["periods"] = [float(p) for p in summary["periods"]]
         entry["wave_periods"] = [float(p) for p in model.clock.wave_periods()]
         if hasattr(task, "recovered"):
@@ -246,6 +247,11 @@ def evaluate_and_checkpoint(run: Run) -> None:
     run.save("last.pt")
     writer.flush()
     say(line)
+    try:  # in a hyperparameter search, a hopeless trial stops here, its files kept
+        report_evaluation(step, val[task.metric_name], task.higher_is_better)
+    except TrialPruned:
+        writer.close()
+        raise
 
 
 def stop_with_checkpoint(run: Run, signum: int) -> None:
@@ -461,8 +467,8 @@ def _config_for_resume(state: dict[str, Any], cfg: DictConfig) -> DictConfig:
     overridden = set()
     for override in overrides:
         key, _, _ = override.lstrip("+~").partition("=")
-        if key == "resume" or key.startswith("hydra"):
-            continue
+        if key in ("resume", "experiment", "hparams_search") or key.startswith("hydra"):
+            continue  # presets are no keys of the run: the stored config holds the values they chose
         if key not in RESUMABLE_OVERRIDES and override_unchanged(key, cfg, stored):
             continue  # e.g. a sweep's own overrides when resume=auto continues its job
         if key not in RESUMABLE_OVERRIDES:
@@ -564,12 +570,17 @@ def preflight(args: list[str], multirun: bool = False) -> None:
     choices = []
     for override in parsed:
         key = override.get_key_element().lstrip("+~")
+        if override.is_sweep_override() and not override.is_discrete_sweep():
+            continue  # interval(...) of a search: the search's jobs are validated when they start
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
         if key in GROUPS:
             allowed = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
             for value in values:
-                if value not in allowed and not (key == "experiment" and value == "null"):
+                if value not in allowed and not (key in ("experiment", "hparams_search") and value == "null"):
                     raise UserError(f"unknown {key} {value!r}; allowed: {', '.join(allowed)}")
+                if key == "hparams_search" and value != "null" and not multirun:
+                    raise UserError(f"hparams_search={value} is a search of many runs: add -m "
+                                    f"(hrnn-train -m hparams_search={value})")
         choices.append([f"{override.get_key_element()}={v}" for v in values])
     if any(c.startswith("resume=") and c != "resume=auto" and c != "resume=null" for cs in choices for c in cs):
         return  # the stored config of the run is validated when it is loaded

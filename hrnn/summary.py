@@ -67,7 +67,9 @@ def _read_job(path: Path) -> dict[str, Any]:
                 job["status"] = "finished"
         except ValueError as exc:
             job.update(status="failed", error=f"unreadable metrics.json: {exc}")
-    if job["status"] == "unfinished":
+    if job["status"] == "unfinished" and (path / "pruned.txt").exists():  # stopped early by a search
+        job["error"] = (path / "pruned.txt").read_text(errors="replace").strip()
+    elif job["status"] == "unfinished":
         job["error"] = "no metrics.json" + (" (has checkpoints/last.pt; resume=auto continues it)"
                                             if (path / "checkpoints" / "last.pt").exists() else "")
     return job

@@ -65,8 +65,8 @@ def test_cli_run_writes_events_checkpoints_and_metrics(tmp_path, tiny):
     assert [e.value for e in events.Scalars("clock/period/2")] == [4.0, 4.0]
     images = set(events.Tags()["images"])
     assert {"clock/spectrum", "clock/waves"} <= images
-    spectrum = events.Images("clock/spectrum")[-1]
-    assert spectrum.height == 4 * 8 and spectrum.width >= 20  # 4 modules x 20 binary periods
+    # labelled figures with matplotlib, plain images without: both checked in tests/test_figures.py
+    assert [e.step for e in events.Images("clock/spectrum")] == [3, 6]
     assert any(tag.startswith("clock/") for tag in events.Tags()["histograms"])
 
 

@@ -16,7 +16,8 @@ from conftest import compose_config
 from hrnn.errors import UserError
 from hrnn.run import train
 from hrnn.summary import format_markdown, read_jobs, summarize
-from hrnn.sweep import flat_hparams, hparam_types, run_job, threads_per_job
+from hrnn.sweep import run_job, threads_per_job
+from hrnn.tensorboard_logging import flat_hparams, hparam_types
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.hidden_size=16", "model.n_modules=2", "trainer.batch_size=8", "trainer.eval_batch_size=50",

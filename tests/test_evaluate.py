@@ -1,0 +1,152 @@
+"""hrnn-eval: re-evaluating a run's checkpoint reproduces what training measured, for every model
+and task; bad inputs get one line and exit 2."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, compose_config, read_metrics, run_cli
+from hrnn.evaluate import evaluate_run, main
+from hrnn.run import train
+
+SYNTHETIC = ["task.seq_len=20", "trainer.steps=4", "trainer.eval_every=2"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("eval")
+    run_cli(["task=adding", "basis=dct", *SYNTHETIC, *TINY, f"hydra.run.dir={cwd / 'run'}"], cwd=cwd)
+    return cwd / "run"
+
+
+def hrnn_eval(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "hrnn.evaluate", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_hrnn_eval_reproduces_the_test_metric_exactly(finished_run: Path) -> None:
+    metrics = read_metrics(finished_run)
+    result = hrnn_eval([str(finished_run)], cwd=finished_run.parent)
+    assert result.returncode == 0, result.stderr
+    written = json.loads((finished_run / "eval_test_best.json").read_text())
+    assert written["value"] == metrics["test_metric"]  # exactly: same weights, data, batches and device
+    assert written["metrics"] == metrics["test"] and written["step"] == metrics["best_step"]
+    assert (written["split"], written["checkpoint"], written["metric"], written["device"]) == ("test", "best", "mse", "cpu")
+    assert written["periods"] == metrics["periods"]
+    first = result.stdout.splitlines()[0]
+    assert first.startswith(f"test (best.pt, step {metrics['best_step']}, cpu) | loss ")
+    assert f"mse {metrics['test_metric']:.6g}" in first
+    assert f"wrote {finished_run / 'eval_test_best.json'}" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks reading a CUDA checkpoint on a machine without CUDA")
+def test_a_checkpoint_written_on_cuda_reads_on_the_cpu(finished_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """Its storages tagged cuda:0, as torch.save records tensors of a GPU run: plain torch.load fails on
+    this machine, hrnn-eval maps it to the CPU and reproduces the test metric."""
+    import shutil
+    import torch.serialization
+
+    from hrnn.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "gpu_run"
+    shutil.copytree(finished_run, run)
+    state = load_checkpoint(run / "checkpoints" / "best.pt")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        save_checkpoint(run / "checkpoints" / "best.pt", state)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert evaluate_run(run, "test", "best", {})["value"] == read_metrics(run)["test_metric"]
+
+
+def test_hrnn_eval_val_and_last_checkpoint_and_batch_size(finished_run: Path) -> None:
+    metrics = read_metrics(finished_run)
+    best_val = evaluate_run(finished_run, "val", "best", {"trainer.eval_batch_size": "7"})
+    assert best_val["value"] == pytest.approx(metrics["val_metric"], rel=1e-6)  # other batches: rounding only
+    assert best_val["eval_batch_size"] == 7
+    last = evaluate_run(finished_run, "val", "last", {})
+    final = metrics["history"][-1]
+    assert last["step"] == final["step"] == 4 and last["value"] == final["val_mse"]
+    assert json.loads((finished_run / "eval_val_last.json").read_text())["value"] == last["value"]
+
+
+def _fake_mnist(data_dir: Path) -> None:
+    rng = np.random.default_rng(0)
+    split = lambda n: (rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n).astype(np.int64))  # noqa: E731
+    data_dir.mkdir()
+    with gzip.open(data_dir / "mnist.pkl.gz", "wb") as f:
+        pickle.dump((split(20), split(10), split(12)), f, protocol=2)
+
+
+MODELS = {
+    "lstm-copy": ["model=lstm", "task=copy", "task.seq_len=10"],
+    "gru-timescales": ["model=gru", "task=timescales", "task.seq_len=24"],
+    "rnn-adding": ["model=rnn", "task=adding", "task.seq_len=20"],
+    "cwrnn-adding": ["model=cwrnn", "task=adding", "task.seq_len=20"],
+    "hrnn-period-copy": ["basis=period", "task=copy", "task.seq_len=10"],
+    "hrnn-l1-pmnist": ["basis=binary", "regularizer=l1", "task=pmnist", "basis.size=16"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_and_task_evaluates_as_training_did(tmp_path: Path, name: str) -> None:
+    data_dir = tmp_path / "data"
+    _fake_mnist(data_dir)
+    overrides = [*MODELS[name], "trainer.steps=2", "trainer.eval_every=2", "trainer.num_threads=1", *TINY,
+                 f"data_dir={data_dir}"]
+    if "mnist" in name:
+        overrides = [o for o in overrides if not o.startswith(("task.n_val", "task.n_test"))]
+    run_dir = tmp_path / "run"
+    train(compose_config(overrides), run_dir)
+    metrics = read_metrics(run_dir)
+    result = evaluate_run(run_dir, "test", "best", {})
+    assert result["value"] == metrics["test_metric"] and result["metrics"] == metrics["test"]
+
+
+BAD = [
+    ([], "error: give the run directory first; usage: hrnn-eval <run dir>"),
+    (["{run}", "split=train"], "error: split='train' is not allowed; allowed: val, test"),
+    (["{run}", "checkpoint=mid"], "error: checkpoint='mid' is not allowed; allowed: best, last"),
+    (["{run}", "model.hidden_size=8"], "error: unknown key 'model.hidden_size'; allowed: split, checkpoint, trainer.device"),
+    (["{run}", "test"], "error: bad argument 'test': expected key=value"),
+    (["{run}", "--figure"], "error: unknown option '--figure'"),
+    (["{run}", "trainer.eval_batch_size=0"], "error: trainer.eval_batch_size=0 must be positive"),
+    (["{run}", "trainer.device=tpu"], "error: trainer.device='tpu' is not allowed; allowed: cpu, cuda, auto"),
+    (["{run}/nosuch"], "is not a directory; give a run directory written by hrnn-train"),
+    (["{empty}"], "has no checkpoints/best.pt; give a run directory written by hrnn-train"),
+    (["{corrupt}"], "error: corrupt or unreadable checkpoint"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) or "none" for a, _ in BAD])
+def test_bad_input_gets_one_line_and_exit_2(finished_run: Path, tmp_path: Path, capsys, args, message) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "corrupt" / "checkpoints" / "best.pt").write_bytes(b"not a checkpoint")
+    paths = {"run": finished_run, "empty": tmp_path / "empty", "corrupt": tmp_path / "corrupt"}
+    assert main([a.format(**paths) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line(finished_run: Path, capsys) -> None:
+    assert main([str(finished_run), "trainer.device=cuda"]) == 2
+    assert capsys.readouterr().err == "error: trainer.device=cuda but no CUDA device is available; allowed here: cpu, auto\n"
+
+
+def test_figures_of_a_model_without_a_clock_is_one_line(tmp_path: Path, capsys) -> None:
+    train(compose_config(["model=lstm", *SYNTHETIC, *TINY, "trainer.num_threads=1"]), tmp_path / "lstm")
+    assert main([str(tmp_path / "lstm"), "--figures"]) == 2
+    assert "this run's model has no clock, so there are no clock figures; drop --figures" in capsys.readouterr().err
