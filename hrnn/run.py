@@ -32,7 +32,7 @@ from hrnn.checkpoint import atomic_write_bytes, capture_rng, load_checkpoint, re
 from hrnn.config import validate
 from hrnn.errors import UserError
 from hrnn.models import build_model, count_parameters
-from hrnn.spectrum import format_periods, log_clock
+from hrnn.spectrum import format_periods, heatmap, log_clock
 from hrnn.sweep import log_hparams, override_unchanged, run_job, threads_per_job
 from hrnn.tasks import Task, build_task
 
@@ -159,6 +159,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                         entry["recovered"], entry["recovered_wave"] = len(found), len(found_wave)
                         line += f" | recovered {len(found)}/{len(task.periods)} (wave {len(found_wave)})"
                     line += f" | periods {format_periods(summary['periods'])}"  # always last
+                connectivity = model.connectivity()
+                if connectivity is not None:  # (M, M): row i reads column j; an image, square
+                    writer.add_image("model/connectivity", heatmap(connectivity, row_height=max(1, 256 // len(connectivity))), step)
+                    entry["connectivity"] = connectivity.tolist()
                 history.append(entry)
                 _save(ckpt_dir / "last.pt", checkpoint_state(), model)
                 writer.flush()
@@ -204,6 +208,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         "status": "finished",
         "history": history,
     }
+    if model.connectivity() is not None:
+        metrics["connectivity"] = model.connectivity().tolist()
     if model.clock is not None:
         metrics["periods"] = model.clock.periods()
         metrics["wave_periods"] = [float(p) for p in model.clock.wave_periods()]
@@ -237,7 +243,7 @@ def evaluate(model: torch.nn.Module, task: Task, split: str, batch_size: int, de
     for x, y in task.eval_batches(split, batch_size):
         x, y = x.to(device), y.to(device)
         output = model(x)
-        values = {"loss": task.loss(output, y).item(), **task.metrics(output, y)}
+        values = {"loss": task.loss(output, y).item(), **task.metrics(output, y), **model.statistics()}
         for name, value in values.items():
             totals[name] = totals.get(name, 0.0) + value * len(x)
         count += len(x)
@@ -299,7 +305,7 @@ def _describe_model(cfg: DictConfig) -> str:
     model = cfg.model
     if model.name == "hrnn":
         return (f"hrnn {model.n_modules}x{model.hidden_size // model.n_modules} basis={cfg.basis.name} "
-                f"regularizer={cfg.regularizer.name} connectivity={model.connectivity}")
+                f"regularizer={cfg.regularizer.name} connectivity={model.connectivity} activation={model.activation}")
     if model.name == "cwrnn":
         return f"cwrnn {model.n_modules}x{model.hidden_size // model.n_modules}"
     return f"{model.name} {model.hidden_size}"

@@ -99,7 +99,7 @@ BAD_INPUTS = [
     (["trainer.batch_size=-1"], "trainer.batch_size=-1 must be positive"),
     (["-m", "trainer.seed=0,1", "model.hidden_size=10,12", "model.n_modules=4"],
      "model.hidden_size=10 is not divisible by model.n_modules=4"),
-    (["model.connectivity=sideways"], "model.connectivity='sideways' is not allowed; allowed: full, slow_to_fast"),
+    (["model.connectivity=sideways"], "model.connectivity='sideways' is not allowed; allowed: full, slow_to_fast, learned"),
 ]
 
 
