@@ -13,7 +13,7 @@ from hrnn.run import build_optimizer, train
 from hrnn.tasks import build_task
 from test_models import TASK_OVERRIDES, fake_mnist  # noqa: F401  (a fixture)
 
-OPTIONS = [["model.connectivity=learned"], ["model.activation=event"],
+OPTIONS = [["model.connectivity=learned"], ["model.activation=event", "model.gate=hard"],
            ["model.activation=clock_event", "model.gate=stochastic", "model.connectivity=slow_to_fast"],
            ["model.activation=event", "model.gate=soft", "model.connectivity=learned"]]
 
