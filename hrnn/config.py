@@ -49,6 +49,8 @@ class ClockedModelSchema:
     gate_bias: float
     gate_threshold: float
     update_weight: float
+    chunker_threshold: float
+    prediction_weight: float
     hidden_size: int = 128
     n_modules: int = 8
     connectivity: str = "full"
@@ -224,7 +226,7 @@ def _check_values(cfg: DictConfig) -> None:
         _require(model.connectivity in CONNECTIVITY,
                  f"model.connectivity={model.connectivity!r} is not allowed; allowed: {', '.join(CONNECTIVITY)}")
         _check_events(model)
-        if model.activation != "event":
+        if model.activation in ("clock", "clock_event"):
             _check_clock(cfg)
 
 
@@ -235,8 +237,12 @@ def _check_events(model: DictConfig) -> None:
     _require(model.gate in GATES, f"model.gate={model.gate!r} is not allowed; allowed: {', '.join(GATES)}")
     for key in ("connectivity_threshold", "gate_threshold"):
         _require(0 < model[key] < 1, f"model.{key}={model[key]} must be in (0, 1): it is compared with a sigmoid")
-    for key in ("connectivity_weight", "update_weight"):
+    for key in ("connectivity_weight", "update_weight", "prediction_weight"):
         _require(model[key] >= 0, f"model.{key}={model[key]} must be non-negative")
+    _require(model.chunker_threshold > 0, f"model.chunker_threshold={model.chunker_threshold} must be positive")
+    _require(model.activation != "chunker" or model.n_modules >= 2,
+             f"model.n_modules={model.n_modules} is too few for activation=chunker: module m wakes on module "
+             f"m - 1's errors, so it needs at least 2")
 
 
 def _check_clock(cfg: DictConfig) -> None:

@@ -63,8 +63,7 @@ def gated_leaky_rnn_reference(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: 
         gate_u = torch.nn.functional.linear(x, gate_x, gate_bias).unbind(1)
         # One product per step for the candidate and the gate: [W_h; G_h] h_{t-1}.
         w_t = torch.cat([w_h, gate_h]).t()
-        if gate_mode == "hard":
-            thresholds = torch.as_tensor(thresholds, dtype=x.dtype).expand(batch, steps, n_modules).unbind(1)
+        thresholds = _per_step(thresholds, gate_mode, (batch, steps, n_modules), x)
     else:
         w_t = w_h.t()
     if waves is not None and waves.dim() == 2:
@@ -76,12 +75,77 @@ def gated_leaky_rnn_reference(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: 
         candidate = torch.tanh(u[t] + product[:, :hidden])
         a = x.new_ones(batch, n_modules) if waves is None else waves[:, t]
         if gated:
-            gate = torch.sigmoid(gate_u[t] + product[:, hidden:])
-            a = a * (StraightThrough.apply(gate, thresholds[t]) if gate_mode == "hard" else gate)
+            a = a * _binarise(torch.sigmoid(gate_u[t] + product[:, hidden:]), gate_mode, thresholds, t)
         h = torch.lerp(h, candidate, a.repeat_interleave(units, dim=1))
         states.append(h)
         activations.append(a)
     return torch.stack(states, dim=1), torch.stack(activations, dim=1)
+
+
+def chunker_leaky_rnn_reference(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0: Tensor,
+                                predict_w: Tensor, predict_b: Tensor, log_threshold: Tensor, gate_mode: str,
+                                thresholds: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    """The Chunker-style recurrence: module m >= 1 wakes when module m - 1 mispredicts the input.
+
+        x^m_t = P_m h^m_{t-1} + p_m                  module m's prediction of x_t, m = 0 .. M-2
+        eps^m_t = mean_i (x_t,i - x^m_t,i)^2          its error, (B, M-1)
+        g^{m+1}_t = eps^m_t / (eps^m_t + theta_{m+1})  = sigmoid(log eps - log theta): 1/2 at eps = theta
+        a^0_t = 1, a^{m+1}_t = e(g^{m+1}_t)            e as in the event gate (soft, or hard at thresholds)
+
+    then the leaky update of the module docstring. predict_w: (M-1, I, H/M); predict_b: (M-1, I);
+    log_threshold: (M-1,) log theta of modules 1 .. M-1. With the hard gate at threshold 1/2 a
+    module wakes exactly when the error below it exceeds its theta. Returns the states (B, T, H),
+    the activations (B, T, M) and the errors eps (B, T, M-1), which the model trains the predictions on.
+    """
+    batch, steps, inputs = x.shape
+    hidden = w_h.shape[0]
+    n_modules = predict_w.shape[0] + 1
+    if (hidden % n_modules or predict_w.shape != (n_modules - 1, inputs, hidden // n_modules)
+            or predict_b.shape != (n_modules - 1, inputs) or log_threshold.shape != (n_modules - 1,)):
+        raise ValueError(f"predict_w {tuple(predict_w.shape)}, predict_b {tuple(predict_b.shape)}, log_threshold "
+                         f"{tuple(log_threshold.shape)} do not fit (M-1, {inputs}, H/M), (M-1, {inputs}), (M-1,) "
+                         f"with H = {hidden} and M - 1 = {n_modules - 1}")
+    if gate_mode not in GATE_MODES:
+        raise ValueError(f"gate_mode={gate_mode!r}; allowed: {', '.join(GATE_MODES)}")
+    units = hidden // n_modules
+    u = torch.nn.functional.linear(x, w_x, bias).unbind(1)
+    thresholds = _per_step(thresholds, gate_mode, (batch, steps, n_modules - 1), x)
+    theta = log_threshold.exp()
+    h, w_t = h0, w_h.t()
+    states, activations, errors = [], [], []
+    for t in range(steps):
+        candidate = torch.tanh(u[t] + h @ w_t)
+        below = h.view(batch, n_modules, units)[:, :-1]  # modules 0 .. M-2
+        prediction = torch.einsum("bmk,mik->bmi", below, predict_w) + predict_b
+        error = (x[:, t].unsqueeze(1) - prediction).square().mean(dim=2)  # (B, M-1)
+        woken = _binarise(error / (error + theta), gate_mode, thresholds, t)
+        a = torch.cat([torch.ones_like(woken[:, :1]), woken], dim=1)
+        h = torch.lerp(h, candidate, a.repeat_interleave(units, dim=1))
+        states.append(h)
+        activations.append(a)
+        errors.append(error)
+    return torch.stack(states, dim=1), torch.stack(activations, dim=1), torch.stack(errors, dim=1)
+
+
+def chunker_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0: Tensor, predict_w: Tensor,
+                      predict_b: Tensor, log_threshold: Tensor, gate_mode: str, thresholds: Tensor | float,
+                      last_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """`chunker_leaky_rnn_reference`, with the last state only (B, H) if last_only; the op a kernel takes over."""
+    states, activations, errors = chunker_leaky_rnn_reference(x, w_x, bias, w_h, h0, predict_w, predict_b,
+                                                              log_threshold, gate_mode, thresholds)
+    return (states[:, -1] if last_only else states), activations, errors
+
+
+def _binarise(gate: Tensor, gate_mode: str, thresholds: Tensor | tuple, t: int) -> Tensor:
+    """e_t: the gate itself ("soft"), or 1[gate > thresholds_t] with a straight-through gradient ("hard")."""
+    return StraightThrough.apply(gate, thresholds[t]) if gate_mode == "hard" else gate
+
+
+def _per_step(thresholds: Tensor | float, gate_mode: str, shape: tuple[int, int, int], like: Tensor):
+    """thresholds as one (B, M) tensor per step (hard gates only)."""
+    if gate_mode != "hard":
+        return None
+    return torch.as_tensor(thresholds, dtype=like.dtype, device=like.device).expand(shape).unbind(1)
 
 
 def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0: Tensor, waves: Tensor | None,

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from hrnn.core import leaky_rnn_reference
-from hrnn.gated import gated_leaky_rnn, gated_leaky_rnn_reference
+from hrnn.gated import chunker_leaky_rnn_reference, gated_leaky_rnn, gated_leaky_rnn_reference
 from hrnn.models.clock import FixedClock
-from hrnn.models.recurrent import ClockedRNN, EventGate
+from hrnn.models.recurrent import ChunkerGate, ClockedRNN, EventGate
 
 B, T, I, H, M = 3, 9, 2, 8, 4
 F64 = torch.float64
@@ -169,3 +169,60 @@ def test_hard_gate_parameters_get_gradients_from_the_loss_through_the_straight_t
     (model(torch.randn(B, T, I))[:, -1].square().sum() + model.penalty()).backward()
     for name in ("input.weight", "input.bias", "recurrent.weight"):
         assert model.event.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def chunker_inputs(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=F64) * scale
+    return {"x": r(B, T, I), "w_x": r(H, I, scale=0.7), "bias": r(H, scale=0.1), "w_h": r(H, H, scale=0.4),
+            "h0": r(B, H, scale=0.5), "predict_w": r(M - 1, I, H // M), "predict_b": r(M - 1, I, scale=0.3),
+            "log_threshold": r(M - 1, scale=0.3)}
+
+
+def chunker_errors(args: dict, states: torch.Tensor) -> torch.Tensor:
+    """eps^m_t from the definition: module m's linear prediction of x_t from h^m_{t-1}, m < M - 1."""
+    previous = torch.cat([args["h0"].unsqueeze(1), states[:, :-1]], dim=1)  # h_{t-1}, (B, T, H)
+    errors = []
+    for m in range(M - 1):
+        prediction = previous[:, :, 2 * m:2 * m + 2] @ args["predict_w"][m].t() + args["predict_b"][m]
+        errors.append((args["x"] - prediction).square().mean(dim=2))
+    return torch.stack(errors, dim=2)
+
+
+def test_chunker_module_wakes_exactly_when_the_module_below_mispredicts():
+    args = chunker_inputs(11)
+    states, a, errors = chunker_leaky_rnn_reference(**args, gate_mode="hard", thresholds=0.5)
+    torch.testing.assert_close(errors, chunker_errors(args, states), rtol=0, atol=1e-12)
+    theta = args["log_threshold"].exp()
+    assert torch.equal(a[:, :, 0], torch.ones(B, T, dtype=F64))  # module 0 always updates
+    assert torch.equal(a[:, :, 1:], (errors > theta).to(F64))  # g = eps / (eps + theta) > 1/2  <=>  eps > theta
+    assert 0 < a[:, :, 1:].mean() < 1
+    previous = torch.cat([args["h0"].unsqueeze(1), states[:, :-1]], dim=1)
+    for b, t, m in zip(*torch.nonzero(a == 0, as_tuple=True)):
+        assert torch.equal(states[b, t, 2 * m:2 * m + 2], previous[b, t, 2 * m:2 * m + 2])
+
+
+def test_gradcheck_chunker_soft_path_every_input_float64():
+    args = chunker_inputs(12)
+    args["x"] = args["x"][:, :5].contiguous()  # 5 steps keep the gradcheck short
+    args = {k: v.requires_grad_() for k, v in args.items()}
+    names = list(args)
+
+    def outputs(*tensors):
+        states, _, errors = chunker_leaky_rnn_reference(**dict(zip(names, tensors)), gate_mode="soft", thresholds=0.5)
+        return states, errors
+
+    assert torch.autograd.gradcheck(outputs, tuple(args.values()))
+
+
+def test_chunker_model_penalty_trains_predictions_and_thresholds():
+    torch.manual_seed(0)
+    gate = ChunkerGate(I, H, M, "hard", threshold_init=0.5, threshold=0.5, update_weight=0.1, prediction_weight=2.0)
+    model = ClockedRNN(I, H, None, "full", event=gate)
+    model(torch.randn(B, T, I))
+    penalty = model.penalty()
+    assert penalty.item() == pytest.approx(0.1 * model.activations.mean().item() + 2.0 * gate.errors.mean().item())
+    assert model.activations.shape == (B, T, M) and gate.errors.shape == (B, T, M - 1)
+    (model(torch.randn(B, T, I))[:, -1].square().sum() + model.penalty()).backward()
+    for name in ("predict_w", "predict_b", "log_threshold"):
+        assert gate.get_parameter(name).grad.abs().sum() > 0, name

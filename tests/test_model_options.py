@@ -15,7 +15,8 @@ from test_models import TASK_OVERRIDES, fake_mnist  # noqa: F401  (a fixture)
 
 OPTIONS = [["model.connectivity=learned"], ["model.activation=event", "model.gate=hard"],
            ["model.activation=clock_event", "model.gate=stochastic", "model.connectivity=slow_to_fast"],
-           ["model.activation=event", "model.gate=soft", "model.connectivity=learned"]]
+           ["model.activation=event", "model.gate=soft", "model.connectivity=learned"],
+           ["model.activation=chunker", "model.gate=hard", "model.connectivity=slow_to_fast"]]
 
 
 @pytest.mark.parametrize("task", list(TASK_OVERRIDES))
@@ -37,11 +38,11 @@ def test_every_option_trains_a_step_on_every_task(task, options, fake_mnist):  #
     assert torch.isfinite(loss)
     unchanged = [name for name, p in net.named_parameters() if torch.equal(before[name], p.detach())]
     assert unchanged == [], unchanged  # the gates and logits learn from the first step
-    assert (net.clock is None) == (cfg.model.activation == "event")
+    assert (net.clock is None) == (cfg.model.activation in ("event", "chunker"))
 
 
 @pytest.mark.parametrize("task,options", [("adding", ["model.connectivity=learned"]), ("adding", ["model.activation=event"]),
-                                          ("copy", ["model.activation=clock_event"])])
+                                          ("copy", ["model.activation=clock_event"]), ("adding", ["model.activation=chunker"])])
 def test_cli_trains_and_logs_connectivity_and_update_fraction(tmp_path, task, options):
     run_dir = tmp_path / "run"
     run_cli([*TINY, f"task={task}", "task.seq_len=10", *options, "trainer.steps=4", "trainer.eval_every=2",
@@ -76,13 +77,15 @@ def test_in_process_learned_connectivity_history_follows_the_checkpoints(tmp_pat
 
 
 BAD = [
-    (["model.activation=sometimes"], "model.activation='sometimes' is not allowed; allowed: clock, event, clock_event"),
+    (["model.activation=sometimes"], "model.activation='sometimes' is not allowed; allowed: clock, event, clock_event, chunker"),
     (["model.gate=maybe"], "model.gate='maybe' is not allowed; allowed: hard, stochastic, soft"),
     (["model.gate_threshold=1.5"], "model.gate_threshold=1.5 must be in (0, 1): it is compared with a sigmoid"),
     (["model.connectivity_threshold=0"], "model.connectivity_threshold=0.0 must be in (0, 1): it is compared with a sigmoid"),
     (["model.update_weight=-1"], "model.update_weight=-1.0 must be non-negative"),
     (["model.connectivity_weight=-0.1"], "model.connectivity_weight=-0.1 must be non-negative"),
     (["model.gate_bias=closed"], "bad value 'closed' for model.gate_bias"),
+    (["model.chunker_threshold=0"], "model.chunker_threshold=0.0 must be positive"),
+    (["model.activation=chunker", "model.n_modules=1"], "model.n_modules=1 is too few for activation=chunker"),
 ]
 
 

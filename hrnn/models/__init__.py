@@ -4,7 +4,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from hrnn.models.clock import BasisClock, Clock, FixedClock, PeriodClock
-from hrnn.models.recurrent import ClockedRNN, ConnectivityGates, EventGate, SequenceModel, TorchRNN
+from hrnn.models.recurrent import ChunkerGate, ClockedRNN, ConnectivityGates, EventGate, SequenceModel, TorchRNN
 from hrnn.tasks.base import TaskSpec
 
 MODELS = ("hrnn", "cwrnn", "lstm", "gru", "rnn")
@@ -48,7 +48,8 @@ def build_model(cfg: DictConfig, spec: TaskSpec) -> SequenceModel:
         backbone = ClockedRNN(spec.input_size, hidden, clock, "slow_to_fast")
     elif model_cfg.name == "hrnn":
         activation, n_modules = model_cfg.activation, model_cfg.n_modules
-        clock = None if activation == "event" else build_clock(model_cfg, cfg.basis, cfg.regularizer, spec.seq_len)
+        clocked = activation in ("clock", "clock_event")
+        clock = build_clock(model_cfg, cfg.basis, cfg.regularizer, spec.seq_len) if clocked else None
         gates = None
         if model_cfg.connectivity == "learned":
             gates = ConnectivityGates(n_modules, model_cfg.connectivity_init, model_cfg.connectivity_weight,
@@ -57,6 +58,9 @@ def build_model(cfg: DictConfig, spec: TaskSpec) -> SequenceModel:
         if activation in ("event", "clock_event"):
             event = EventGate(spec.input_size, hidden, n_modules, model_cfg.gate, model_cfg.gate_bias,
                               model_cfg.gate_threshold, model_cfg.update_weight)
+        if activation == "chunker":
+            event = ChunkerGate(spec.input_size, hidden, n_modules, model_cfg.gate, model_cfg.chunker_threshold,
+                                model_cfg.gate_threshold, model_cfg.update_weight, model_cfg.prediction_weight)
         backbone = ClockedRNN(spec.input_size, hidden, clock, model_cfg.connectivity, gates, event)
     else:
         backbone = TorchRNN(model_cfg.name, spec.input_size, hidden)

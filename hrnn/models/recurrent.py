@@ -5,15 +5,17 @@ state (B, H); the task's head reads them.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from hrnn.core import leaky_rnn
-from hrnn.gated import gated_leaky_rnn
+from hrnn.gated import chunker_leaky_rnn, gated_leaky_rnn
 from hrnn.models.clock import Clock
 
 CONNECTIVITY = ("full", "slow_to_fast", "learned")
-ACTIVATIONS = ("clock", "event", "clock_event")
+ACTIVATIONS = ("clock", "event", "clock_event", "chunker")
 GATES = ("hard", "stochastic", "soft")
 
 
@@ -81,27 +83,79 @@ class ConnectivityGates(nn.Module):
         return self.weight * torch.sigmoid(self.logits).mean()
 
 
-class EventGate(nn.Module):
-    """Per-module, per-sample update gate g_t = sigmoid(W_g x_t + U_g h_{t-1} + b_g) (see hrnn.gated).
+class UpdateGate(nn.Module):
+    """What decides, per module and per sample, whether a module updates (`hrnn.gated`).
 
-    mode: "soft" uses g itself; "hard" uses 1[g > threshold] with a straight-through gradient;
-    "stochastic" uses 1[g > U], U ~ uniform(0, 1) in training (an update with probability g) and
-    the threshold in evaluation. `bias` starts b_g negative, so modules start mostly closed and hold
-    their memory. `update_weight` * the mean activation is added to the loss (Skip RNN's budget).
+    mode: "soft" uses the gate g itself; "hard" uses 1[g > threshold] with a straight-through
+    gradient; "stochastic" uses 1[g > U], U ~ uniform(0, 1) in training (an update with
+    probability g) and the threshold in evaluation. `update_weight` * the mean activation is
+    added to the loss (Skip RNN's budget).
     """
+
+    def __init__(self, n_modules: int, mode: str, threshold: float, update_weight: float) -> None:
+        super().__init__()
+        self.n_modules, self.mode, self.threshold, self.update_weight = n_modules, mode, threshold, update_weight
+
+    def op_mode(self) -> str:
+        return "soft" if self.mode == "soft" else "hard"
+
+    def thresholds(self, batch: int, steps: int, n_gates: int, like: Tensor) -> Tensor | float:
+        if self.mode == "stochastic" and self.training:
+            return torch.rand(batch, steps, n_gates, dtype=like.dtype, device=like.device)
+        return self.threshold
+
+    def run(self, rnn: "ClockedRNN", x: Tensor, waves: Tensor | None, h0: Tensor,
+            last_only: bool) -> tuple[Tensor, Tensor]:
+        """States (or the last state) and activations (B, T, M) of `rnn` on x under this gate."""
+        raise NotImplementedError
+
+    def penalty(self, activations: Tensor) -> Tensor:
+        return self.update_weight * activations.mean()
+
+
+class EventGate(UpdateGate):
+    """g_t = sigmoid(W_g x_t + U_g h_{t-1} + b_g), one per module and sample; `bias` starts b_g
+    negative, so that modules start mostly closed and hold their memory."""
 
     def __init__(self, input_size: int, hidden_size: int, n_modules: int, mode: str, bias: float,
                  threshold: float, update_weight: float) -> None:
-        super().__init__()
-        self.n_modules, self.mode, self.threshold, self.update_weight = n_modules, mode, threshold, update_weight
+        super().__init__(n_modules, mode, threshold, update_weight)
         self.input = nn.Linear(input_size, n_modules)  # W_g and b_g
         self.recurrent = nn.Linear(hidden_size, n_modules, bias=False)  # U_g
         nn.init.constant_(self.input.bias, bias)
 
-    def thresholds(self, batch: int, steps: int, like: Tensor) -> Tensor | float:
-        if self.mode == "stochastic" and self.training:
-            return torch.rand(batch, steps, self.n_modules, dtype=like.dtype, device=like.device)
-        return self.threshold
+    def run(self, rnn, x, waves, h0, last_only):
+        batch, steps, _ = x.shape
+        return gated_leaky_rnn(x, rnn.input.weight, rnn.input.bias, rnn.recurrent_weight(), h0, waves,
+                               self.input.weight, self.input.bias, self.recurrent.weight, self.op_mode(),
+                               self.thresholds(batch, steps, self.n_modules, x), last_only=last_only)
+
+
+class ChunkerGate(UpdateGate):
+    """Module m >= 1 wakes when module m - 1 mispredicts the input x_t (Schmidhuber 1992's Chunker),
+    against a learned threshold theta_m that starts at `threshold_init`; module 0 always updates.
+    `prediction_weight` * the mean prediction error is added to the loss: it trains the predictions."""
+
+    def __init__(self, input_size: int, hidden_size: int, n_modules: int, mode: str, threshold_init: float,
+                 threshold: float, update_weight: float, prediction_weight: float) -> None:
+        super().__init__(n_modules, mode, threshold, update_weight)
+        units = hidden_size // n_modules
+        bound = units ** -0.5  # nn.Linear's default range for a (units -> inputs) map
+        self.predict_w = nn.Parameter(torch.empty(n_modules - 1, input_size, units).uniform_(-bound, bound))
+        self.predict_b = nn.Parameter(torch.zeros(n_modules - 1, input_size))
+        self.log_threshold = nn.Parameter(torch.full((n_modules - 1,), math.log(threshold_init)))
+        self.prediction_weight = prediction_weight
+        self.errors: Tensor | None = None  # (B, T, M-1) of the last forward pass
+
+    def run(self, rnn, x, waves, h0, last_only):
+        batch, steps, _ = x.shape
+        states, activations, self.errors = chunker_leaky_rnn(
+            x, rnn.input.weight, rnn.input.bias, rnn.recurrent_weight(), h0, self.predict_w, self.predict_b,
+            self.log_threshold, self.op_mode(), self.thresholds(batch, steps, self.n_modules - 1, x), last_only)
+        return states, activations
+
+    def penalty(self, activations: Tensor) -> Tensor:
+        return super().penalty(activations) + self.prediction_weight * self.errors.mean()
 
 
 class ClockedRNN(Backbone):
@@ -109,12 +163,12 @@ class ClockedRNN(Backbone):
 
     h_t = a_t * tanh(W_x x_t + W_h h_{t-1} + b) + (1 - a_t) * h_{t-1},
 
-    a_t = the clock's wave (activation "clock"), the event gate (no clock: "event"), or their
-    product ("clock_event"). W_h is full, masked slow to fast, or gated block by block (learned).
+    a_t = the clock's wave (activation "clock"), an update gate (no clock: "event", "chunker"),
+    or their product ("clock_event"). W_h is full, masked slow to fast, or gated block by block (learned).
     """
 
     def __init__(self, input_size: int, hidden_size: int, clock: Clock | None, connectivity: str = "full",
-                 gates: ConnectivityGates | None = None, event: EventGate | None = None) -> None:
+                 gates: ConnectivityGates | None = None, event: UpdateGate | None = None) -> None:
         super().__init__()
         if clock is None and event is None:
             raise ValueError("a ClockedRNN needs a clock, an event gate, or both")
@@ -159,19 +213,15 @@ class ClockedRNN(Backbone):
             # u_t = W_x x_t + b and the recurrence in one op (the projection fused into the kernels' loop).
             return leaky_rnn(x, self.input.weight, self.input.bias, self.recurrent_weight(), waves, h0,
                              last_only=last_only)
-        event = self.event
-        mode = "soft" if event.mode == "soft" else "hard"
-        states, self.activations = gated_leaky_rnn(
-            x, self.input.weight, self.input.bias, self.recurrent_weight(), h0, waves, event.input.weight,
-            event.input.bias, event.recurrent.weight, mode, event.thresholds(batch, steps, x), last_only=last_only)
+        states, self.activations = self.event.run(self, x, waves, h0, last_only)
         return states
 
     def penalty(self) -> Tensor:
         total = self.clock.penalty() if self.clock is not None else torch.zeros(())
         if self.gates is not None:
             total = total + self.gates.penalty()
-        if self.event is not None and self.activations is not None and self.event.update_weight:
-            total = total + self.event.update_weight * self.activations.mean()
+        if self.event is not None and self.activations is not None:
+            total = total + self.event.penalty(self.activations)
         return total
 
     def connectivity(self) -> Tensor | None:
