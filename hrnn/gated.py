@@ -20,6 +20,8 @@ so a kernel is deterministic given its inputs.
 
 `gated_leaky_rnn` is the op models call; today it runs `gated_leaky_rnn_reference`,
 the definition, and a fused kernel is to implement the same contract behind it.
+`chunker_leaky_rnn` is the same loop with the Chunker's gate (a module wakes when the one
+below mispredicts the input); see its reference's docstring.
 """
 from __future__ import annotations
 
