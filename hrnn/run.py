@@ -160,8 +160,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                         line += f" | recovered {len(found)}/{len(task.periods)} (wave {len(found_wave)})"
                     line += f" | periods {format_periods(summary['periods'])}"  # always last
                 connectivity = model.connectivity()
-                if connectivity is not None:  # (M, M): row i reads column j; an image, square
-                    writer.add_image("model/connectivity", heatmap(connectivity, row_height=max(1, 256 // len(connectivity))), step)
+                if connectivity is not None:  # (M, M), row i reads column j: a square image and a matrix
+                    square = heatmap(connectivity, row_height=max(1, 256 // len(connectivity)))
+                    writer.add_image("model/connectivity", square, step)
                     entry["connectivity"] = connectivity.tolist()
                 history.append(entry)
                 _save(ckpt_dir / "last.pt", checkpoint_state(), model)
