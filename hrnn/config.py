@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from hrnn.core import MATMUL_PRECISIONS
 from hrnn.errors import UserError
 from hrnn.models.clock import INIT_MODES
-from hrnn.models.recurrent import CONNECTIVITY
+from hrnn.models.recurrent import ACTIVATIONS, CONNECTIVITY, GATES
 
 
 @dataclass
@@ -48,6 +48,16 @@ class ClockedModelSchema:
     hidden_size: int
     n_modules: int
     connectivity: str
+    connectivity_init: float
+    connectivity_weight: float
+    connectivity_threshold: float
+    activation: str
+    gate: str
+    gate_bias: float
+    gate_threshold: float
+    update_weight: float
+    chunker_threshold: float
+    prediction_weight: float
 
 
 @dataclass
@@ -231,7 +241,24 @@ def _check_values(cfg: DictConfig) -> None:
     if model.name == "hrnn":
         _require(model.connectivity in CONNECTIVITY,
                  f"model.connectivity={model.connectivity!r} is not allowed; allowed: {', '.join(CONNECTIVITY)}")
-        _check_clock(cfg)
+        _check_events(model)
+        if model.activation in ("clock", "clock_event"):
+            _check_clock(cfg)
+
+
+def _check_events(model: DictConfig) -> None:
+    """Learned connectivity and the event gate (hrnn/models/recurrent.py, docs/models.md)."""
+    _require(model.activation in ACTIVATIONS,
+             f"model.activation={model.activation!r} is not allowed; allowed: {', '.join(ACTIVATIONS)}")
+    _require(model.gate in GATES, f"model.gate={model.gate!r} is not allowed; allowed: {', '.join(GATES)}")
+    for key in ("connectivity_threshold", "gate_threshold"):
+        _require(0 < model[key] < 1, f"model.{key}={model[key]} must be in (0, 1): it is compared with a sigmoid")
+    for key in ("connectivity_weight", "update_weight", "prediction_weight"):
+        _require(model[key] >= 0, f"model.{key}={model[key]} must be non-negative")
+    _require(model.chunker_threshold > 0, f"model.chunker_threshold={model.chunker_threshold} must be positive")
+    _require(model.activation != "chunker" or model.n_modules >= 2,
+             f"model.n_modules={model.n_modules} is too few for activation=chunker: module m wakes on module "
+             f"m - 1's errors, so it needs at least 2")
 
 
 def _check_clock(cfg: DictConfig) -> None:

@@ -40,7 +40,7 @@ from hrnn.search import TrialPruned, report_evaluation
 from hrnn.seeds import stream_seed
 from hrnn.sweep import override_unchanged, run_job, threads_per_job
 from hrnn.tasks import Task, build_task
-from hrnn.tensorboard_logging import format_periods, log_clock, log_hparams
+from hrnn.tensorboard_logging import format_periods, heatmap, log_clock, log_hparams
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("task", "model", "basis", "regularizer", "optim", "trainer", "experiment", "hparams_search")
@@ -243,6 +243,10 @@ def evaluate_and_checkpoint(run: Run) -> None:
             entry["recovered"], entry["recovered_wave"] = len(found), len(found_wave)
             line += f" | recovered {len(found)}/{len(task.periods)} (wave {len(found_wave)})"
         line += f" | periods {format_periods(summary['periods'])}"  # always last
+    connectivity = model.connectivity()
+    if connectivity is not None:  # (M, M), row i reads column j: a square image and a matrix
+        writer.add_image("model/connectivity", heatmap(connectivity, row_height=max(1, 256 // len(connectivity))), step)
+        entry["connectivity"] = connectivity.tolist()
     run.history.append(entry)
     run.save("last.pt")
     writer.flush()
@@ -297,6 +301,8 @@ def finish(run: Run) -> float:
         "status": "finished",
         "history": run.history,
     }
+    if model.connectivity() is not None:
+        metrics["connectivity"] = model.connectivity().tolist()
     if model.clock is not None:
         metrics["periods"] = model.clock.periods()
         metrics["wave_periods"] = [float(p) for p in model.clock.wave_periods()]
@@ -330,7 +336,7 @@ def evaluate(model: torch.nn.Module, task: Task, split: str, batch_size: int, de
     for x, y in task.eval_batches(split, batch_size):
         x, y = x.to(device), y.to(device)
         output = model(x)
-        values = {"loss": task.loss(output, y).item(), **task.metrics(output, y)}
+        values = {"loss": task.loss(output, y).item(), **task.metrics(output, y), **model.statistics()}
         for name, value in values.items():
             totals[name] = totals.get(name, 0.0) + value * len(x)
         count += len(x)
@@ -402,7 +408,7 @@ def _describe_model(cfg: DictConfig) -> str:
     model = cfg.model
     if model.name == "hrnn":
         return (f"hrnn {model.n_modules}x{model.hidden_size // model.n_modules} basis={cfg.basis.name} "
-                f"regularizer={cfg.regularizer.name} connectivity={model.connectivity}")
+                f"regularizer={cfg.regularizer.name} connectivity={model.connectivity} activation={model.activation}")
     if model.name == "cwrnn":
         return f"cwrnn {model.n_modules}x{model.hidden_size // model.n_modules}"
     return f"{model.name} {model.hidden_size}"
@@ -461,8 +467,11 @@ def _config_for_resume(state: dict[str, Any], cfg: DictConfig) -> DictConfig:
     The thread count is the run's own: the kernels sum gradients per thread, so the stored
     count is reused (docs/resume.md); an explicit trainer.num_threads still wins, with a note."""
     stored = OmegaConf.create(state["config"])
-    # Trainer keys added since the run was made (e.g. matmul_precision) take today's defaults.
-    stored.trainer = OmegaConf.merge(cfg.trainer, stored.trainer)
+    # Keys added since the run was made (trainer.matmul_precision, model.activation, ...) take
+    # today's defaults, which keep the old behaviour; only within the same option of a group.
+    for group in ("task", "model", "basis", "regularizer", "optim", "trainer"):
+        if group in stored and stored[group].get("name") == cfg[group].get("name"):
+            stored[group] = OmegaConf.merge(cfg[group], stored[group])
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     overridden = set()
     for override in overrides:

@@ -146,7 +146,7 @@ BAD_INPUTS = [
      "model.hidden_size=10 is not divisible by model.n_modules=4"),
     (["trainer.device=cuda"], "trainer.device=cuda but no CUDA device is available; allowed here: cpu, auto"),
     (["optim.clock_lr=-0.1"], "optim.clock_lr=-0.1 must be positive, 0 (the clock frozen at its start) or null (optim.lr)"),
-    (["model.connectivity=sideways"], "model.connectivity='sideways' is not allowed; allowed: full, slow_to_fast"),
+    (["model.connectivity=sideways"], "model.connectivity='sideways' is not allowed; allowed: full, slow_to_fast, learned"),
 ]
 
 

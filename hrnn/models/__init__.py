@@ -4,7 +4,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from hrnn.models.clock import BasisClock, Clock, FixedClock, PeriodClock
-from hrnn.models.recurrent import ClockedRNN, SequenceModel, TorchRNN
+from hrnn.models.recurrent import ChunkerGate, ClockedRNN, ConnectivityGates, EventGate, SequenceModel, TorchRNN
 from hrnn.tasks.base import TaskSpec
 
 MODELS = ("hrnn", "cwrnn", "lstm", "gru", "rnn")
@@ -50,10 +50,25 @@ def build_model(cfg: DictConfig, spec: TaskSpec) -> SequenceModel:
     """The model named by cfg.model.name with a head for the task (config already validated)."""
     model_cfg = cfg.model
     hidden = model_cfg.hidden_size
-    if model_cfg.name in ("hrnn", "cwrnn"):
+    if model_cfg.name == "cwrnn":
         clock = build_clock(model_cfg, cfg.basis, cfg.regularizer, spec.seq_len)
-        connectivity = "slow_to_fast" if model_cfg.name == "cwrnn" else model_cfg.connectivity
-        backbone = ClockedRNN(spec.input_size, hidden, clock, connectivity)
+        backbone = ClockedRNN(spec.input_size, hidden, clock, "slow_to_fast")
+    elif model_cfg.name == "hrnn":
+        activation, n_modules = model_cfg.activation, model_cfg.n_modules
+        clocked = activation in ("clock", "clock_event")
+        clock = build_clock(model_cfg, cfg.basis, cfg.regularizer, spec.seq_len) if clocked else None
+        gates = None
+        if model_cfg.connectivity == "learned":
+            gates = ConnectivityGates(n_modules, model_cfg.connectivity_init, model_cfg.connectivity_weight,
+                                      model_cfg.connectivity_threshold)
+        event = None
+        if activation in ("event", "clock_event"):
+            event = EventGate(spec.input_size, hidden, n_modules, model_cfg.gate, model_cfg.gate_bias,
+                              model_cfg.gate_threshold, model_cfg.update_weight)
+        if activation == "chunker":
+            event = ChunkerGate(spec.input_size, hidden, n_modules, model_cfg.gate, model_cfg.chunker_threshold,
+                                model_cfg.gate_threshold, model_cfg.update_weight, model_cfg.prediction_weight)
+        backbone = ClockedRNN(spec.input_size, hidden, clock, model_cfg.connectivity, gates, event)
     else:
         backbone = TorchRNN(model_cfg.name, spec.input_size, hidden)
     return SequenceModel(backbone, hidden, spec.output_size, spec.readout)

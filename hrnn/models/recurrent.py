@@ -5,63 +5,237 @@ state (B, H); the task's head reads them.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from hrnn.core import leaky_rnn
+from hrnn.gated import chunker_leaky_rnn, gated_leaky_rnn
 from hrnn.models.clock import Clock
 
-CONNECTIVITY = ("full", "slow_to_fast")
+CONNECTIVITY = ("full", "slow_to_fast", "learned")
+ACTIVATIONS = ("clock", "event", "clock_event", "chunker")
+GATES = ("hard", "stochastic", "soft")
 
 
-def slow_to_fast_mask(hidden_size: int, n_modules: int) -> Tensor:
-    """(H, H) mask for W_h: unit i (module m_i) may read unit j (module m_j) iff m_j >= m_i.
+def slow_to_fast_modules(periods: list[float]) -> Tensor:
+    """(M, M) 0/1: module i reads module j iff j is at least as slow as i, ordering modules by
+    (period, index), so that equal periods are ordered by index and every order gives the
+    Clockwork RNN's M (M + 1) / 2 blocks (Koutnik et al. 2014)."""
+    n_modules = len(periods)
+    rank = torch.empty(n_modules, dtype=torch.long)
+    rank[sorted(range(n_modules), key=lambda m: (periods[m], m))] = torch.arange(n_modules)
+    return (rank.unsqueeze(0) >= rank.unsqueeze(1)).float()
 
-    Modules are ordered fast to slow (module 0 is the fastest), so a module reads
-    itself and every slower module, never a faster one (Koutnik et al. 2014):
-    the block upper-triangular form of W_h, which rows read, columns are read.
+
+def expand_blocks(matrix: Tensor, hidden_size: int) -> Tensor:
+    """(M, M) per module pair -> (H, H) per unit pair: entry (i, j) fills block (module i, module j)."""
+    units = hidden_size // matrix.shape[0]
+    return matrix.repeat_interleave(units, dim=0).repeat_interleave(units, dim=1)
+
+
+def slow_to_fast_mask(hidden_size: int, n_modules: int, periods: list[float] | None = None) -> Tensor:
+    """(H, H) mask for W_h: rows read, columns are read; module order by `periods` (index order if None).
+
+    With modules numbered fast to slow (module 0 the fastest) this is the block
+    upper-triangular W_h of the Clockwork RNN: a module reads itself and every slower module.
     """
-    module = torch.arange(hidden_size) // (hidden_size // n_modules)
-    return (module.unsqueeze(0) >= module.unsqueeze(1)).float()
+    return expand_blocks(slow_to_fast_modules(periods or list(range(n_modules))), hidden_size)
 
 
-class ClockedRNN(nn.Module):
-    """M equal modules updated leakily by their clock's waves:
+class Backbone(nn.Module):
+    """What the runner may ask any backbone besides its states; these defaults mean 'nothing to say'."""
 
-    h_t = a(t) * tanh(W_x x_t + W_h h_{t-1} + b) + (1 - a(t)) * h_{t-1}.
+    def penalty(self) -> Tensor:
+        """Regularization added to the training loss (after the forward pass it regularizes)."""
+        return torch.zeros(())
+
+    def connectivity(self) -> Tensor | None:
+        """(M, M) how much module i reads module j (row i, column j), for logging; None if not modular."""
+        return None
+
+    def update_fraction(self) -> float | None:
+        """Mean activation a over the last forward pass's samples, steps and modules (the
+        fraction of module updates when a is 0/1); None if the model has no activations."""
+        return None
+
+
+class ConnectivityGates(nn.Module):
+    """Learned connectivity: block (i, j) of W_h is scaled by s_ij = sigmoid(L_ij).
+
+    Training uses the soft gates s and adds weight * mean(s) to the loss (all s are positive, so
+    this is their L1 norm over M^2). Evaluation gates hard: a block with s_ij < threshold is
+    exactly zero, so a kernel can skip it; the others keep their s_ij.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, clock: Clock, connectivity: str = "full") -> None:
+    def __init__(self, n_modules: int, init_logit: float, weight: float, threshold: float) -> None:
         super().__init__()
-        if hidden_size % clock.n_modules:
-            raise ValueError(f"hidden_size={hidden_size} is not divisible by n_modules={clock.n_modules}")
-        self.hidden_size, self.n_modules, self.connectivity = hidden_size, clock.n_modules, connectivity
-        self.clock = clock
+        self.logits = nn.Parameter(torch.full((n_modules, n_modules), float(init_logit)))
+        self.weight, self.threshold = weight, threshold
+
+    def gates(self) -> Tensor:
+        """(M, M) the gates in use: soft in training, with blocks below the threshold zeroed in evaluation."""
+        soft = torch.sigmoid(self.logits)
+        return soft if self.training else torch.where(soft >= self.threshold, soft, torch.zeros_like(soft))
+
+    def penalty(self) -> Tensor:
+        return self.weight * torch.sigmoid(self.logits).mean()
+
+
+class UpdateGate(nn.Module):
+    """What decides, per module and per sample, whether a module updates (`hrnn.gated`).
+
+    mode: "soft" uses the gate g itself; "hard" uses 1[g > threshold] with a straight-through
+    gradient; "stochastic" uses 1[g > U], U ~ uniform(0, 1) in training (an update with
+    probability g) and the threshold in evaluation. `update_weight` * the mean activation is
+    added to the loss (Skip RNN's budget).
+    """
+
+    def __init__(self, n_modules: int, mode: str, threshold: float, update_weight: float) -> None:
+        super().__init__()
+        self.n_modules, self.mode, self.threshold, self.update_weight = n_modules, mode, threshold, update_weight
+
+    def op_mode(self) -> str:
+        return "soft" if self.mode == "soft" else "hard"
+
+    def thresholds(self, batch: int, steps: int, n_gates: int, like: Tensor) -> Tensor | float:
+        if self.mode == "stochastic" and self.training:
+            return torch.rand(batch, steps, n_gates, dtype=like.dtype, device=like.device)
+        return self.threshold
+
+    def run(self, rnn: "ClockedRNN", x: Tensor, waves: Tensor | None, h0: Tensor,
+            last_only: bool) -> tuple[Tensor, Tensor]:
+        """States (or the last state) and activations (B, T, M) of `rnn` on x under this gate."""
+        raise NotImplementedError
+
+    def penalty(self, activations: Tensor) -> Tensor:
+        return self.update_weight * activations.mean()
+
+
+class EventGate(UpdateGate):
+    """g_t = sigmoid(W_g x_t + U_g h_{t-1} + b_g), one per module and sample; `bias` starts b_g
+    negative, so that modules start mostly closed and hold their memory."""
+
+    def __init__(self, input_size: int, hidden_size: int, n_modules: int, mode: str, bias: float,
+                 threshold: float, update_weight: float) -> None:
+        super().__init__(n_modules, mode, threshold, update_weight)
+        self.input = nn.Linear(input_size, n_modules)  # W_g and b_g
+        self.recurrent = nn.Linear(hidden_size, n_modules, bias=False)  # U_g
+        nn.init.constant_(self.input.bias, bias)
+
+    def run(self, rnn, x, waves, h0, last_only):
+        batch, steps, _ = x.shape
+        return gated_leaky_rnn(x, rnn.input.weight, rnn.input.bias, rnn.recurrent_weight(), h0, waves,
+                               self.input.weight, self.input.bias, self.recurrent.weight, self.op_mode(),
+                               self.thresholds(batch, steps, self.n_modules, x), last_only=last_only)
+
+
+class ChunkerGate(UpdateGate):
+    """Module m >= 1 wakes when module m - 1 mispredicts the input x_t (Schmidhuber 1992's Chunker),
+    against a learned threshold theta_m that starts at `threshold_init`; module 0 always updates.
+    `prediction_weight` * the mean prediction error is added to the loss: it trains the predictions."""
+
+    def __init__(self, input_size: int, hidden_size: int, n_modules: int, mode: str, threshold_init: float,
+                 threshold: float, update_weight: float, prediction_weight: float) -> None:
+        super().__init__(n_modules, mode, threshold, update_weight)
+        units = hidden_size // n_modules
+        bound = units ** -0.5  # nn.Linear's default range for a (units -> inputs) map
+        self.predict_w = nn.Parameter(torch.empty(n_modules - 1, input_size, units).uniform_(-bound, bound))
+        self.predict_b = nn.Parameter(torch.zeros(n_modules - 1, input_size))
+        self.log_threshold = nn.Parameter(torch.full((n_modules - 1,), math.log(threshold_init)))
+        self.prediction_weight = prediction_weight
+        self.errors: Tensor | None = None  # (B, T, M-1) of the last forward pass
+
+    def run(self, rnn, x, waves, h0, last_only):
+        batch, steps, _ = x.shape
+        states, activations, self.errors = chunker_leaky_rnn(
+            x, rnn.input.weight, rnn.input.bias, rnn.recurrent_weight(), h0, self.predict_w, self.predict_b,
+            self.log_threshold, self.op_mode(), self.thresholds(batch, steps, self.n_modules - 1, x), last_only)
+        return states, activations
+
+    def penalty(self, activations: Tensor) -> Tensor:
+        return super().penalty(activations) + self.prediction_weight * self.errors.mean()
+
+
+class ClockedRNN(Backbone):
+    """M equal modules updated leakily by their activations a_t (one per module, or per module and sample):
+
+    h_t = a_t * tanh(W_x x_t + W_h h_{t-1} + b) + (1 - a_t) * h_{t-1},
+
+    a_t = the clock's wave (activation "clock"), an update gate (no clock: "event", "chunker"),
+    or their product ("clock_event"). W_h is full, masked slow to fast, or gated block by block (learned).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, clock: Clock | None, connectivity: str = "full",
+                 gates: ConnectivityGates | None = None, event: UpdateGate | None = None) -> None:
+        super().__init__()
+        if clock is None and event is None:
+            raise ValueError("a ClockedRNN needs a clock, an event gate, or both")
+        if (connectivity == "learned") != (gates is not None):
+            raise ValueError(f"connectivity={connectivity!r} with gates={gates}: learned connectivity, and only it, takes gates")
+        n_modules = clock.n_modules if clock is not None else event.n_modules
+        if hidden_size % n_modules:
+            raise ValueError(f"hidden_size={hidden_size} is not divisible by n_modules={n_modules}")
+        self.hidden_size, self.n_modules, self.connectivity_kind = hidden_size, n_modules, connectivity
+        self.clock, self.gates, self.event = clock, gates, event
         self.input = nn.Linear(input_size, hidden_size)  # W_x and b
         self.recurrent = nn.Parameter(torch.empty(hidden_size, hidden_size))  # W_h
         nn.init.xavier_uniform_(self.input.weight)
         nn.init.zeros_(self.input.bias)
         nn.init.orthogonal_(self.recurrent)
-        mask = slow_to_fast_mask(hidden_size, clock.n_modules) if connectivity == "slow_to_fast" else None
-        self.register_buffer("mask", mask, persistent=False)
-        if mask is not None:
+        if connectivity == "slow_to_fast":
             with torch.no_grad():
-                self.recurrent.mul_(mask)
+                self.recurrent.mul_(self.recurrent_weight_mask())
+        self.activations: Tensor | None = None  # a of the last forward pass, for the penalty and logging
+
+    def module_periods(self) -> list[float]:
+        """The order slow_to_fast follows: the clock's current periods (index order without a clock)."""
+        return self.clock.periods() if self.clock is not None else [float(m) for m in range(self.n_modules)]
+
+    def recurrent_weight_mask(self) -> Tensor:
+        return slow_to_fast_mask(self.hidden_size, self.n_modules, self.module_periods()).to(self.recurrent)
 
     def recurrent_weight(self) -> Tensor:
-        return self.recurrent if self.mask is None else self.recurrent * self.mask
+        if self.connectivity_kind == "slow_to_fast":
+            return self.recurrent * self.recurrent_weight_mask()
+        if self.gates is not None:
+            return self.recurrent * expand_blocks(self.gates.gates(), self.hidden_size)
+        return self.recurrent
 
     def forward(self, x: Tensor, h0: Tensor | None = None, last_only: bool = False) -> Tensor:
         batch, steps, _ = x.shape
-        waves = self.clock.waves(steps).to(x.dtype)  # (T, M), once per forward pass
+        waves = self.clock.waves(steps).to(x.dtype) if self.clock is not None else None  # (T, M), once per pass
         if h0 is None:
             h0 = x.new_zeros(batch, self.hidden_size)
-        # u_t = W_x x_t + b and the recurrence in one op (the projection fused into the kernels' loop).
-        return leaky_rnn(x, self.input.weight, self.input.bias, self.recurrent_weight(), waves, h0,
-                         last_only=last_only)
+        if self.event is None:
+            self.activations = waves
+            # u_t = W_x x_t + b and the recurrence in one op (the projection fused into the kernels' loop).
+            return leaky_rnn(x, self.input.weight, self.input.bias, self.recurrent_weight(), waves, h0,
+                             last_only=last_only)
+        states, self.activations = self.event.run(self, x, waves, h0, last_only)
+        return states
+
+    def penalty(self) -> Tensor:
+        total = self.clock.penalty() if self.clock is not None else torch.zeros(())
+        if self.gates is not None:
+            total = total + self.gates.penalty()
+        if self.event is not None and self.activations is not None:
+            total = total + self.event.penalty(self.activations)
+        return total
+
+    def connectivity(self) -> Tensor | None:
+        if self.gates is not None:
+            return torch.sigmoid(self.gates.logits).detach().cpu()  # soft; evaluation zeroes those < threshold
+        if self.connectivity_kind == "slow_to_fast":
+            return slow_to_fast_modules(self.module_periods())
+        return None
+
+    def update_fraction(self) -> float | None:
+        return None if self.activations is None else float(self.activations.detach().mean())
 
 
-class TorchRNN(nn.Module):
+class TorchRNN(Backbone):
     """torch.nn.LSTM / GRU / RNN (tanh): the fused baselines people would otherwise use."""
 
     LAYERS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -93,5 +267,12 @@ class SequenceModel(nn.Module):
         return self.head(self.backbone(x, last_only=self.readout == "last"))
 
     def penalty(self) -> Tensor:
-        clock = self.clock
-        return clock.penalty() if clock is not None else torch.zeros(())
+        return self.backbone.penalty()
+
+    def connectivity(self) -> Tensor | None:
+        return self.backbone.connectivity()
+
+    def statistics(self) -> dict[str, float]:
+        """Numbers about the last forward pass the runner averages like a task's metrics."""
+        fraction = self.backbone.update_fraction()
+        return {} if fraction is None else {"update_fraction": fraction}

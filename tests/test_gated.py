@@ -1,0 +1,228 @@
+"""The gated recurrence (hrnn/gated.py) against its definition, and event activation in the model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hrnn.core import leaky_rnn_reference
+from hrnn.gated import chunker_leaky_rnn_reference, gated_leaky_rnn, gated_leaky_rnn_reference
+from hrnn.models.clock import FixedClock
+from hrnn.models.recurrent import ChunkerGate, ClockedRNN, EventGate
+
+B, T, I, H, M = 3, 9, 2, 8, 4
+F64 = torch.float64
+
+
+def inputs(seed: int = 0, dtype=F64) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, dtype=dtype) * scale)
+    return {"x": r(B, T, I), "w_x": r(H, I, scale=0.7), "bias": r(H, scale=0.1), "w_h": r(H, H, scale=0.4),
+            "h0": r(B, H, scale=0.5), "gate_x": r(M, I), "gate_bias": r(M, scale=0.5), "gate_h": r(M, H)}
+
+
+def run(args: dict, waves=None, mode="soft", thresholds=0.5):
+    return gated_leaky_rnn_reference(args["x"], args["w_x"], args["bias"], args["w_h"], args["h0"], waves,
+                                     args["gate_x"], args["gate_bias"], args["gate_h"], mode, thresholds)
+
+
+def gate_values(args: dict, states: torch.Tensor) -> torch.Tensor:
+    """g_t from the definition, reading h_{t-1} off the returned states: (B, T, M)."""
+    previous = torch.cat([args["h0"].unsqueeze(1), states[:, :-1]], dim=1)
+    return torch.sigmoid(args["x"] @ args["gate_x"].t() + previous @ args["gate_h"].t() + args["gate_bias"])
+
+
+def test_hard_gate_zero_holds_state_bit_for_bit_and_one_takes_the_candidate():
+    args = inputs(1)
+    waves = FixedClock([1, 2, 3, 1]).waves(T).to(F64)  # clock_event: wave * gate
+    states, a = run(args, waves, mode="hard")
+    gate = gate_values(args, states)
+    assert torch.equal(a, (gate > 0.5).to(F64) * waves)  # a_t = w_t * 1[g_t > threshold]
+    assert 0 < a.mean() < 1  # both cases occur
+    previous = torch.cat([args["h0"].unsqueeze(1), states[:, :-1]], dim=1)
+    candidate = torch.tanh(args["x"] @ args["w_x"].t() + args["bias"] + previous @ args["w_h"].t())
+    for b in range(B):
+        for t in range(T):
+            for m in range(M):
+                block = slice(2 * m, 2 * m + 2)
+                if a[b, t, m] == 0:
+                    assert torch.equal(states[b, t, block], previous[b, t, block]), (b, t, m)
+                else:
+                    assert t % [1, 2, 3, 1][m] == 0  # the clock's schedule bounds the updates
+                    torch.testing.assert_close(states[b, t, block], candidate[b, t, block], rtol=0, atol=1e-14)
+
+
+def test_stochastic_thresholds_are_read_per_sample_step_and_module():
+    args = inputs(2)
+    thresholds = torch.rand(B, T, M, generator=torch.Generator().manual_seed(3), dtype=F64)
+    states, a = run(args, mode="hard", thresholds=thresholds)
+    assert torch.equal(a, (gate_values(args, states) > thresholds).to(F64))
+
+
+def test_straight_through_gradients_match_the_definition():
+    """Hard forward, and gradients as if e_t = g_t: the surrogate g + (1[g > 0.5] - g).detach()."""
+    args = {k: v.requires_grad_() for k, v in inputs(4).items()}
+    waves = torch.rand(T, M, dtype=F64, generator=torch.Generator().manual_seed(5)).requires_grad_()
+
+    def definition():
+        u = args["x"] @ args["w_x"].t() + args["bias"]
+        h, states = args["h0"], []
+        for t in range(T):
+            g = torch.sigmoid(args["x"][:, t] @ args["gate_x"].t() + h @ args["gate_h"].t() + args["gate_bias"])
+            e = g + ((g > 0.5).to(F64) - g).detach()
+            a = (waves[t] * e).repeat_interleave(H // M, dim=1)
+            h = h + a * (torch.tanh(u[:, t] + h @ args["w_h"].t()) - h)
+            states.append(h)
+        return torch.stack(states, dim=1)
+
+    leaves = [*args.values(), waves]
+    weights = torch.randn(B, T, H, dtype=F64)
+    got_states, got_a = run(args, waves, mode="hard")
+    got = torch.autograd.grad((got_states * weights).sum(), leaves)
+    want_states = definition()
+    want = torch.autograd.grad((want_states * weights).sum(), leaves)
+    torch.testing.assert_close(got_states, want_states, rtol=0, atol=1e-12)
+    for name, g, w in zip([*args, "waves"], got, want):
+        assert g.abs().sum() > 0, name  # every input, the gate's included, gets a gradient
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["waves (T, M)", "waves (B, T, M)"])
+def test_gradcheck_soft_path_every_input_float64(per_sample):
+    args = {k: v.requires_grad_() for k, v in inputs(6).items()}
+    shape = (B, T, M) if per_sample else (T, M)
+    waves = torch.rand(*shape, dtype=F64, generator=torch.Generator().manual_seed(7)).requires_grad_()
+    names = list(args)
+
+    def states(*tensors):
+        values = dict(zip(names, tensors[:-1]))
+        return run(values, tensors[-1], mode="soft")[0]
+
+    assert torch.autograd.gradcheck(states, (*args.values(), waves))
+
+
+def test_per_sample_waves_equal_the_shared_path_when_gates_are_constant():
+    args = inputs(8)
+    waves = torch.rand(B, T, M, dtype=F64, generator=torch.Generator().manual_seed(9))
+    core = lambda b, w: leaky_rnn_reference(args["x"][b:b + 1], args["w_x"], args["bias"], args["w_h"], w,
+                                            args["h0"][b:b + 1])
+    no_gate = {**args, "gate_x": None, "gate_bias": None, "gate_h": None}
+    per_sample, a = run(no_gate, waves)
+    assert torch.equal(a, waves)
+    for b in range(B):  # each sample's own waves, as the (T, M) path runs them
+        torch.testing.assert_close(per_sample[b:b + 1], core(b, waves[b]), rtol=0, atol=1e-14)
+    # A gate that is always open (hard, g = sigmoid(30) > 0.5) or always 0.3 (soft) is the clock path, scaled.
+    constant = {**args, "gate_x": torch.zeros(M, I, dtype=F64), "gate_h": torch.zeros(M, H, dtype=F64)}
+    shared = waves[0]
+    opened, _ = run({**constant, "gate_bias": torch.full((M,), 30.0, dtype=F64)}, shared, mode="hard")
+    soft, _ = run({**constant, "gate_bias": torch.full((M,), 0.3, dtype=F64).logit()}, shared, mode="soft")
+    for b in range(B):
+        torch.testing.assert_close(opened[b:b + 1], core(b, shared), rtol=0, atol=1e-14)
+        torch.testing.assert_close(soft[b:b + 1], core(b, shared * 0.3), rtol=0, atol=1e-14)
+
+
+def test_last_only_and_shape_errors():
+    args = inputs(10)
+    states, a = gated_leaky_rnn(**args, waves=None, gate_mode="soft", thresholds=0.5, last_only=True)
+    torch.testing.assert_close(states, run(args)[0][:, -1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"waves has shape \(5, 4\), expected \(9, 4\) or \(3, 9, 4\)"):
+        run(args, torch.ones(5, M, dtype=F64))
+    with pytest.raises(ValueError, match="gate_mode='sometimes'; allowed: soft, hard"):
+        run(args, mode="sometimes")
+    with pytest.raises(ValueError, match="give all three or none"):
+        run({**args, "gate_h": None})
+
+
+def make_model(mode: str, clock=True, update_weight=0.1) -> ClockedRNN:
+    torch.manual_seed(0)
+    event = EventGate(I, H, M, mode, bias=-1.0, threshold=0.5, update_weight=update_weight)
+    return ClockedRNN(I, H, FixedClock([1, 2, 4, 8]) if clock else None, "full", event=event)
+
+
+@pytest.mark.parametrize("mode", ["hard", "stochastic", "soft"])
+def test_model_penalty_is_update_weight_times_mean_activation(mode):
+    model = make_model(mode)
+    x = torch.randn(B, T, I)
+    model(x)
+    fraction = model.activations.mean()
+    assert model.penalty().item() == pytest.approx(0.1 * fraction.item())
+    assert model.update_fraction() == pytest.approx(fraction.item())
+    if mode != "soft":
+        assert set(model.activations.unique().tolist()) <= {0.0, 1.0}
+    assert make_model(mode, update_weight=0.0)(x) is not None and make_model(mode, update_weight=0.0).penalty() == 0
+
+
+def test_stochastic_gate_draws_in_training_and_thresholds_in_evaluation():
+    model = make_model("stochastic", clock=False)
+    x = torch.randn(B, T, I)
+    torch.manual_seed(1)
+    first = model(x)
+    torch.manual_seed(2)
+    assert not torch.equal(first, model(x))  # different draws, different updates
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    hard = make_model("hard", clock=False).eval()
+    assert torch.equal(model(x), hard(x))  # same weights (seed 0): evaluation uses the threshold
+
+
+def test_hard_gate_parameters_get_gradients_from_the_loss_through_the_straight_through_estimator():
+    model = make_model("hard")
+    (model(torch.randn(B, T, I))[:, -1].square().sum() + model.penalty()).backward()
+    for name in ("input.weight", "input.bias", "recurrent.weight"):
+        assert model.event.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def chunker_inputs(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=F64) * scale
+    return {"x": r(B, T, I), "w_x": r(H, I, scale=0.7), "bias": r(H, scale=0.1), "w_h": r(H, H, scale=0.4),
+            "h0": r(B, H, scale=0.5), "predict_w": r(M - 1, I, H // M), "predict_b": r(M - 1, I, scale=0.3),
+            "log_threshold": r(M - 1, scale=0.3)}
+
+
+def chunker_errors(args: dict, states: torch.Tensor) -> torch.Tensor:
+    """eps^m_t from the definition: module m's linear prediction of x_t from h^m_{t-1}, m < M - 1."""
+    previous = torch.cat([args["h0"].unsqueeze(1), states[:, :-1]], dim=1)  # h_{t-1}, (B, T, H)
+    errors = []
+    for m in range(M - 1):
+        prediction = previous[:, :, 2 * m:2 * m + 2] @ args["predict_w"][m].t() + args["predict_b"][m]
+        errors.append((args["x"] - prediction).square().mean(dim=2))
+    return torch.stack(errors, dim=2)
+
+
+def test_chunker_module_wakes_exactly_when_the_module_below_mispredicts():
+    args = chunker_inputs(11)
+    states, a, errors = chunker_leaky_rnn_reference(**args, gate_mode="hard", thresholds=0.5)
+    torch.testing.assert_close(errors, chunker_errors(args, states), rtol=0, atol=1e-12)
+    theta = args["log_threshold"].exp()
+    assert torch.equal(a[:, :, 0], torch.ones(B, T, dtype=F64))  # module 0 always updates
+    assert torch.equal(a[:, :, 1:], (errors > theta).to(F64))  # g = eps / (eps + theta) > 1/2  <=>  eps > theta
+    assert 0 < a[:, :, 1:].mean() < 1
+    previous = torch.cat([args["h0"].unsqueeze(1), states[:, :-1]], dim=1)
+    for b, t, m in zip(*torch.nonzero(a == 0, as_tuple=True)):
+        assert torch.equal(states[b, t, 2 * m:2 * m + 2], previous[b, t, 2 * m:2 * m + 2])
+
+
+def test_gradcheck_chunker_soft_path_every_input_float64():
+    args = chunker_inputs(12)
+    args["x"] = args["x"][:, :5].contiguous()  # 5 steps keep the gradcheck short
+    args = {k: v.requires_grad_() for k, v in args.items()}
+    names = list(args)
+
+    def outputs(*tensors):
+        states, _, errors = chunker_leaky_rnn_reference(**dict(zip(names, tensors)), gate_mode="soft", thresholds=0.5)
+        return states, errors
+
+    assert torch.autograd.gradcheck(outputs, tuple(args.values()))
+
+
+def test_chunker_model_penalty_trains_predictions_and_thresholds():
+    torch.manual_seed(0)
+    gate = ChunkerGate(I, H, M, "hard", threshold_init=0.5, threshold=0.5, update_weight=0.1, prediction_weight=2.0)
+    model = ClockedRNN(I, H, None, "full", event=gate)
+    model(torch.randn(B, T, I))
+    penalty = model.penalty()
+    assert penalty.item() == pytest.approx(0.1 * model.activations.mean().item() + 2.0 * gate.errors.mean().item())
+    assert model.activations.shape == (B, T, M) and gate.errors.shape == (B, T, M - 1)
+    (model(torch.randn(B, T, I))[:, -1].square().sum() + model.penalty()).backward()
+    for name in ("predict_w", "predict_b", "log_threshold"):
+        assert gate.get_parameter(name).grad.abs().sum() > 0, name

@@ -1,0 +1,105 @@
+"""Learned connectivity and event activation from the config: every task, the CLI, validation, logging."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import TINY, compose_config, read_metrics, run_cli
+from hrnn.config import validate
+from hrnn.errors import UserError
+from hrnn.models import build_model
+from hrnn.run import build_optimizer, train
+from hrnn.tasks import build_task
+from test_models import TASK_OVERRIDES, fake_mnist  # noqa: F401  (a fixture)
+
+OPTIONS = [["model.connectivity=learned"], ["model.activation=event", "model.gate=hard"],
+           ["model.activation=clock_event", "model.gate=stochastic", "model.connectivity=slow_to_fast"],
+           ["model.activation=event", "model.gate=soft", "model.connectivity=learned"],
+           ["model.activation=chunker", "model.gate=hard", "model.connectivity=slow_to_fast"]]
+
+
+@pytest.mark.parametrize("task", list(TASK_OVERRIDES))
+@pytest.mark.parametrize("options", OPTIONS, ids=" ".join)
+def test_every_option_trains_a_step_on_every_task(task, options, fake_mnist):  # noqa: F811
+    # gate_bias 1: gates start open, so one step reaches every weight; at the default -3 a hard gate
+    # starts shut and only the gate itself gets a gradient (docs/models.md).
+    cfg = validate(compose_config([*TASK_OVERRIDES[task], *options, "model.hidden_size=8", "model.n_modules=2",
+                                   "model.gate_bias=1.0", f"data_dir={fake_mnist}"]))
+    torch.manual_seed(0)
+    task_obj = build_task(cfg.task, cfg.data_dir, seed=0)
+    net = build_model(cfg, task_obj.spec)
+    optimizer = build_optimizer(cfg.optim, net)
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    x, y = task_obj.train_batch(3)
+    loss = task_obj.loss(net(x), y) + net.penalty()
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    unchanged = [name for name, p in net.named_parameters() if torch.equal(before[name], p.detach())]
+    assert unchanged == [], unchanged  # the gates and logits learn from the first step
+    assert (net.clock is None) == (cfg.model.activation in ("event", "chunker"))
+
+
+@pytest.mark.parametrize("task,options", [("adding", ["model.connectivity=learned"]), ("adding", ["model.activation=event"]),
+                                          ("copy", ["model.activation=clock_event"]), ("adding", ["model.activation=chunker"])])
+def test_cli_trains_and_logs_connectivity_and_update_fraction(tmp_path, task, options):
+    run_dir = tmp_path / "run"
+    run_cli([*TINY, f"task={task}", "task.seq_len=10", *options, "trainer.steps=4", "trainer.eval_every=2",
+             "trainer.num_threads=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    metrics = read_metrics(run_dir)
+    assert [entry["step"] for entry in metrics["history"]] == [2, 4]
+    assert all(0 <= entry["val_update_fraction"] <= 1 for entry in metrics["history"])
+    assert 0 <= metrics["test"]["update_fraction"] <= 1
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/update_fraction")] == [2, 4]
+    if "model.connectivity=learned" in options:
+        assert [e.step for e in events.Images("model/connectivity")] == [2, 4]
+        matrices = [entry["connectivity"] for entry in metrics["history"]] + [metrics["connectivity"]]
+        assert all(len(m) == 4 and all(len(row) == 4 and all(0 < g < 1 for g in row) for row in m) for m in matrices)
+        best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)["model"]
+        torch.testing.assert_close(torch.tensor(metrics["connectivity"]),
+                                   torch.sigmoid(best["backbone.gates.logits"]), rtol=0, atol=1e-7)
+    else:
+        assert "connectivity" not in metrics and "model/connectivity" not in events.Tags()["images"]
+
+
+def test_in_process_learned_connectivity_history_follows_the_checkpoints(tmp_path):
+    cfg = compose_config([*TINY, "task.seq_len=8", "model.connectivity=learned", "model.connectivity_weight=0.5",
+                          "trainer.steps=3", "trainer.eval_every=1"])
+    train(cfg, tmp_path)
+    history = read_metrics(tmp_path)["history"]
+    last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["model"]["backbone.gates.logits"]
+    torch.testing.assert_close(torch.tensor(history[-1]["connectivity"]), torch.sigmoid(last), rtol=0, atol=1e-7)
+    means = [torch.tensor(entry["connectivity"]).mean().item() for entry in history]
+    assert means[0] > means[1] > means[2]  # the sparsity penalty closes gates
+
+
+BAD = [
+    (["model.activation=sometimes"], "model.activation='sometimes' is not allowed; allowed: clock, event, clock_event, chunker"),
+    (["model.gate=maybe"], "model.gate='maybe' is not allowed; allowed: hard, stochastic, soft"),
+    (["model.gate_threshold=1.5"], "model.gate_threshold=1.5 must be in (0, 1): it is compared with a sigmoid"),
+    (["model.connectivity_threshold=0"], "model.connectivity_threshold=0.0 must be in (0, 1): it is compared with a sigmoid"),
+    (["model.update_weight=-1"], "model.update_weight=-1.0 must be non-negative"),
+    (["model.connectivity_weight=-0.1"], "model.connectivity_weight=-0.1 must be non-negative"),
+    (["model.gate_bias=closed"], "bad value 'closed' for model.gate_bias"),
+    (["model.chunker_threshold=0"], "model.chunker_threshold=0.0 must be positive"),
+    (["model.activation=chunker", "model.n_modules=1"], "model.n_modules=1 is too few for activation=chunker"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[o[0] for o, _ in BAD])
+def test_bad_option_is_one_clear_line(overrides, message):
+    with pytest.raises(UserError) as caught:
+        validate(compose_config(overrides))
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_event_activation_ignores_the_clock_settings_and_the_cli_reports_one_line(tmp_path):
+    validate(compose_config(["model.activation=event", "basis.size=100000"]))  # no clock: its size is not read
+    with pytest.raises(UserError, match="basis.size=100000 exceeds"):
+        validate(compose_config(["model.activation=clock_event", "basis.size=100000"]))
+    result = run_cli(["model.gate=maybe"], cwd=tmp_path, check=False, timeout=60)
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [f"error: {BAD[1][1]}"]
