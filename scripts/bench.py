@@ -37,6 +37,7 @@ import sys
 import time
 
 BATCH, HIDDEN, MODULES, INPUTS, CLASSES = 100, 128, 8, 1, 10
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (description, model, basis, env, force dense)
 CONFIGS = {
@@ -53,24 +54,20 @@ CONFIGS = {
 
 
 def build(model_name: str, basis: str | None, steps: int):
+    """The model as hrnn-train builds it from conf/ (its defaults, e.g. the DCT clock's start),
+    with this benchmark's sizes and a 10-way head on the last state."""
     import torch
+    from hydra import compose, initialize_config_dir
 
-    from hrnn.models import build_clock
-    from hrnn.models.recurrent import ClockedRNN, SequenceModel, TorchRNN
-    from omegaconf import OmegaConf
+    from hrnn.models import build_model
+    from hrnn.tasks import TaskSpec
 
-    if model_name in ("hrnn", "cwrnn"):
-        model_cfg = OmegaConf.create({"name": model_name, "n_modules": MODULES})
-        basis_cfg = OmegaConf.create({"name": basis or "dct", "size": None, "init": "spread",
-                                      "init_weight": 0.8, "sharpness": 1.0})
-        reg_cfg = OmegaConf.create({"name": "softmax", "temperature": 1.0, "entropy_weight": 0.0})
-        clock = build_clock(model_cfg, basis_cfg, reg_cfg, steps)
-        connectivity = "slow_to_fast" if model_name == "cwrnn" else "full"
-        backbone = ClockedRNN(INPUTS, HIDDEN, clock, connectivity)
-    else:
-        backbone = TorchRNN(model_name, INPUTS, HIDDEN)
+    overrides = [f"model={model_name}", f"model.hidden_size={HIDDEN}", f"model.n_modules={MODULES}",
+                 f"task.seq_len={steps}", *([f"basis={basis}"] if basis else [])]
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
     torch.manual_seed(0)
-    return SequenceModel(backbone, HIDDEN, CLASSES, "last")
+    return build_model(cfg, TaskSpec(input_size=INPUTS, output_size=CLASSES, seq_len=steps, readout="last"))
 
 
 def worker(spec: dict) -> dict:
@@ -151,9 +148,7 @@ def run_config(spec: dict) -> dict:
     env = dict(os.environ, **CONFIGS[spec["config"]][3])
     if spec.get("capability"):
         env["HRNN_CPU_CAPABILITY"] = spec["capability"]
-    env.setdefault("PYTHONPATH", "")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env["PYTHONPATH"]) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=spec.get("timeout", 1800))
     if proc.returncode != 0:
@@ -191,7 +186,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, ROOT)
     from hrnn import fused
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),

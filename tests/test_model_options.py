@@ -66,14 +66,14 @@ def test_cli_trains_and_logs_connectivity_and_update_fraction(tmp_path, task, op
 
 
 def test_in_process_learned_connectivity_history_follows_the_checkpoints(tmp_path):
-    cfg = compose_config([*TINY, "task.seq_len=8", "model.connectivity=learned", "model.connectivity_weight=0.5",
+    cfg = compose_config([*TINY, "task.seq_len=8", "model.connectivity=learned", "model.connectivity_weight=100",
                           "trainer.steps=3", "trainer.eval_every=1"])
     train(cfg, tmp_path)
     history = read_metrics(tmp_path)["history"]
     last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["model"]["backbone.gates.logits"]
     torch.testing.assert_close(torch.tensor(history[-1]["connectivity"]), torch.sigmoid(last), rtol=0, atol=1e-7)
     means = [torch.tensor(entry["connectivity"]).mean().item() for entry in history]
-    assert means[0] > means[1] > means[2]  # the sparsity penalty closes gates
+    assert means[0] > means[1] > means[2]  # a penalty this strong outweighs the task: it closes the gates
 
 
 BAD = [
