@@ -49,14 +49,14 @@ constexpr int kVectorBytes = 32, kRegisters = 16;
 
 // Register blocking: a block keeps rows x tiles accumulators, plus one register per tile of W
 // and one broadcast, in the register file. 32 registers: 6 rows x 4 tiles (24 + 4 + 1 = 29).
-// 16 registers: 4 rows x 3 tiles (12 + 3 + 1 = 16), the fastest shape measured on AVX2
-// (docs/performance.md); dW blocks are 4 rows x 3 tiles there, 4 x 4 with 32 registers.
+// 16 registers: 5 rows x 2 tiles (10 + 2 + 1 = 13), the fastest shape measured on AVX2 with one
+// and with two threads (docs/performance.md); dW blocks are 4 rows x 3 tiles there, 4 x 4 with 32.
 // The macros let a tuning build try other shapes without editing the file.
 #ifndef HRNN_ROWS
-#define HRNN_ROWS (kRegisters >= 32 ? 6 : 4)
+#define HRNN_ROWS (kRegisters >= 32 ? 6 : 5)
 #endif
 #ifndef HRNN_TILES
-#define HRNN_TILES (kRegisters >= 32 ? 4 : 3)
+#define HRNN_TILES (kRegisters >= 32 ? 4 : 2)
 #endif
 #ifndef HRNN_DW_ROWS
 #define HRNN_DW_ROWS 4
@@ -150,15 +150,16 @@ inline void for_tiles(int n, F&& f) {
   tail_tiles<NV - 1>(n - i, i, f);
 }
 
-// Register-block height with the least padding among kRows, kRows - 1, kRows - 2 (ties: taller).
+// Register-block height: kRows or kRows - 1, whichever pads the slice less (ties: taller);
+// kRows - 2 only for a slice that short. Going lower to avoid padding costs more than the padding:
+// with 4-row blocks, a 50-row slice (B = 100 on 2 threads) padded least with 2-row blocks, whose
+// 6 accumulators cannot hide the FMA latency (AVX2 step at T = 784: 1.36x the FLOP floor, 1.15x
+// after this rule).
 inline int pick_rows(int64_t rows) {
-  int best = kRows;
-  int64_t best_pad = -1;
-  for (int r = kRows; r >= kRows - 2; --r) {
-    const int64_t pad = (rows + r - 1) / r * r - rows;
-    if (best_pad < 0 || pad < best_pad) best = r, best_pad = pad;
-  }
-  return best;
+  if (rows <= kRows - 2) return kRows - 2;
+  const int64_t pad_full = (rows + kRows - 1) / kRows * kRows - rows;
+  const int64_t pad_less = (rows + kRows - 2) / (kRows - 1) * (kRows - 1) - rows;
+  return pad_less < pad_full ? kRows - 1 : kRows;
 }
 
 // Calls f(integral_constant<R>) for the block height pick_rows chose.
