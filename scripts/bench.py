@@ -2,6 +2,7 @@
 
     python scripts/bench.py            # T = 200, 784, 2000 (several minutes on 2 cores)
     python scripts/bench.py --quick    # tiny run: checks the script works, numbers meaningless
+    python scripts/bench.py --device cuda [...]   # the GPU benchmark (scripts/bench_cuda.py)
 
 The fused configurations (hrnn-*, cwrnn*) run once under each CPU capability this machine
 executes (HRNN_CPU_CAPABILITY: default, avx2, avx512; `--capabilities` picks some); the torch
@@ -168,6 +169,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="T=30, 1 warm-up, 2 timed steps: a smoke test")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["--device", "cuda"]:  # the GPU benchmark lives beside this one
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_cuda
+
+        return bench_cuda.main(argv[2:])
     args = parser.parse_args(argv)
 
     if args.worker:

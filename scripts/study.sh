@@ -2,7 +2,8 @@
 # The results study behind docs/results.md: one multirun per table, then
 #   python scripts/results.py outputs/study > docs/results.md
 #
-#   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy (default: all)
+#   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
+#                                    events_adding smnist (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -57,10 +58,20 @@ table() {
         trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy"
       run "${COMMON[@]}" task=copy task.seq_len=100,200 model=cwrnn,rnn,lstm,gru \
         trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy_baselines" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy" >&2; exit 2 ;;
+    events_adding)  # adding at T = 200: the learned clock, the same clock frozen at its start, event-driven
+                    # modules and the LSTM, 3 seeds, 2000 steps (docs/models.md, docs/results.md)
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=clock,event \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_adding"
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn optim.clock_lr=0 \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_adding_frozen"
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=lstm \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_adding_lstm" ;;
+    smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
+      run "${COMMON[@]}" experiment=smnist model=hrnn,lstm trainer.seed=0 hydra.sweep.dir="$STUDY/smnist" ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding smnist" >&2; exit 2 ;;
   esac
 }
 
 tables=("$@")
-[ ${#tables[@]} -eq 0 ] && tables=(timescales baselines adding copy dct_variants dct_t210 period_variants lstm)
+[ ${#tables[@]} -eq 0 ] && tables=(timescales baselines adding copy dct_variants dct_t210 period_variants lstm events_adding)
 for name in "${tables[@]}"; do table "$name"; done
