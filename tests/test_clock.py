@@ -85,7 +85,7 @@ def _one_hot_binary_clock(periods: list[int], T: int) -> BasisClock:
 def test_one_hot_spectrum_updates_on_multiples_and_holds_bit_for_bit():
     torch.manual_seed(0)
     periods, T = [1, 3, 5, 7], 40
-    model = ClockedRNN(2, 16, _one_hot_binary_clock(periods, T))
+    model = ClockedRNN(2, 16, _one_hot_binary_clock(periods, T), "full")
     assert model.clock.periods() == [1.0, 3.0, 5.0, 7.0]
     states = model(torch.randn(3, T, 2)).detach()
     previous = torch.zeros(3, 16)

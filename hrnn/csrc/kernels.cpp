@@ -94,28 +94,12 @@ inline VT vset(T x) {
   return VT{} + x;
 }
 
-// tanh. float: rational minimax approximation (Eigen's single-precision coefficients,
-// clamp at +-7.9053, beyond which tanh rounds to +-1 within 2.4e-7); max relative error
-// measured 3.4e-7 against double tanh over [-12, 12]. double: libm tanh per lane.
+#include "tanh_rational.h"  // inside this capability's namespace: see the file
+
+// tanh per lane: the rational approximation in float, libm in double.
 template <typename VT>
 inline VT vtanh(VT x, float) {
-  const VT hi = vset<VT>(7.90531110763549805f), lo = vset<VT>(-7.90531110763549805f);
-  x = x > hi ? hi : x;
-  x = x < lo ? lo : x;
-  const VT x2 = x * x;
-  VT p = vset<VT>(-2.76076847742355e-16f);
-  p = p * x2 + 2.00018790482477e-13f;
-  p = p * x2 + -8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  p = p * x;
-  VT q = vset<VT>(1.19825839466702e-06f);
-  q = q * x2 + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  return p / q;
+  return tanh_rational(x);
 }
 template <typename VT>
 inline VT vtanh(VT x, double) {

@@ -115,25 +115,11 @@ void matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor out, bool accum
   else at::mm_out(out, a, b);
 }
 
-// tanh as in the register kernels (Eigen's float rational approximation, libm for double),
-// written so that the compiler vectorizes the loop at the baseline ISA.
+#include "tanh_rational.h"  // inside this namespace: see the file
+
+// tanh as in the register kernels (libm in double), in a loop the compiler vectorizes.
 inline void tanh_inplace(float* z, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = std::min(std::max(z[i], -7.90531110763549805f), 7.90531110763549805f);
-    const float x2 = x * x;
-    float p = -2.76076847742355e-16f;
-    p = p * x2 + 2.00018790482477e-13f;
-    p = p * x2 + -8.60467152213735e-11f;
-    p = p * x2 + 5.12229709037114e-08f;
-    p = p * x2 + 1.48572235717979e-05f;
-    p = p * x2 + 6.37261928875436e-04f;
-    p = p * x2 + 4.89352455891786e-03f;
-    float q = 1.19825839466702e-06f;
-    q = q * x2 + 1.18534705686654e-04f;
-    q = q * x2 + 2.26843463243900e-03f;
-    q = q * x2 + 4.89352518554385e-03f;
-    z[i] = p * x / q;
-  }
+  for (int64_t i = 0; i < n; ++i) z[i] = tanh_rational(z[i]);
 }
 inline void tanh_inplace(double* z, int64_t n) {
   for (int64_t i = 0; i < n; ++i) z[i] = std::tanh(z[i]);

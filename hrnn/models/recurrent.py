@@ -167,7 +167,7 @@ class ClockedRNN(Backbone):
     or their product ("clock_event"). W_h is full, masked slow to fast, or gated block by block (learned).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, clock: Clock | None, connectivity: str = "full",
+    def __init__(self, input_size: int, hidden_size: int, clock: Clock | None, connectivity: str,
                  gates: ConnectivityGates | None = None, event: UpdateGate | None = None) -> None:
         super().__init__()
         if clock is None and event is None:
