@@ -132,6 +132,10 @@ def _yaml_value(key: str, value: str) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"{USAGE}\nRe-evaluates a run's checkpoint on a split; writes eval_<split>_<checkpoint>.json "
+              f"in the run directory (docs/search.md).")
+        return 0
     try:
         run_dir, choices, overrides, figures = parse_args(argv)
         result = evaluate_run(run_dir, choices["split"], choices["checkpoint"], overrides, figures)

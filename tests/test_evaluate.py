@@ -150,3 +150,10 @@ def test_figures_of_a_model_without_a_clock_is_one_line(tmp_path: Path, capsys) 
     train(compose_config(["model=lstm", *SYNTHETIC, *TINY, "trainer.num_threads=1"]), tmp_path / "lstm")
     assert main([str(tmp_path / "lstm"), "--figures"]) == 2
     assert "this run's model has no clock, so there are no clock figures; drop --figures" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_usage_and_exits_0(flag: str, capsys) -> None:
+    assert main([flag]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: hrnn-eval <run dir> [split=val|test] [checkpoint=best|last]")
