@@ -45,6 +45,11 @@ def test_cli_run_writes_events_checkpoints_and_metrics(tmp_path, tiny):
     assert metrics["metric"] == "mse" and metrics["steps"] == 6 and len(metrics["periods"]) == 4
     assert metrics["baseline"] == pytest.approx(1 / 6)
     assert metrics["params"] == 2 * 16 + 16 + 16 * 16 + 20 * 4 + 16 + 1
+    # The CPU recurrence that ran, named in the header and in metrics.json.
+    from hrnn import fused
+
+    ran = (os.environ.get("HRNN_CPU_CAPABILITY") or fused.cpu_capabilities()[-1]) if fused.available() else "pytorch loop"
+    assert metrics["cpu_kernels"] == ran and f"cpu (recurrence: {ran})" in result.stdout
     # The learning curve: one entry per evaluation, the last one the final evaluation.
     assert [entry["step"] for entry in metrics["history"]] == [3, 6]
     at_best = next(entry for entry in metrics["history"] if entry["step"] == metrics["best_step"])
