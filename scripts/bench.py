@@ -93,7 +93,6 @@ def worker(spec: dict) -> dict:
         return fused_rnn(x, w_x, bias, w_h, waves, h0, skip_inactive, last_only)
 
     fused.leaky_rnn = counted_rnn
-    torch.manual_seed(0)
     steps = spec["steps"]
     model = build(model_name, basis, steps)
     x = torch.randn(BATCH, steps, INPUTS)
