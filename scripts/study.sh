@@ -3,16 +3,16 @@
 #   python scripts/results.py outputs/study > docs/results.md
 #
 #   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding smnist (default: all but smnist)
+#                                    events_adding events_compare events_long clock_recipe default_move smnist (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
-# torch thread each. STUDY=<dir> moves the output (default outputs/study).
+# torch thread each (JOBS=1: one at a time). STUDY=<dir> moves the output (default outputs/study).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STUDY=${STUDY:-outputs/study}
 TRAIN=${TRAIN:-.venv/bin/hrnn-train}
-COMMON=(-m hydra/launcher=joblib hydra.launcher.n_jobs=2 trainer.progress=false resume=auto)
+COMMON=(-m hydra/launcher=joblib hydra.launcher.n_jobs=${JOBS:-2} trainer.progress=false resume=auto)
 PERIOD_SETS='task.periods=[4,12],[3,10],[6,20],[2,7,30]'
 TIMESCALES=(task=timescales trainer.steps=1500 trainer.eval_every=100)
 
@@ -66,9 +66,35 @@ table() {
         trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_adding_frozen"
       run "${COMMON[@]}" task=adding task.seq_len=200 model=lstm \
         trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_adding_lstm" ;;
+    events_compare)  # issue 15's options on adding T = 200, same budget as events_adding: 3 seeds, 2000 steps
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=clock_event,chunker \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_compare"
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=clock,event model.connectivity=learned \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_connectivity" ;;
+    events_long)  # event-driven modules on long adding (T = 500, 1000), 3 seeds, 3000 steps
+      run "${COMMON[@]}" task=adding task.seq_len=500,1000 model=hrnn model.activation=event \
+        trainer.seed=0,1,2 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_long" ;;
+    clock_recipe)  # issue 14's recipe search for the clock alone on adding T = 200: one change at a time from
+                   # the default (cosine clock, softmax), seed 0, 3000 steps; 'default' is the unchanged model
+      local base=(task=adding task.seq_len=200 model=hrnn trainer.seed=0 trainer.steps=3000 trainer.eval_every=250)
+      local R="$STUDY/clock_recipe"
+      run "${COMMON[@]}" "${base[@]}" basis=dct,binary hydra.sweep.dir="$R/basis"
+      run "${COMMON[@]}" "${base[@]}" regularizer=l1,none hydra.sweep.dir="$R/regularizer"
+      run "${COMMON[@]}" "${base[@]}" basis.init=random,uniform hydra.sweep.dir="$R/init"
+      run "${COMMON[@]}" "${base[@]}" optim.clock_lr=0.1,0.001 hydra.sweep.dir="$R/clock_lr"
+      run "${COMMON[@]}" "${base[@]}" basis.sharpness=4 regularizer.temperature=1,0.3 hydra.sweep.dir="$R/sharpness"
+      run "${COMMON[@]}" "${base[@]}" model.n_modules=4,16 hydra.sweep.dir="$R/modules"
+      run "${COMMON[@]}" "${base[@]}" model.connectivity=slow_to_fast hydra.sweep.dir="$R/connectivity"
+      run "${COMMON[@]}" "${base[@]}" optim.lr=0.003 hydra.sweep.dir="$R/lr"
+      run "${COMMON[@]}" "${base[@]}" trainer.batch_size=50 hydra.sweep.dir="$R/batch"
+      run "${COMMON[@]}" "${base[@]}" trainer.grad_clip=null hydra.sweep.dir="$R/clip" ;;
+    default_move)  # where the default experiment can move: LSTM of the event model's size (hidden 64,
+                   # 17.7k parameters) on adding T = 200, 3 seeds, 2000 steps
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=lstm model.hidden_size=64 \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/lstm64_adding" ;;
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn,lstm trainer.seed=0 hydra.sweep.dir="$STUDY/smnist" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding smnist" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long clock_recipe default_move smnist" >&2; exit 2 ;;
   esac
 }
 
