@@ -233,7 +233,8 @@ def evaluate_and_checkpoint(run: Run) -> None:
         run.best = {"value": val[task.metric_name], "step": step}
         run.save("best.pt")
     line += f" (best {run.best['value']:.4f} at {run.best['step']})"
-    entry: dict[str, Any] = {"step": step, **{f"val_{name}": value for name, value in val.items()}}
+    # wall_s: time to this evaluation (resumes included), so a table can say how long a threshold took.
+    entry: dict[str, Any] = {"step": step, "wall_s": run.wall_s(), **{f"val_{name}": value for name, value in val.items()}}
     if model.clock is not None:
         summary = log_clock(writer, model.clock, task.spec.seq_len, step, run.history)
         entry["periods"] = [float(p) for p in summary["periods"]]

@@ -32,8 +32,17 @@ THRESHOLD = 0.01  # the validation MSE a timescales run must reach
 
 # The settings a label names when a job changed them from conf/'s defaults, as (group, key, word).
 LABELLED = {"coefficients": [("regularizer", "name", ""), ("basis", "sharpness", "sharpness"),
-                             ("regularizer", "entropy_weight", "entropy")],
+                             ("regularizer", "entropy_weight", "entropy"), ("regularizer", "temperature", "temperature"),
+                             ("basis", "init", "init")],
             "period": [("basis", "init", "init"), ("basis", "open_ratio", "open")]}
+# Settings of any model (the issue-14 recipe search and issue 15's options), named the same way.
+LABELLED_ANY = [("model", "activation", ""), ("model", "gate", "gate"), ("model", "connectivity", "connectivity"),
+                ("model", "hidden_size", "hidden"), ("model", "n_modules", "modules"), ("optim", "lr", "lr"),
+                ("optim", "clock_lr", "clock_lr"), ("trainer", "batch_size", "batch"), ("trainer", "grad_clip", "clip")]
+NO_CLOCK = ("event", "chunker")  # activations without a clock: the basis means nothing there
+# What "solved" means per task, on the validation history: (history key, threshold, below?).
+THRESHOLDS = {"adding": ("val_mse", 0.01, True), "copy": ("val_recall_acc", 0.99, False),
+              "smnist": ("val_acc", 0.985, False), "pmnist": ("val_acc", 0.95, False)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,26 +52,43 @@ def default_config(basis: str) -> dict[str, Any]:
         return OmegaConf.to_container(compose(config_name="config", overrides=[f"basis={basis}"]))
 
 
+def _word(word: str, value: Any) -> str:
+    return (f"{word} {value:g}" if isinstance(value, float) else f"{word} {value}").strip()
+
+
 def model_label(config: dict[str, Any]) -> str:
-    """hrnn-binary, hrnn-dct, hrnn-period or the baseline's name; clock settings off their defaults appended."""
+    """hrnn-binary, hrnn-dct, hrnn-period or the baseline's name; settings off their defaults appended
+    (a clock frozen at its start, optim.clock_lr=0, reads "frozen clock")."""
     model = config.get("model", {}).get("name", "?")
-    if model != "hrnn":
-        return model
     basis = config.get("basis", {}).get("name", "?")
-    defaults, parts = default_config(basis), [f"hrnn-{basis}"]
-    for group, key, word in LABELLED["period" if basis == "period" else "coefficients"]:
+    defaults = default_config(basis if basis in ("binary", "dct", "period") else "dct")
+    activation = config.get("model", {}).get("activation", "clock")
+    parts = [model] if model != "hrnn" else ["hrnn" if activation in NO_CLOCK else f"hrnn-{basis}"]
+    if model == "hrnn" and activation not in NO_CLOCK:
+        for group, key, word in LABELLED["period" if basis == "period" else "coefficients"]:
+            value = config.get(group, {}).get(key, defaults[group].get(key))
+            if value != defaults[group].get(key):
+                parts.append(_word(word, value))
+    for group, key, word in LABELLED_ANY:
+        if model != "hrnn" and group == "model" and key != "hidden_size":
+            continue
+        if group == "optim" and key == "clock_lr" and (model != "hrnn" or activation in NO_CLOCK):
+            continue
         value = config.get(group, {}).get(key, defaults[group].get(key))
         if value != defaults[group].get(key):
-            parts.append(f"{word} {value:g}".strip() if isinstance(value, float) else f"{word} {value}".strip())
+            parts.append("frozen clock" if key == "clock_lr" and value == 0 else _word(word, value))
     return " ".join(parts)
 
 
 def read_study(study_dir: Path | str) -> list[dict[str, Any]]:
-    """Every job of every sweep directory under study_dir (read_jobs records, config included)."""
+    """Every job of every sweep directory under study_dir (read_jobs records, config included): its
+    subdirectories, and deeper ones holding a multirun.yaml (e.g. clock_recipe/basis)."""
+    study_dir = Path(study_dir)
+    sweeps = {p for p in study_dir.iterdir() if p.is_dir()} | {p.parent for p in study_dir.rglob("multirun.yaml")}
     jobs = []
-    for sweep in sorted(p for p in Path(study_dir).iterdir() if p.is_dir()):
+    for sweep in sorted(sweeps):
         for job in read_jobs(sweep):
-            job["sweep"] = sweep.name
+            job["sweep"] = str(sweep.relative_to(study_dir))
             jobs.append(job)
     return jobs
 
@@ -143,21 +169,51 @@ def timescales_rows(jobs: list[dict[str, Any]], threshold: float = THRESHOLD) ->
     return rows
 
 
+def wall_to(entry: dict[str, Any] | None, metrics: dict[str, Any]) -> float | None:
+    """Wall seconds to a history entry: recorded (runs since history carried wall_s), else the
+    run's mean wall time per step times the step (an estimate, evaluations pro rata)."""
+    if entry is None:
+        return None
+    return entry.get("wall_s", entry["step"] * metrics["wall_s"] / max(1, metrics["steps"]))
+
+
 def task_rows(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per job of any other task."""
-    rows = []
+    """One row per (task, T, model label, steps) of the other tasks: seeds pooled."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for job in jobs:
         task = job["config"].get("task", {})
         if task.get("name") in (None, "timescales") or job["status"] != "finished":
             continue
-        m = job["metrics"]
+        key = (task["name"], task.get("seq_len"), model_label(job["config"]), job["metrics"]["steps"])
+        groups.setdefault(key, []).append(job)
+    rows = []
+    for (name, seq_len, label, steps), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2], kv[0][3])):
+        metrics = sorted((j["metrics"] for j in members), key=lambda m: m.get("seed") or 0)
+        history_key, threshold, below = THRESHOLDS.get(name, (None, None, True))
+        firsts = []
+        for m in metrics:
+            entry = next((e for e in m.get("history", []) if history_key in e
+                          and (e[history_key] < threshold if below else e[history_key] >= threshold)), None)
+            firsts.append((entry["step"] if entry else None, wall_to(entry, m)))
+        walls = [w for _, w in firsts if w is not None]
+        fractions = [m.get("test", {}).get("update_fraction") for m in metrics]
+        recalls = [m.get("test", {}).get("recall_acc") for m in metrics]
         rows.append({
-            "task": task["name"], "T": task.get("seq_len"), "model": model_label(job["config"]), "seed": m.get("seed"),
-            "metric": m["metric"], "val": m["val_metric"], "test": m["test_metric"], "baseline": m["baseline"],
-            "recall_acc": m.get("test", {}).get("recall_acc"), "periods": m.get("periods"),
-            "steps": m["steps"], "step_s": m["train_step_s"], "wall_s": m["wall_s"], "params": m["params"],
+            "task": name, "T": seq_len, "model": label, "steps": steps, "metric": metrics[0]["metric"],
+            "seeds": [m.get("seed") for m in metrics],
+            "val": mean_std([m["val_metric"] for m in metrics]), "test": mean_std([m["test_metric"] for m in metrics]),
+            "baseline": metrics[0]["baseline"], "higher_is_better": metrics[0].get("higher_is_better", False),
+            "threshold": (history_key, threshold, below),
+            "solved": sum(s is not None for s, _ in firsts), "first_steps": [s for s, _ in firsts],
+            "wall_to_threshold": statistics.median(walls) if walls else None,
+            "recall_acc": mean_std(recalls) if None not in recalls else None,
+            "update_fraction": statistics.fmean(fractions) if None not in fractions else None,
+            "periods": next((m.get("periods") for m in metrics if m.get("seed") == 0), metrics[0].get("periods")),
+            "connectivity": next((m.get("connectivity") for m in metrics if m.get("connectivity") is not None), None),
+            "params": metrics[0]["params"], "step_s": statistics.median(m["train_step_s"] for m in metrics),
+            "wall_s": statistics.fmean(m["wall_s"] for m in metrics),
         })
-    return sorted(rows, key=lambda r: (r["task"], r["T"] or 0, r["model"]))
+    return rows
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -191,16 +247,27 @@ def format_timescales(rows: list[dict[str, Any]], threshold: float = THRESHOLD) 
 
 
 def format_tasks(rows: list[dict[str, Any]]) -> str:
-    head = ["task", "T", "model", "seed", "steps", "val", "test", "baseline", "test / baseline", "recall acc",
-            "learned periods", "params", "step s", "wall s"]
+    head = ["task", "T", "model", "seeds", "steps", "val", "test", "test / baseline", "solved", "first eval solved",
+            "wall s to solved (median)", "recall acc", "update fraction", "learned periods (seed 0)", "params",
+            "step s", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["task"], str(r["T"]), r["model"], str(r["seed"]), str(r["steps"]),
-                 f"{r['metric']} {_fmt(r['val'])}", _fmt(r["test"]), _fmt(r["baseline"]),
-                 _fmt(r["test"] / r["baseline"], 3) if r["baseline"] else "-",
-                 _fmt(r["recall_acc"], 3), _periods(r["periods"]), f"{r['params']:,}",
+        key, threshold, below = r["threshold"]
+        solved = "-" if key is None else f"{r['solved']}/{len(r['seeds'])} ({key[4:]} {'<' if below else '>='} {threshold:g})"
+        cells = [r["task"], str(r["T"]), r["model"], ",".join(map(str, r["seeds"])), str(r["steps"]),
+                 f"{r['metric']} {plus_minus(*r['val'])}", plus_minus(*r["test"]),
+                 _fmt(r["test"][0] / r["baseline"], 3) if r["baseline"] and not r["higher_is_better"] else "-", solved,
+                 ", ".join("never" if s is None else str(s) for s in r["first_steps"]),
+                 _fmt(r["wall_to_threshold"], 0), "-" if r["recall_acc"] is None else plus_minus(*r["recall_acc"], digits=3),
+                 _fmt(r["update_fraction"], 3), _periods(r["periods"]), f"{r['params']:,}",
                  _fmt(r["step_s"], 4), _fmt(r["wall_s"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
+    connectivity = [r for r in rows if r["connectivity"] is not None]
+    if connectivity:
+        lines += ["", "Connectivity at the best checkpoint (row i reads column j; the first seed that logged one):", ""]
+        for r in connectivity:
+            matrix = "\n".join("  " + " ".join(f"{v:.2f}" for v in row) for row in r["connectivity"])
+            lines += [f"{r['task']} T={r['T']} {r['model']}:", "```", matrix, "```"]
     return "\n".join(lines)
 
 
@@ -228,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         sections += ["### Timescales", "", format_timescales(ts), ""]
     other = task_rows(jobs)
     if other:
-        sections += ["### Adding and copy", "", format_tasks(other), ""]
+        sections += ["### Adding, copy and MNIST", "", format_tasks(other), ""]
     sections += ["### Jobs that did not finish", "", format_problems(jobs)]
     print("\n".join(sections))
     return 0

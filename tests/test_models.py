@@ -107,6 +107,8 @@ def test_final_metrics_are_the_best_checkpoint_scored_on_the_whole_sets(tmp_path
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     history = {entry["step"]: entry["val_mse"] for entry in metrics["history"]}
     assert metrics["best_step"] == min(history, key=history.get) and len(set(history.values())) == 3
+    walls = [entry["wall_s"] for entry in metrics["history"]]  # time to each evaluation, for "wall to threshold"
+    assert 0 < walls[0] < walls[1] < walls[2] <= metrics["wall_s"]
     task = build_task(cfg.task, cfg.data_dir, seed=0)
     net = build_model(validate(cfg), task.spec)
     net.load_state_dict(torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["model"])

@@ -57,18 +57,48 @@ def test_timescales_counts_seeds_that_reach_the_threshold_and_recover_every_peri
     assert rows["lstm"]["recovered_all"] is None and rows["lstm"]["solved"] is None
 
 
-def test_other_tasks_one_row_per_finished_job_with_the_ratio_to_baseline(tmp_path, capsys):
-    sweep = tmp_path / "study" / "copy"
-    metrics = {"metric": "xent", "val_metric": 0.1, "test_metric": 0.12, "baseline": 0.24, "seed": 0,
-               "test": {"xent": 0.12, "recall_acc": 0.5}, "steps": 1000, "train_step_s": 0.01, "wall_s": 12.0,
-               "params": 1000, "periods": [1.0, 2.0]}
-    write_job(sweep, "0_copy", config("cwrnn", "dct", {"name": "copy", "seq_len": 100}, 0), metrics)
-    rows = task_rows(read_study(tmp_path / "study"))
-    assert len(rows) == 1 and rows[0]["model"] == "cwrnn" and rows[0]["T"] == 100
+def test_other_tasks_pool_seeds_and_time_the_threshold(tmp_path, capsys):
+    """Seeds of one configuration make one row: mean ± std, how many reached the task's threshold,
+    at which evaluation, and the wall time to it (recorded, or estimated from the run's mean rate)."""
+    sweep = tmp_path / "study" / "adding"
+    task = {"name": "adding", "seq_len": 200}
+
+    def metrics(seed, test, history):
+        return {"metric": "mse", "val_metric": test, "test_metric": test, "baseline": 1 / 6, "seed": seed,
+                "test": {"mse": test, "update_fraction": 0.1 * (seed + 1)}, "steps": 1000, "train_step_s": 0.01,
+                "wall_s": 20.0, "params": 1000, "history": history}
+
+    event = {**config("hrnn", "dct", task, 0), "model": {"name": "hrnn", "activation": "event"}}
+    write_job(sweep, "0_event", event, metrics(0, 0.004, [{"step": 500, "val_mse": 0.1, "wall_s": 9.0},
+                                                          {"step": 1000, "val_mse": 0.004, "wall_s": 19.0}]))
+    write_job(sweep, "1_event", {**event, "trainer": {"seed": 1}},
+              metrics(1, 0.008, [{"step": 500, "val_mse": 0.008}, {"step": 1000, "val_mse": 0.009}]))
+    lstm = {**config("lstm", "dct", task, 0), "model": {"name": "lstm", "hidden_size": 64}}
+    write_job(sweep, "2_lstm", lstm, metrics(0, 0.16, [{"step": 1000, "val_mse": 0.16, "wall_s": 30.0}]))
+    rows = {row["model"]: row for row in task_rows(read_study(tmp_path / "study"))}
+    assert set(rows) == {"hrnn event", "lstm hidden 64"}
+    row = rows["hrnn event"]
+    assert row["seeds"] == [0, 1] and abs(row["test"][0] - 0.006) < 1e-12
+    assert row["solved"] == 2 and row["first_steps"] == [1000, 500]
+    assert row["wall_to_threshold"] == (19.0 + 500 * 20.0 / 1000) / 2  # recorded 19 s; estimated 10 s
+    assert abs(row["update_fraction"] - 0.15) < 1e-12
+    assert rows["lstm hidden 64"]["solved"] == 0 and rows["lstm hidden 64"]["wall_to_threshold"] is None
     assert main([str(tmp_path / "study")]) == 0
     out = capsys.readouterr().out
-    assert "| copy | 100 | cwrnn | 0 | 1000 | xent 0.1000 | 0.1200 | 0.2400 | 0.500 | 0.500 |" in out
+    assert "| adding | 200 | hrnn event | 0,1 | 1000 | mse 0.0060 ± 0.0028 | 0.0060 ± 0.0028 | 0.036 | 2/2 (mse < 0.01) | 1000, 500 | 14 |" in out
+    assert "| adding | 200 | lstm hidden 64 | 0 | 1000 | mse 0.1600 | 0.1600 | 0.960 | 0/1 (mse < 0.01) | never | - |" in out
     assert "Every job finished." in out
+
+
+def test_nested_sweeps_are_read(tmp_path):
+    """clock_recipe/<change>/ sweeps (a multirun.yaml marks each) are found below the study's top level."""
+    sweep = tmp_path / "study" / "clock_recipe" / "basis"
+    metrics = {"metric": "mse", "val_metric": 0.1, "test_metric": 0.1, "baseline": 1 / 6, "seed": 0, "test": {},
+               "steps": 10, "train_step_s": 0.01, "wall_s": 1.0, "params": 10}
+    write_job(sweep, "0_binary", config("hrnn", "binary", {"name": "adding", "seq_len": 200}, 0), metrics)
+    (sweep / "multirun.yaml").write_text("{}\n")
+    jobs = read_study(tmp_path / "study")
+    assert [(j["sweep"], j["name"]) for j in jobs] == [("clock_recipe/basis", "0_binary")]
 
 
 def test_labels_name_the_clock_and_its_settings_off_default():
@@ -80,6 +110,10 @@ def test_labels_name_the_clock_and_its_settings_off_default():
     assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "binary"}, "regularizer": {"name": "l1"}}) == "hrnn-binary l1"
     assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "period", "init": "random", "open_ratio": 0.3},
                         "regularizer": {"name": "softmax", "entropy_weight": 0.01}}) == "hrnn-period init random open 0.3"
+    assert model_label({"model": {"name": "hrnn", "activation": "clock_event", "connectivity": "learned"},
+                        "basis": {"name": "dct"}, "optim": {"clock_lr": 0.0}}) == "hrnn-dct clock_event connectivity learned frozen clock"
+    assert model_label({"model": {"name": "hrnn", "activation": "event", "gate": "hard"}, "basis": {"name": "dct", "sharpness": 4.0},
+                        "optim": {"clock_lr": 0.0}}) == "hrnn event gate hard"  # no clock: basis and clock_lr unnamed
 
 
 def test_first_step_below_and_missing_study_dir(tmp_path, capsys):
