@@ -96,7 +96,10 @@ table() {
     default_move)  # where the default experiment can move: LSTM of the event model's size (hidden 64,
                    # 17.7k parameters) on adding T = 200, 3 seeds, 2000 steps
       run "${COMMON[@]}" task=adding task.seq_len=200 model=lstm model.hidden_size=64 \
-        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/lstm64_adding" ;;
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/lstm64_adding"
+      # ... and with the default experiment's whole budget (8000 steps, evaluation every 500)
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=lstm model.hidden_size=64 \
+        trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/lstm64_adding_default_budget" ;;
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn,lstm trainer.seed=0 hydra.sweep.dir="$STUDY/smnist" ;;
     *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_copy clock_recipe default_move smnist" >&2; exit 2 ;;
