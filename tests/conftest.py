@@ -61,6 +61,11 @@ def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def without_wall_times(history: list[dict]) -> list[dict]:
+    """A metrics.json history without its wall_s, the one field a resumed run cannot reproduce."""
+    return [{k: v for k, v in entry.items() if k != "wall_s"} for entry in history]
+
+
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
