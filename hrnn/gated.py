@@ -31,8 +31,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hrnn import fused
-
 GATE_MODES = ("soft", "hard")
 
 
@@ -163,6 +161,8 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
     Same arguments as `gated_leaky_rnn_reference`. The fused core runs when it is built and
     takes the tensors; otherwise the reference loop (logged once per process, as `hrnn.fused`).
     """
+    from hrnn import fused  # deferred, as in hrnn.core: hrnn.fused imports the compiled extension
+
     n_modules = _check(x, w_h, h0, waves, gate_x, gate_bias, gate_h, gate_mode)
     gated = gate_x is not None
     tensors = [t for t in (x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h) if t is not None]
@@ -191,6 +191,8 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
 def last_candidate_blocks() -> int:
     """Candidate blocks (sample, step, module) the fused core computed in its last forward
     (-1 before any): B T M when dense, the number of open (b, t, m) when it skipped."""
+    from hrnn import fused
+
     return fused._C.gated_candidate_blocks() if fused.available() else -1
 
 
@@ -200,6 +202,8 @@ class _GatedLeakyRNN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, gate_u, w_h, gate_h, waves, h0, thr, all_candidates, last_only):  # noqa: D102
+        from hrnn import fused
+
         states, cands, activations, gates = fused._C.gated_forward(u, gate_u, w_h, gate_h, waves, h0, thr,
                                                                    all_candidates, True)
         ctx.save_for_backward(states, cands, activations, gates, u, gate_u, w_h, gate_h, waves, h0, thr)
@@ -211,6 +215,8 @@ class _GatedLeakyRNN(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_states, grad_activations):  # noqa: D102
+        from hrnn import fused
+
         states, cands, activations, gates, u, gate_u, w_h, gate_h, waves, h0, thr = ctx.saved_tensors
         need = ctx.needs_input_grad
         if grad_states is None:
