@@ -109,8 +109,8 @@ def _ext_setup():
         # one torch already loaded (same soname), so there is still one thread pool.
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
-        depends=[os.path.join(CSRC, f) for f in ("kernels.h", "kernels.cpp", "tanh_rational.h", "gated_kernels.h",
-                                                 "gated_kernels.cpp")],
+        depends=[os.path.join(CSRC, f) for f in ("kernels.h", "kernels.cpp", "tanh_rational.h", "vectors.h",
+                                                 "gated_kernels.h", "gated_kernels.cpp")],
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": KernelsBuildExtension}}
 

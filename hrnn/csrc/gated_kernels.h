@@ -19,6 +19,7 @@ struct GatedProblem {
   const T* wt = nullptr;      // (H, H)     W_h^T (forward)
   const T* w = nullptr;       // (H, H)     W_h (backward)
   const T* gh = nullptr;      // (M, H)     G_h
+  const T* ght = nullptr;     // (H, M)     G_h^T (forward)
   const T* waves = nullptr;   // (T, M) or (B, T, M); nullptr: w = 1
   int64_t waves_stride = 0;   // between batch rows of waves: 0 (shared) or T * M
   const T* thr = nullptr;     // (B, T, M) thresholds of a hard gate; nullptr: soft gate

@@ -147,10 +147,12 @@ std::vector<at::Tensor> gated_forward(const at::Tensor& u, const c10::optional<a
   at::Tensor as = at::empty({s.B, s.T, s.M}, opts);
   at::Tensor gs = gate_u ? at::empty({s.B, s.T, s.M}, opts) : at::empty({0}, opts);
   at::Tensor wt = w_h.t().contiguous();
+  at::Tensor ght = gate_h.has_value() ? gate_h->t().contiguous() : at::Tensor();
   int64_t blocks = 0;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "hrnn_gated_fwd", [&] {
     GatedProblem<scalar_t> P = problem<scalar_t>(s, u, opt(gate_u), opt(gate_h), opt(waves), h0, opt(thresholds));
     P.wt = wt.data_ptr<scalar_t>();
+    P.ght = ght.defined() ? ght.data_ptr<scalar_t>() : nullptr;
     P.all_candidates = all_candidates;
     P.hs = hs.data_ptr<scalar_t>();
     P.cs = save ? cs.data_ptr<scalar_t>() : nullptr;
