@@ -65,6 +65,17 @@ def values_and_grads(fn, args, mode, thresholds, last_only=False, gated=True):
     return states.detach(), acts.detach(), dict(zip(leaves, grads))
 
 
+def assert_matches(got, want, tol, exact_activations=False):
+    """States, activations and every gradient of values_and_grads within tol of the reference's."""
+    if exact_activations:
+        assert torch.equal(got[1], want[1])
+    for g, w in ((got[0], want[0]), (got[1], want[1])):
+        assert_close_rel(g, w, tol)
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        assert_close_rel(got[2][name], want[2][name], tol)
+
+
 SHAPES = [(5, 13, 3, 32, 4), (4, 9, 2, 24, 3), (3, 7, 2, 12, 4)]  # module widths 8, 8 and 3 (scalar tiles)
 
 
@@ -79,13 +90,9 @@ def test_values_and_every_gradient_match_the_reference(dtype, mode, thresholds, 
     assert last_candidate_blocks() == args["x"].shape[0] * args["x"].shape[1] * args["gate_x"].shape[0]  # fused ran
     want = values_and_grads(gated_leaky_rnn_reference, args, mode, thr)
     if mode == "hard":
-        assert torch.equal(got[1], want[1])  # the same gates open
         assert 0 < (got[1] != 0).float().mean() < 1
-    assert_close_rel(got[0], want[0], TOL[dtype])
-    assert_close_rel(got[1], want[1], TOL[dtype])
-    assert got[2].keys() == want[2].keys() and ("waves" in got[2]) == (waves is not None)
-    for name in want[2]:
-        assert_close_rel(got[2][name], want[2][name], TOL[dtype])
+    assert ("waves" in got[2]) == (waves is not None)
+    assert_matches(got, want, TOL[dtype], exact_activations=mode == "hard")  # hard: the same gates open
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
@@ -94,9 +101,7 @@ def test_last_only_values_and_gradients(mode):
     got = values_and_grads(gated_leaky_rnn, args, mode, args["thresholds"], last_only=True)
     want = values_and_grads(gated_leaky_rnn_reference, args, mode, args["thresholds"], last_only=True)
     assert got[0].shape == (5, 32)
-    assert_close_rel(got[0], want[0], TOL[F64])
-    for name in want[2]:
-        assert_close_rel(got[2][name], want[2][name], TOL[F64])
+    assert_matches(got, want, TOL[F64], exact_activations=mode == "hard")
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
@@ -106,10 +111,7 @@ def test_waves_without_a_gate_match_the_reference(dtype):
     args["waves"] = (args["waves"] > 0.6).to(dtype) * args["waves"]  # exact zeros too
     got = values_and_grads(gated_leaky_rnn, args, "soft", 0.5, gated=False)
     want = values_and_grads(gated_leaky_rnn_reference, args, "soft", 0.5, gated=False)
-    assert torch.equal(got[1], want[1])
-    assert_close_rel(got[0], want[0], TOL[dtype])
-    for name in want[2]:
-        assert_close_rel(got[2][name], want[2][name], TOL[dtype])
+    assert_matches(got, want, TOL[dtype], exact_activations=True)
 
 
 @pytest.mark.parametrize("grad", [False, True])

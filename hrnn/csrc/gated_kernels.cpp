@@ -103,7 +103,7 @@ inline void cand_block(const T* const* hp, const T* const* up, T* const* ho, T* 
     VT w[NV];
     for (int v = 0; v < NV; ++v) w[v] = vload<VT>(wk + v * VL);
     for (int r = 0; r < R; ++r) {
-      const VT hb = vset<VT>(hp[r][k]);
+      const T hb = hp[r][k];  // a scalar operand: a broadcast load (AVX-512: folded into the FMA)
       for (int v = 0; v < NV; ++v) acc[q][r][v] += hb * w[v];
     }
   };
@@ -166,7 +166,7 @@ inline void gate_block(const T* const* hp, const T* const* gu, const T* ght, int
   for (int r = 0; r < R; ++r) acc[r] = vload<VT>(gu[r]);
   for (int64_t k = 0; k < H; ++k) {
     const VT w = vload<VT>(ght + k * GL);
-    for (int r = 0; r < R; ++r) acc[r] += vset<VT>(hp[r][k]) * w;
+    for (int r = 0; r < R; ++r) acc[r] += hp[r][k] * w;
   }
   for (int r = 0; r < R; ++r) vstore(out[r], acc[r]);
 }
@@ -308,7 +308,7 @@ inline void carry_block(T* const* carry, const T* const* dz, const T* w, int64_t
     VT wv[NV];
     for (int v = 0; v < NV; ++v) wv[v] = vload<VT>(wj + v * VL);
     for (int r = 0; r < R; ++r) {
-      const VT d = vset<VT>(dz[r][j]);
+      const T d = dz[r][j];
       for (int v = 0; v < NV; ++v) acc[r][v] += d * wv[v];
     }
   }
@@ -328,7 +328,7 @@ inline void dw_block(T* dw, const T* const* dz, const T* const* hp, int n, int64
     VT hv[NV];
     for (int v = 0; v < NV; ++v) hv[v] = vload<VT>(hp[i] + kcol + v * VL);
     for (int jj = 0; jj < JB; ++jj) {
-      const VT d = vset<VT>(dz[i][j0 + jj]);
+      const T d = dz[i][j0 + jj];
       for (int v = 0; v < NV; ++v) acc[jj][v] += d * hv[v];
     }
   }
@@ -387,6 +387,20 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
       const T* ar = P.as + row * M;
       T* carry = P.dh0 + b * H;  // dL/dh_t in, dL/dh_{t-1} out
       T* dz = P.du + row * H;
+      if (t > 0) {  // the previous step's rows, as in the forward
+        if (P.g) prefetch(P.g + (row - 1) * H, H);
+        prefetch(P.cs + (row - 1) * H, H);
+        if (t > 1) prefetch(P.hs + (row - 2) * H, H);
+        prefetch<T, 1>(P.du + (row - 1) * H, H);
+        prefetch(P.as + (row - 1) * M, M);
+        if (P.gate_u) {
+          prefetch(P.gs + (row - 1) * M, M);
+          prefetch<T, 1>(P.dgate_u + (row - 1) * M, M);
+        }
+        if (P.thr) prefetch(P.thr + (row - 1) * M, M);
+        if (P.ga) prefetch(P.ga + (row - 1) * M, M);
+        if (P.dwaves) prefetch<T, 1>(P.dwaves + (row - 1) * M, M);
+      }
       if (P.g)
         for (int64_t j = 0; j < H; ++j) carry[j] += P.g[row * H + j];
       for (int64_t m = 0; m < M; ++m) {
