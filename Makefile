@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 HRNN_REQUIRE_FUSED ?= 1
 
-.PHONY: install train test test-slow data tensorboard bench clean
+.PHONY: install train test test-slow data tensorboard bench bench-gates clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ tensorboard: install
 
 bench: install
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+# The event-gate core's time against the fraction of updates (docs/models.md, "Fused core").
+bench-gates: install
+	$(BIN)/python scripts/bench_gates.py $(ARGS)
 
 clean:
 	rm -rf outputs/*/ multirun build *.egg-info .pytest_cache

@@ -11,6 +11,8 @@ compiled once per capability (avx2, avx512) with that capability's flags, into o
 beside the bindings, which are built for the baseline ISA (never -march=native) and hold the
 portable capability, `default`. At import the best capability this CPU executes is chosen;
 HRNN_CPU_CAPABILITY=default|avx2|avx512 forces a lower one. Elsewhere only `default` exists.
+The event-gate kernels (hrnn/csrc/gated_kernels.cpp) are compiled the same way, for `default`
+too (the baseline ISA's vectors), and bound by hrnn/csrc/gated_scan.cpp.
 """
 import os
 import platform
@@ -71,39 +73,44 @@ def _ext_setup():
                 self.extensions = kept
 
         def _build_kernels(self, ext):
-            """kernels.cpp once per capability, in parallel (no torch headers: seconds each).
-            A capability the compiler cannot build is left out, with a line saying so."""
+            """kernels.cpp and gated_kernels.cpp once per capability, in parallel (no torch headers:
+            seconds each). A capability the compiler cannot build is left out, with a line saying
+            so; the gated kernels' `default` build is required (it is the baseline ISA)."""
             cxx = shlex.split(os.environ.get("CXX", "c++"))
             out_dir = os.path.join(self.build_temp, "hrnn_kernels")
             os.makedirs(out_dir, exist_ok=True)
-            source = os.path.join(CSRC, "kernels.cpp")
+            jobs = [(name, source, flags) for name, flags in _capabilities().items()
+                    for source in ("kernels", "gated_kernels")] + [("default", "gated_kernels", [])]
 
-            def compile_one(item):
-                name, flags = item
-                obj = os.path.join(out_dir, f"kernels_{name}.o")
-                cmd = [*cxx, *KERNEL_FLAGS, *flags, f"-DHRNN_CPU_CAPABILITY={name}", "-c", source, "-o", obj]
-                result = subprocess.run(cmd, capture_output=True, text=True)
-                return name, obj, result
+            def compile_one(job):
+                name, source, flags = job
+                obj = os.path.join(out_dir, f"{source}_{name}.o")
+                cmd = [*cxx, *KERNEL_FLAGS, *flags, f"-DHRNN_CPU_CAPABILITY={name}", "-c",
+                       os.path.join(CSRC, f"{source}.cpp"), "-o", obj]
+                return name, obj, subprocess.run(cmd, capture_output=True, text=True)
 
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-                results = list(pool.map(compile_one, _capabilities().items()))
-            for name, obj, result in results:
-                if result.returncode != 0:
-                    print(f"hrnn: the {name} kernels did not compile here ({result.stderr.strip()[-300:]}); "
-                          "built without them", file=sys.stderr)
-                    continue
-                ext.extra_objects.append(obj)
-                ext.define_macros.append((f"HRNN_HAVE_{name.upper()}", "1"))
+                results = list(pool.map(compile_one, jobs))
+            failed = {name: result.stderr.strip()[-300:] for name, _, result in results if result.returncode}
+            if "default" in failed:
+                raise RuntimeError(f"the portable gated kernels did not compile: {failed['default']}")
+            for name, err in failed.items():
+                print(f"hrnn: the {name} kernels did not compile here ({err}); built without them", file=sys.stderr)
+            ext.extra_objects.extend(obj for name, obj, _ in results if name not in failed)
+            for name in _capabilities():
+                if name not in failed:
+                    ext.define_macros.append((f"HRNN_HAVE_{name.upper()}", "1"))
 
     ext = CppExtension(
         "hrnn._fused_C",
-        [os.path.join(CSRC, "leaky_scan.cpp")],
+        [os.path.join(CSRC, "leaky_scan.cpp"), os.path.join(CSRC, "gated_scan.cpp")],
         include_dirs=[os.path.abspath(CSRC)],
         # -fopenmp: at::parallel_for is header code that needs it; the OpenMP runtime is the
         # one torch already loaded (same soname), so there is still one thread pool.
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
-        depends=[os.path.join(CSRC, f) for f in ("kernels.h", "kernels.cpp", "tanh_rational.h")],
+        depends=[os.path.join(CSRC, f) for f in ("kernels.h", "kernels.cpp", "tanh_rational.h", "vectors.h",
+                                                 "gated_kernels.h", "gated_kernels.cpp")],
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": KernelsBuildExtension}}
 

@@ -18,8 +18,11 @@ a_t = 0 in the forward (the backward still needs their candidates for dL/dg, as
 with thresholds drawn uniform in [0, 1) by the caller: no random numbers are drawn in here,
 so a kernel is deterministic given its inputs.
 
-`gated_leaky_rnn` is the op models call; today it runs `gated_leaky_rnn_reference`,
-the definition, and a fused kernel is to implement the same contract behind it.
+`gated_leaky_rnn` is the op models call: the fused C++ core (hrnn/csrc/gated_kernels.cpp,
+through `hrnn._fused_C`) when it is built and takes the inputs (CPU, float32/float64), else
+`gated_leaky_rnn_reference`, the definition, with the same results. Under torch.no_grad the
+core skips the candidates of closed (sample, module) pairs; with a gradient it computes them
+(the straight-through gradient reads them) and skips the closed pairs in the backward.
 `chunker_leaky_rnn` is the same loop with the Chunker's gate (a module wakes when the one
 below mispredicts the input); see its reference's docstring.
 """
@@ -155,12 +158,74 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
                     thresholds: Tensor | float, last_only: bool = False) -> tuple[Tensor, Tensor]:
     """States (B, T, H), or the last (B, H) with last_only, and the activations (B, T, M).
 
-    Same arguments as `gated_leaky_rnn_reference`; the loop is that reference until the fused
-    kernel (per-sample waves, in-loop gate, skipping rows with a_t = 0) takes this contract.
+    Same arguments as `gated_leaky_rnn_reference`. The fused core runs when it is built and
+    takes the tensors; otherwise the reference loop (logged once per process, as `hrnn.fused`).
     """
-    states, activations = gated_leaky_rnn_reference(x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h,
-                                                    gate_mode, thresholds)
-    return (states[:, -1] if last_only else states), activations
+    from hrnn import fused  # deferred, as in hrnn.core: hrnn.fused imports the compiled extension
+
+    n_modules = _check(x, w_h, h0, waves, gate_x, gate_bias, gate_h, gate_mode)
+    gated = gate_x is not None
+    tensors = [t for t in (x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h) if t is not None]
+    reason = fused.supports(*tensors)
+    if reason is not None:
+        fused.warn_fallback(reason)
+        states, activations = gated_leaky_rnn_reference(x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h,
+                                                        gate_mode, thresholds)
+        return (states[:, -1] if last_only else states), activations
+    u = torch.nn.functional.linear(x, w_x, bias)
+    gate_u = torch.nn.functional.linear(x, gate_x, gate_bias) if gated else None
+    thr = None
+    if gated and gate_mode == "hard":  # the reference's cast and broadcast, materialised for the kernel
+        thr = torch.as_tensor(thresholds, dtype=x.dtype, device=x.device).expand(x.shape[0], x.shape[1], n_modules).contiguous()
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    args = [None if t is None else t.contiguous() for t in (u, gate_u, w_h, gate_h, waves, h0)]
+    if not need_grad:  # forward only: closed modules' candidates are skipped
+        with torch.no_grad():
+            states, _, activations, _ = fused._C.gated_forward(*args, thr, False, False)
+        return (states[:, -1].clone() if last_only else states), activations
+    # The straight-through gradient (and a waves gradient) at a = 0 reads the candidate.
+    all_candidates = gated or (waves is not None and waves.requires_grad)
+    return _GatedLeakyRNN.apply(*args, thr, all_candidates, bool(last_only))
+
+
+def last_candidate_blocks() -> int:
+    """Candidate blocks (sample, step, module) the fused core computed in its last forward
+    (-1 before any): B T M when dense, the number of open (b, t, m) when it skipped."""
+    from hrnn import fused
+
+    return fused._C.gated_candidate_blocks() if fused.available() else -1
+
+
+class _GatedLeakyRNN(torch.autograd.Function):
+    """The fused core behind autograd: u and gate_u come from torch's linear outside, so autograd
+    derives the W_x, b, G_x and g_b gradients from du and dgate_u."""
+
+    @staticmethod
+    def forward(ctx, u, gate_u, w_h, gate_h, waves, h0, thr, all_candidates, last_only):  # noqa: D102
+        from hrnn import fused
+
+        states, cands, activations, gates = fused._C.gated_forward(u, gate_u, w_h, gate_h, waves, h0, thr,
+                                                                   all_candidates, True)
+        ctx.save_for_backward(states, cands, activations, gates, u, gate_u, w_h, gate_h, waves, h0, thr)
+        ctx.all_candidates = all_candidates
+        ctx.set_materialize_grads(False)
+        # last_only: the backward then gets a (B, H) gradient, not a mostly-zero (B, T, H) one.
+        return (states[:, -1].clone() if last_only else states), activations
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_states, grad_activations):  # noqa: D102
+        from hrnn import fused
+
+        states, cands, activations, gates, u, gate_u, w_h, gate_h, waves, h0, thr = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if grad_states is None:
+            grad_states = torch.zeros_like(states)
+        du, dgate_u, dw_h, dgate_h, dwaves, dh0 = fused._C.gated_backward(
+            grad_states, grad_activations, states, cands, activations, gates, u, gate_u, w_h, gate_h, waves, h0,
+            thr, ctx.all_candidates, need[4])
+        grads = (du, dgate_u, dw_h, dgate_h, dwaves, dh0)
+        return (*(g if n else None for g, n in zip(grads, need)), None, None, None)
 
 
 def _check(x: Tensor, w_h: Tensor, h0: Tensor, waves: Tensor | None, gate_x: Tensor | None,

@@ -73,66 +73,7 @@ static_assert(kRows >= 3 && kTiles >= 1 && kDwRows >= 1 && kDwTiles >= 1, "bad b
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // ---------------------------------------------------------------- vectors
-template <typename T, int VL>
-struct VecOf {
-  static_assert(sizeof(T) * VL <= kVectorBytes, "a vector wider than a register");
-  typedef T type __attribute__((vector_size(sizeof(T) * VL)));
-};
-
-template <typename VT, typename T>
-inline VT vload(const T* p) {
-  VT v;
-  std::memcpy(&v, p, sizeof(VT));
-  return v;
-}
-template <typename VT, typename T>
-inline void vstore(T* p, const VT& v) {
-  std::memcpy(p, &v, sizeof(VT));
-}
-template <typename VT, typename T>
-inline VT vset(T x) {
-  return VT{} + x;
-}
-
-#include "tanh_rational.h"  // inside this capability's namespace: see the file
-
-// tanh per lane: the rational approximation in float, libm in double.
-template <typename VT>
-inline VT vtanh(VT x, float) {
-  return tanh_rational(x);
-}
-template <typename VT>
-inline VT vtanh(VT x, double) {
-  constexpr int n = sizeof(VT) / sizeof(double);
-  for (int i = 0; i < n; ++i) x[i] = std::tanh(x[i]);
-  return x;
-}
-
-// torch.lerp's formula: exact state hold at a = 0 and exact candidate at a = 1.
-template <typename VT, typename T>
-inline VT vlerp(VT start, VT end, VT w) {
-  const VT diff = end - start;
-  const VT one = vset<VT>(T(1)), half = vset<VT>(T(0.5));
-  const VT aw = w < vset<VT>(T(0)) ? -w : w;
-  const VT lo = start + w * diff;
-  const VT hi = end - diff * (one - w);
-  return aw < half ? lo : hi;
-}
-
-// Calls f(integral_constant<NV>, i) over n tiles in blocks of NV, then once for the remainder.
-template <int NV, typename F>
-inline void tail_tiles(int rem, int i, F& f) {
-  if constexpr (NV > 0) {
-    if (rem == NV) f(std::integral_constant<int, NV>{}, i);
-    else tail_tiles<NV - 1>(rem, i, f);
-  }
-}
-template <int NV, typename F>
-inline void for_tiles(int n, F&& f) {
-  int i = 0;
-  for (; i + NV <= n; i += NV) f(std::integral_constant<int, NV>{}, i);
-  tail_tiles<NV - 1>(n - i, i, f);
-}
+#include "vectors.h"  // inside this capability's namespace: see the file
 
 // Register-block height: kRows or kRows - 1, whichever pads the slice less (ties: taller);
 // kRows - 2 only for a slice that short. Going lower to avoid padding costs more than the padding:
@@ -388,19 +329,6 @@ void bwd_slice(const Problem<T>& P, int64_t b0, int64_t b1, int64_t slice, const
 }
 
 // ---------------------------------------------------------------- entry points
-// Calls f(integral_constant<VL>) for a runtime vl in 1, 2, 4, 8, 16 (at most one register).
-template <typename T, typename F>
-inline void with_vl(int vl, F&& f) {
-  constexpr int max_vl = kVectorBytes / int(sizeof(T));
-  switch (vl) {
-    case 16: if constexpr (max_vl >= 16) { f(std::integral_constant<int, 16>{}); break; } [[fallthrough]];
-    case 8: if constexpr (max_vl >= 8) { f(std::integral_constant<int, 8>{}); break; } [[fallthrough]];
-    case 4: if constexpr (max_vl >= 4) { f(std::integral_constant<int, 4>{}); break; } [[fallthrough]];
-    case 2: if constexpr (max_vl >= 2) { f(std::integral_constant<int, 2>{}); break; } [[fallthrough]];
-    default: f(std::integral_constant<int, 1>{}); break;
-  }
-}
-
 template <typename T>
 void fwd(const Problem<T>& P, int vl, int64_t b0, int64_t b1, const Input<T>& src, const T* wt,
          const T* h0, T* hs, T* cs) {

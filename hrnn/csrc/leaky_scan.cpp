@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "gated_kernels.h"
 
 namespace {
 
@@ -596,6 +597,11 @@ void set_pool_limit(int64_t bytes) {
 
 }  // namespace
 
+namespace hrnn_cpu {
+const char* active_capability() { return active_table()->name; }
+void register_gated(pybind11::module_& m);  // gated_scan.cpp
+}  // namespace hrnn_cpu
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hrnn fused leaky scan (CPU)";
   m.def("forward", &forward, "leaky scan forward");
@@ -607,4 +613,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("capabilities", &capabilities, "CPU capabilities built and executable here, lowest first");
   m.def("capability", &capability, "the CPU capability whose kernels run");
   m.def("set_capability", &set_capability, "run the kernels of this capability (one of capabilities())");
+  hrnn_cpu::register_gated(m);
 }

@@ -2,7 +2,7 @@
 // at +-7.9053, beyond which tanh rounds to +-1 within 2.4e-7); max relative error measured
 // 3.4e-7 against double tanh over [-12, 12]. V is float or a GCC vector of floats.
 //
-// Included INSIDE a namespace by each build (kernels.cpp once per capability, leaky_scan.cpp
+// Included INSIDE a namespace by each build (through vectors.h, once per capability; leaky_scan.cpp
 // for the portable path), so every build compiles its own copy: one template shared by the
 // builds could be linked once, with one build's instructions, for all of them. Hence no
 // include guard and no includes.

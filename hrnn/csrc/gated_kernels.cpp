@@ -1,0 +1,486 @@
+// Fused CPU kernels for the leaky recurrence with per-sample activations and an event gate
+// computed inside the time loop (hrnn/gated.py has the contract and the equations):
+//
+//     g_t = sigmoid(gate_u_t + h_{t-1} G_h^T)     e_t = g_t (soft) or 1[g_t > thr_t] (hard)
+//     a_t = w_t e_t                                 (B, M), one per sample and module
+//     c_t = tanh(u_t + h_{t-1} W_h^T)               h_t = lerp(h_{t-1}, c_t, a_t)
+//
+// Compiled once per CPU capability (setup.py), `default` included: there GCC's vectors are the
+// baseline ISA's (16 bytes, SSE2 on x86-64), so one source serves every build and no vector is
+// wider than a register of the capability it is built for. Everything lives in a namespace of its
+// own per capability (see kernels.cpp).
+//
+// Design:
+//  * Batch rows never interact, so each call runs the whole time loop for one slice of rows (one
+//    slice per thread); the weight gradients are per-slice partials the bindings add up.
+//  * Per step and row the M gate logits are M dot products of length H (1/16 of the candidate's
+//    work at H = 128, M = 8), then a = w e. Per module m, the rows whose a[b, m] != 0 are gathered
+//    and only their candidate block (rows x the module's H / M units, K = H) is computed, with a
+//    register-blocked micro-kernel over row pointers; a closed (b, m) copies its state. When every
+//    (b, m) of a step is computed, one full-width pass replaces the M module passes (same result,
+//    the broadcast of h_{t-1}[k] then serves several tiles).
+//  * What skipping can save. The straight-through gradient needs, for a CLOSED module too,
+//        dL/de = w sum over the module's units of dL/dh_t (c_t - h_{t-1}),
+//    i.e. its candidate. So:
+//      - no gradient (torch.no_grad, evaluation): closed modules' candidates are skipped
+//        entirely; the step costs about f of the dense one (f = fraction of (b, t, m) with
+//        a != 0) plus the gate and the copies;
+//      - a gradient with an event gate (or with waves that need one): the forward computes every
+//        candidate, and the backward skips the closed blocks in all dz-dependent work (dz = 0
+//        there: both dL/dh_{t-1} += dz W_h and dW_h += dz^T h_{t-1}), so forward + backward
+//        costs about (1 + 2f) / 3 of dense (three equal products per step, one of them dense).
+//    A soft gate never gives exact zeros (unless the sigmoid underflows): it runs dense, through
+//    the same kernels.
+//  * Float uses the rational tanh (tanh_rational.h) as kernels.cpp; double, libm tanh. The state
+//    update is torch.lerp's formula: exact hold at a = 0, exact candidate at a = 1.
+#include "gated_kernels.h"
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#ifndef HRNN_CPU_CAPABILITY
+#error "compile with -DHRNN_CPU_CAPABILITY=default|avx2|avx512 (setup.py does)"
+#endif
+#define HRNN_CAT2(a, b) a##b
+#define HRNN_CAT(a, b) HRNN_CAT2(a, b)
+#define HRNN_NS HRNN_CAT(gated_, HRNN_CPU_CAPABILITY)
+#define HRNN_STR2(a) #a
+#define HRNN_STR(a) HRNN_STR2(a)
+
+namespace hrnn_cpu {
+namespace HRNN_NS {
+
+// ---------------------------------------------------------------- this capability
+// kAccumulators: vector accumulators a block keeps in registers (plus one register per tile of W
+// and one broadcast). 32 registers (AVX-512): 24; 16 (AVX2, SSE2): 12.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64, kAccumulators = 24, kTiles = 4;
+#elif defined(__AVX2__)
+constexpr int kVectorBytes = 32, kAccumulators = 12, kTiles = 2;
+#else
+constexpr int kVectorBytes = 16, kAccumulators = 12, kTiles = 2;
+#endif
+constexpr int kMaxRows = 12;  // rows per block at most (with one tile per block)
+constexpr int kDwRows = 4;    // rows of dW per block
+// Rows per block for NV tiles: as many as the accumulators allow.
+constexpr int rows_for(int nv) { return kAccumulators / nv < kMaxRows ? kAccumulators / nv : kMaxRows; }
+
+// ---------------------------------------------------------------- vectors
+#include "vectors.h"  // inside this capability's namespace: see the file
+
+// Calls f(integral_constant<R>, i) over n rows in blocks of R, the remainder in blocks of R / 2,
+// R / 4, ..., 1: a short list of rows (few open samples) is never padded to a full block.
+template <int R, typename F>
+inline void for_rows(int n, int i, F& f) {
+  for (; i + R <= n; i += R) f(std::integral_constant<int, R>{}, i);
+  if constexpr (R > 1) {
+    if (i < n) for_rows<R / 2>(n, i, f);
+  }
+}
+
+// ---------------------------------------------------------------- forward
+// Independent accumulator sets a block of `acc` accumulators splits its K loop into, so that a
+// short block (few open rows: R x NV small) still has about 8 FMA chains in flight; measured on
+// AVX-512 at f = 0.1 (5 open rows a module): without it the skipping forward took 55% of dense.
+constexpr int k_split(int acc) { return acc >= 8 ? 1 : acc >= 4 ? 2 : acc >= 2 ? 4 : 8; }
+
+// R rows x NV tiles from column col: z = u + h_prev W^T over the full K, c = tanh(z),
+// h = lerp(h_prev, c, a) with a the row's activation of the module the tile lies in.
+template <typename T, int VL, int R, int NV>
+inline void cand_block(const T* const* hp, const T* const* up, T* const* ho, T* const* co,
+                       const T* const* ar, int64_t S, const T* wt, int64_t H, int64_t col) {
+  using VT = typename VecOf<T, VL>::type;
+  constexpr int KS = k_split(R * NV);
+  VT acc[KS][R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) {
+      acc[0][r][v] = vload<VT>(up[r] + col + v * VL);
+      for (int q = 1; q < KS; ++q) acc[q][r][v] = vset<VT>(T(0));
+    }
+  auto step = [&](int q, int64_t k) {
+    const T* wk = wt + k * H + col;
+    VT w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = vload<VT>(wk + v * VL);
+    for (int r = 0; r < R; ++r) {
+      const T hb = hp[r][k];  // a scalar operand: a broadcast load (AVX-512: folded into the FMA)
+      for (int v = 0; v < NV; ++v) acc[q][r][v] += hb * w[v];
+    }
+  };
+  int64_t k = 0;
+  for (; k + KS <= H; k += KS)
+    for (int q = 0; q < KS; ++q) step(q, k + q);
+  for (; k < H; ++k) step(0, k);
+  for (int q = 1; q < KS; ++q)
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) acc[0][r][v] += acc[q][r][v];
+  for (int v = 0; v < NV; ++v) {
+    const int64_t j = col + v * VL, m = j / S;
+    for (int r = 0; r < R; ++r) {
+      const VT c = vtanh(acc[0][r][v], T(0));
+      if (co) vstore(co[r] + j, c);
+      vstore(ho[r] + j, vlerp<VT, T>(vload<VT>(hp[r] + j), c, vset<VT>(ar[r][m])));
+    }
+  }
+}
+
+// Candidates and new states of the listed rows at step t, columns [c0, c1).
+template <typename T, int VL>
+void candidates(const GatedProblem<T>& P, int64_t t, const int32_t* rows, int n, int64_t c0, int64_t c1) {
+  const int64_t H = P.H, TT = P.T_, M = P.M, S = H / M;
+  const int n_tiles = int((c1 - c0) / VL);
+  for_tiles<kTiles>(n_tiles, [&](auto nv, int tile) {
+    constexpr int NV = decltype(nv)::value;
+    const int64_t col = c0 + int64_t(tile) * VL;
+    auto block = [&](auto r_, int i) {
+      constexpr int R = decltype(r_)::value;
+      const T* hp[R];
+      const T* up[R];
+      const T* ar[R];
+      T* ho[R];
+      T* co[R];
+      for (int r = 0; r < R; ++r) {
+        const int64_t b = rows[i + r], row = b * TT + t;
+        hp[r] = t ? P.hs + (row - 1) * H : P.h0 + b * H;
+        up[r] = P.u + row * H;
+        ar[r] = P.as + row * M;
+        ho[r] = P.hs + row * H;
+        co[r] = P.cs ? P.cs + row * H : nullptr;
+      }
+      cand_block<T, VL, R, NV>(hp, up, ho, P.cs ? co : nullptr, ar, S, P.wt, H, col);
+    };
+    for_rows<rows_for(NV)>(n, 0, block);
+  });
+}
+
+// The gate logits of the rows [b0, b1) at step t, out (n, M): gate_u_t + h_{t-1} G_h^T.
+// With M a power of two that fits a register, M lanes are one vector and a block of 8 rows keeps
+// 8 independent FMA chains over K = H (a small GEMM against G_h^T); otherwise one dot product per
+// (row, module). Per-row dot products, each closed by a horizontal sum, made the gate cost as
+// much as a third of the dense candidates (AVX-512, B = 100, T = 200, one thread: 1.8 ms of the
+// forward at f = 0, against 5 ms dense).
+template <typename T, int GL, int R>
+inline void gate_block(const T* const* hp, const T* const* gu, const T* ght, int64_t H, T* const* out) {
+  using VT = typename VecOf<T, GL>::type;
+  VT acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = vload<VT>(gu[r]);
+  for (int64_t k = 0; k < H; ++k) {
+    const VT w = vload<VT>(ght + k * GL);
+    for (int r = 0; r < R; ++r) acc[r] += hp[r][k] * w;
+  }
+  for (int r = 0; r < R; ++r) vstore(out[r], acc[r]);
+}
+
+template <typename T, int VL>
+void gate_logits(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, T* out) {
+  const int64_t H = P.H, TT = P.T_, M = P.M;
+  auto prev = [&](int64_t b) { return t ? P.hs + (b * TT + t - 1) * H : P.h0 + b * H; };
+  constexpr int max_lanes = kVectorBytes / int(sizeof(T));
+  if ((M & (M - 1)) == 0 && M <= max_lanes) {
+    with_vl<T>(int(M), [&](auto gl) {
+      constexpr int GL = decltype(gl)::value;
+      auto block = [&](auto r_, int i) {
+        constexpr int R = decltype(r_)::value;
+        const T* hp[R];
+        const T* gu[R];
+        T* o[R];
+        for (int r = 0; r < R; ++r) {
+          const int64_t b = b0 + i + r;
+          hp[r] = prev(b);
+          gu[r] = P.gate_u + (b * TT + t) * M;
+          o[r] = out + (i + r) * M;
+        }
+        gate_block<T, GL, R>(hp, gu, P.ght, H, o);
+      };
+      for_rows<8>(int(b1 - b0), 0, block);
+    });
+    return;
+  }
+  using VT = typename VecOf<T, VL>::type;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* hp = prev(b);
+    for (int64_t m = 0; m < M; ++m) {
+      VT acc = vset<VT>(T(0));
+      for (int64_t k = 0; k < H; k += VL) acc += vload<VT>(hp + k) * vload<VT>(P.gh + m * H + k);
+      T s = P.gate_u[(b * TT + t) * M + m];
+      for (int l = 0; l < VL; ++l) s += acc[l];
+      out[(b - b0) * M + m] = s;
+    }
+  }
+}
+
+// Fetch n values from p into the cache, one line at a time.
+template <typename T, int RW = 0>
+inline void prefetch(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < n * int64_t(sizeof(T)); i += 64) __builtin_prefetch(c + i, RW);
+}
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// One scratch allocation per call: per module, the rows computed at this step.
+struct RowLists {
+  int32_t* rows;  // M lists of up to n rows
+  int* counts;    // M
+  double* logits; // (n, M) gate logits of one step (room for double)
+  RowLists(int64_t M, int64_t n) : rows(new int32_t[M * n]), counts(new int[M]), logits(new double[M * n]) {}
+  ~RowLists() {
+    delete[] rows;
+    delete[] counts;
+    delete[] logits;
+  }
+};
+
+template <typename T, int VL>
+int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
+  const int64_t H = P.H, TT = P.T_, M = P.M, S = H / M, n = b1 - b0;
+  RowLists lists(M, n);
+  int64_t blocks = 0;
+  for (int64_t t = 0; t < TT; ++t) {
+    bool every = true;  // every (b, m) of this step computed
+    std::memset(lists.counts, 0, sizeof(int) * M);
+    if (P.gate_u) gate_logits<T, VL>(P, t, b0, b1, reinterpret_cast<T*>(lists.logits));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t row = b * TT + t;
+      const T* hp = t ? P.hs + (row - 1) * H : P.h0 + b * H;
+      T* ho = P.hs + row * H;
+      T* ar = P.as + row * M;
+      // Each row's inputs and outputs are read or written once, a stride of T H (or T M) apart
+      // from the next row's: more streams than the hardware prefetcher follows. So the next
+      // step's are fetched now (AVX-512, one thread, B = 100, T = 200: dense forward 6.3 -> 5.2
+      // ms; at f = 0, 2.6 -> ? ms, most of it waiting for the thresholds).
+      if (t + 1 < TT) {
+        prefetch(P.u + (row + 1) * H, H);
+        prefetch<T, 1>(ho + H, H);
+        prefetch<T, 1>(P.as + (row + 1) * M, M);
+        if (P.gate_u) {
+          prefetch(P.gate_u + (row + 1) * M, M);
+          prefetch<T, 1>(P.gs + (row + 1) * M, M);
+        }
+        if (P.thr) prefetch(P.thr + (row + 1) * M, M);
+        if (P.waves && P.waves_stride) prefetch(P.waves + b * P.waves_stride + (t + 1) * M, M);
+      }
+      const T* logits = reinterpret_cast<const T*>(lists.logits) + (b - b0) * M;
+      for (int64_t m = 0; m < M; ++m) {
+        T e = T(1);
+        if (P.gate_u) {
+          const T g = sigmoid(logits[m]);
+          P.gs[row * M + m] = g;
+          e = P.thr ? T(g > P.thr[row * M + m]) : g;
+        }
+        ar[m] = P.waves ? P.waves[b * P.waves_stride + t * M + m] * e : e;
+        if (ar[m] != T(0) || P.all_candidates) {
+          lists.rows[m * n + lists.counts[m]++] = int32_t(b);
+        } else {
+          std::memcpy(ho + m * S, hp + m * S, sizeof(T) * S);  // closed: hold bit-for-bit
+          every = false;
+        }
+      }
+    }
+    if (every) {
+      candidates<T, VL>(P, t, lists.rows, int(n), 0, H);
+      blocks += n * M;
+    } else {
+      for (int64_t m = 0; m < M; ++m) {
+        if (lists.counts[m] == 0) continue;
+        candidates<T, VL>(P, t, lists.rows + m * n, lists.counts[m], m * S, (m + 1) * S);
+        blocks += lists.counts[m];
+      }
+    }
+  }
+  return blocks;
+}
+
+// ---------------------------------------------------------------- backward
+// carry[r, kcol tiles] += sum_{j in [j0, j1)} dz[r, j] W[j, kcol tiles]   (dL/dh_{t-1})
+template <typename T, int VL, int R, int NV>
+inline void carry_block(T* const* carry, const T* const* dz, const T* w, int64_t H, int64_t kcol,
+                        int64_t j0, int64_t j1) {
+  using VT = typename VecOf<T, VL>::type;
+  VT acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vload<VT>(carry[r] + kcol + v * VL);
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* wj = w + j * H + kcol;
+    VT wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = vload<VT>(wj + v * VL);
+    for (int r = 0; r < R; ++r) {
+      const T d = dz[r][j];
+      for (int v = 0; v < NV; ++v) acc[r][v] += d * wv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) vstore(carry[r] + kcol + v * VL, acc[r][v]);
+}
+
+// dW[j0 .. j0 + JB, kcol tiles] += sum_i dz_i[j] h_i[kcol tiles] over n gathered rows.
+template <typename T, int VL, int JB, int NV>
+inline void dw_block(T* dw, const T* const* dz, const T* const* hp, int n, int64_t H, int64_t j0,
+                     int64_t kcol) {
+  using VT = typename VecOf<T, VL>::type;
+  VT acc[JB][NV];
+  for (int jj = 0; jj < JB; ++jj)
+    for (int v = 0; v < NV; ++v) acc[jj][v] = vload<VT>(dw + (j0 + jj) * H + kcol + v * VL);
+  for (int i = 0; i < n; ++i) {
+    VT hv[NV];
+    for (int v = 0; v < NV; ++v) hv[v] = vload<VT>(hp[i] + kcol + v * VL);
+    for (int jj = 0; jj < JB; ++jj) {
+      const T d = dz[i][j0 + jj];
+      for (int v = 0; v < NV; ++v) acc[jj][v] += d * hv[v];
+    }
+  }
+  for (int jj = 0; jj < JB; ++jj)
+    for (int v = 0; v < NV; ++v) vstore(dw + (j0 + jj) * H + kcol + v * VL, acc[jj][v]);
+}
+
+// For the listed rows at step t, with dz already in du: carry += dz[:, j0:j1] W[j0:j1, :] and
+// dW[j0:j1, :] += dz[:, j0:j1]^T h_{t-1}.
+template <typename T, int VL>
+void dz_products(const GatedProblem<T>& P, int64_t t, const int32_t* rows, int n, int64_t j0, int64_t j1,
+                 T* dw, const T** dz_ptr, const T** hp_ptr) {
+  const int64_t H = P.H, TT = P.T_;
+  for (int i = 0; i < n; ++i) {
+    const int64_t b = rows[i], row = b * TT + t;
+    dz_ptr[i] = P.du + row * H;
+    hp_ptr[i] = t ? P.hs + (row - 1) * H : P.h0 + b * H;
+  }
+  const int n_k = int(H / VL);
+  for_tiles<kTiles>(n_k, [&](auto nv, int tile) {
+    constexpr int NV = decltype(nv)::value;
+    const int64_t kcol = int64_t(tile) * VL;
+    auto block = [&](auto r_, int i) {
+      constexpr int R = decltype(r_)::value;
+      T* carry[R];
+      for (int r = 0; r < R; ++r) carry[r] = P.dh0 + int64_t(rows[i + r]) * H;
+      carry_block<T, VL, R, NV>(carry, dz_ptr + i, P.w, H, kcol, j0, j1);
+    };
+    for_rows<rows_for(NV)>(n, 0, block);
+    int64_t j = j0;
+    for (; j + kDwRows <= j1; j += kDwRows) dw_block<T, VL, kDwRows, NV>(dw, dz_ptr, hp_ptr, n, H, j, kcol);
+    for (; j < j1; ++j) dw_block<T, VL, 1, NV>(dw, dz_ptr, hp_ptr, n, H, j, kcol);
+  });
+}
+
+template <typename T, int VL>
+void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) {
+  const int64_t H = P.H, TT = P.T_, M = P.M, S = H / M, n = b1 - b0;
+  T* dw = P.dw_parts + slice * H * H;
+  T* dgh = P.dgate_u ? P.dgh_parts + slice * M * H : nullptr;
+  RowLists lists(M, n);
+  const T** dz_ptr = new const T*[n];
+  const T** hp_ptr = new const T*[n];
+  T* dl = new T[M];
+  for (int64_t b = b0; b < b1; ++b) {
+    if (P.g) std::memset(P.dh0 + b * H, 0, sizeof(T) * H);
+    else std::memcpy(P.dh0 + b * H, P.g_last + b * H, sizeof(T) * H);
+  }
+  for (int64_t t = TT - 1; t >= 0; --t) {
+    bool every = true;  // every (b, m) open: one full-width pass
+    std::memset(lists.counts, 0, sizeof(int) * M);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t row = b * TT + t;
+      const T* hp = t ? P.hs + (row - 1) * H : P.h0 + b * H;
+      const T* c = P.cs + row * H;
+      const T* ar = P.as + row * M;
+      T* carry = P.dh0 + b * H;  // dL/dh_t in, dL/dh_{t-1} out
+      T* dz = P.du + row * H;
+      if (t > 0) {  // the previous step's rows, as in the forward
+        if (P.g) prefetch(P.g + (row - 1) * H, H);
+        prefetch(P.cs + (row - 1) * H, H);
+        if (t > 1) prefetch(P.hs + (row - 2) * H, H);
+        prefetch<T, 1>(P.du + (row - 1) * H, H);
+        prefetch(P.as + (row - 1) * M, M);
+        if (P.gate_u) {
+          prefetch(P.gs + (row - 1) * M, M);
+          prefetch<T, 1>(P.dgate_u + (row - 1) * M, M);
+        }
+        if (P.thr) prefetch(P.thr + (row - 1) * M, M);
+        if (P.ga) prefetch(P.ga + (row - 1) * M, M);
+        if (P.dwaves) prefetch<T, 1>(P.dwaves + (row - 1) * M, M);
+      }
+      if (P.g)
+        for (int64_t j = 0; j < H; ++j) carry[j] += P.g[row * H + j];
+      for (int64_t m = 0; m < M; ++m) {
+        const T a = ar[m];
+        T* cm = carry + m * S;
+        T da = P.ga ? P.ga[row * M + m] : T(0);
+        if (P.need_da)
+          for (int64_t j = 0; j < S; ++j) da += cm[j] * (c[m * S + j] - hp[m * S + j]);
+        if (a != T(0)) {
+          for (int64_t j = 0; j < S; ++j) {
+            const T cj = c[m * S + j];
+            dz[m * S + j] = cm[j] * a * (T(1) - cj * cj);
+            cm[j] *= T(1) - a;
+          }
+          lists.rows[m * n + lists.counts[m]++] = int32_t(b);
+        } else {  // closed: dz = 0, the carry passes through unchanged
+          std::memset(dz + m * S, 0, sizeof(T) * S);
+          every = false;
+        }
+        const T w = P.waves ? P.waves[b * P.waves_stride + t * M + m] : T(1);
+        T e = T(1);
+        if (P.gate_u) {
+          const T g = P.gs[row * M + m];
+          e = P.thr ? T(g > P.thr[row * M + m]) : g;
+          dl[m] = da * w * g * (T(1) - g);  // straight-through when hard: dL/dg = dL/de
+          P.dgate_u[row * M + m] = dl[m];
+        }
+        if (P.dwaves) P.dwaves[row * M + m] = da * e;
+      }
+      if (P.gate_u) {  // logits l = gate_u + h_{t-1} G_h^T
+        for (int64_t m = 0; m < M; ++m) {
+          const T d = dl[m];
+          const T* ghm = P.gh + m * H;
+          T* dghm = dgh + m * H;
+          for (int64_t k = 0; k < H; ++k) {
+            carry[k] += d * ghm[k];
+            dghm[k] += d * hp[k];
+          }
+        }
+      }
+    }
+    if (every) {
+      dz_products<T, VL>(P, t, lists.rows, int(n), 0, H, dw, dz_ptr, hp_ptr);
+    } else {
+      for (int64_t m = 0; m < M; ++m)
+        if (lists.counts[m])
+          dz_products<T, VL>(P, t, lists.rows + m * n, lists.counts[m], m * S, (m + 1) * S, dw, dz_ptr, hp_ptr);
+    }
+  }
+  delete[] dz_ptr;
+  delete[] hp_ptr;
+  delete[] dl;
+}
+
+// ---------------------------------------------------------------- entry points
+template <typename T>
+int64_t fwd(const GatedProblem<T>& P, int vl, int64_t b0, int64_t b1) {
+  int64_t blocks = 0;
+  with_vl<T>(vl, [&](auto v) { blocks = fwd_slice<T, decltype(v)::value>(P, b0, b1); });
+  return blocks;
+}
+
+template <typename T>
+void bwd(const GatedProblem<T>& P, int vl, int64_t b0, int64_t b1, int64_t slice) {
+  with_vl<T>(vl, [&](auto v) { bwd_slice<T, decltype(v)::value>(P, b0, b1, slice); });
+}
+
+}  // namespace HRNN_NS
+
+const GatedKernelTable* HRNN_CAT(gated_kernels_, HRNN_CPU_CAPABILITY)() {
+  static const GatedKernelTable table{
+      HRNN_STR(HRNN_CPU_CAPABILITY),
+      HRNN_NS::kVectorBytes / int(sizeof(float)),
+      HRNN_NS::kVectorBytes / int(sizeof(double)),
+      &HRNN_NS::fwd<float>,
+      &HRNN_NS::fwd<double>,
+      &HRNN_NS::bwd<float>,
+      &HRNN_NS::bwd<double>,
+  };
+  return &table;
+}
+
+}  // namespace hrnn_cpu

@@ -1,0 +1,261 @@
+// Bindings of the event-gate kernels (gated_kernels.cpp; the contract is hrnn/gated.py): argument
+// checks, the choice of the capability's kernels (the one leaky_scan.cpp runs), one slice of batch
+// rows per thread, and the reduction of the per-slice partial gradients. Built once, for the
+// baseline ISA, into the same extension as leaky_scan.cpp.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "gated_kernels.h"
+
+namespace hrnn_cpu {
+namespace {
+
+std::atomic<int64_t> last_blocks{-1};  // candidate blocks (b, t, m) the last forward computed
+
+const GatedKernelTable* gated_table() {
+  const std::string name = active_capability();
+#if defined(HRNN_HAVE_AVX512)
+  if (name == "avx512") return gated_kernels_avx512();
+#endif
+#if defined(HRNN_HAVE_AVX2)
+  if (name == "avx2") return gated_kernels_avx2();
+#endif
+  return gated_kernels_default();
+}
+
+template <typename T>
+int max_vl() {
+  const GatedKernelTable* k = gated_table();
+  return std::is_same<T, float>::value ? k->max_vl_float : k->max_vl_double;
+}
+
+// Widest vector (at most one register) dividing the module width, so tiles never straddle modules.
+// The table's kernel for this dtype.
+int64_t run_fwd(const GatedKernelTable* k, const GatedProblem<float>& P, int vl, int64_t b0, int64_t b1) {
+  return k->fwd_float(P, vl, b0, b1);
+}
+int64_t run_fwd(const GatedKernelTable* k, const GatedProblem<double>& P, int vl, int64_t b0, int64_t b1) {
+  return k->fwd_double(P, vl, b0, b1);
+}
+void run_bwd(const GatedKernelTable* k, const GatedProblem<float>& P, int vl, int64_t b0, int64_t b1, int64_t i) {
+  k->bwd_float(P, vl, b0, b1, i);
+}
+void run_bwd(const GatedKernelTable* k, const GatedProblem<double>& P, int vl, int64_t b0, int64_t b1, int64_t i) {
+  k->bwd_double(P, vl, b0, b1, i);
+}
+
+int pick_vl(int64_t units, int max_vl) {
+  int vl = max_vl;
+  while (vl > 1 && units % vl) vl /= 2;
+  return vl;
+}
+
+int64_t n_slices(int64_t B) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+}
+
+// One clear line per bad argument, naming what was given and what is allowed.
+void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu(), "hrnn gated: ", name, " is on ", t.device(), "; CPU tensors only");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "hrnn gated: ", name, " is ", t.scalar_type(),
+              " but u is ", like.scalar_type(), "; give every tensor one dtype");
+  TORCH_CHECK(t.sizes() == shape, "hrnn gated: ", name, " has shape ", t.sizes(), ", expected ", shape);
+  TORCH_CHECK(t.is_contiguous(), "hrnn gated: ", name, " is not contiguous");
+}
+
+const at::Tensor* opt(const c10::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
+template <typename T>
+const T* ptr(const at::Tensor* t) {
+  return t ? t->data_ptr<T>() : nullptr;
+}
+
+struct Shapes {
+  int64_t B, T, H, M;
+};
+
+// Checks every input of the forward; returns the sizes.
+Shapes check_forward(const at::Tensor& u, const at::Tensor* gate_u, const at::Tensor& w_h,
+                     const at::Tensor* gate_h, const at::Tensor* waves, const at::Tensor& h0,
+                     const at::Tensor* thr) {
+  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
+              "hrnn gated: u is ", u.scalar_type(), "; float32 or float64 only");
+  TORCH_CHECK(u.dim() == 3, "hrnn gated: u has shape ", u.sizes(), ", expected (B, T, H)");
+  const int64_t B = u.size(0), T = u.size(1), H = u.size(2);
+  TORCH_CHECK(gate_u || waves, "hrnn gated: give waves, an event gate, or both");
+  TORCH_CHECK(!gate_u == !gate_h, "hrnn gated: gate_u and gate_h come together");
+  const int64_t M = gate_u ? (gate_u->dim() == 3 ? gate_u->size(2) : 0) : (waves->dim() ? waves->size(-1) : 0);
+  TORCH_CHECK(M > 0 && H % M == 0, "hrnn gated: ", M, " modules do not divide H = ", H);
+  TORCH_CHECK(T * H < (int64_t(1) << 31) && B * T < (int64_t(1) << 31), "hrnn gated: T * H or B * T too large");
+  check_tensor(u, "u", {B, T, H}, u);
+  check_tensor(w_h, "w_h", {H, H}, u);
+  check_tensor(h0, "h0", {B, H}, u);
+  if (gate_u) {
+    check_tensor(*gate_u, "gate_u", {B, T, M}, u);
+    check_tensor(*gate_h, "gate_h", {M, H}, u);
+  }
+  if (waves) {
+    if (waves->dim() == 2) check_tensor(*waves, "waves", {T, M}, u);
+    else check_tensor(*waves, "waves", {B, T, M}, u);
+  }
+  if (thr) {
+    TORCH_CHECK(gate_u, "hrnn gated: thresholds without an event gate");
+    check_tensor(*thr, "thresholds", {B, T, M}, u);
+  }
+  return {B, T, H, M};
+}
+
+template <typename T>
+GatedProblem<T> problem(const Shapes& s, const at::Tensor& u, const at::Tensor* gate_u, const at::Tensor* gate_h,
+                        const at::Tensor* waves, const at::Tensor& h0, const at::Tensor* thr) {
+  GatedProblem<T> P;
+  P.B = s.B;
+  P.T_ = s.T;
+  P.H = s.H;
+  P.M = s.M;
+  P.u = u.data_ptr<T>();
+  P.gate_u = ptr<T>(gate_u);
+  P.gh = ptr<T>(gate_h);
+  P.waves = ptr<T>(waves);
+  P.waves_stride = waves && waves->dim() == 3 ? s.T * s.M : 0;
+  P.thr = ptr<T>(thr);
+  P.h0 = h0.data_ptr<T>();
+  return P;
+}
+
+// gated_forward(u, gate_u, w_h, gate_h, waves, h0, thresholds, all_candidates, save)
+//   -> (states, candidates or empty, activations, gates or empty).
+// gate_u/gate_h: the event gate or both None; waves: (T, M), (B, T, M) or None; thresholds
+// (B, T, M) for a hard gate, None for a soft one. all_candidates: also compute the candidates of
+// closed modules (a gradient needs them); save: keep the candidates for the backward.
+std::vector<at::Tensor> gated_forward(const at::Tensor& u, const c10::optional<at::Tensor>& gate_u,
+                                      const at::Tensor& w_h, const c10::optional<at::Tensor>& gate_h,
+                                      const c10::optional<at::Tensor>& waves, const at::Tensor& h0,
+                                      const c10::optional<at::Tensor>& thresholds, bool all_candidates,
+                                      bool save) {
+  const Shapes s = check_forward(u, opt(gate_u), w_h, opt(gate_h), opt(waves), h0, opt(thresholds));
+  at::NoGradGuard no_grad;
+  const auto opts = u.options();
+  at::Tensor hs = at::empty({s.B, s.T, s.H}, opts);
+  at::Tensor cs = save ? at::empty({s.B, s.T, s.H}, opts) : at::empty({0}, opts);
+  at::Tensor as = at::empty({s.B, s.T, s.M}, opts);
+  at::Tensor gs = gate_u ? at::empty({s.B, s.T, s.M}, opts) : at::empty({0}, opts);
+  at::Tensor wt = w_h.t().contiguous();
+  at::Tensor ght = gate_h.has_value() ? gate_h->t().contiguous() : at::Tensor();
+  int64_t blocks = 0;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "hrnn_gated_fwd", [&] {
+    GatedProblem<scalar_t> P = problem<scalar_t>(s, u, opt(gate_u), opt(gate_h), opt(waves), h0, opt(thresholds));
+    P.wt = wt.data_ptr<scalar_t>();
+    P.ght = ght.defined() ? ght.data_ptr<scalar_t>() : nullptr;
+    P.all_candidates = all_candidates;
+    P.hs = hs.data_ptr<scalar_t>();
+    P.cs = save ? cs.data_ptr<scalar_t>() : nullptr;
+    P.as = as.data_ptr<scalar_t>();
+    P.gs = gate_u ? gs.data_ptr<scalar_t>() : nullptr;
+    const GatedKernelTable* k = gated_table();
+    const int vl = pick_vl(s.H / s.M, max_vl<scalar_t>());
+    const int64_t ns = n_slices(s.B);
+    std::vector<int64_t> counts(ns, 0);
+    at::parallel_for(0, ns, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t i = s0; i < s1; ++i) {
+        const int64_t b0 = s.B * i / ns, b1 = s.B * (i + 1) / ns;
+        counts[i] = run_fwd(k, P, vl, b0, b1);
+      }
+    });
+    for (int64_t c : counts) blocks += c;
+  });
+  last_blocks = blocks;
+  return {hs, cs, as, gs};
+}
+
+// gated_backward(grad_states, grad_activations, states, candidates, activations, gates, u, gate_u,
+//                w_h, gate_h, waves, h0, thresholds, need_da, need_dwaves)
+//   -> (du, dgate_u or empty, dw_h, dgate_h or empty, dwaves (waves' shape) or empty, dh0).
+// grad_states is (B, T, H), or (B, H) when the output was the last state only; grad_activations
+// (B, T, M) or None. need_da must be true when the forward ran with all_candidates (it computes
+// dL/da of closed modules from their candidates), and is required by a gate or need_dwaves.
+std::vector<at::Tensor> gated_backward(const at::Tensor& grad_states, const c10::optional<at::Tensor>& grad_acts,
+                                       const at::Tensor& hs, const at::Tensor& cs, const at::Tensor& as,
+                                       const at::Tensor& gs, const at::Tensor& u,
+                                       const c10::optional<at::Tensor>& gate_u, const at::Tensor& w_h,
+                                       const c10::optional<at::Tensor>& gate_h,
+                                       const c10::optional<at::Tensor>& waves, const at::Tensor& h0,
+                                       const c10::optional<at::Tensor>& thresholds, bool need_da,
+                                       bool need_dwaves) {
+  const Shapes s = check_forward(u, opt(gate_u), w_h, opt(gate_h), opt(waves), h0, opt(thresholds));
+  const bool gated = gate_u.has_value();
+  TORCH_CHECK(need_da || !(gated || need_dwaves),
+              "hrnn gated: an event gate or a waves gradient needs need_da (and a forward with all_candidates)");
+  TORCH_CHECK(!need_dwaves || waves.has_value(), "hrnn gated: need_dwaves without waves");
+  at::Tensor g = grad_states.contiguous();
+  const bool last_only = g.dim() == 2;
+  check_tensor(g, "grad_states", last_only ? at::IntArrayRef{s.B, s.H} : at::IntArrayRef{s.B, s.T, s.H}, u);
+  check_tensor(hs, "states", {s.B, s.T, s.H}, u);
+  check_tensor(cs, "candidates", {s.B, s.T, s.H}, u);
+  check_tensor(as, "activations", {s.B, s.T, s.M}, u);
+  if (gated) check_tensor(gs, "gates", {s.B, s.T, s.M}, u);
+  at::Tensor ga = grad_acts.has_value() ? grad_acts->contiguous() : at::Tensor();
+  if (ga.defined()) check_tensor(ga, "grad_activations", {s.B, s.T, s.M}, u);
+  at::NoGradGuard no_grad;
+  const auto opts = u.options();
+  const int64_t ns = n_slices(s.B), H = s.H, M = s.M;
+  at::Tensor du = at::empty({s.B, s.T, H}, opts);
+  at::Tensor dgu = gated ? at::empty({s.B, s.T, M}, opts) : at::empty({0}, opts);
+  at::Tensor dwaves = need_dwaves ? at::empty({s.B, s.T, M}, opts) : at::empty({0}, opts);
+  at::Tensor dh0 = at::empty({s.B, H}, opts);
+  at::Tensor dw_parts = at::empty({ns, H, H}, opts);
+  at::Tensor dgh_parts = gated ? at::empty({ns, M, H}, opts) : at::empty({0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "hrnn_gated_bwd", [&] {
+    GatedProblem<scalar_t> P = problem<scalar_t>(s, u, opt(gate_u), opt(gate_h), opt(waves), h0, opt(thresholds));
+    P.w = w_h.data_ptr<scalar_t>();
+    P.hs = hs.data_ptr<scalar_t>();
+    P.cs = cs.data_ptr<scalar_t>();
+    P.as = as.data_ptr<scalar_t>();
+    P.gs = gated ? gs.data_ptr<scalar_t>() : nullptr;
+    P.g = last_only ? nullptr : g.data_ptr<scalar_t>();
+    P.g_last = last_only ? g.data_ptr<scalar_t>() : nullptr;
+    P.ga = ga.defined() ? ga.data_ptr<scalar_t>() : nullptr;
+    P.need_da = need_da;
+    P.du = du.data_ptr<scalar_t>();
+    P.dgate_u = gated ? dgu.data_ptr<scalar_t>() : nullptr;
+    P.dwaves = need_dwaves ? dwaves.data_ptr<scalar_t>() : nullptr;
+    P.dh0 = dh0.data_ptr<scalar_t>();
+    P.dw_parts = dw_parts.data_ptr<scalar_t>();
+    P.dgh_parts = gated ? dgh_parts.data_ptr<scalar_t>() : nullptr;
+    const GatedKernelTable* k = gated_table();
+    const int vl = pick_vl(H / M, max_vl<scalar_t>());
+    at::parallel_for(0, ns, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t i = s0; i < s1; ++i) {
+        const int64_t b0 = s.B * i / ns, b1 = s.B * (i + 1) / ns;
+        // First touch of the partials by the owning thread.
+        std::memset(P.dw_parts + i * H * H, 0, sizeof(scalar_t) * H * H);
+        if (gated) std::memset(P.dgh_parts + i * M * H, 0, sizeof(scalar_t) * M * H);
+        run_bwd(k, P, vl, b0, b1, i);
+      }
+    });
+  });
+  at::Tensor dw = dw_parts.sum(0);
+  at::Tensor dgh = gated ? dgh_parts.sum(0) : dgh_parts;
+  // Shared (T, M) waves: the per-sample gradients add up over the batch.
+  if (need_dwaves && waves->dim() == 2) dwaves = dwaves.sum(0);
+  return {du, dgu, dw, dgh, dwaves, dh0};
+}
+
+int64_t gated_candidate_blocks() { return last_blocks.load(); }
+
+}  // namespace
+
+void register_gated(pybind11::module_& m) {
+  m.def("gated_forward", &gated_forward, "event-gated leaky recurrence, forward");
+  m.def("gated_backward", &gated_backward, "event-gated leaky recurrence, backward through time");
+  m.def("gated_candidate_blocks", &gated_candidate_blocks,
+        "candidate blocks (sample, step, module) the last gated_forward computed");
+}
+
+}  // namespace hrnn_cpu

@@ -1,0 +1,130 @@
+"""Time of the fused event-gate core (hrnn.gated.gated_leaky_rnn) against the fraction of updates.
+
+    python scripts/bench_gates.py            # T = 200 and 784 (a few minutes on 2 cores)
+    python scripts/bench_gates.py --quick    # tiny run: checks the script works, numbers meaningless
+
+Batch 100, hidden 128, 8 modules, 2 inputs, float32, 2 threads, the capability the extension
+picks (HRNN_CPU_CAPABILITY to force one). Hard gates with the open fraction forced to f: a
+thresholds tensor of -1 where a (b, t, m) is open and 2 where it is closed (g is in (0, 1)), on a
+seeded random pattern. Each row is the median of the timed calls after a warm-up:
+
+- "no-grad": forward under torch.no_grad, which skips closed modules' candidates: expect ~f;
+- "train": forward + backward of states.sum(), where the forward computes every candidate (the
+  straight-through gradient reads them) and the backward skips closed blocks: expect ~(1 + 2f)/3.
+
+Also the soft gate (dense), the reference loop (hrnn.gated.gated_leaky_rnn_reference) and the
+clock model's fused core (hrnn.core.leaky_rnn, dense waves) as a yardstick. The machine may be
+shared: compare ratios within one run, not numbers across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from hrnn import fused
+from hrnn.core import leaky_rnn
+from hrnn.gated import gated_leaky_rnn, gated_leaky_rnn_reference, last_candidate_blocks
+
+BATCH, HIDDEN, MODULES, INPUTS = 100, 128, 8, 2
+FRACTIONS = (1.0, 0.5, 0.25, 0.1)
+
+
+def inputs(batch: int, steps: int, grad: bool) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen) * scale).requires_grad_(grad)  # noqa: E731
+    return {"x": torch.randn(batch, steps, INPUTS, generator=gen), "w_x": r(HIDDEN, INPUTS),
+            "bias": r(HIDDEN, scale=0.1), "w_h": r(HIDDEN, HIDDEN, scale=HIDDEN ** -0.5),
+            "h0": torch.zeros(batch, HIDDEN), "gate_x": r(MODULES, INPUTS), "gate_bias": r(MODULES),
+            "gate_h": r(MODULES, HIDDEN, scale=HIDDEN ** -0.5)}
+
+
+def forced_thresholds(batch: int, steps: int, f: float) -> torch.Tensor:
+    """-1 (always open) on a seeded random fraction f of (b, t, m), 2 (always closed) elsewhere."""
+    gen = torch.Generator().manual_seed(1)
+    open_ = torch.rand(batch, steps, MODULES, generator=gen) < f
+    return torch.where(open_, -1.0, 2.0)
+
+
+def times_of(fn, warmup: int, repeat: int) -> tuple[float, float]:
+    """(median, min) wall seconds of fn; on a shared machine the min is the less disturbed one."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)
+
+
+def gated_call(a: dict, mode: str, thresholds, op=gated_leaky_rnn):
+    return op(a["x"], a["w_x"], a["bias"], a["w_h"], a["h0"], None, a["gate_x"], a["gate_bias"], a["gate_h"],
+              mode, thresholds)
+
+
+def run(batch: int, steps: int, warmup: int, repeat: int, loop_repeat: int) -> list[tuple]:
+    """(name, mode, f or None, (median, min) seconds, measured open fraction or None) for one T."""
+    rows = []
+    for train in (False, True):
+        a = inputs(batch, steps, train)
+        mode = "train" if train else "no-grad"
+
+        def timed(call, n=repeat):
+            def step():
+                with torch.set_grad_enabled(train):
+                    out = call()
+                    states = out[0] if isinstance(out, tuple) else out
+                    if train:
+                        states.sum().backward()
+            return times_of(step, warmup, n)
+
+        for f in FRACTIONS:
+            thr = forced_thresholds(batch, steps, f)
+            seconds = timed(lambda: gated_call(a, "hard", thr))
+            with torch.no_grad():
+                measured = float((gated_call(a, "hard", thr)[1] != 0).float().mean())
+            rows.append((f"hard f={f:g}", mode, f, seconds, measured))
+        rows.append(("soft (dense)", mode, None, timed(lambda: gated_call(a, "soft", 0.5)), None))
+        thr = forced_thresholds(batch, steps, 1.0)
+        rows.append(("reference loop, hard f=1", mode, None,
+                     timed(lambda: gated_call(a, "hard", thr, gated_leaky_rnn_reference), loop_repeat), None))
+        waves = torch.ones(steps, MODULES)
+        rows.append(("clock core leaky_rnn (dense)", mode, None,
+                     timed(lambda: leaky_rnn(a["x"], a["w_x"], a["bias"], a["w_h"], waves, a["h0"], False)), None))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[200, 784])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    batch, steps_list = (8, [12]) if args.quick else (BATCH, args.steps)
+    warmup, repeat, loop_repeat = (1, 2, 1) if args.quick else (2, 7, 3)
+    print(f"hrnn event-gate core: batch {batch}, hidden {HIDDEN}, {MODULES} modules, {INPUTS} inputs, float32, "
+          f"{args.threads} threads, capability {fused.cpu_capability() or 'none (pytorch loop)'}")
+    for steps in steps_list:
+        rows = run(batch, steps, warmup, repeat, loop_repeat)
+        dense = {mode: s for name, mode, f, s, _ in rows if f == 1.0}
+        print(f"\nT = {steps}")
+        print(f"{'configuration':30s} {'mode':8s} {'median ms':>10s} {'/ f=1':>7s} {'min ms':>8s} {'/ f=1':>7s} "
+              f"{'f':>6s} {'expect':>7s} {'open':>6s}")
+        for name, mode, f, (median, least), measured in rows:
+            expect = "" if f is None else f"{f if mode == 'no-grad' else (1 + 2 * f) / 3:.3f}"
+            print(f"{name:30s} {mode:8s} {median * 1e3:10.2f} {median / dense[mode][0]:7.3f} {least * 1e3:8.2f} "
+                  f"{least / dense[mode][1]:7.3f} {'' if f is None else f'{f:.2f}':>6s} {expect:>7s} "
+                  f"{'' if measured is None else f'{measured:.3f}':>6s}")
+    print("\n'/ f=1': time over the hard gate's time at f = 1 in the same mode (median over median, min over "
+          "min). 'expect': that ratio if only the "
+          "candidates' work counted: f for no-grad, (1 + 2f)/3 for train. 'open': the measured fraction.")
+    if fused.available():
+        print(f"candidate blocks in the last fused forward: {last_candidate_blocks()}")
+
+
+if __name__ == "__main__":
+    main()

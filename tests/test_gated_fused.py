@@ -1,0 +1,231 @@
+"""The fused event-gate core (hrnn/csrc/gated_kernels.cpp) against `gated_leaky_rnn_reference`.
+
+Values and every gradient (x, W_x, b through u; W_h, h0, G_x, g_b, G_h, and shared or per-sample
+waves), soft and hard gates, with thresholds as a float or a per-(b, t, m) tensor, under every
+CPU capability this machine executes (test_fused's autouse fixture). Float64 agrees to 1e-12;
+float32 to 2e-5 relative: the kernels' tanh is a rational approximation (3.4e-7 relative), their
+products sum in another order than the BLAS, and both errors pass through T steps of the
+recurrence and its backward (measured: at most 1.2e-6 on these cases). No timings here: see
+scripts/bench_gates.py.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import TINY, read_metrics, run_cli
+from test_fused import assert_close_rel, cpu_capability  # noqa: F401  (autouse: every capability)
+
+from hrnn import fused
+from hrnn.gated import gated_leaky_rnn, gated_leaky_rnn_reference, last_candidate_blocks
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason=str(fused.unavailable_reason()))
+
+F32, F64 = torch.float32, torch.float64
+TOL = {F32: 2e-5, F64: 1e-12}
+NAMES = ("x", "w_x", "bias", "w_h", "h0", "gate_x", "gate_bias", "gate_h")
+
+
+def make(batch, steps, inputs, hidden, n_modules, dtype, waves, seed=0):
+    """Inputs of the op; waves: None, "shared" (T, M) or "per_sample" (B, T, M) in [0, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape, scale=1.0: torch.randn(*shape, generator=gen, dtype=dtype) * scale  # noqa: E731
+    args = {"x": r(batch, steps, inputs), "w_x": r(hidden, inputs, scale=0.7), "bias": r(hidden, scale=0.1),
+            "w_h": r(hidden, hidden, scale=1.5 / hidden ** 0.5), "h0": r(batch, hidden, scale=0.5),
+            "gate_x": r(n_modules, inputs), "gate_bias": r(n_modules, scale=0.5),
+            "gate_h": r(n_modules, hidden, scale=2 / hidden ** 0.5)}
+    shape = {None: None, "shared": (steps, n_modules), "per_sample": (batch, steps, n_modules)}[waves]
+    args["waves"] = None if shape is None else torch.rand(*shape, generator=gen, dtype=dtype)
+    args["thresholds"] = torch.rand(batch, steps, n_modules, generator=gen, dtype=dtype)
+    return args
+
+
+def call(fn, args, mode, thresholds, last_only=False, gated=True):
+    """(states or the last state, activations) of `fn` (the op or its reference) on `args`."""
+    a = args
+    gate = (a["gate_x"], a["gate_bias"], a["gate_h"]) if gated else (None, None, None)
+    inputs = (a["x"], a["w_x"], a["bias"], a["w_h"], a["h0"], a["waves"], *gate, mode, thresholds)
+    if fn is gated_leaky_rnn_reference:
+        states, acts = fn(*inputs)
+        return (states[:, -1] if last_only else states), acts
+    return fn(*inputs, last_only)
+
+
+def values_and_grads(fn, args, mode, thresholds, last_only=False, gated=True):
+    """States, activations and the gradient of every tensor input, for a loss that reads both
+    outputs (the model's update penalty reads the activations)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items()
+              if v is not None and k != "thresholds" and (gated or not k.startswith("gate"))}
+    full = {**args, **leaves}
+    states, acts = call(fn, full, mode, thresholds, last_only, gated)
+    gen = torch.Generator().manual_seed(7)
+    loss = (states * torch.randn(states.shape, generator=gen, dtype=states.dtype)).sum() + 0.3 * acts.square().sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return states.detach(), acts.detach(), dict(zip(leaves, grads))
+
+
+def assert_matches(got, want, tol, exact_activations=False):
+    """States, activations and every gradient of values_and_grads within tol of the reference's."""
+    if exact_activations:
+        assert torch.equal(got[1], want[1])
+    for g, w in ((got[0], want[0]), (got[1], want[1])):
+        assert_close_rel(g, w, tol)
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        assert_close_rel(got[2][name], want[2][name], tol)
+
+
+SHAPES = [(5, 13, 3, 32, 4), (4, 9, 2, 24, 3), (3, 7, 2, 12, 4)]  # module widths 8, 8 and 3 (scalar tiles)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("mode,thresholds", [("soft", 0.5), ("hard", 0.5), ("hard", "tensor")])
+@pytest.mark.parametrize("waves", [None, "shared", "per_sample"])
+@pytest.mark.parametrize("shape", range(len(SHAPES)))
+def test_values_and_every_gradient_match_the_reference(dtype, mode, thresholds, waves, shape):
+    args = make(*SHAPES[shape], dtype, waves, seed=shape)
+    thr = args["thresholds"] if thresholds == "tensor" else thresholds
+    got = values_and_grads(gated_leaky_rnn, args, mode, thr)
+    assert last_candidate_blocks() == args["x"].shape[0] * args["x"].shape[1] * args["gate_x"].shape[0]  # fused ran
+    want = values_and_grads(gated_leaky_rnn_reference, args, mode, thr)
+    if mode == "hard":
+        assert 0 < (got[1] != 0).float().mean() < 1
+    assert ("waves" in got[2]) == (waves is not None)
+    assert_matches(got, want, TOL[dtype], exact_activations=mode == "hard")  # hard: the same gates open
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_last_only_values_and_gradients(mode):
+    args = make(5, 11, 3, 32, 4, F64, "per_sample", seed=3)
+    got = values_and_grads(gated_leaky_rnn, args, mode, args["thresholds"], last_only=True)
+    want = values_and_grads(gated_leaky_rnn_reference, args, mode, args["thresholds"], last_only=True)
+    assert got[0].shape == (5, 32)
+    assert_matches(got, want, TOL[F64], exact_activations=mode == "hard")
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_waves_without_a_gate_match_the_reference(dtype):
+    """Per-sample waves alone (the gate tensors None): a = w."""
+    args = make(5, 13, 3, 32, 4, dtype, "per_sample", seed=4)
+    args["waves"] = (args["waves"] > 0.6).to(dtype) * args["waves"]  # exact zeros too
+    got = values_and_grads(gated_leaky_rnn, args, "soft", 0.5, gated=False)
+    want = values_and_grads(gated_leaky_rnn_reference, args, "soft", 0.5, gated=False)
+    assert_matches(got, want, TOL[dtype], exact_activations=True)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_closed_modules_hold_the_state_bit_for_bit_and_open_ones_take_the_candidate(grad):
+    args = make(6, 15, 3, 32, 4, F64, "shared", seed=5)
+    args["waves"] = (args["waves"] > 0.3).to(F64)  # 0/1 clock ticks times a hard gate: a in {0, 1}
+    with torch.set_grad_enabled(grad):
+        if grad:
+            args["w_h"].requires_grad_()
+        states, acts = call(gated_leaky_rnn, args, "hard", args["thresholds"])
+    states, acts = states.detach(), acts.detach()
+    previous = torch.cat([args["h0"].unsqueeze(1), states[:, :-1]], dim=1)
+    u = args["x"] @ args["w_x"].t() + args["bias"]
+    candidate = torch.tanh(u + previous @ args["w_h"].detach().t())
+    a = acts.repeat_interleave(8, dim=2)
+    assert 0.2 < acts.mean() < 0.8
+    assert torch.equal(states[a == 0], previous[a == 0])  # hold, bit for bit
+    torch.testing.assert_close(states[a == 1], candidate[a == 1], rtol=0, atol=1e-14)
+    # At a = 1 the state is the kernel's own candidate exactly (torch.lerp's formula).
+    u_, gate_u = u.contiguous(), (args["x"] @ args["gate_x"].t() + args["gate_bias"]).contiguous()
+    hs, cs, _, _ = fused._C.gated_forward(u_, gate_u, args["w_h"].detach(), args["gate_h"], args["waves"],
+                                          args["h0"], args["thresholds"], True, True)
+    assert torch.equal(hs[a == 1], cs[a == 1])
+
+
+def test_no_grad_computes_only_open_blocks_and_training_computes_all():
+    args = make(7, 20, 3, 32, 4, F32, "shared", seed=6)
+    args["waves"] = (args["waves"] > 0.5).to(F32)
+    batch, steps, modules = 7, 20, 4
+    with torch.no_grad():
+        _, acts = call(gated_leaky_rnn, args, "hard", args["thresholds"])
+    open_blocks = int((acts != 0).sum())
+    assert 0 < open_blocks < batch * steps * modules // 2
+    assert last_candidate_blocks() == open_blocks
+    args["w_h"].requires_grad_()
+    _, acts_grad = call(gated_leaky_rnn, args, "hard", args["thresholds"])
+    assert torch.equal(acts_grad, acts)
+    assert last_candidate_blocks() == batch * steps * modules  # the straight-through gradient reads them all
+    # Without a gate and with waves that need no gradient, training skips too.
+    states, _ = call(gated_leaky_rnn, args, "soft", 0.5, gated=False)
+    assert states.requires_grad and last_candidate_blocks() == int((args["waves"] != 0).sum()) * batch
+
+
+@pytest.mark.parametrize("waves", ["shared", "per_sample"])
+def test_gradcheck_soft_every_input_float64(waves):
+    args = make(3, 5, 2, 8, 2, F64, waves, seed=8)
+    names = [*NAMES, "waves"]
+
+    def f(*tensors):
+        a = dict(zip(names, tensors))
+        states, acts = gated_leaky_rnn(a["x"], a["w_x"], a["bias"], a["w_h"], a["h0"], a["waves"], a["gate_x"],
+                                       a["gate_bias"], a["gate_h"], "soft", 0.5)
+        return states, acts
+
+    inputs = tuple(args[n].clone().requires_grad_() for n in names)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8)
+    assert last_candidate_blocks() == 3 * 5 * 2
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.update(gate_h=a["gate_h"][:, :-1].contiguous()), "gate_h has shape"),
+    (lambda a: a.update(gate_u=a["gate_u"].double()), "gate_u is Double but u is Float"),
+    (lambda a: a.update(waves=torch.rand(3, 4)), "waves has shape"),
+    (lambda a: a.update(h0=torch.zeros(2, 32)), "h0 has shape"),
+    (lambda a: a.update(thresholds=torch.rand(5, 13)), "thresholds has shape"),
+    (lambda a: a.update(u=a["u"].half(), gate_u=None, gate_h=None), "float32 or float64 only"),
+    (lambda a: a.update(gate_u=None, gate_h=None, waves=None, thresholds=None), "give waves, an event gate, or both"),
+])
+def test_bad_input_is_one_clear_line(change, message, cpu_capability):  # noqa: F811
+    once(cpu_capability)
+    args = make(5, 13, 3, 32, 4, F32, "shared")
+    kernel_args = {"u": torch.randn(5, 13, 32), "gate_u": torch.randn(5, 13, 4), "w_h": args["w_h"],
+                   "gate_h": args["gate_h"], "waves": args["waves"], "h0": args["h0"], "thresholds": args["thresholds"]}
+    change(kernel_args)
+    with pytest.raises(RuntimeError, match=message) as err:
+        fused._C.gated_forward(*kernel_args.values(), False, False)
+    assert "\n" not in str(err.value)
+
+
+def once(capability):
+    """Tests that do not depend on the kernels' capability run under the best one only."""
+    if capability != fused.cpu_capabilities()[-1]:
+        pytest.skip("independent of the CPU capability: runs once, under the best")
+
+
+def test_unsupported_dtype_falls_back_to_the_reference(cpu_capability):  # noqa: F811
+    once(cpu_capability)
+    args = {k: (v.to(torch.bfloat16) if v is not None else v) for k, v in make(2, 4, 2, 8, 2, F32, None).items()}
+    before = last_candidate_blocks()
+    states, acts = call(gated_leaky_rnn, args, "soft", 0.5)
+    want_states, want_acts = call(gated_leaky_rnn_reference, args, "soft", 0.5)
+    assert torch.equal(states, want_states) and torch.equal(acts, want_acts)
+    assert last_candidate_blocks() == before  # the kernels did not run
+
+
+def test_training_run_is_the_same_with_and_without_the_fused_core(tmp_path, cpu_capability):  # noqa: F811
+    """A short hard-gate run from the CLI: the fused core and HRNN_DISABLE_FUSED=1 (the reference loop)
+    give the same validation and test losses up to float32 rounding."""
+    once(cpu_capability)
+    results = []
+    for disable in (False, True):
+        run_dir = tmp_path / f"run_{int(disable)}"
+        env = {"HRNN_DISABLE_FUSED": "1"} if disable else {}
+        if not disable:
+            env = {k: v for k, v in os.environ.items() if k != "HRNN_DISABLE_FUSED"}
+        run_cli([*TINY, "task=adding", "task.seq_len=12", "model.activation=event", "model.gate=hard",
+                 "model.gate_bias=0", "model.gate_threshold=0.4", "trainer.steps=6", "trainer.eval_every=3",
+                 "trainer.num_threads=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env)
+        results.append(read_metrics(run_dir))
+    fused_run, loop_run = results
+    assert fused_run["cpu_kernels"] != loop_run["cpu_kernels"]  # the two paths really differed
+    assert 0 < fused_run["test"]["update_fraction"] < 1
+    for got, want in zip(fused_run["history"], loop_run["history"]):
+        assert got["step"] == want["step"]
+        assert got["val_update_fraction"] == want["val_update_fraction"]
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4)
+    assert fused_run["test"]["loss"] == pytest.approx(loop_run["test"]["loss"], rel=1e-4)
