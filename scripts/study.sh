@@ -3,7 +3,7 @@
 #   python scripts/results.py outputs/study > docs/results.md
 #
 #   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_copy clock_recipe default_move smnist (default: all but smnist)
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -76,6 +76,10 @@ table() {
         run "${COMMON[@]}" task=adding task.seq_len=1000,500 model=hrnn model.activation=event \
           trainer.seed=$seed trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_long"
       done ;;
+    events_bias)  # long adding with the gates starting more closed: b_g = -7 (sigmoid 0.0009, about -ln T at
+                  # T = 1000), so that a closed module's state survives the sequence, one seed first
+      run "${COMMON[@]}" task=adding task.seq_len=1000 model=hrnn model.activation=event model.gate_bias=-7 \
+        trainer.seed=0 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_bias" ;;
     events_copy)  # event-driven modules on copy (T = 100, 200), one seed first, 3000 steps
       run "${COMMON[@]}" task=copy task.seq_len=100,200 model=hrnn model.activation=event \
         trainer.seed=0 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_copy" ;;
@@ -102,7 +106,7 @@ table() {
         trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/lstm64_adding_default_budget" ;;
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn,lstm trainer.seed=0 hydra.sweep.dir="$STUDY/smnist" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_copy clock_recipe default_move smnist" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist" >&2; exit 2 ;;
   esac
 }
 
