@@ -64,7 +64,8 @@ def build(model_name: str, basis: str | None, steps: int):
     from hrnn.tasks import TaskSpec
 
     overrides = [f"model={model_name}", f"model.hidden_size={HIDDEN}", f"model.n_modules={MODULES}",
-                 f"task.seq_len={steps}", *([f"basis={basis}"] if basis else [])]
+                 f"task.seq_len={steps}", *([f"basis={basis}"] if basis else []),
+                 *(["model.activation=clock"] if model_name == "hrnn" else [])]  # the clock core; bench_gates.py times the gates
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     torch.manual_seed(0)

@@ -7,7 +7,8 @@
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
-# torch thread each (JOBS=1: one job at a time, still one thread). STUDY=<dir> moves the output (default outputs/study).
+# torch thread each (JOBS=1: one job at a time, still one thread). The tables of the clock alone
+# name model.activation=clock: the default activation is clock_event. STUDY=<dir> moves the output (default outputs/study).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STUDY=${STUDY:-outputs/study}
@@ -24,22 +25,22 @@ run() {  # a sweep with a failed job exits 1: report it and go on with the next 
 table() {
   case "$1" in
     timescales)  # the learned clocks (and the direct-period ablation), 5 seeds per period set
-      run "${COMMON[@]}" "${TIMESCALES[@]}" "$PERIOD_SETS" model=hrnn basis=binary,dct,period \
+      run "${COMMON[@]}" "${TIMESCALES[@]}" "$PERIOD_SETS" model=hrnn model.activation=clock basis=binary,dct,period \
         trainer.seed=0,1,2,3,4 hydra.sweep.dir="$STUDY/timescales" ;;
     baselines)   # fixed Clockwork periods 2^i and the plain tanh RNN, 3 seeds per period set
       run "${COMMON[@]}" "${TIMESCALES[@]}" "$PERIOD_SETS" model=cwrnn,rnn \
         trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/timescales_baselines" ;;
     dct_variants)  # the cosine clock with sharper peaks and an entropy penalty, on the harder period sets
-      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[6,20],[2,7,30]' model=hrnn basis=dct \
+      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[6,20],[2,7,30]' model=hrnn model.activation=clock basis=dct \
         basis.sharpness=4 regularizer.entropy_weight=0,0.01 trainer.seed=0,1,2,3,4 hydra.sweep.dir="$STUDY/timescales_dct_sharp"
-      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[6,20],[2,7,30]' model=hrnn basis=dct \
+      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[6,20],[2,7,30]' model=hrnn model.activation=clock basis=dct \
         regularizer.entropy_weight=0.01 trainer.seed=0,1,2,3,4 hydra.sweep.dir="$STUDY/timescales_dct_entropy" ;;
     dct_t210)  # [2,7,30] at T = 210 = lcm(2, 7, 30): every true period is N/k for a whole k
       run "${COMMON[@]}" "${TIMESCALES[@]}" task.seq_len=210 \
-        'task.periods=[2,7,30]' model=hrnn basis=dct basis.sharpness=1,4 trainer.seed=0,1,2,3,4 \
+        'task.periods=[2,7,30]' model=hrnn model.activation=clock basis=dct basis.sharpness=1,4 trainer.seed=0,1,2,3,4 \
         hydra.sweep.dir="$STUDY/timescales_dct_t210" ;;
     period_variants)  # the direct-period ablation with Phased LSTM's random initial periods and wider windows
-      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[4,12],[6,20]' model=hrnn basis=period basis.init=random \
+      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[4,12],[6,20]' model=hrnn model.activation=clock basis=period basis.init=random \
         basis.open_ratio=0.05,0.3 trainer.seed=0,1,2,3,4 hydra.sweep.dir="$STUDY/timescales_period_variants" ;;
     lstm)        # torch.nn LSTM and GRU: 6x the step time of hrnn here, so fewer runs
       run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[4,12]' model=lstm,gru \
@@ -47,14 +48,14 @@ table() {
       run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[2,7,30]' model=lstm,gru \
         trainer.seed=0 hydra.sweep.dir="$STUDY/timescales_lstm_2_7_30" ;;
     adding)      # the adding problem at three lengths, one seed, 1000 steps
-      run "${COMMON[@]}" task=adding task.seq_len=200,400,1000 model=hrnn basis=binary,dct,period \
+      run "${COMMON[@]}" task=adding task.seq_len=200,400,1000 model=hrnn model.activation=clock basis=binary,dct,period \
         trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/adding"
       run "${COMMON[@]}" task=adding task.seq_len=200,400,1000 model=cwrnn,rnn \
         trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/adding_baselines"
       run "${COMMON[@]}" task=adding task.seq_len=200,400 model=lstm,gru \
         trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/adding_lstm" ;;
     copy)        # the copy task at two lengths, one seed, 1000 steps
-      run "${COMMON[@]}" task=copy task.seq_len=100,200 model=hrnn basis=binary,dct,period \
+      run "${COMMON[@]}" task=copy task.seq_len=100,200 model=hrnn model.activation=clock basis=binary,dct,period \
         trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy"
       run "${COMMON[@]}" task=copy task.seq_len=100,200 model=cwrnn,rnn,lstm,gru \
         trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy_baselines" ;;
@@ -62,7 +63,7 @@ table() {
                     # modules and the LSTM, 3 seeds, 2000 steps (docs/models.md, docs/results.md)
       run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=clock,event \
         trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_adding"
-      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn optim.clock_lr=0 \
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=clock optim.clock_lr=0 \
         trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_adding_frozen"
       run "${COMMON[@]}" task=adding task.seq_len=200 model=lstm \
         trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_adding_lstm" ;;
@@ -85,7 +86,7 @@ table() {
         trainer.seed=0 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_copy" ;;
     clock_recipe)  # issue 14's recipe search for the clock alone on adding T = 200: one change at a time from
                    # the default (cosine clock, softmax), seed 0, 3000 steps; 'default' is the unchanged model
-      local base=(task=adding task.seq_len=200 model=hrnn trainer.seed=0 trainer.steps=3000 trainer.eval_every=250)
+      local base=(task=adding task.seq_len=200 model=hrnn model.activation=clock trainer.seed=0 trainer.steps=3000 trainer.eval_every=250)
       local R="$STUDY/clock_recipe"
       run "${COMMON[@]}" "${base[@]}" basis=dct,binary hydra.sweep.dir="$R/basis"
       run "${COMMON[@]}" "${base[@]}" regularizer=l1,none hydra.sweep.dir="$R/regularizer"
@@ -105,7 +106,8 @@ table() {
       run "${COMMON[@]}" task=adding task.seq_len=200 model=lstm model.hidden_size=64 \
         trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/lstm64_adding_default_budget" ;;
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
-      run "${COMMON[@]}" experiment=smnist model=hrnn,lstm trainer.seed=0 hydra.sweep.dir="$STUDY/smnist" ;;
+      run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_clock"
+      run "${COMMON[@]}" experiment=smnist model=lstm trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
     *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist" >&2; exit 2 ;;
   esac
 }

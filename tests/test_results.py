@@ -110,8 +110,8 @@ def test_labels_name_the_clock_and_its_settings_off_default():
     assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "binary"}, "regularizer": {"name": "l1"}}) == "hrnn-binary l1"
     assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "period", "init": "random", "open_ratio": 0.3},
                         "regularizer": {"name": "softmax", "entropy_weight": 0.01}}) == "hrnn-period init random open 0.3"
-    assert model_label({"model": {"name": "hrnn", "activation": "clock_event", "connectivity": "learned"},
-                        "basis": {"name": "dct"}, "optim": {"clock_lr": 0.0}}) == "hrnn-dct clock_event connectivity learned frozen clock"
+    assert model_label({"model": {"name": "hrnn", "activation": "clock", "connectivity": "learned"},
+                        "basis": {"name": "dct"}, "optim": {"clock_lr": 0.0}}) == "hrnn-dct clock connectivity learned frozen clock"
     assert model_label({"model": {"name": "hrnn", "activation": "event", "gate": "hard"}, "basis": {"name": "dct", "sharpness": 4.0},
                         "optim": {"clock_lr": 0.0}}) == "hrnn event gate hard"  # no clock: basis and clock_lr unnamed
 

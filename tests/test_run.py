@@ -44,7 +44,8 @@ def test_cli_run_writes_events_checkpoints_and_metrics(tmp_path, tiny):
         assert key in metrics, key
     assert metrics["metric"] == "mse" and metrics["steps"] == 6 and len(metrics["periods"]) == 4
     assert metrics["baseline"] == pytest.approx(1 / 6)
-    assert metrics["params"] == 2 * 16 + 16 + 16 * 16 + 20 * 4 + 16 + 1
+    # W_x, b, W_h, the clock's coefficients (20 periods x 4 modules), the event gate (G_x, g_b, G_h) and the head
+    assert metrics["params"] == 2 * 16 + 16 + 16 * 16 + 20 * 4 + (4 * 2 + 4 + 4 * 16) + 16 + 1
     # The CPU recurrence that ran, named in the header and in metrics.json.
     from hrnn import fused
 

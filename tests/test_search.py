@@ -25,7 +25,7 @@ from hrnn.run import preflight
 from hrnn.summary import read_jobs
 
 # Tiny trials: T=20 (so basis sizes up to 8 fit dct's 11 frequencies), 16 hidden units; 4 evaluations each.
-TRIAL = ["task.seq_len=20", "task.n_val=50", "task.n_test=50", "model.hidden_size=16", "basis.size=choice(4,8)",
+TRIAL = ["model.activation=clock", "task.seq_len=20", "task.n_val=50", "task.n_test=50", "model.hidden_size=16", "basis.size=choice(4,8)",
          "trainer.batch_size=8", "trainer.eval_batch_size=50", "trainer.steps=12", "trainer.eval_every=3"]
 # The preset's pruner, allowed to act within these 12 steps: after 2 completed trials, from the first evaluation.
 PRUNE_EARLY = ["hydra.sweeper.pruner.n_startup_trials=2", "hydra.sweeper.pruner.n_warmup_steps=3"]
