@@ -57,8 +57,9 @@ def _word(word: str, value: Any) -> str:
 
 
 def model_label(config: dict[str, Any]) -> str:
-    """hrnn-binary, hrnn-dct, hrnn-period or the baseline's name; settings off their defaults appended
-    (a clock frozen at its start, optim.clock_lr=0, reads "frozen clock")."""
+    """hrnn-binary, hrnn-dct, hrnn-period or the baseline's name; for hrnn its activation, always (the
+    default changed from clock to clock_event); settings off their defaults appended (a clock frozen at
+    its start, optim.clock_lr=0, reads "frozen clock")."""
     model = config.get("model", {}).get("name", "?")
     basis = config.get("basis", {}).get("name", "?")
     defaults = default_config(basis if basis in ("binary", "dct", "period") else "dct")
@@ -75,7 +76,7 @@ def model_label(config: dict[str, Any]) -> str:
         if group == "optim" and key == "clock_lr" and (model != "hrnn" or activation in NO_CLOCK):
             continue
         value = config.get(group, {}).get(key, defaults[group].get(key))
-        if value != defaults[group].get(key):
+        if value != defaults[group].get(key) or (model == "hrnn" and key == "activation"):
             parts.append("frozen clock" if key == "clock_lr" and value == 0 else _word(word, value))
     return " ".join(parts)
 

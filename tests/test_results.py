@@ -30,7 +30,8 @@ def timescales_metrics(seed: int, val: float, recovered: int, curve: list[float]
 
 
 def config(model: str, basis: str, task: dict, seed: int) -> dict:
-    return {"model": {"name": model}, "basis": {"name": basis}, "task": task, "trainer": {"seed": seed}}
+    model_cfg = {"name": model, "activation": "clock"} if model == "hrnn" else {"name": model}
+    return {"model": model_cfg, "basis": {"name": basis}, "task": task, "trainer": {"seed": seed}}
 
 
 def test_timescales_counts_seeds_that_reach_the_threshold_and_recover_every_period(tmp_path):
@@ -46,7 +47,7 @@ def test_timescales_counts_seeds_that_reach_the_threshold_and_recover_every_peri
 
     jobs = read_study(tmp_path / "study")
     rows = {row["model"]: row for row in timescales_rows(jobs)}
-    binary = rows["hrnn-binary"]
+    binary = rows["hrnn-binary clock"]
     assert (binary["seeds"], binary["finished"]) == (4, 3)
     assert binary["reached"] == 2  # seeds 0 and 1 end below 0.01
     assert binary["recovered_all"] == 2  # seeds 0 and 2 recovered both periods
@@ -103,13 +104,15 @@ def test_nested_sweeps_are_read(tmp_path):
 
 def test_labels_name_the_clock_and_its_settings_off_default():
     assert model_label({"model": {"name": "lstm"}, "basis": {"name": "dct"}}) == "lstm"
-    assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "dct", "sharpness": 1.0},
-                        "regularizer": {"name": "softmax", "entropy_weight": 0.0}}) == "hrnn-dct"
-    assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "dct", "sharpness": 4.0},
-                        "regularizer": {"name": "softmax", "entropy_weight": 0.01}}) == "hrnn-dct sharpness 4 entropy 0.01"
-    assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "binary"}, "regularizer": {"name": "l1"}}) == "hrnn-binary l1"
-    assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "period", "init": "random", "open_ratio": 0.3},
-                        "regularizer": {"name": "softmax", "entropy_weight": 0.01}}) == "hrnn-period init random open 0.3"
+    assert model_label({"model": {"name": "hrnn", "activation": "clock"}, "basis": {"name": "dct", "sharpness": 1.0},
+                        "regularizer": {"name": "softmax", "entropy_weight": 0.0}}) == "hrnn-dct clock"
+    assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "dct"}}) == "hrnn-dct clock_event"  # the default, named
+    clock = {"name": "hrnn", "activation": "clock"}
+    assert model_label({"model": clock, "basis": {"name": "dct", "sharpness": 4.0},
+                        "regularizer": {"name": "softmax", "entropy_weight": 0.01}}) == "hrnn-dct sharpness 4 entropy 0.01 clock"
+    assert model_label({"model": clock, "basis": {"name": "binary"}, "regularizer": {"name": "l1"}}) == "hrnn-binary l1 clock"
+    assert model_label({"model": clock, "basis": {"name": "period", "init": "random", "open_ratio": 0.3},
+                        "regularizer": {"name": "softmax", "entropy_weight": 0.01}}) == "hrnn-period init random open 0.3 clock"
     assert model_label({"model": {"name": "hrnn", "activation": "clock", "connectivity": "learned"},
                         "basis": {"name": "dct"}, "optim": {"clock_lr": 0.0}}) == "hrnn-dct clock connectivity learned frozen clock"
     assert model_label({"model": {"name": "hrnn", "activation": "event", "gate": "hard"}, "basis": {"name": "dct", "sharpness": 4.0},
