@@ -40,7 +40,7 @@ import time
 BATCH, HIDDEN, MODULES, INPUTS, CLASSES = 100, 128, 8, 1, 10
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (description, model, basis, env, force dense)
+# name -> (description, model, basis, env, force dense[, config overrides])
 CONFIGS = {
     "hrnn-dct": ("learned clock, DCT basis (soft waves, learned)", "hrnn", "dct", {}, False),
     "hrnn-binary": ("learned clock, binary basis (softmax mix of 0/1 columns, learned)", "hrnn", "binary", {}, False),
@@ -52,9 +52,23 @@ CONFIGS = {
     "hrnn-dct-loop": ("hrnn-dct through the pure PyTorch loop (the fallback)", "hrnn", "dct",
                       {"HRNN_DISABLE_FUSED": "1"}, False),
 }
+# The model's other options (docs/models.md), for the step time of each: `--only` names them.
+VARIANTS = {
+    "hrnn-clock_event": ("the default model: DCT clock times soft event gates", "hrnn", "dct", {}, False,
+                         ["model.activation=clock_event"]),
+    "hrnn-event": ("soft event gates, no clock", "hrnn", "dct", {}, False, ["model.activation=event"]),
+    "hrnn-chunker": ("Chunker gates, soft (reference loop: no fused core)", "hrnn", "dct", {}, False,
+                     ["model.activation=chunker"]),
+    "hrnn-connectivity": ("learned clock with learned connectivity (soft block gates)", "hrnn", "dct", {}, False,
+                          ["model.connectivity=learned"]),
+    "hrnn-event-connectivity": ("soft event gates with learned connectivity", "hrnn", "dct", {}, False,
+                                ["model.activation=event", "model.connectivity=learned"]),
+}
+DEFAULT_ONLY = ",".join(CONFIGS)
+CONFIGS.update(VARIANTS)
 
 
-def build(model_name: str, basis: str | None, steps: int):
+def build(model_name: str, basis: str | None, steps: int, extra: list[str] = ()):
     """The model as hrnn-train builds it from conf/ (its defaults, e.g. the DCT clock's start),
     with this benchmark's sizes and a 10-way head on the last state."""
     import torch
@@ -65,7 +79,8 @@ def build(model_name: str, basis: str | None, steps: int):
 
     overrides = [f"model={model_name}", f"model.hidden_size={HIDDEN}", f"model.n_modules={MODULES}",
                  f"task.seq_len={steps}", *([f"basis={basis}"] if basis else []),
-                 *(["model.activation=clock"] if model_name == "hrnn" else [])]  # the clock core; bench_gates.py times the gates
+                 *(["model.activation=clock"] if model_name == "hrnn" else []),  # the clock core unless extra says
+                 *extra]
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     torch.manual_seed(0)
@@ -81,7 +96,7 @@ def worker(spec: dict) -> dict:
     from hrnn import fused
     from hrnn.core import leaky_rnn
 
-    _, model_name, basis, _, dense = CONFIGS[spec["config"]]
+    _, model_name, basis, _, dense, *extra = CONFIGS[spec["config"]]
     if dense:  # the op the model calls, forced dense
         recurrent.leaky_rnn = lambda *args, **kwargs: leaky_rnn(*args, **{**kwargs, "skip_inactive": False})
     # Count the fused op's calls by whether they skipped inactive tiles: the cwrnn row must have
@@ -95,7 +110,7 @@ def worker(spec: dict) -> dict:
 
     fused.leaky_rnn = counted_rnn
     steps = spec["steps"]
-    model = build(model_name, basis, steps)
+    model = build(model_name, basis, steps, extra[0] if extra else [])
     x = torch.randn(BATCH, steps, INPUTS)
     y = torch.randint(0, CLASSES, (BATCH,))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -160,7 +175,8 @@ def run_config(spec: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[200, 784, 2000], help="sequence lengths T")
-    parser.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configs: " + ", ".join(CONFIGS))
+    parser.add_argument("--only", default=DEFAULT_ONLY, help="comma-separated configs (default: all but the variants "
+                        f"{', '.join(VARIANTS)}): " + ", ".join(CONFIGS))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=7, help="timed steps (median of these; >= 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
@@ -232,9 +248,9 @@ def main(argv=None) -> int:
                 rows[f"{name}@{capability}" if capability else name] = res
                 results.append(res)
         print(f"\nT = {steps}   FLOP floor {floor:.4f} s")
-        print(f"  {'config':<21} {'median s':>9} {'min s':>8} {'max s':>8} {'x floor':>8} {'peak MB':>8}  description")
+        print(f"  {'config':<31} {'median s':>9} {'min s':>8} {'max s':>8} {'x floor':>8} {'peak MB':>8}  description")
         for row, r in rows.items():
-            print(f"  {row:<21} {r['median']:9.4f} {r['min']:8.4f} {r['max']:8.4f} "
+            print(f"  {row:<31} {r['median']:9.4f} {r['min']:8.4f} {r['max']:8.4f} "
                   f"{r['median'] / floor:8.2f} {r['peak_mb']:8.1f}  {CONFIGS[r['config']][0]}")
         for capability in capabilities:
             print(f"  ratios (medians), {capability or 'no fused kernels'}: " + "; ".join(ratios(rows, capability, floor)))
