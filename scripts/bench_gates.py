@@ -9,7 +9,8 @@ thresholds tensor of -1 where a (b, t, m) is open and 2 where it is closed (g is
 seeded random pattern. Each row is the median of the timed calls after a warm-up:
 
 - "no-grad": forward under torch.no_grad, which skips closed modules' candidates: expect ~f;
-- "train": forward + backward of states.sum(), where the forward computes every candidate (the
+- "train": forward + backward of the last state's sum (as a model's head reads it; the reference
+  loop computes all states and is given the same loss), where the forward computes every candidate (the
   straight-through gradient reads them) and the backward skips closed blocks: expect ~(1 + 2f)/3.
 
 Also the soft gate (dense), the reference loop (hrnn.gated.gated_leaky_rnn_reference) and the
@@ -61,8 +62,13 @@ def times_of(fn, warmup: int, repeat: int) -> tuple[float, float]:
 
 
 def gated_call(a: dict, mode: str, thresholds, op=gated_leaky_rnn):
-    return op(a["x"], a["w_x"], a["bias"], a["w_h"], a["h0"], None, a["gate_x"], a["gate_bias"], a["gate_h"],
-              mode, thresholds)
+    """The last state (B, H) and the activations: the models' readout (adding, sequential MNIST)."""
+    args = (a["x"], a["w_x"], a["bias"], a["w_h"], a["h0"], None, a["gate_x"], a["gate_bias"], a["gate_h"], mode,
+            thresholds)
+    if op is gated_leaky_rnn_reference:
+        states, acts = op(*args)
+        return states[:, -1], acts
+    return op(*args, last_only=True)
 
 
 def run(batch: int, steps: int, warmup: int, repeat: int, loop_repeat: int) -> list[tuple]:
@@ -78,7 +84,7 @@ def run(batch: int, steps: int, warmup: int, repeat: int, loop_repeat: int) -> l
                     out = call()
                     states = out[0] if isinstance(out, tuple) else out
                     if train:
-                        states.sum().backward()
+                        states.sum().backward()  # the last state's sum (as a head reading it)
             return times_of(step, warmup, n)
 
         for f in FRACTIONS:
@@ -93,7 +99,8 @@ def run(batch: int, steps: int, warmup: int, repeat: int, loop_repeat: int) -> l
                      timed(lambda: gated_call(a, "hard", thr, gated_leaky_rnn_reference), loop_repeat), None))
         waves = torch.ones(steps, MODULES)
         rows.append(("clock core leaky_rnn (dense)", mode, None,
-                     timed(lambda: leaky_rnn(a["x"], a["w_x"], a["bias"], a["w_h"], waves, a["h0"], False)), None))
+                     timed(lambda: leaky_rnn(a["x"], a["w_x"], a["bias"], a["w_h"], waves, a["h0"], False, True)),
+                     None))
     return rows
 
 

@@ -251,7 +251,7 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
       // Each row's inputs and outputs are read or written once, a stride of T H (or T M) apart
       // from the next row's: more streams than the hardware prefetcher follows. So the next
       // step's are fetched now (AVX-512, one thread, B = 100, T = 200: dense forward 6.3 -> 5.2
-      // ms; at f = 0, 2.6 -> ? ms, most of it waiting for the thresholds).
+      // ms; at f = 0, where most of it waited for the thresholds, 2.6 -> 1.8 ms).
       if (t + 1 < TT) {
         prefetch(P.u + (row + 1) * H, H);
         prefetch<T, 1>(ho + H, H);

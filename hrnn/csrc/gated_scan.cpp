@@ -14,6 +14,12 @@
 #include "gated_kernels.h"
 
 namespace hrnn_cpu {
+
+// leaky_scan.cpp's buffer pool: (B, T, H) buffers whose pages are touched once per process, not
+// once per call (at T = 784, B = 100, H = 128 each is 40 MB: fresh pages cost more than the
+// kernel's work there, AVX-512, one thread).
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts);
+
 namespace {
 
 std::atomic<int64_t> last_blocks{-1};  // candidate blocks (b, t, m) the last forward computed
@@ -142,8 +148,8 @@ std::vector<at::Tensor> gated_forward(const at::Tensor& u, const c10::optional<a
   const Shapes s = check_forward(u, opt(gate_u), w_h, opt(gate_h), opt(waves), h0, opt(thresholds));
   at::NoGradGuard no_grad;
   const auto opts = u.options();
-  at::Tensor hs = at::empty({s.B, s.T, s.H}, opts);
-  at::Tensor cs = save ? at::empty({s.B, s.T, s.H}, opts) : at::empty({0}, opts);
+  at::Tensor hs = pooled_empty({s.B, s.T, s.H}, opts);
+  at::Tensor cs = save ? pooled_empty({s.B, s.T, s.H}, opts) : at::empty({0}, opts);
   at::Tensor as = at::empty({s.B, s.T, s.M}, opts);
   at::Tensor gs = gate_u ? at::empty({s.B, s.T, s.M}, opts) : at::empty({0}, opts);
   at::Tensor wt = w_h.t().contiguous();
@@ -205,7 +211,7 @@ std::vector<at::Tensor> gated_backward(const at::Tensor& grad_states, const c10:
   at::NoGradGuard no_grad;
   const auto opts = u.options();
   const int64_t ns = n_slices(s.B), H = s.H, M = s.M;
-  at::Tensor du = at::empty({s.B, s.T, H}, opts);
+  at::Tensor du = pooled_empty({s.B, s.T, H}, opts);
   at::Tensor dgu = gated ? at::empty({s.B, s.T, M}, opts) : at::empty({0}, opts);
   at::Tensor dwaves = need_dwaves ? at::empty({s.B, s.T, M}, opts) : at::empty({0}, opts);
   at::Tensor dh0 = at::empty({s.B, H}, opts);
@@ -254,6 +260,8 @@ int64_t gated_candidate_blocks() { return last_blocks.load(); }
 void register_gated(pybind11::module_& m) {
   m.def("gated_forward", &gated_forward, "event-gated leaky recurrence, forward");
   m.def("gated_backward", &gated_backward, "event-gated leaky recurrence, backward through time");
+  m.def("pooled_empty", [](std::vector<int64_t> sizes, const at::Tensor& like) { return pooled_empty(sizes, like.options()); },
+        "an uninitialised tensor like `like` from the buffer pool (for u, the kernel's largest input)");
   m.def("gated_candidate_blocks", &gated_candidate_blocks,
         "candidate blocks (sample, step, module) the last gated_forward computed");
 }

@@ -599,6 +599,8 @@ void set_pool_limit(int64_t bytes) {
 
 namespace hrnn_cpu {
 const char* active_capability() { return active_table()->name; }
+// For gated_scan.cpp: the same pool for its (B, T, H) buffers.
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return pool_empty(sizes, opts); }
 void register_gated(pybind11::module_& m);  // gated_scan.cpp
 }  // namespace hrnn_cpu
 
