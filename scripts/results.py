@@ -36,7 +36,8 @@ LABELLED = {"coefficients": [("regularizer", "name", ""), ("basis", "sharpness",
                              ("basis", "init", "init")],
             "period": [("basis", "init", "init"), ("basis", "open_ratio", "open")]}
 # Settings of any model (the issue-14 recipe search and issue 15's options), named the same way.
-LABELLED_ANY = [("model", "activation", ""), ("model", "gate", "gate"), ("model", "connectivity", "connectivity"),
+LABELLED_ANY = [("model", "activation", ""), ("model", "gate", "gate"), ("model", "gate_bias", "gate_bias"),
+                ("model", "connectivity", "connectivity"),
                 ("model", "hidden_size", "hidden"), ("model", "n_modules", "modules"), ("optim", "lr", "lr"),
                 ("optim", "clock_lr", "clock_lr"), ("trainer", "batch_size", "batch"), ("trainer", "grad_clip", "clip")]
 NO_CLOCK = ("event", "chunker")  # activations without a clock: the basis means nothing there
