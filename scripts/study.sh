@@ -3,7 +3,7 @@
 #   python scripts/results.py outputs/study > docs/results.md
 #
 #   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist (default: all but smnist)
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -105,10 +105,13 @@ table() {
       # ... and with the default experiment's whole budget (8000 steps, evaluation every 500)
       run "${COMMON[@]}" task=adding task.seq_len=200 model=lstm model.hidden_size=64 \
         trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/lstm64_adding_default_budget" ;;
+    smnist_events)  # sequential MNIST with the default model (clock_event) and event gates alone: one seed each
+      run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock_event,event trainer.seed=0 \
+        hydra.sweep.dir="$STUDY/smnist_events" ;;
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" experiment=smnist model=lstm trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events" >&2; exit 2 ;;
   esac
 }
 
