@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 _DTYPES = (torch.float32, torch.float64)
 
 try:
-    if os.environ.get("HRNN_DISABLE_FUSED"):
+    if os.environ.get("HRNN_DISABLE_FUSED", "0") not in ("", "0"):  # =0 or empty: not disabled
         raise ImportError("disabled by HRNN_DISABLE_FUSED")
     from hrnn import _fused_C as _C  # type: ignore[attr-defined]
 

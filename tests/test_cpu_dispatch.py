@@ -105,3 +105,13 @@ def test_switching_capability_changes_the_kernels_but_not_the_results():
     reference = outputs["default"]
     for capability, out in outputs.items():
         torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value,available", [("1", False), ("yes", False), ("0", True), ("", True)])
+def test_disable_fused_is_off_only_when_empty_or_zero(value, available):
+    """HRNN_DISABLE_FUSED=1 (or any other word) runs the PyTorch loop; =0 and an empty value do not."""
+    probe = "from hrnn import fused; print(fused.available())"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HRNN_DISABLE_FUSED": value})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(available)
