@@ -55,11 +55,10 @@ def parse_args(argv: list[str]) -> tuple[Path, dict[str, str], dict[str, str], b
     return run_dir, choices, overrides, figures
 
 
-def evaluate_run(run_dir: Path, split: str, checkpoint: str, overrides: dict[str, str],
-                 figures: bool = False) -> dict[str, Any]:
-    """Evaluate `split` with the run's `checkpoint`; write eval_<split>_<checkpoint>.json and return its content."""
+def load_run(run_dir: Path, checkpoint: str, overrides: dict[str, str]) -> tuple[Any, Any, torch.nn.Module, dict[str, Any]]:
+    """(validated config, task, model with the checkpoint's weights on the CPU, checkpoint state) of a run
+    directory; UserError naming the problem when it is not one hrnn-train wrote or does not fit its config."""
     from hrnn.models import build_model
-    from hrnn.run import evaluate, pick_device, _num_threads
     from hrnn.tasks import build_task
 
     if not run_dir.is_dir():
@@ -73,9 +72,6 @@ def evaluate_run(run_dir: Path, split: str, checkpoint: str, overrides: dict[str
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, _yaml_value(key, value), merge=False)
     cfg = validate(cfg)
-    device = pick_device(cfg.trainer.device)
-    torch.set_num_threads(_num_threads(cfg.trainer.num_threads))
-
     task = build_task(cfg.task, cfg.data_dir, cfg.trainer.seed)
     model = build_model(cfg, task.spec)
     try:
@@ -83,6 +79,17 @@ def evaluate_run(run_dir: Path, split: str, checkpoint: str, overrides: dict[str
     except RuntimeError as exc:
         raise UserError(f"checkpoint {path} does not fit its own config ({state.get('model_class')}): "
                         f"{str(exc).strip().splitlines()[0][:200]}") from None
+    return cfg, task, model, state
+
+
+def evaluate_run(run_dir: Path, split: str, checkpoint: str, overrides: dict[str, str],
+                 figures: bool = False) -> dict[str, Any]:
+    """Evaluate `split` with the run's `checkpoint`; write eval_<split>_<checkpoint>.json and return its content."""
+    from hrnn.run import evaluate, pick_device, _num_threads
+
+    cfg, task, model, state = load_run(run_dir, checkpoint, overrides)
+    device = pick_device(cfg.trainer.device)
+    torch.set_num_threads(_num_threads(cfg.trainer.num_threads))
     model.to(device)
     if figures:
         _check_figures(model)

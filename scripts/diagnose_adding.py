@@ -20,25 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from hrnn.checkpoint import load_checkpoint
-from hrnn.config import validate
-from hrnn.models import build_model
-from hrnn.tasks import build_task
+from hrnn import evaluate
+from hrnn.errors import UserError
 
 
 def load_run(run_dir: Path, checkpoint: str):
-    state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
-    cfg = validate(OmegaConf.create(state["config"]))
+    cfg, task, model, state = evaluate.load_run(run_dir, checkpoint, {})
     if cfg.task.name != "adding" or cfg.model.name != "hrnn":
         raise SystemExit(f"{run_dir}: task={cfg.task.name} model={cfg.model.name}; this script reads adding runs of model=hrnn")
-    task = build_task(cfg.task, cfg.data_dir, cfg.trainer.seed)
-    model = build_model(cfg, task.spec)
-    model.load_state_dict(state["model"])
     return cfg, task, model.double().eval(), state["step"]
 
 
@@ -147,8 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1000)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    for run_dir in args.runs:
-        diagnose(run_dir, args.checkpoint, args.samples)
+    try:
+        for run_dir in args.runs:
+            diagnose(run_dir, args.checkpoint, args.samples)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
