@@ -209,13 +209,6 @@ void gate_logits(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, T*
   }
 }
 
-// Fetch n values from p into the cache, one line at a time.
-template <typename T, int RW = 0>
-inline void prefetch(const T* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t i = 0; i < n * int64_t(sizeof(T)); i += 64) __builtin_prefetch(c + i, RW);
-}
-
 template <typename T>
 inline T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));

@@ -27,6 +27,14 @@ inline VT vset(T x) {
   return VT{} + x;
 }
 
+// Fetch n values from p into the cache, one line at a time. The time loops walk (B, T, H) rows a
+// page apart, one stream per batch row: more streams than the hardware prefetcher follows.
+template <typename T, int RW = 0>
+inline void prefetch(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < n * int64_t(sizeof(T)); i += 64) __builtin_prefetch(c + i, RW);
+}
+
 #include "tanh_rational.h"
 
 // tanh per lane: the rational approximation in float, libm in double.
