@@ -109,8 +109,8 @@ def leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, waves: T
         return leaky_scan(torch.nn.functional.linear(x, w_x, bias), w_h, waves, h0,
                           skip_inactive=skip_inactive, last_only=last_only)
     _check_shapes((x.shape[0], x.shape[1], w_h.shape[0]), w_h, waves, h0)
-    if skip_inactive is None:
-        skip_inactive = is_hard(waves)
+    if skip_inactive is None:  # learned waves in training never skip (fused.py): spare the (T, H) test
+        skip_inactive = not (waves.requires_grad and torch.is_grad_enabled()) and is_hard(waves)
     return fused.leaky_rnn(x, w_x, bias, w_h, waves, h0, skip_inactive, last_only)
 
 
