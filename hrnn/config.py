@@ -115,6 +115,7 @@ class OptimSchema:
     lr: float
     clock_lr: Optional[float]
     weight_decay: float
+    schedule: str
 
 
 @dataclass
@@ -155,6 +156,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
 TOP_LEVEL = {"task", "model", "basis", "regularizer", "optim", "trainer", "data_dir", "resume"}
 DEVICES = ("cpu", "cuda", "auto")
 NONFINITE = ("stop", "skip")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -230,6 +232,8 @@ def _check_values(cfg: DictConfig) -> None:
     _require(trainer.grad_clip is None or trainer.grad_clip > 0, f"trainer.grad_clip={trainer.grad_clip} must be positive or null")
     _require(cfg.optim.clock_lr is None or cfg.optim.clock_lr >= 0,
              f"optim.clock_lr={cfg.optim.clock_lr} must be positive, 0 (the clock frozen at its start) or null (optim.lr)")
+    _require(cfg.optim.schedule in LR_SCHEDULES,
+             f"optim.schedule={cfg.optim.schedule!r} is not allowed; allowed: {', '.join(LR_SCHEDULES)}")
     _require(cfg.optim.weight_decay >= 0, f"optim.weight_decay={cfg.optim.weight_decay} must be non-negative")
     if model.name in ("hrnn", "cwrnn"):
         _positive(cfg, "model.n_modules")

@@ -199,6 +199,9 @@ def train_step(run: Run, bar: tqdm) -> None:
         run.skipped += 1
         run.writer.add_scalar("train/nonfinite_skipped", run.skipped, run.step)
         return
+    factor = lr_factor(run.cfg.optim.schedule, run.step, trainer.steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
     run.optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -363,7 +366,18 @@ def build_optimizer(optim_cfg: DictConfig, model: torch.nn.Module) -> torch.opti
         clock_lr = optim_cfg.lr if optim_cfg.clock_lr is None else optim_cfg.clock_lr
         groups.append({"params": clock_params, "lr": clock_lr, "weight_decay": 0.0})
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
-    return kinds[optim_cfg.name](groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+    optimizer = kinds[optim_cfg.name](groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+    for group in optimizer.param_groups:  # the schedule scales each group's own starting rate
+        group["base_lr"] = group["lr"]
+    return optimizer
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning rate of step `step` (1-based) as a fraction of optim.lr: cosine runs from 1 at
+    step 1 to 0 after trainer.steps. A function of the step alone, so a resumed run keeps it."""
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+    return 1.0
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -502,6 +516,8 @@ def _load_into(state: dict[str, Any], model, optimizer, task: Task, path: Path) 
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         task.load_state_dict(state["task"])
+        for group in optimizer.param_groups:  # checkpoints from before optim.schedule ran at constant rates
+            group.setdefault("base_lr", group["lr"])
     except (RuntimeError, KeyError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise UserError(f"checkpoint {path} does not fit this model/task ({state.get('model_class')}): {reason[:200]}") from None

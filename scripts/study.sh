@@ -3,7 +3,7 @@
 #   python scripts/results.py outputs/study > docs/results.md
 #
 #   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events (default: all but smnist)
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -108,10 +108,13 @@ table() {
     smnist_events)  # sequential MNIST with the default model (clock_event) and event gates alone: one seed each
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock_event,event trainer.seed=0 \
         hydra.sweep.dir="$STUDY/smnist_events" ;;
+    pmnist_events)  # permuted MNIST with event gates, the best sMNIST row's model: one seed
+      run "${COMMON[@]}" experiment=pmnist model=hrnn model.activation=event trainer.seed=0 \
+        hydra.sweep.dir="$STUDY/pmnist_events" ;;
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" experiment=smnist model=lstm trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events" >&2; exit 2 ;;
   esac
 }
 

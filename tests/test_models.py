@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import pickle
 
 import numpy as np
@@ -12,7 +13,8 @@ import torch
 from conftest import compose_config, load_script
 from hrnn.config import validate
 from hrnn.models import build_model, count_parameters
-from hrnn.run import build_optimizer, seed_everything, train
+from hrnn.errors import UserError
+from hrnn.run import build_optimizer, lr_factor, seed_everything, train
 from hrnn.tasks import build_task
 
 TASK_OVERRIDES = {
@@ -177,3 +179,28 @@ def test_last_readout_asks_for_the_last_state_only(name):
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_scales_every_group_by_its_definition(tmp_path, schedule):
+    """After step s the optimizer holds base * (1 + cos(pi (s - 1) / steps)) / 2 for cosine, base for
+    constant, in the weights' group and the clock's; checkpoints store the base rates."""
+    steps = 6
+    cfg = compose_config([*TASK_OVERRIDES["adding"], f"optim.schedule={schedule}", "optim.lr=0.002",
+                          "optim.clock_lr=0.02", "model.hidden_size=8", "model.n_modules=2",
+                          f"trainer.steps={steps}", "trainer.eval_every=3", "trainer.progress=false",
+                          "trainer.batch_size=4"])
+    train(cfg, tmp_path)
+    groups = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    factor = (1 + math.cos(math.pi * (steps - 1) / steps)) / 2 if schedule == "cosine" else 1.0
+    assert [g["base_lr"] for g in groups] == [0.002, 0.02]
+    assert [g["lr"] for g in groups] == pytest.approx([0.002 * factor, 0.02 * factor], rel=1e-12)
+    assert lr_factor(schedule, 1, steps) == 1.0
+    if schedule == "cosine":
+        assert lr_factor(schedule, steps // 2 + 1, steps) == pytest.approx(0.5)
+        assert 0 < lr_factor(schedule, steps, steps) < 0.1
+
+
+def test_an_unknown_lr_schedule_is_one_line_naming_the_allowed():
+    with pytest.raises(UserError, match=r"optim.schedule='linear' is not allowed; allowed: constant, cosine"):
+        validate(compose_config([*TASK_OVERRIDES["adding"], "optim.schedule=linear"]))
