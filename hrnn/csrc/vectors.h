@@ -22,9 +22,13 @@ template <typename VT, typename T>
 inline void vstore(T* p, const VT& v) {
   std::memcpy(p, &v, sizeof(VT));
 }
+// A splat of x. Adding x to -0.0 (not to VT{}, +0.0) is the identity under IEEE rules, so GCC emits
+// one broadcast load; 0.0 + x is not (0.0 + -0.0 = +0.0), and cost a scalar add plus a register
+// broadcast in the products' inner loops, on the FP ports the FMAs need (AVX2 backward -10%,
+// docs/performance.md).
 template <typename VT, typename T>
 inline VT vset(T x) {
-  return VT{} + x;
+  return -VT{} + x;
 }
 
 // Fetch n values from p into the cache, one line at a time. The time loops walk (B, T, H) rows a
