@@ -114,6 +114,7 @@ class OptimSchema:
     name: str
     lr: float
     clock_lr: Optional[float]
+    connectivity_lr: Optional[float]
     weight_decay: float
     schedule: str
 
@@ -232,6 +233,8 @@ def _check_values(cfg: DictConfig) -> None:
     _require(trainer.grad_clip is None or trainer.grad_clip > 0, f"trainer.grad_clip={trainer.grad_clip} must be positive or null")
     _require(cfg.optim.clock_lr is None or cfg.optim.clock_lr >= 0,
              f"optim.clock_lr={cfg.optim.clock_lr} must be positive, 0 (the clock frozen at its start) or null (optim.lr)")
+    _require(cfg.optim.connectivity_lr is None or cfg.optim.connectivity_lr > 0,
+             f"optim.connectivity_lr={cfg.optim.connectivity_lr} must be positive or null (optim.lr)")
     _require(cfg.optim.schedule in LR_SCHEDULES,
              f"optim.schedule={cfg.optim.schedule!r} is not allowed; allowed: {', '.join(LR_SCHEDULES)}")
     _require(cfg.optim.weight_decay >= 0, f"optim.weight_decay={cfg.optim.weight_decay} must be non-negative")

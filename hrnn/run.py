@@ -353,18 +353,24 @@ def build_optimizer(optim_cfg: DictConfig, model: torch.nn.Module) -> torch.opti
 
     optim.clock_lr=0 freezes the clock at its start (the ablation against a fixed hierarchy):
     its parameters stop requiring gradients, so they get no update, no optimizer state and no
-    share of the clipped gradient norm. null gives them optim.lr."""
+    share of the clipped gradient norm. null gives them optim.lr. Learned connectivity's gate
+    logits get optim.connectivity_lr for the same reason (at optim.lr they stayed at their start)."""
     clock = model.clock if hasattr(model, "clock") else None
     clock_params = [p for p in clock.parameters() if p.requires_grad] if clock is not None else []
     if optim_cfg.clock_lr == 0:
         for p in clock_params:
             p.requires_grad_(False)
         clock_params = []
-    clock_ids = {id(p) for p in clock_params}
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in clock_ids]}]
+    logits = getattr(model, "connectivity_logits", None)
+    gate_params = [logits] if logits is not None else []
+    own = {id(p) for p in clock_params + gate_params}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in own]}]
     if clock_params:
         clock_lr = optim_cfg.lr if optim_cfg.clock_lr is None else optim_cfg.clock_lr
         groups.append({"params": clock_params, "lr": clock_lr, "weight_decay": 0.0})
+    if gate_params:  # like a clock logit, a gate logit must move by units, not by lr-sized steps
+        gate_lr = optim_cfg.lr if optim_cfg.connectivity_lr is None else optim_cfg.connectivity_lr
+        groups.append({"params": gate_params, "lr": gate_lr, "weight_decay": 0.0})
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
     optimizer = kinds[optim_cfg.name](groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
     for group in optimizer.param_groups:  # the schedule scales each group's own starting rate

@@ -7,9 +7,14 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from conftest import compose_config
+from hrnn.config import validate
 from hrnn.core import leaky_rnn_reference
+from hrnn.models import build_model
 from hrnn.models.clock import BasisClock, FixedClock
 from hrnn.models.recurrent import ClockedRNN, ConnectivityGates, expand_blocks, slow_to_fast_modules
+from hrnn.run import build_optimizer
+from hrnn.tasks import build_task
 
 M, UNITS = 4, 2
 H = M * UNITS
@@ -128,3 +133,19 @@ def test_slow_to_fast_ties_are_ordered_by_index_keeping_the_clockwork_block_coun
     assert modules.tolist() == [[1, 1, 0], [0, 1, 0], [1, 1, 1]]
     assert modules.sum() == 3 * 4 / 2
     assert torch.equal(slow_to_fast_modules([0.0, 1.0, 2.0, 3.0]), torch.ones(4, 4).triu())  # index order
+
+
+def test_connectivity_logits_train_at_their_own_rate():
+    """optim.connectivity_lr puts the block-gate logits in a group of their own (null: optim.lr),
+    apart from the weights and the clock; without learned connectivity there is no such group."""
+    common = ["task=adding", "model.hidden_size=8", "model.n_modules=2", "optim.lr=0.001", "optim.clock_lr=0.02"]
+    cfg = validate(compose_config([*common, "model.connectivity=learned", "optim.connectivity_lr=0.05"]))
+    net = build_model(cfg, build_task(cfg.task, cfg.data_dir, seed=0).spec)
+    groups = build_optimizer(cfg.optim, net).param_groups
+    assert [g["lr"] for g in groups] == [0.001, 0.02, 0.05]
+    assert groups[2]["params"] == [net.connectivity_logits]
+    assert all(p is not net.connectivity_logits for g in groups[:2] for p in g["params"])
+    cfg = validate(compose_config([*common, "model.connectivity=learned", "optim.connectivity_lr=null"]))
+    assert [g["lr"] for g in build_optimizer(cfg.optim, build_model(cfg, build_task(cfg.task, cfg.data_dir, seed=0).spec)).param_groups] == [0.001, 0.02, 0.001]
+    cfg = validate(compose_config(common))
+    assert len(build_optimizer(cfg.optim, build_model(cfg, build_task(cfg.task, cfg.data_dir, seed=0).spec)).param_groups) == 2

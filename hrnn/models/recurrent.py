@@ -262,6 +262,12 @@ class SequenceModel(nn.Module):
     def clock(self) -> Clock | None:
         return getattr(self.backbone, "clock", None)
 
+    @property
+    def connectivity_logits(self) -> nn.Parameter | None:
+        """Learned connectivity's (M, M) block-gate logits, which train at their own rate."""
+        gates = getattr(self.backbone, "gates", None)
+        return None if gates is None else gates.logits
+
     def forward(self, x: Tensor) -> Tensor:
         # "last": ask for the final state only, so no (B, T, H) gradient is built for it.
         return self.head(self.backbone(x, last_only=self.readout == "last"))
