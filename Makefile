@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 HRNN_REQUIRE_FUSED ?= 1
 
-.PHONY: install train test test-slow data tensorboard bench bench-gates clean
+.PHONY: install train test test-slow data tensorboard bench bench-gates time-kernels clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ bench: install
 # The event-gate core's time against the fraction of updates (docs/models.md, "Fused core").
 bench-gates: install
 	$(BIN)/python scripts/bench_gates.py $(ARGS)
+
+# The clock core's kernels alone, one thread, no torch (scripts/time_kernels.cpp; docs/performance.md).
+time-kernels: install
+	$(BIN)/python scripts/time_kernels.py $(ARGS)
 
 clean:
 	rm -rf outputs/*/ multirun build *.egg-info .pytest_cache

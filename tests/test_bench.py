@@ -36,3 +36,16 @@ def test_bench_quick_runs_each_capability_and_path(tmp_path):
             assert calls["dense"] > 0 and calls["skipping"] == 0, r
     lstm = [r for r in results if r["config"] == "lstm"]
     assert len(lstm) == 1 and lstm[0]["kernel_calls"] == {"skipping": 0, "dense": 0}
+
+
+@pytest.mark.skipif(not [c for c in fused.cpu_capabilities() if c != "default"], reason="no register kernels on this CPU")
+def test_time_kernels_builds_and_runs_every_register_capability():
+    """scripts/time_kernels.py compiles the kernels with setup.py's flags and times them; every
+    capability computes the same dW_h (the printed sum) for the same seeded slice."""
+    result = subprocess.run([sys.executable, "scripts/time_kernels.py", "--steps", "12", "--rows", "7", "--repeat", "1", "--", "-O1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == [c for c in fused.cpu_capabilities() if c != "default"]
+    sums = [float(line.rsplit(" ", 1)[1]) for line in lines]
+    assert all(s == pytest.approx(sums[0], rel=1e-4) for s in sums) and sums[0] != 0
