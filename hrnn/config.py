@@ -122,6 +122,7 @@ class OptimSchema:
 @dataclass
 class TrainerSchema:
     steps: int
+    max_wall_s: Optional[float]
     batch_size: int
     eval_every: int
     eval_batch_size: int
@@ -230,6 +231,7 @@ def _check_values(cfg: DictConfig) -> None:
              f"is not allowed; allowed: {', '.join(MATMUL_PRECISIONS)}")
     _require(trainer.nonfinite in NONFINITE, f"trainer.nonfinite={trainer.nonfinite!r} is not allowed; allowed: {', '.join(NONFINITE)}")
     _require(trainer.num_threads is None or trainer.num_threads > 0, f"trainer.num_threads={trainer.num_threads} must be positive or null")
+    _require(trainer.max_wall_s is None or trainer.max_wall_s > 0, f"trainer.max_wall_s={trainer.max_wall_s} must be positive or null")
     _require(trainer.grad_clip is None or trainer.grad_clip > 0, f"trainer.grad_clip={trainer.grad_clip} must be positive or null")
     _require(cfg.optim.clock_lr is None or cfg.optim.clock_lr >= 0,
              f"optim.clock_lr={cfg.optim.clock_lr} must be positive, 0 (the clock frozen at its start) or null (optim.lr)")

@@ -45,7 +45,7 @@ from hrnn.tensorboard_logging import format_periods, heatmap, log_clock, log_hpa
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("task", "model", "basis", "regularizer", "optim", "trainer", "experiment", "hparams_search")
 # What may change when a run is resumed: nothing that alters the trajectory.
-RESUMABLE_OVERRIDES = ("trainer.steps", "trainer.device", "trainer.num_threads", "trainer.progress", "trainer.log_every")
+RESUMABLE_OVERRIDES = ("trainer.steps", "trainer.max_wall_s", "trainer.device", "trainer.num_threads", "trainer.progress", "trainer.log_every")
 say = tqdm.write  # print without breaking the progress bar
 
 
@@ -71,8 +71,12 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             run.step += 1
             train_step(run, bar)
             bar.update(1)
-            if run.step % trainer.eval_every == 0 or run.step == trainer.steps:
+            out_of_time = trainer.max_wall_s is not None and run.wall_s() >= trainer.max_wall_s
+            if run.step % trainer.eval_every == 0 or run.step == trainer.steps or out_of_time:
                 evaluate_and_checkpoint(run)
+            if out_of_time:
+                say(f"trainer.max_wall_s={trainer.max_wall_s:g} reached at step {run.step}")
+                break
             if stop.signum is not None:
                 stop_with_checkpoint(run, stop.signum)
     finally:
@@ -292,6 +296,7 @@ def finish(run: Run) -> float:
         "params": count_parameters(model),
         "steps": step,
         "wall_s": run.wall_s(),
+        "max_wall_s": cfg.trainer.max_wall_s,
         "train_step_s": statistics.median(run.step_times) if run.step_times else None,
         "nonfinite_skipped": run.skipped,
         "task": task.name,

@@ -62,15 +62,19 @@ def run_job(train: Callable[[DictConfig, Path], float], cfg: DictConfig, run_dir
 
 
 def finished_value(cfg: DictConfig, run_dir: Path) -> float | None:
-    """With resume=auto: the stored val_metric of a job that already finished its trainer.steps, else None."""
+    """With resume=auto: the stored val_metric of a job that already finished its trainer.steps
+    (or spent its trainer.max_wall_s), else None."""
     if cfg.get("resume") is None or str(cfg.resume) != "auto":
         return None
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    if metrics.get("status") != "finished" or metrics.get("steps", 0) < OmegaConf.select(cfg, "trainer.steps", default=0):
-        return None  # more steps asked for: resume from the last checkpoint instead
+    budget = OmegaConf.select(cfg, "trainer.max_wall_s", default=None)
+    out_of_time = budget is not None and metrics.get("wall_s", 0) >= budget
+    if metrics.get("status") != "finished" or (
+            metrics.get("steps", 0) < OmegaConf.select(cfg, "trainer.steps", default=0) and not out_of_time):
+        return None  # more steps (or time) asked for: resume from the last checkpoint instead
     return float(metrics["val_metric"])
 
 

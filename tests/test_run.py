@@ -189,3 +189,28 @@ def test_resume_of_a_directory_without_a_run(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip() == (f"error: resume={tmp_path / 'empty'} holds no run (no checkpoints/last.pt); "
                                      "give a run directory written by hrnn-train")
+
+
+def test_max_wall_s_stops_with_a_last_evaluation_and_counts_as_finished_for_resume_auto(tmp_path, tiny):
+    """A wall-clock budget ends training early, evaluates and tests as at the end, and a sweep
+    continued with resume=auto leaves the spent job alone (it has no steps left to use its time)."""
+    from hrnn.sweep import finished_value
+
+    args = ["task=adding", "task.seq_len=20", *tiny, "trainer.steps=1000000", "trainer.eval_every=1000000",
+            "trainer.max_wall_s=1.5", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = run_cli(args, cwd=tmp_path)
+    metrics = read_metrics(tmp_path / "run")
+    assert "trainer.max_wall_s=1.5 reached at step" in result.stdout
+    assert 0 < metrics["steps"] < 1000000 and metrics["max_wall_s"] == 1.5
+    assert metrics["history"][-1]["step"] == metrics["steps"] and metrics["history"][-1]["wall_s"] >= 1.5
+    assert metrics["status"] == "finished" and "test_metric" in metrics
+    cfg = compose_config(["trainer.steps=1000000", "trainer.max_wall_s=1.5", "resume=auto"])
+    assert finished_value(cfg, tmp_path / "run") == metrics["val_metric"]
+    more_time = compose_config(["trainer.steps=1000000", "trainer.max_wall_s=1000", "resume=auto"])
+    assert finished_value(more_time, tmp_path / "run") is None  # a larger budget resumes it
+
+
+def test_a_non_positive_max_wall_s_is_one_line(tmp_path):
+    result = run_cli(["trainer.max_wall_s=0"], cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "trainer.max_wall_s=0.0 must be positive or null" in result.stderr
