@@ -162,19 +162,22 @@ def set_up(cfg: DictConfig, run_dir: Path) -> Run:
     run.writer = SummaryWriter(log_dir=str(run_dir), purge_step=run.step + 1 if run.step else None)
     say(f"hrnn | task {task.name} (T={task.spec.seq_len}) | model {_describe_model(cfg)} | "
         f"{count_parameters(model):,} parameters | {device}"
-        + (f" (recurrence: {_cpu_kernels(device)})" if device.type == "cpu" else ""))
+        + (f" (recurrence: {_cpu_kernels(device, model)})" if device.type == "cpu" else ""))
     say(f"baseline {task.metric_name} {task.baseline:.4f} ({task.baseline_note})")
     say(f"run dir {run_dir}" + (f" | resuming after step {run.step}" if run.step else ""))
     return run
 
 
-def _cpu_kernels(device: torch.device) -> str | None:
-    """Which CPU recurrence runs: a capability of the fused kernels (default, avx2, avx512), or
-    "pytorch loop" when they are not built; None off the CPU."""
+def _cpu_kernels(device: torch.device, model: SequenceModel) -> str | None:
+    """Which CPU recurrence runs: a capability of the fused kernels (default, avx2, avx512),
+    "pytorch loop" when they are not built or the model has none, or the torch.nn module; None
+    off the CPU."""
     from hrnn import fused  # imported by main first: a bad HRNN_CPU_CAPABILITY is reported there
 
     if device.type != "cpu":
         return None
+    if model.recurrence() != "fused":
+        return model.recurrence()
     return fused.cpu_capability() if fused.available() else "pytorch loop"
 
 
@@ -305,7 +308,7 @@ def finish(run: Run) -> float:
         "regularizer": cfg.regularizer.name,
         "seed": cfg.trainer.seed,
         "device": str(run.device),
-        "cpu_kernels": _cpu_kernels(run.device),
+        "cpu_kernels": _cpu_kernels(run.device, model),
         "threads": torch.get_num_threads(),
         "status": "finished",
         "history": run.history,

@@ -45,9 +45,11 @@ def test_every_option_trains_a_step_on_every_task(task, options, fake_mnist):  #
                                           ("copy", ["model.activation=clock_event"]), ("adding", ["model.activation=chunker"])])
 def test_cli_trains_and_logs_connectivity_and_update_fraction(tmp_path, task, options):
     run_dir = tmp_path / "run"
-    run_cli([*TINY, f"task={task}", "task.seq_len=10", *options, "trainer.steps=4", "trainer.eval_every=2",
-             "trainer.num_threads=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    result = run_cli([*TINY, f"task={task}", "task.seq_len=10", *options, "trainer.steps=4", "trainer.eval_every=2",
+                      "trainer.num_threads=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     metrics = read_metrics(run_dir)
+    if "model.activation=chunker" in options:  # no fused core: the header and metrics.json do not claim one
+        assert metrics["cpu_kernels"] == "pytorch loop" and "(recurrence: pytorch loop)" in result.stdout
     assert [entry["step"] for entry in metrics["history"]] == [2, 4]
     assert all(0 <= entry["val_update_fraction"] <= 1 for entry in metrics["history"])
     assert 0 <= metrics["test"]["update_fraction"] <= 1

@@ -86,9 +86,10 @@ def test_run_directory_names_the_basis_only_for_hrnn(model, suffix):
 
 
 def test_a_baseline_run_directory_has_no_basis(tmp_path, tiny):
-    run_cli(["model=lstm", "task.seq_len=5", "trainer.steps=1", *tiny], cwd=tmp_path)
+    result = run_cli(["model=lstm", "task.seq_len=5", "trainer.steps=1", *tiny], cwd=tmp_path)
     (run_dir,) = (tmp_path / "outputs" / "adding").iterdir()
     assert run_dir.name.endswith("_lstm") and (run_dir / "metrics.json").exists()
+    assert "(recurrence: torch.nn.LSTM)" in result.stdout and read_metrics(run_dir)["cpu_kernels"] == "torch.nn.LSTM"
 
 
 def test_stop_at_step_k_and_resume_reproduces_uninterrupted_run(tmp_path, tiny):

@@ -60,6 +60,11 @@ class Backbone(nn.Module):
         fraction of module updates when a is 0/1); None if the model has no activations."""
         return None
 
+    def recurrence(self) -> str:
+        """What runs the time loop on a CPU: "fused" (hrnn's C++ cores, where built), "pytorch loop",
+        or the torch.nn module; the run header names it."""
+        return "fused"
+
 
 class ConnectivityGates(nn.Module):
     """Learned connectivity: block (i, j) of W_h is scaled by s_ij = sigmoid(L_ij).
@@ -91,6 +96,8 @@ class UpdateGate(nn.Module):
     probability g) and the threshold in evaluation. `update_weight` * the mean activation is
     added to the loss (Skip RNN's budget).
     """
+
+    fused = True  # hrnn.gated's fused core runs it where built
 
     def __init__(self, n_modules: int, mode: str, threshold: float, update_weight: float) -> None:
         super().__init__()
@@ -135,6 +142,8 @@ class ChunkerGate(UpdateGate):
     """Module m >= 1 wakes when module m - 1 mispredicts the input x_t (Schmidhuber 1992's Chunker),
     against a learned threshold theta_m that starts at `threshold_init`; module 0 always updates.
     `prediction_weight` * the mean prediction error is added to the loss: it trains the predictions."""
+
+    fused = False  # no fused core: the predictions and thresholds run in a PyTorch loop
 
     def __init__(self, input_size: int, hidden_size: int, n_modules: int, mode: str, threshold_init: float,
                  threshold: float, update_weight: float, prediction_weight: float) -> None:
@@ -234,6 +243,9 @@ class ClockedRNN(Backbone):
     def update_fraction(self) -> float | None:
         return None if self.activations is None else float(self.activations.detach().mean())
 
+    def recurrence(self) -> str:
+        return "pytorch loop" if self.event is not None and not self.event.fused else "fused"
+
 
 class TorchRNN(Backbone):
     """torch.nn.LSTM / GRU / RNN (tanh): the fused baselines people would otherwise use."""
@@ -247,6 +259,9 @@ class TorchRNN(Backbone):
     def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
         states = self.rnn(x)[0]
         return states[:, -1] if last_only else states
+
+    def recurrence(self) -> str:
+        return f"torch.nn.{type(self.rnn).__name__}"
 
 
 class SequenceModel(nn.Module):
@@ -277,6 +292,9 @@ class SequenceModel(nn.Module):
 
     def connectivity(self) -> Tensor | None:
         return self.backbone.connectivity()
+
+    def recurrence(self) -> str:
+        return self.backbone.recurrence()
 
     def statistics(self) -> dict[str, float]:
         """Numbers about the last forward pass the runner averages like a task's metrics."""
