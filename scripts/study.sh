@@ -3,7 +3,7 @@
 #   python scripts/results.py outputs/study > docs/results.md
 #
 #   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events (default: all but smnist)
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -111,10 +111,31 @@ table() {
     pmnist_events)  # permuted MNIST with event gates, the best sMNIST row's model: one seed
       run "${COMMON[@]}" experiment=pmnist model=hrnn model.activation=event trainer.seed=0 \
         hydra.sweep.dir="$STUDY/pmnist_events" ;;
+    mnist_long)  # event gates on sequential and permuted MNIST with twice the preset's steps and a cosine
+                 # decay (both were still rising at the end of 20k constant-rate steps): one seed each
+      run "${COMMON[@]}" experiment=smnist,pmnist model=hrnn model.activation=event optim.schedule=cosine \
+        trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/mnist_long" ;;
+    baselines_long)  # LSTM, GRU and the Clockwork RNN on long adding with more wall time than event gates
+                     # needed to reach 0.01 there (median 151 s at T = 500, 652 s at T = 1000): one seed
+      run "${COMMON[@]}" task=adding task.seq_len=500 model=lstm,gru,cwrnn trainer.max_wall_s=300 \
+        trainer.steps=100000 trainer.eval_every=250 trainer.seed=0 hydra.sweep.dir="$STUDY/baselines_long_500"
+      run "${COMMON[@]}" task=adding task.seq_len=1000 model=lstm,gru,cwrnn trainer.max_wall_s=900 \
+        trainer.steps=100000 trainer.eval_every=250 trainer.seed=0 hydra.sweep.dir="$STUDY/baselines_long_1000" ;;
+    connectivity_lr)  # learned connectivity with its own learning rate (optim.connectivity_lr, 0.01) on
+                      # adding T = 200 with event gates, 3 seeds, 2000 steps (events_connectivity's budget)
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.connectivity=learned \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/connectivity_lr"
+      # ... and on the timescales task, where the Clockwork RNN's slow-to-fast mask is the hand-set answer
+      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[2,7,30]' model=hrnn model.activation=clock basis=binary \
+        model.connectivity=learned trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/connectivity_lr_timescales" ;;
+    events_hard)  # hard (straight-through) and stochastic event gates on adding T = 200, 3 seeds, 2000 steps
+                  # (events_adding's budget): the prototype kept every hard gate shut
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=hard,stochastic \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_hard" ;;
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" experiment=smnist model=lstm trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard" >&2; exit 2 ;;
   esac
 }
 
