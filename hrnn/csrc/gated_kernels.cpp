@@ -264,7 +264,13 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
   for (int64_t t = 0; t < TT; ++t) {
     bool every = true;  // every (b, m) of this step computed
     std::memset(lists.counts, 0, sizeof(int) * M);
-    if (P.gx) gate_logits<T, VL>(P, t, b0, b1, reinterpret_cast<T*>(lists.logits));
+    T* gates = reinterpret_cast<T*>(lists.logits);  // (n, M): the logits, then g
+    if (P.gx) {
+      gate_logits<T, VL>(P, t, b0, b1, gates);
+      // One loop of independent exps and divides: inside the per-module loop below each divide
+      // waited for its exp (a quarter of the forward at f = 0, AVX-512, T = 784).
+      for (int64_t i = 0; i < n * M; ++i) gates[i] = sigmoid(gates[i]);
+    }
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row = b * TT + t;
       const T* hp = t ? P.hs + (row - 1) * H : P.h0 + b * H;
@@ -273,21 +279,21 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
       // Each row's inputs and outputs are read or written once, a stride of T H (or T M) apart
       // from the next row's: more streams than the hardware prefetcher follows. So the next
       // step's are fetched now (AVX-512, one thread, B = 100, T = 200: dense forward 6.3 -> 5.2
-      // ms; at f = 0, where most of it waited for the thresholds, 2.6 -> 1.8 ms). x_{t+1} is
-      // next to x_t.
+      // ms; at f = 0, where most of it waited for the thresholds, 2.6 -> 1.8 ms).
       if (t + 1 < TT) {
+        prefetch(P.x + (row + 1) * P.I, P.I);
         prefetch<T, 1>(ho + H, H);
         prefetch<T, 1>(P.as + (row + 1) * M, M);
-        if (P.gx) prefetch<T, 1>(P.gs + (row + 1) * M, M);
+        if (P.gs) prefetch<T, 1>(P.gs + (row + 1) * M, M);
         if (P.thr) prefetch(P.thr + (row + 1) * M, M);
         if (P.waves && P.waves_stride) prefetch(P.waves + b * P.waves_stride + (t + 1) * M, M);
       }
-      const T* logits = reinterpret_cast<const T*>(lists.logits) + (b - b0) * M;
+      const T* gr = gates + (b - b0) * M;
       for (int64_t m = 0; m < M; ++m) {
         T e = T(1);
         if (P.gx) {
-          const T g = sigmoid(logits[m]);
-          P.gs[row * M + m] = g;
+          const T g = gr[m];
+          if (P.gs) P.gs[row * M + m] = g;
           e = P.hard ? T(g > (P.thr ? P.thr[row * M + m] : P.thr_value)) : g;
         }
         ar[m] = P.waves ? P.waves[b * P.waves_stride + t * M + m] * e : e;
@@ -400,12 +406,43 @@ void dz_products(const GatedProblem<T>& P, int64_t t, const int32_t* rows, int n
   }
 }
 
-// sum_k a[k] b[k] over n, a multiple of VL.
+// The gate's share of step t for every row of the slice, with dL/dlogits in dls (row b at
+// dls + (b - b0) M): carry += dl G_h (dL/dh_{t-1}) and dG_h += dl^T h_{t-1}, the dz kernels with
+// the M logits in the place of dz. A loop per row (load, FMA and store of carry and of dG_h for
+// each of M x H) was about a fifth of the backward at f = 0 (AVX-512, T = 784).
 template <typename T, int VL>
-inline T dot(const T* a, const T* b, int64_t n) {
+void gate_products(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, const T* dls, T* dgh,
+                   const T** dl_ptr, const T** hp_ptr) {
+  const int64_t H = P.H, TT = P.T_, M = P.M;
+  const int n = int(b1 - b0);
+  for (int i = 0; i < n; ++i) {
+    const int64_t b = b0 + i, row = b * TT + t;
+    dl_ptr[i] = dls + i * M;
+    hp_ptr[i] = t ? P.hs + (row - 1) * H : P.h0 + b * H;
+  }
+  for_tiles<kTiles>(int(H / VL), [&](auto nv, int tile) {
+    constexpr int NV = decltype(nv)::value;
+    const int64_t kcol = int64_t(tile) * VL;
+    auto block = [&](auto r_, int i) {
+      constexpr int R = decltype(r_)::value;
+      T* carry[R];
+      for (int r = 0; r < R; ++r) carry[r] = P.dh0 + (b0 + i + r) * H;
+      carry_block<T, VL, R, NV>(carry, dl_ptr + i, P.gh, H, kcol, 0, M);
+    };
+    for_rows<rows_for(NV)>(n, 0, block);
+    int64_t m = 0;
+    for (; m + kDwRows <= M; m += kDwRows) dw_block<T, VL, kDwRows, NV>(dgh, dl_ptr, hp_ptr, n, H, m, kcol);
+    for (; m < M; ++m) dw_block<T, VL, 1, NV>(dgh, dl_ptr, hp_ptr, n, H, m, kcol);
+  });
+}
+
+// sum_k a[k] (c[k] - h[k]), or sum_k a[k] c[k] without h, over n, a multiple of VL.
+template <typename T, int VL>
+inline T dot(const T* a, const T* c, const T* h, int64_t n) {
   using VT = typename VecOf<T, VL>::type;
   VT acc = vset<VT>(T(0));
-  for (int64_t k = 0; k < n; k += VL) acc += vload<VT>(a + k) * vload<VT>(b + k);
+  for (int64_t k = 0; k < n; k += VL)
+    acc += vload<VT>(a + k) * (h ? vload<VT>(c + k) - vload<VT>(h + k) : vload<VT>(c + k));
   T s = T(0);
   for (int l = 0; l < VL; ++l) s += acc[l];
   return s;
@@ -424,7 +461,8 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
   const T** dz_ptr = new const T*[n];
   const T** hp_ptr = new const T*[n];
   const T** x_ptr = new const T*[n];
-  T* dl = new T[M];
+  T* dls = gated ? new T[n * M] : nullptr;  // this step's dL/dlogits, row b at (b - b0) M
+  const T** dl_ptr = new const T*[n];
   for (int64_t b = b0; b < b1; ++b) {
     if (P.g) std::memset(P.dh0 + b * H, 0, sizeof(T) * H);
     else std::memcpy(P.dh0 + b * H, P.g_last + b * H, sizeof(T) * H);
@@ -442,7 +480,8 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
       T* dz = dz_rows + (b - b0) * H;
       T* dxr = P.dx ? P.dx + row * I : nullptr;  // dx_t = dz W_x + dl G_x
       if (dxr) std::memset(dxr, 0, sizeof(T) * I);
-      if (t > 0) {  // the previous step's rows, as in the forward
+      if (t > 0) {  // the previous step's rows, as in the forward (x: a fifth of the backward at f = 0)
+        prefetch(P.x + (row - 1) * I, I);
         if (P.g) prefetch(P.g + (row - 1) * H, H);
         prefetch(P.cs + (row - 1) * H, H);
         if (t > 1) prefetch(P.hs + (row - 2) * H, H);
@@ -458,8 +497,7 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
         const T a = ar[m];
         T* cm = carry + m * S;
         T da = P.ga ? P.ga[row * M + m] : T(0);
-        if (P.need_da)
-          for (int64_t j = 0; j < S; ++j) da += cm[j] * (c[m * S + j] - hp[m * S + j]);
+        if (P.need_da) da += dot<T, VL>(cm, c + m * S, hp + m * S, S);
         if (a != T(0)) {
           for (int64_t j = 0; j < S; ++j) {
             const T cj = c[m * S + j];
@@ -467,7 +505,7 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
             cm[j] *= T(1) - a;
           }
           if (dxr)
-            for (int64_t i = 0; i < I; ++i) dxr[i] += dot<T, VL>(dz + m * S, P.wxT + i * H + m * S, S);
+            for (int64_t i = 0; i < I; ++i) dxr[i] += dot<T, VL>(dz + m * S, P.wxT + i * H + m * S, nullptr, S);
           lists.rows[m * n + lists.counts[m]++] = int32_t(b);
         } else {  // closed: dz = 0 (never read), the carry passes through unchanged
           every = false;
@@ -477,26 +515,22 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
         if (gated) {
           const T g = P.gs[row * M + m];
           e = P.hard ? T(g > (P.thr ? P.thr[row * M + m] : P.thr_value)) : g;
-          dl[m] = da * w * g * (T(1) - g);  // straight-through when hard: dL/dg = dL/de
+          dls[(b - b0) * M + m] = da * w * g * (T(1) - g);  // straight-through when hard: dL/dg = dL/de
         }
         if (P.dwaves) P.dwaves[row * M + m] = da * e;
       }
-      if (gated) {  // logits l = g_b + x_t G_x^T + h_{t-1} G_h^T
-        for (int64_t m = 0; m < M; ++m) {
-          const T d = dl[m];
-          const T* ghm = P.gh + m * H;
-          T* dghm = dgh + m * H;
-          for (int64_t k = 0; k < H; ++k) {
-            carry[k] += d * ghm[k];
-            dghm[k] += d * hp[k];
-          }
-          for (int64_t i = 0; i < I; ++i) dgx[i * M + m] += xr[i] * d;
-          dgx[I * M + m] += d;
-          if (dxr)
-            for (int64_t i = 0; i < I; ++i) dxr[i] += d * P.gx[m * I + i];
+      if (gated) {  // logits l = g_b + x_t G_x^T + h_{t-1} G_h^T; the h_{t-1} part: gate_products
+        const T* dl = dls + (b - b0) * M;
+        for (int64_t i = 0; i <= I; ++i) {
+          const T xi = i < I ? xr[i] : T(1);  // row I: dg_b
+          for (int64_t m = 0; m < M; ++m) dgx[i * M + m] += xi * dl[m];
         }
+        if (dxr)
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t i = 0; i < I; ++i) dxr[i] += dl[m] * P.gx[m * I + i];
       }
     }
+    if (gated) gate_products<T, VL>(P, t, b0, b1, dls, dgh, dl_ptr, hp_ptr);
     if (every) {
       dz_products<T, VL>(P, t, lists.rows, int(n), 0, H, b0, dz_rows, dw, dwx, dz_ptr, hp_ptr, x_ptr);
     } else {
@@ -510,7 +544,8 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
   delete[] dz_ptr;
   delete[] hp_ptr;
   delete[] x_ptr;
-  delete[] dl;
+  delete[] dl_ptr;
+  delete[] dls;
 }
 
 // ---------------------------------------------------------------- entry points

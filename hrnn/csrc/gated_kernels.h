@@ -38,7 +38,7 @@ struct GatedProblem {
   T* hs = nullptr;  // (B, T, H) states
   T* cs = nullptr;  // (B, T, H) candidates, or nullptr (not kept)
   T* as = nullptr;  // (B, T, M) activations a = w e
-  T* gs = nullptr;  // (B, T, M) gate values g (gated only)
+  T* gs = nullptr;  // (B, T, M) gate values g (gated, and kept for a backward), or nullptr
   // backward
   const T* g = nullptr;       // (B, T, H) gradient of the states, or nullptr when ...
   const T* g_last = nullptr;  // ... the loss read the last state only: (B, H)
