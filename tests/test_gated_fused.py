@@ -120,8 +120,9 @@ def test_waves_without_a_gate_match_the_reference(dtype):
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_closed_modules_hold_the_state_bit_for_bit_and_open_ones_take_the_candidate(grad):
-    args = make(6, 15, 3, 32, 4, F64, "shared", seed=5)
+@pytest.mark.parametrize("inputs,bias", [(3, True), (1, False)])
+def test_closed_modules_hold_the_state_bit_for_bit_and_open_ones_take_the_candidate(grad, inputs, bias):
+    args = make(6, 15, inputs, 32, 4, F64, "shared", seed=5, bias=bias)
     args["waves"] = (args["waves"] > 0.3).to(F64)  # 0/1 clock ticks times a hard gate: a in {0, 1}
     with torch.set_grad_enabled(grad):
         if grad:
@@ -129,7 +130,7 @@ def test_closed_modules_hold_the_state_bit_for_bit_and_open_ones_take_the_candid
         states, acts = call(gated_leaky_rnn, args, "hard", args["thresholds"])
     states, acts = states.detach(), acts.detach()
     previous = torch.cat([args["h0"].unsqueeze(1), states[:, :-1]], dim=1)
-    u = args["x"] @ args["w_x"].t() + args["bias"]
+    u = torch.nn.functional.linear(args["x"], args["w_x"], args["bias"])
     candidate = torch.tanh(u + previous @ args["w_h"].detach().t())
     a = acts.repeat_interleave(8, dim=2)
     assert 0.2 < acts.mean() < 0.8
@@ -164,8 +165,7 @@ def test_no_grad_computes_only_open_blocks_and_training_computes_all():
     assert states.requires_grad and last_candidate_blocks() == int((args["waves"] != 0).sum()) * batch
 
 
-@pytest.mark.parametrize("waves", ["shared", "per_sample"])
-@pytest.mark.parametrize("inputs,bias", [(1, False), (3, True)])
+@pytest.mark.parametrize("waves,inputs,bias", [("shared", 1, False), ("per_sample", 3, True)])
 def test_gradcheck_soft_every_input_float64(waves, inputs, bias):
     args = make(3, 5, inputs, 8, 2, F64, waves, seed=8, bias=bias)
     names = [n for n in (*NAMES, "waves") if args[n] is not None]
