@@ -2,7 +2,7 @@
 
 Values and every gradient (x, W_x and b, whose projection the kernels form per step; W_h, h0, G_x,
 g_b, G_h, and shared or per-sample waves), soft and hard gates, with thresholds as a float or a
-per-(b, t, m) tensor, with and without the bias, for 1, 2 and 3 inputs, under every
+per-(b, t, m) tensor, with and without the bias, for 1, 2, 3 and 5 inputs, under every
 CPU capability this machine executes (test_fused's autouse fixture). Float64 agrees to 1e-12;
 float32 to 2e-5 relative: the kernels' tanh is a rational approximation (3.4e-7 relative), their
 products sum in another order than the BLAS, and both errors pass through T steps of the
@@ -79,8 +79,9 @@ def assert_matches(got, want, tol, exact_activations=False):
         assert_close_rel(got[2][name], want[2][name], tol)
 
 
-# (B, T, I, H, M, bias): module widths 8, 8 and 3 (scalar tiles); 3, 1 and 2 inputs.
-SHAPES = [(5, 13, 3, 32, 4, True), (4, 9, 1, 24, 3, False), (3, 7, 2, 12, 4, True)]
+# (B, T, I, H, M, bias): module widths 8, 8 and 3 (scalar tiles); 5 inputs (the backward's
+# dW_x blocks of 4 input rows and a remainder), 1 and 2.
+SHAPES = [(5, 13, 5, 32, 4, True), (4, 9, 1, 24, 3, False), (3, 7, 2, 12, 4, True)]
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
