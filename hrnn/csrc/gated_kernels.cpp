@@ -289,14 +289,15 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
         if (P.waves && P.waves_stride) prefetch(P.waves + b * P.waves_stride + (t + 1) * M, M);
       }
       const T* gr = gates + (b - b0) * M;
+      const T* thr = P.thr ? P.thr + row * M : nullptr;
+      const T* wr = P.waves ? P.waves + b * P.waves_stride + t * M : nullptr;
       for (int64_t m = 0; m < M; ++m) {
         T e = T(1);
-        if (P.gx) {
-          const T g = gr[m];
-          if (P.gs) P.gs[row * M + m] = g;
-          e = P.hard ? T(g > (P.thr ? P.thr[row * M + m] : P.thr_value)) : g;
-        }
-        ar[m] = P.waves ? P.waves[b * P.waves_stride + t * M + m] * e : e;
+        if (P.gx) e = P.hard ? (gr[m] > (thr ? thr[m] : P.thr_value) ? T(1) : T(0)) : gr[m];
+        ar[m] = wr ? wr[m] * e : e;
+      }
+      if (P.gs) std::memcpy(P.gs + row * M, gr, sizeof(T) * M);
+      for (int64_t m = 0; m < M; ++m) {
         if (ar[m] != T(0) || P.all_candidates) {
           lists.rows[m * n + lists.counts[m]++] = int32_t(b);
         } else {
