@@ -20,9 +20,11 @@ so a kernel is deterministic given its inputs.
 
 `gated_leaky_rnn` is the op models call: the fused C++ core (hrnn/csrc/gated_kernels.cpp,
 through `hrnn._fused_C`) when it is built and takes the inputs (CPU, float32/float64), else
-`gated_leaky_rnn_reference`, the definition, with the same results. Under torch.no_grad the
-core skips the candidates of closed (sample, module) pairs; with a gradient it computes them
-(the straight-through gradient reads them) and skips the closed pairs in the backward.
+`gated_leaky_rnn_reference`, the definition, with the same results. The core takes x and the
+weights, and forms x_t W_x^T + b (and the gate's x_t G_x^T + g_b) per step inside the loop,
+for the open pairs only. Under torch.no_grad it skips the candidates of closed (sample, module)
+pairs; with a gradient it computes them (the straight-through gradient reads them) and skips
+the closed pairs in the backward.
 `chunker_leaky_rnn` is the same loop with the Chunker's gate (a module wakes when the one
 below mispredicts the input); see its reference's docstring.
 """
@@ -172,13 +174,13 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
         states, activations = gated_leaky_rnn_reference(x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h,
                                                         gate_mode, thresholds)
         return (states[:, -1] if last_only else states), activations
-    u = _PooledLinear.apply(x, w_x, bias)
-    gate_u = torch.nn.functional.linear(x, gate_x, gate_bias) if gated else None
     thr = None
-    if gated and gate_mode == "hard":  # the reference's cast and broadcast, materialised for the kernel
-        thr = torch.as_tensor(thresholds, dtype=x.dtype, device=x.device).expand(x.shape[0], x.shape[1], n_modules).contiguous()
+    if gated and gate_mode == "hard":  # the reference's cast; broadcast only when it varies
+        thr = torch.as_tensor(thresholds, dtype=x.dtype, device=x.device)
+        if thr.dim():
+            thr = thr.expand(x.shape[0], x.shape[1], n_modules).contiguous()
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    args = [None if t is None else t.contiguous() for t in (u, gate_u, w_h, gate_h, waves, h0)]
+    args = [None if t is None else t.contiguous() for t in (x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0)]
     if not need_grad:  # forward only: closed modules' candidates are skipped
         with torch.no_grad():
             states, _, activations, _ = fused._C.gated_forward(*args, thr, False, False)
@@ -196,45 +198,19 @@ def last_candidate_blocks() -> int:
     return fused._C.gated_candidate_blocks() if fused.available() else -1
 
 
-class _PooledLinear(torch.autograd.Function):
-    """F.linear(x, w, b) written into a block of the fused core's buffer pool: a fresh (B, T, H)
-    tensor's page faults cost more than the kernel at T = 784 (torch's linear 18.6 ms, the
-    dense no-grad kernel 18.2 ms, B = 100, H = 128, AVX-512, one thread). Same gradients."""
-
-    @staticmethod
-    def forward(ctx, x, w, b):  # noqa: D102
-        from hrnn import fused
-
-        u = fused._C.pooled_empty([*x.shape[:-1], w.shape[0]], x)
-        flat, out = x.reshape(-1, x.shape[-1]), u.view(-1, w.shape[0])
-        torch.addmm(b, flat, w.t(), out=out) if b is not None else torch.mm(flat, w.t(), out=out)
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-        return u
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, du):  # noqa: D102
-        x, w = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        du2 = du.reshape(-1, du.shape[-1])
-        dx = (du2 @ w).view_as(x) if need[0] else None
-        dw = du2.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
-        db = du2.sum(0) if ctx.has_bias and need[2] else None
-        return dx, dw, db
-
-
 class _GatedLeakyRNN(torch.autograd.Function):
-    """The fused core behind autograd: u and gate_u are projected outside (_PooledLinear, torch's
-    linear), so autograd derives the W_x, b, G_x and g_b gradients from du and dgate_u."""
+    """The fused core behind autograd, input projections included: the kernels form
+    b + x_t W_x^T (and g_b + x_t G_x^T) per step and accumulate their gradients in the backward
+    loop, so no (B, T, H) u or du exists (at f = 0 those cost more than the skipping saved)."""
 
     @staticmethod
-    def forward(ctx, u, gate_u, w_h, gate_h, waves, h0, thr, all_candidates, last_only):  # noqa: D102
+    def forward(ctx, x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thr, all_candidates,
+                last_only):  # noqa: D102
         from hrnn import fused
 
-        states, cands, activations, gates = fused._C.gated_forward(u, gate_u, w_h, gate_h, waves, h0, thr,
-                                                                   all_candidates, True)
-        ctx.save_for_backward(states, cands, activations, gates, u, gate_u, w_h, gate_h, waves, h0, thr)
+        inputs = (x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thr)
+        states, cands, activations, gates = fused._C.gated_forward(*inputs, all_candidates, True)
+        ctx.save_for_backward(states, cands, activations, gates, *inputs)
         ctx.all_candidates = all_candidates
         ctx.set_materialize_grads(False)
         # last_only: the backward then gets a (B, H) gradient, not a mostly-zero (B, T, H) one.
@@ -245,14 +221,12 @@ class _GatedLeakyRNN(torch.autograd.Function):
     def backward(ctx, grad_states, grad_activations):  # noqa: D102
         from hrnn import fused
 
-        states, cands, activations, gates, u, gate_u, w_h, gate_h, waves, h0, thr = ctx.saved_tensors
+        states, cands, activations, gates, *inputs = ctx.saved_tensors
         need = ctx.needs_input_grad
         if grad_states is None:
             grad_states = torch.zeros_like(states)
-        du, dgate_u, dw_h, dgate_h, dwaves, dh0 = fused._C.gated_backward(
-            grad_states, grad_activations, states, cands, activations, gates, u, gate_u, w_h, gate_h, waves, h0,
-            thr, ctx.all_candidates, need[4])
-        grads = (du, dgate_u, dw_h, dgate_h, dwaves, dh0)
+        grads = fused._C.gated_backward(grad_states, grad_activations, states, cands, activations, gates, *inputs,
+                                        need[0], ctx.all_candidates, need[7])
         return (*(g if n else None for g, n in zip(grads, need)), None, None, None)
 
 

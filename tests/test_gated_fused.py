@@ -1,7 +1,8 @@
 """The fused event-gate core (hrnn/csrc/gated_kernels.cpp) against `gated_leaky_rnn_reference`.
 
-Values and every gradient (x, W_x, b through u; W_h, h0, G_x, g_b, G_h, and shared or per-sample
-waves), soft and hard gates, with thresholds as a float or a per-(b, t, m) tensor, under every
+Values and every gradient (x, W_x and b, whose projection the kernels form per step; W_h, h0, G_x,
+g_b, G_h, and shared or per-sample waves), soft and hard gates, with thresholds as a float or a
+per-(b, t, m) tensor, with and without the bias, for 1, 2, 3 and 5 inputs, under every
 CPU capability this machine executes (test_fused's autouse fixture). Float64 agrees to 1e-12;
 float32 to 2e-5 relative: the kernels' tanh is a rational approximation (3.4e-7 relative), their
 products sum in another order than the BLAS, and both errors pass through T steps of the
@@ -27,8 +28,8 @@ TOL = {F32: 2e-5, F64: 1e-12}
 NAMES = ("x", "w_x", "bias", "w_h", "h0", "gate_x", "gate_bias", "gate_h")
 
 
-def make(batch, steps, inputs, hidden, n_modules, dtype, waves, seed=0):
-    """Inputs of the op; waves: None, "shared" (T, M) or "per_sample" (B, T, M) in [0, 1]."""
+def make(batch, steps, inputs, hidden, n_modules, dtype, waves, seed=0, bias=True):
+    """Inputs of the op; waves: None, "shared" (T, M) or "per_sample" (B, T, M) in [0, 1]; bias: b or None."""
     gen = torch.Generator().manual_seed(seed)
     r = lambda *shape, scale=1.0: torch.randn(*shape, generator=gen, dtype=dtype) * scale  # noqa: E731
     args = {"x": r(batch, steps, inputs), "w_x": r(hidden, inputs, scale=0.7), "bias": r(hidden, scale=0.1),
@@ -38,6 +39,8 @@ def make(batch, steps, inputs, hidden, n_modules, dtype, waves, seed=0):
     shape = {None: None, "shared": (steps, n_modules), "per_sample": (batch, steps, n_modules)}[waves]
     args["waves"] = None if shape is None else torch.rand(*shape, generator=gen, dtype=dtype)
     args["thresholds"] = torch.rand(batch, steps, n_modules, generator=gen, dtype=dtype)
+    if not bias:
+        args["bias"] = None
     return args
 
 
@@ -76,7 +79,9 @@ def assert_matches(got, want, tol, exact_activations=False):
         assert_close_rel(got[2][name], want[2][name], tol)
 
 
-SHAPES = [(5, 13, 3, 32, 4), (4, 9, 2, 24, 3), (3, 7, 2, 12, 4)]  # module widths 8, 8 and 3 (scalar tiles)
+# (B, T, I, H, M, bias): module widths 8, 8 and 3 (scalar tiles); 5 inputs (the backward's
+# dW_x blocks of 4 input rows and a remainder), 1 and 2.
+SHAPES = [(5, 13, 5, 32, 4, True), (4, 9, 1, 24, 3, False), (3, 7, 2, 12, 4, True)]
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
@@ -84,7 +89,8 @@ SHAPES = [(5, 13, 3, 32, 4), (4, 9, 2, 24, 3), (3, 7, 2, 12, 4)]  # module width
 @pytest.mark.parametrize("waves", [None, "shared", "per_sample"])
 @pytest.mark.parametrize("shape", range(len(SHAPES)))
 def test_values_and_every_gradient_match_the_reference(dtype, mode, thresholds, waves, shape):
-    args = make(*SHAPES[shape], dtype, waves, seed=shape)
+    *sizes, bias = SHAPES[shape]
+    args = make(*sizes, dtype, waves, seed=shape, bias=bias)
     thr = args["thresholds"] if thresholds == "tensor" else thresholds
     got = values_and_grads(gated_leaky_rnn, args, mode, thr)
     assert last_candidate_blocks() == args["x"].shape[0] * args["x"].shape[1] * args["gate_x"].shape[0]  # fused ran
@@ -115,8 +121,9 @@ def test_waves_without_a_gate_match_the_reference(dtype):
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_closed_modules_hold_the_state_bit_for_bit_and_open_ones_take_the_candidate(grad):
-    args = make(6, 15, 3, 32, 4, F64, "shared", seed=5)
+@pytest.mark.parametrize("inputs,bias", [(3, True), (1, False)])
+def test_closed_modules_hold_the_state_bit_for_bit_and_open_ones_take_the_candidate(grad, inputs, bias):
+    args = make(6, 15, inputs, 32, 4, F64, "shared", seed=5, bias=bias)
     args["waves"] = (args["waves"] > 0.3).to(F64)  # 0/1 clock ticks times a hard gate: a in {0, 1}
     with torch.set_grad_enabled(grad):
         if grad:
@@ -124,17 +131,21 @@ def test_closed_modules_hold_the_state_bit_for_bit_and_open_ones_take_the_candid
         states, acts = call(gated_leaky_rnn, args, "hard", args["thresholds"])
     states, acts = states.detach(), acts.detach()
     previous = torch.cat([args["h0"].unsqueeze(1), states[:, :-1]], dim=1)
-    u = args["x"] @ args["w_x"].t() + args["bias"]
+    u = torch.nn.functional.linear(args["x"], args["w_x"], args["bias"])
     candidate = torch.tanh(u + previous @ args["w_h"].detach().t())
     a = acts.repeat_interleave(8, dim=2)
     assert 0.2 < acts.mean() < 0.8
     assert torch.equal(states[a == 0], previous[a == 0])  # hold, bit for bit
     torch.testing.assert_close(states[a == 1], candidate[a == 1], rtol=0, atol=1e-14)
     # At a = 1 the state is the kernel's own candidate exactly (torch.lerp's formula).
-    u_, gate_u = u.contiguous(), (args["x"] @ args["gate_x"].t() + args["gate_bias"]).contiguous()
-    hs, cs, _, _ = fused._C.gated_forward(u_, gate_u, args["w_h"].detach(), args["gate_h"], args["waves"],
-                                          args["h0"], args["thresholds"], True, True)
+    hs, cs, _, _ = fused._C.gated_forward(*kernel_inputs(args), True, True)
     assert torch.equal(hs[a == 1], cs[a == 1])
+
+
+def kernel_inputs(args):
+    """`args` in gated_forward's order (x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thresholds)."""
+    return [None if args[k] is None else args[k].detach() for k in
+            ("x", "w_x", "bias", "gate_x", "gate_bias", "w_h", "gate_h", "waves", "h0", "thresholds")]
 
 
 def test_no_grad_computes_only_open_blocks_and_training_computes_all():
@@ -155,13 +166,13 @@ def test_no_grad_computes_only_open_blocks_and_training_computes_all():
     assert states.requires_grad and last_candidate_blocks() == int((args["waves"] != 0).sum()) * batch
 
 
-@pytest.mark.parametrize("waves", ["shared", "per_sample"])
-def test_gradcheck_soft_every_input_float64(waves):
-    args = make(3, 5, 2, 8, 2, F64, waves, seed=8)
-    names = [*NAMES, "waves"]
+@pytest.mark.parametrize("waves,inputs,bias", [("shared", 1, False), ("per_sample", 3, True)])
+def test_gradcheck_soft_every_input_float64(waves, inputs, bias):
+    args = make(3, 5, inputs, 8, 2, F64, waves, seed=8, bias=bias)
+    names = [n for n in (*NAMES, "waves") if args[n] is not None]
 
     def f(*tensors):
-        a = dict(zip(names, tensors))
+        a = {**args, **dict(zip(names, tensors))}
         states, acts = gated_leaky_rnn(a["x"], a["w_x"], a["bias"], a["w_h"], a["h0"], a["waves"], a["gate_x"],
                                        a["gate_bias"], a["gate_h"], "soft", 0.5)
         return states, acts
@@ -171,23 +182,27 @@ def test_gradcheck_soft_every_input_float64(waves):
     assert last_candidate_blocks() == 3 * 5 * 2
 
 
+NO_GATE = {"gate_x": None, "gate_bias": None, "gate_h": None}
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda a: a.update(gate_h=a["gate_h"][:, :-1].contiguous()), "gate_h has shape"),
-    (lambda a: a.update(gate_u=a["gate_u"].double()), "gate_u is Double but u is Float"),
+    (lambda a: a.update(gate_x=a["gate_x"].double()), "gate_x is Double but x is Float"),
+    (lambda a: a.update(w_x=a["w_x"][:, :2].contiguous()), "w_x has shape"),
+    (lambda a: a.update(bias=a["bias"][:-1]), "bias has shape"),
+    (lambda a: a.update(gate_bias=None), "gate_x, gate_bias and gate_h come together"),
     (lambda a: a.update(waves=torch.rand(3, 4)), "waves has shape"),
     (lambda a: a.update(h0=torch.zeros(2, 32)), "h0 has shape"),
     (lambda a: a.update(thresholds=torch.rand(5, 13)), "thresholds has shape"),
-    (lambda a: a.update(u=a["u"].half(), gate_u=None, gate_h=None), "float32 or float64 only"),
-    (lambda a: a.update(gate_u=None, gate_h=None, waves=None, thresholds=None), "give waves, an event gate, or both"),
+    (lambda a: a.update(x=a["x"].half(), **NO_GATE, thresholds=None), "float32 or float64 only"),
+    (lambda a: a.update(**NO_GATE, waves=None, thresholds=None), "give waves, an event gate, or both"),
 ])
 def test_bad_input_is_one_clear_line(change, message, cpu_capability):  # noqa: F811
     once(cpu_capability)
     args = make(5, 13, 3, 32, 4, F32, "shared")
-    kernel_args = {"u": torch.randn(5, 13, 32), "gate_u": torch.randn(5, 13, 4), "w_h": args["w_h"],
-                   "gate_h": args["gate_h"], "waves": args["waves"], "h0": args["h0"], "thresholds": args["thresholds"]}
-    change(kernel_args)
+    change(args)
     with pytest.raises(RuntimeError, match=message) as err:
-        fused._C.gated_forward(*kernel_args.values(), False, False)
+        fused._C.gated_forward(*kernel_inputs(args), False, False)
     assert "\n" not in str(err.value)
 
 

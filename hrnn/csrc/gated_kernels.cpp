@@ -1,9 +1,9 @@
 // Fused CPU kernels for the leaky recurrence with per-sample activations and an event gate
 // computed inside the time loop (hrnn/gated.py has the contract and the equations):
 //
-//     g_t = sigmoid(gate_u_t + h_{t-1} G_h^T)     e_t = g_t (soft) or 1[g_t > thr_t] (hard)
-//     a_t = w_t e_t                                 (B, M), one per sample and module
-//     c_t = tanh(u_t + h_{t-1} W_h^T)               h_t = lerp(h_{t-1}, c_t, a_t)
+//     g_t = sigmoid(g_b + x_t G_x^T + h_{t-1} G_h^T)   e_t = g_t (soft) or 1[g_t > thr_t] (hard)
+//     a_t = w_t e_t                                      (B, M), one per sample and module
+//     c_t = tanh(b + x_t W_x^T + h_{t-1} W_h^T)          h_t = lerp(h_{t-1}, c_t, a_t)
 //
 // Compiled once per CPU capability (setup.py), `default` included: there GCC's vectors are the
 // baseline ISA's (16 bytes, SSE2 on x86-64), so one source serves every build and no vector is
@@ -19,6 +19,13 @@
 //    register-blocked micro-kernel over row pointers; a closed (b, m) copies its state. When every
 //    (b, m) of a step is computed, one full-width pass replaces the M module passes (same result,
 //    the broadcast of h_{t-1}[k] then serves several tiles).
+//  * The input projections are fused, as in the clock core's x-mode (kernels.cpp): a block's
+//    accumulators start at b + x_t W_x^T (I FMAs per tile: I is the input width, 1 or 2 on the
+//    benchmarks), and the backward adds the open blocks' x_t^T dz and dz into per-slice partials
+//    of dW_x^T and db. A (B, T, H) u, written by torch and read by the kernel, then its (B, T, H)
+//    gradient, written by the kernel and read twice by torch, cost every module at every step:
+//    more than the dense forward's candidates at f = 0 (docs/models.md). The gate's projection,
+//    g_b + x_t G_x^T, is formed the same way.
 //  * What skipping can save. The straight-through gradient needs, for a CLOSED module too,
 //        dL/de = w sum over the module's units of dL/dh_t (c_t - h_{t-1}),
 //    i.e. its candidate. So:
@@ -27,7 +34,8 @@
 //        a != 0) plus the gate and the copies;
 //      - a gradient with an event gate (or with waves that need one): the forward computes every
 //        candidate, and the backward skips the closed blocks in all dz-dependent work (dz = 0
-//        there: both dL/dh_{t-1} += dz W_h and dW_h += dz^T h_{t-1}), so forward + backward
+//        there: dL/dh_{t-1} += dz W_h, dW_h += dz^T h_{t-1}, dW_x^T += x_t^T dz, db += dz and
+//        dx_t += dz W_x), so forward + backward
 //        costs about (1 + 2f) / 3 of dense (three equal products per step, one of them dense).
 //    A soft gate never gives exact zeros (unless the sigmoid underflows): it runs dense, through
 //    the same kernels.
@@ -85,19 +93,31 @@ inline void for_rows(int n, int i, F& f) {
 // AVX-512 at f = 0.1 (5 open rows a module): without it the skipping forward took 55% of dense.
 constexpr int k_split(int acc) { return acc >= 8 ? 1 : acc >= 4 ? 2 : acc >= 2 ? 4 : 8; }
 
-// R rows x NV tiles from column col: z = u + h_prev W^T over the full K, c = tanh(z),
-// h = lerp(h_prev, c, a) with a the row's activation of the module the tile lies in.
+// R rows x NV tiles from column col: z = b + x_t W_x^T + h_prev W^T over the full K,
+// c = tanh(z), h = lerp(h_prev, c, a) with a the row's activation of the module the tile lies in.
 template <typename T, int VL, int R, int NV>
-inline void cand_block(const T* const* hp, const T* const* up, T* const* ho, T* const* co,
-                       const T* const* ar, int64_t S, const T* wt, int64_t H, int64_t col) {
+inline void cand_block(const T* const* hp, const T* const* xp, const GatedProblem<T>& P, T* const* ho,
+                       T* const* co, const T* const* ar, int64_t S, int64_t col) {
   using VT = typename VecOf<T, VL>::type;
   constexpr int KS = k_split(R * NV);
+  const int64_t H = P.H;
+  const T* wt = P.wt;
   VT acc[KS][R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) {
-      acc[0][r][v] = vload<VT>(up[r] + col + v * VL);
+  for (int v = 0; v < NV; ++v) {
+    const VT b = P.bias ? vload<VT>(P.bias + col + v * VL) : vset<VT>(T(0));
+    for (int r = 0; r < R; ++r) {
+      acc[0][r][v] = b;
       for (int q = 1; q < KS; ++q) acc[q][r][v] = vset<VT>(T(0));
     }
+  }
+  for (int64_t i = 0; i < P.I; ++i) {
+    VT w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = vload<VT>(P.wxT + i * H + col + v * VL);
+    for (int r = 0; r < R; ++r) {
+      const T xb = xp[r][i];
+      for (int v = 0; v < NV; ++v) acc[0][r][v] += xb * w[v];
+    }
+  }
   auto step = [&](int q, int64_t k) {
     const T* wk = wt + k * H + col;
     VT w[NV];
@@ -135,35 +155,42 @@ void candidates(const GatedProblem<T>& P, int64_t t, const int32_t* rows, int n,
     auto block = [&](auto r_, int i) {
       constexpr int R = decltype(r_)::value;
       const T* hp[R];
-      const T* up[R];
+      const T* xp[R];
       const T* ar[R];
       T* ho[R];
       T* co[R];
       for (int r = 0; r < R; ++r) {
         const int64_t b = rows[i + r], row = b * TT + t;
         hp[r] = t ? P.hs + (row - 1) * H : P.h0 + b * H;
-        up[r] = P.u + row * H;
+        xp[r] = P.x + row * P.I;
         ar[r] = P.as + row * M;
         ho[r] = P.hs + row * H;
         co[r] = P.cs ? P.cs + row * H : nullptr;
       }
-      cand_block<T, VL, R, NV>(hp, up, ho, P.cs ? co : nullptr, ar, S, P.wt, H, col);
+      cand_block<T, VL, R, NV>(hp, xp, P, ho, P.cs ? co : nullptr, ar, S, col);
     };
     for_rows<rows_for(NV)>(n, 0, block);
   });
 }
 
-// The gate logits of the rows [b0, b1) at step t, out (n, M): gate_u_t + h_{t-1} G_h^T.
+// The gate logits of the rows [b0, b1) at step t, out (n, M): g_b + x_t G_x^T + h_{t-1} G_h^T.
 // With M a power of two that fits a register, M lanes are one vector and a block of 8 rows keeps
 // 8 independent FMA chains over K = H (a small GEMM against G_h^T); otherwise one dot product per
 // (row, module). Per-row dot products, each closed by a horizontal sum, made the gate cost as
 // much as a third of the dense candidates (AVX-512, B = 100, T = 200, one thread: 1.8 ms of the
 // forward at f = 0, against 5 ms dense).
 template <typename T, int GL, int R>
-inline void gate_block(const T* const* hp, const T* const* gu, const T* ght, int64_t H, T* const* out) {
+inline void gate_block(const T* const* hp, const T* const* xp, const GatedProblem<T>& P, T* const* out) {
   using VT = typename VecOf<T, GL>::type;
+  const int64_t H = P.H;
+  const T* ght = P.ght;
   VT acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = vload<VT>(gu[r]);
+  const VT b = vload<VT>(P.gb);
+  for (int r = 0; r < R; ++r) acc[r] = b;
+  for (int64_t i = 0; i < P.I; ++i) {
+    const VT w = vload<VT>(P.gxT + i * GL);
+    for (int r = 0; r < R; ++r) acc[r] += xp[r][i] * w;
+  }
   for (int64_t k = 0; k < H; ++k) {
     const VT w = vload<VT>(ght + k * GL);
     for (int r = 0; r < R; ++r) acc[r] += hp[r][k] * w;
@@ -182,15 +209,15 @@ void gate_logits(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, T*
       auto block = [&](auto r_, int i) {
         constexpr int R = decltype(r_)::value;
         const T* hp[R];
-        const T* gu[R];
+        const T* xp[R];
         T* o[R];
         for (int r = 0; r < R; ++r) {
           const int64_t b = b0 + i + r;
           hp[r] = prev(b);
-          gu[r] = P.gate_u + (b * TT + t) * M;
+          xp[r] = P.x + (b * TT + t) * P.I;
           o[r] = out + (i + r) * M;
         }
-        gate_block<T, GL, R>(hp, gu, P.ght, H, o);
+        gate_block<T, GL, R>(hp, xp, P, o);
       };
       for_rows<8>(int(b1 - b0), 0, block);
     });
@@ -199,10 +226,12 @@ void gate_logits(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, T*
   using VT = typename VecOf<T, VL>::type;
   for (int64_t b = b0; b < b1; ++b) {
     const T* hp = prev(b);
+    const T* xr = P.x + (b * TT + t) * P.I;
     for (int64_t m = 0; m < M; ++m) {
       VT acc = vset<VT>(T(0));
       for (int64_t k = 0; k < H; k += VL) acc += vload<VT>(hp + k) * vload<VT>(P.gh + m * H + k);
-      T s = P.gate_u[(b * TT + t) * M + m];
+      T s = P.gb[m];
+      for (int64_t i = 0; i < P.I; ++i) s += xr[i] * P.gx[m * P.I + i];
       for (int l = 0; l < VL; ++l) s += acc[l];
       out[(b - b0) * M + m] = s;
     }
@@ -235,7 +264,13 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
   for (int64_t t = 0; t < TT; ++t) {
     bool every = true;  // every (b, m) of this step computed
     std::memset(lists.counts, 0, sizeof(int) * M);
-    if (P.gate_u) gate_logits<T, VL>(P, t, b0, b1, reinterpret_cast<T*>(lists.logits));
+    T* gates = reinterpret_cast<T*>(lists.logits);  // (n, M): the logits, then g
+    if (P.gx) {
+      gate_logits<T, VL>(P, t, b0, b1, gates);
+      // One loop of independent exps and divides: inside the per-module loop below each divide
+      // waited for its exp (a quarter of the forward at f = 0, AVX-512, T = 784).
+      for (int64_t i = 0; i < n * M; ++i) gates[i] = sigmoid(gates[i]);
+    }
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row = b * TT + t;
       const T* hp = t ? P.hs + (row - 1) * H : P.h0 + b * H;
@@ -246,25 +281,23 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
       // step's are fetched now (AVX-512, one thread, B = 100, T = 200: dense forward 6.3 -> 5.2
       // ms; at f = 0, where most of it waited for the thresholds, 2.6 -> 1.8 ms).
       if (t + 1 < TT) {
-        prefetch(P.u + (row + 1) * H, H);
+        prefetch(P.x + (row + 1) * P.I, P.I);
         prefetch<T, 1>(ho + H, H);
         prefetch<T, 1>(P.as + (row + 1) * M, M);
-        if (P.gate_u) {
-          prefetch(P.gate_u + (row + 1) * M, M);
-          prefetch<T, 1>(P.gs + (row + 1) * M, M);
-        }
+        if (P.gs) prefetch<T, 1>(P.gs + (row + 1) * M, M);
         if (P.thr) prefetch(P.thr + (row + 1) * M, M);
         if (P.waves && P.waves_stride) prefetch(P.waves + b * P.waves_stride + (t + 1) * M, M);
       }
-      const T* logits = reinterpret_cast<const T*>(lists.logits) + (b - b0) * M;
+      const T* gr = gates + (b - b0) * M;
+      const T* thr = P.thr ? P.thr + row * M : nullptr;
+      const T* wr = P.waves ? P.waves + b * P.waves_stride + t * M : nullptr;
       for (int64_t m = 0; m < M; ++m) {
         T e = T(1);
-        if (P.gate_u) {
-          const T g = sigmoid(logits[m]);
-          P.gs[row * M + m] = g;
-          e = P.thr ? T(g > P.thr[row * M + m]) : g;
-        }
-        ar[m] = P.waves ? P.waves[b * P.waves_stride + t * M + m] * e : e;
+        if (P.gx) e = P.hard ? (gr[m] > (thr ? thr[m] : P.thr_value) ? T(1) : T(0)) : gr[m];
+        ar[m] = wr ? wr[m] * e : e;
+      }
+      if (P.gs) std::memcpy(P.gs + row * M, gr, sizeof(T) * M);
+      for (int64_t m = 0; m < M; ++m) {
         if (ar[m] != T(0) || P.all_candidates) {
           lists.rows[m * n + lists.counts[m]++] = int32_t(b);
         } else {
@@ -329,16 +362,20 @@ inline void dw_block(T* dw, const T* const* dz, const T* const* hp, int n, int64
     for (int v = 0; v < NV; ++v) vstore(dw + (j0 + jj) * H + kcol + v * VL, acc[jj][v]);
 }
 
-// For the listed rows at step t, with dz already in du: carry += dz[:, j0:j1] W[j0:j1, :] and
-// dW[j0:j1, :] += dz[:, j0:j1]^T h_{t-1}.
+// For the listed rows at step t, with dz in the slice's scratch (row b at dz + (b - b0) H):
+// carry += dz[:, j0:j1] W[j0:j1, :], dW[j0:j1, :] += dz[:, j0:j1]^T h_{t-1}, and the projection's
+// dW_x^T[:, j0:j1] += x_t^T dz[:, j0:j1] (the same block kernel, x_t the scalar operand) and
+// db[j0:j1] += the rows' sum of dz[:, j0:j1].
 template <typename T, int VL>
 void dz_products(const GatedProblem<T>& P, int64_t t, const int32_t* rows, int n, int64_t j0, int64_t j1,
-                 T* dw, const T** dz_ptr, const T** hp_ptr) {
-  const int64_t H = P.H, TT = P.T_;
+                 int64_t b0, const T* dz, T* dw, T* dwx, const T** dz_ptr, const T** hp_ptr, const T** x_ptr) {
+  using VT = typename VecOf<T, VL>::type;
+  const int64_t H = P.H, TT = P.T_, I = P.I;
   for (int i = 0; i < n; ++i) {
     const int64_t b = rows[i], row = b * TT + t;
-    dz_ptr[i] = P.du + row * H;
+    dz_ptr[i] = dz + (b - b0) * H;
     hp_ptr[i] = t ? P.hs + (row - 1) * H : P.h0 + b * H;
+    x_ptr[i] = P.x + row * I;
   }
   const int n_k = int(H / VL);
   for_tiles<kTiles>(n_k, [&](auto nv, int tile) {
@@ -355,17 +392,78 @@ void dz_products(const GatedProblem<T>& P, int64_t t, const int32_t* rows, int n
     for (; j + kDwRows <= j1; j += kDwRows) dw_block<T, VL, kDwRows, NV>(dw, dz_ptr, hp_ptr, n, H, j, kcol);
     for (; j < j1; ++j) dw_block<T, VL, 1, NV>(dw, dz_ptr, hp_ptr, n, H, j, kcol);
   });
+  for_tiles<kTiles>(int((j1 - j0) / VL), [&](auto nv, int tile) {
+    constexpr int NV = decltype(nv)::value;
+    const int64_t col = j0 + int64_t(tile) * VL;
+    int64_t i = 0;
+    for (; i + kDwRows <= I; i += kDwRows) dw_block<T, VL, kDwRows, NV>(dwx, x_ptr, dz_ptr, n, H, i, col);
+    for (; i < I; ++i) dw_block<T, VL, 1, NV>(dwx, x_ptr, dz_ptr, n, H, i, col);
+  });
+  T* db = dwx + I * H;
+  for (int64_t j = j0; j < j1; j += VL) {
+    VT s = vload<VT>(db + j);
+    for (int i = 0; i < n; ++i) s += vload<VT>(dz_ptr[i] + j);
+    vstore(db + j, s);
+  }
+}
+
+// The gate's share of step t for every row of the slice, with dL/dlogits in dls (row b at
+// dls + (b - b0) M): carry += dl G_h (dL/dh_{t-1}) and dG_h += dl^T h_{t-1}, the dz kernels with
+// the M logits in the place of dz. A loop per row (load, FMA and store of carry and of dG_h for
+// each of M x H) was about a fifth of the backward at f = 0 (AVX-512, T = 784).
+template <typename T, int VL>
+void gate_products(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, const T* dls, T* dgh,
+                   const T** dl_ptr, const T** hp_ptr) {
+  const int64_t H = P.H, TT = P.T_, M = P.M;
+  const int n = int(b1 - b0);
+  for (int i = 0; i < n; ++i) {
+    const int64_t b = b0 + i, row = b * TT + t;
+    dl_ptr[i] = dls + i * M;
+    hp_ptr[i] = t ? P.hs + (row - 1) * H : P.h0 + b * H;
+  }
+  for_tiles<kTiles>(int(H / VL), [&](auto nv, int tile) {
+    constexpr int NV = decltype(nv)::value;
+    const int64_t kcol = int64_t(tile) * VL;
+    auto block = [&](auto r_, int i) {
+      constexpr int R = decltype(r_)::value;
+      T* carry[R];
+      for (int r = 0; r < R; ++r) carry[r] = P.dh0 + (b0 + i + r) * H;
+      carry_block<T, VL, R, NV>(carry, dl_ptr + i, P.gh, H, kcol, 0, M);
+    };
+    for_rows<rows_for(NV)>(n, 0, block);
+    int64_t m = 0;
+    for (; m + kDwRows <= M; m += kDwRows) dw_block<T, VL, kDwRows, NV>(dgh, dl_ptr, hp_ptr, n, H, m, kcol);
+    for (; m < M; ++m) dw_block<T, VL, 1, NV>(dgh, dl_ptr, hp_ptr, n, H, m, kcol);
+  });
+}
+
+// sum_k a[k] (c[k] - h[k]), or sum_k a[k] c[k] without h, over n, a multiple of VL.
+template <typename T, int VL>
+inline T dot(const T* a, const T* c, const T* h, int64_t n) {
+  using VT = typename VecOf<T, VL>::type;
+  VT acc = vset<VT>(T(0));
+  for (int64_t k = 0; k < n; k += VL)
+    acc += vload<VT>(a + k) * (h ? vload<VT>(c + k) - vload<VT>(h + k) : vload<VT>(c + k));
+  T s = T(0);
+  for (int l = 0; l < VL; ++l) s += acc[l];
+  return s;
 }
 
 template <typename T, int VL>
 void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) {
-  const int64_t H = P.H, TT = P.T_, M = P.M, S = H / M, n = b1 - b0;
+  const int64_t H = P.H, TT = P.T_, M = P.M, S = H / M, I = P.I, n = b1 - b0;
+  const bool gated = P.gx != nullptr;
   T* dw = P.dw_parts + slice * H * H;
-  T* dgh = P.dgate_u ? P.dgh_parts + slice * M * H : nullptr;
+  T* dwx = P.dwx_parts + slice * (I + 1) * H;
+  T* dgh = gated ? P.dgh_parts + slice * M * H : nullptr;
+  T* dgx = gated ? P.dgx_parts + slice * (I + 1) * M : nullptr;  // dG_x^T (I, M), then dg_b
   RowLists lists(M, n);
+  T* dz_rows = new T[n * H];  // this step's dz, row b at (b - b0) H; read only where a != 0
   const T** dz_ptr = new const T*[n];
   const T** hp_ptr = new const T*[n];
-  T* dl = new T[M];
+  const T** x_ptr = new const T*[n];
+  T* dls = gated ? new T[n * M] : nullptr;  // this step's dL/dlogits, row b at (b - b0) M
+  const T** dl_ptr = new const T*[n];
   for (int64_t b = b0; b < b1; ++b) {
     if (P.g) std::memset(P.dh0 + b * H, 0, sizeof(T) * H);
     else std::memcpy(P.dh0 + b * H, P.g_last + b * H, sizeof(T) * H);
@@ -378,18 +476,18 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
       const T* hp = t ? P.hs + (row - 1) * H : P.h0 + b * H;
       const T* c = P.cs + row * H;
       const T* ar = P.as + row * M;
+      const T* xr = P.x + row * I;
       T* carry = P.dh0 + b * H;  // dL/dh_t in, dL/dh_{t-1} out
-      T* dz = P.du + row * H;
-      if (t > 0) {  // the previous step's rows, as in the forward
+      T* dz = dz_rows + (b - b0) * H;
+      T* dxr = P.dx ? P.dx + row * I : nullptr;  // dx_t = dz W_x + dl G_x
+      if (dxr) std::memset(dxr, 0, sizeof(T) * I);
+      if (t > 0) {  // the previous step's rows, as in the forward (x: a fifth of the backward at f = 0)
+        prefetch(P.x + (row - 1) * I, I);
         if (P.g) prefetch(P.g + (row - 1) * H, H);
         prefetch(P.cs + (row - 1) * H, H);
         if (t > 1) prefetch(P.hs + (row - 2) * H, H);
-        prefetch<T, 1>(P.du + (row - 1) * H, H);
         prefetch(P.as + (row - 1) * M, M);
-        if (P.gate_u) {
-          prefetch(P.gs + (row - 1) * M, M);
-          prefetch<T, 1>(P.dgate_u + (row - 1) * M, M);
-        }
+        if (gated) prefetch(P.gs + (row - 1) * M, M);
         if (P.thr) prefetch(P.thr + (row - 1) * M, M);
         if (P.ga) prefetch(P.ga + (row - 1) * M, M);
         if (P.dwaves) prefetch<T, 1>(P.dwaves + (row - 1) * M, M);
@@ -400,52 +498,55 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
         const T a = ar[m];
         T* cm = carry + m * S;
         T da = P.ga ? P.ga[row * M + m] : T(0);
-        if (P.need_da)
-          for (int64_t j = 0; j < S; ++j) da += cm[j] * (c[m * S + j] - hp[m * S + j]);
+        if (P.need_da) da += dot<T, VL>(cm, c + m * S, hp + m * S, S);
         if (a != T(0)) {
           for (int64_t j = 0; j < S; ++j) {
             const T cj = c[m * S + j];
             dz[m * S + j] = cm[j] * a * (T(1) - cj * cj);
             cm[j] *= T(1) - a;
           }
+          if (dxr)
+            for (int64_t i = 0; i < I; ++i) dxr[i] += dot<T, VL>(dz + m * S, P.wxT + i * H + m * S, nullptr, S);
           lists.rows[m * n + lists.counts[m]++] = int32_t(b);
-        } else {  // closed: dz = 0, the carry passes through unchanged
-          std::memset(dz + m * S, 0, sizeof(T) * S);
+        } else {  // closed: dz = 0 (never read), the carry passes through unchanged
           every = false;
         }
         const T w = P.waves ? P.waves[b * P.waves_stride + t * M + m] : T(1);
         T e = T(1);
-        if (P.gate_u) {
+        if (gated) {
           const T g = P.gs[row * M + m];
-          e = P.thr ? T(g > P.thr[row * M + m]) : g;
-          dl[m] = da * w * g * (T(1) - g);  // straight-through when hard: dL/dg = dL/de
-          P.dgate_u[row * M + m] = dl[m];
+          e = P.hard ? T(g > (P.thr ? P.thr[row * M + m] : P.thr_value)) : g;
+          dls[(b - b0) * M + m] = da * w * g * (T(1) - g);  // straight-through when hard: dL/dg = dL/de
         }
         if (P.dwaves) P.dwaves[row * M + m] = da * e;
       }
-      if (P.gate_u) {  // logits l = gate_u + h_{t-1} G_h^T
-        for (int64_t m = 0; m < M; ++m) {
-          const T d = dl[m];
-          const T* ghm = P.gh + m * H;
-          T* dghm = dgh + m * H;
-          for (int64_t k = 0; k < H; ++k) {
-            carry[k] += d * ghm[k];
-            dghm[k] += d * hp[k];
-          }
+      if (gated) {  // logits l = g_b + x_t G_x^T + h_{t-1} G_h^T; the h_{t-1} part: gate_products
+        const T* dl = dls + (b - b0) * M;
+        for (int64_t i = 0; i <= I; ++i) {
+          const T xi = i < I ? xr[i] : T(1);  // row I: dg_b
+          for (int64_t m = 0; m < M; ++m) dgx[i * M + m] += xi * dl[m];
         }
+        if (dxr)
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t i = 0; i < I; ++i) dxr[i] += dl[m] * P.gx[m * I + i];
       }
     }
+    if (gated) gate_products<T, VL>(P, t, b0, b1, dls, dgh, dl_ptr, hp_ptr);
     if (every) {
-      dz_products<T, VL>(P, t, lists.rows, int(n), 0, H, dw, dz_ptr, hp_ptr);
+      dz_products<T, VL>(P, t, lists.rows, int(n), 0, H, b0, dz_rows, dw, dwx, dz_ptr, hp_ptr, x_ptr);
     } else {
       for (int64_t m = 0; m < M; ++m)
         if (lists.counts[m])
-          dz_products<T, VL>(P, t, lists.rows + m * n, lists.counts[m], m * S, (m + 1) * S, dw, dz_ptr, hp_ptr);
+          dz_products<T, VL>(P, t, lists.rows + m * n, lists.counts[m], m * S, (m + 1) * S, b0, dz_rows, dw, dwx,
+                             dz_ptr, hp_ptr, x_ptr);
     }
   }
+  delete[] dz_rows;
   delete[] dz_ptr;
   delete[] hp_ptr;
-  delete[] dl;
+  delete[] x_ptr;
+  delete[] dl_ptr;
+  delete[] dls;
 }
 
 // ---------------------------------------------------------------- entry points

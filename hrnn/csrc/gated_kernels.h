@@ -13,34 +13,44 @@ namespace hrnn_cpu {
 template <typename T>
 struct GatedProblem {
   int64_t B, T_, H, M;
-  // inputs
-  const T* u = nullptr;       // (B, T, H)  x W_x^T + b
-  const T* gate_u = nullptr;  // (B, T, M)  x G_x^T + g_b; nullptr: no event gate (e = 1)
+  // inputs. The projections are fused: z_t = b + x_t W_x^T + h_{t-1} W_h^T is formed per open
+  // (sample, module) block and the gate logits as g_b + x_t G_x^T + h_{t-1} G_h^T, so no
+  // (B, T, H) u (or (B, T, M) gate input) exists.
+  int64_t I = 0;
+  const T* x = nullptr;       // (B, T, I)
+  const T* wxT = nullptr;     // (I, H)     W_x^T
+  const T* bias = nullptr;    // (H) or nullptr
+  const T* gx = nullptr;      // (M, I)     G_x; nullptr: no event gate (e = 1)
+  const T* gxT = nullptr;     // (I, M)     G_x^T (forward)
+  const T* gb = nullptr;      // (M)        g_b
   const T* wt = nullptr;      // (H, H)     W_h^T (forward)
   const T* w = nullptr;       // (H, H)     W_h (backward)
   const T* gh = nullptr;      // (M, H)     G_h
   const T* ght = nullptr;     // (H, M)     G_h^T (forward)
   const T* waves = nullptr;   // (T, M) or (B, T, M); nullptr: w = 1
   int64_t waves_stride = 0;   // between batch rows of waves: 0 (shared) or T * M
-  const T* thr = nullptr;     // (B, T, M) thresholds of a hard gate; nullptr: soft gate
+  bool hard = false;          // hard gate: e = 1[g > threshold]; else soft, e = g
+  const T* thr = nullptr;     // (B, T, M) thresholds of a hard gate, or nullptr: ...
+  T thr_value = T(0);         // ... one threshold for every (b, t, m)
   const T* h0 = nullptr;      // (B, H)
   bool all_candidates = false;  // forward: also the candidates of closed (a = 0) modules
   // forward outputs (backward inputs)
   T* hs = nullptr;  // (B, T, H) states
   T* cs = nullptr;  // (B, T, H) candidates, or nullptr (not kept)
   T* as = nullptr;  // (B, T, M) activations a = w e
-  T* gs = nullptr;  // (B, T, M) gate values g (gated only)
+  T* gs = nullptr;  // (B, T, M) gate values g (gated, and kept for a backward), or nullptr
   // backward
   const T* g = nullptr;       // (B, T, H) gradient of the states, or nullptr when ...
   const T* g_last = nullptr;  // ... the loss read the last state only: (B, H)
   const T* ga = nullptr;      // (B, T, M) gradient of the activations, or nullptr
   bool need_da = false;       // dL/da of closed modules too (every candidate was computed)
-  T* du = nullptr;            // (B, T, H)
-  T* dgate_u = nullptr;       // (B, T, M) (gated only)
+  T* dx = nullptr;            // (B, T, I), or nullptr (x needs no gradient)
   T* dwaves = nullptr;        // (B, T, M) per sample, or nullptr
   T* dh0 = nullptr;           // (B, H); also the running dL/dh_t ("carry")
   T* dw_parts = nullptr;      // (slices, H, H) per-slice partial dW_h
   T* dgh_parts = nullptr;     // (slices, M, H) per-slice partial dG_h (gated only)
+  T* dwx_parts = nullptr;     // (slices, I + 1, H) per-slice partial dW_x^T, last row db
+  T* dgx_parts = nullptr;     // (slices, I + 1, M) per-slice partial dG_x^T, last row dg_b (gated only)
 };
 
 // One capability's gated kernels; vl divides H / M and is at most one register.

@@ -70,7 +70,7 @@ int64_t n_slices(int64_t B) {
 void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& like) {
   TORCH_CHECK(t.device().is_cpu(), "hrnn gated: ", name, " is on ", t.device(), "; CPU tensors only");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "hrnn gated: ", name, " is ", t.scalar_type(),
-              " but u is ", like.scalar_type(), "; give every tensor one dtype");
+              " but x is ", like.scalar_type(), "; give every tensor one dtype");
   TORCH_CHECK(t.sizes() == shape, "hrnn gated: ", name, " has shape ", t.sizes(), ", expected ", shape);
   TORCH_CHECK(t.is_contiguous(), "hrnn gated: ", name, " is not contiguous");
 }
@@ -82,88 +82,123 @@ const T* ptr(const at::Tensor* t) {
   return t ? t->data_ptr<T>() : nullptr;
 }
 
-struct Shapes {
-  int64_t B, T, H, M;
+// The op's inputs, as both entry points take them (hrnn/gated.py: gated_leaky_rnn's arguments).
+struct Inputs {
+  const at::Tensor& x;
+  const at::Tensor& w_x;
+  const at::Tensor* bias;
+  const at::Tensor* gate_x;
+  const at::Tensor* gate_bias;
+  const at::Tensor& w_h;
+  const at::Tensor* gate_h;
+  const at::Tensor* waves;
+  const at::Tensor& h0;
+  const at::Tensor* thr;  // (B, T, M), or one value (0-dim), for a hard gate; nullptr: soft
 };
 
-// Checks every input of the forward; returns the sizes.
-Shapes check_forward(const at::Tensor& u, const at::Tensor* gate_u, const at::Tensor& w_h,
-                     const at::Tensor* gate_h, const at::Tensor* waves, const at::Tensor& h0,
-                     const at::Tensor* thr) {
-  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
-              "hrnn gated: u is ", u.scalar_type(), "; float32 or float64 only");
-  TORCH_CHECK(u.dim() == 3, "hrnn gated: u has shape ", u.sizes(), ", expected (B, T, H)");
-  const int64_t B = u.size(0), T = u.size(1), H = u.size(2);
-  TORCH_CHECK(gate_u || waves, "hrnn gated: give waves, an event gate, or both");
-  TORCH_CHECK(!gate_u == !gate_h, "hrnn gated: gate_u and gate_h come together");
-  const int64_t M = gate_u ? (gate_u->dim() == 3 ? gate_u->size(2) : 0) : (waves->dim() ? waves->size(-1) : 0);
+struct Shapes {
+  int64_t B, T, I, H, M;
+};
+
+// Checks every input; returns the sizes.
+Shapes check_inputs(const Inputs& in) {
+  const at::Tensor& x = in.x;
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "hrnn gated: x is ", x.scalar_type(), "; float32 or float64 only");
+  TORCH_CHECK(x.dim() == 3, "hrnn gated: x has shape ", x.sizes(), ", expected (B, T, I)");
+  TORCH_CHECK(in.w_h.dim() == 2, "hrnn gated: w_h has shape ", in.w_h.sizes(), ", expected (H, H)");
+  const int64_t B = x.size(0), T = x.size(1), I = x.size(2), H = in.w_h.size(0);
+  TORCH_CHECK(in.gate_x || in.waves, "hrnn gated: give waves, an event gate, or both");
+  TORCH_CHECK(!in.gate_x == !in.gate_h && !in.gate_x == !in.gate_bias,
+              "hrnn gated: gate_x, gate_bias and gate_h come together");
+  const int64_t M = in.gate_x ? (in.gate_x->dim() == 2 ? in.gate_x->size(0) : 0)
+                              : (in.waves->dim() ? in.waves->size(-1) : 0);
   TORCH_CHECK(M > 0 && H % M == 0, "hrnn gated: ", M, " modules do not divide H = ", H);
   TORCH_CHECK(T * H < (int64_t(1) << 31) && B * T < (int64_t(1) << 31), "hrnn gated: T * H or B * T too large");
-  check_tensor(u, "u", {B, T, H}, u);
-  check_tensor(w_h, "w_h", {H, H}, u);
-  check_tensor(h0, "h0", {B, H}, u);
-  if (gate_u) {
-    check_tensor(*gate_u, "gate_u", {B, T, M}, u);
-    check_tensor(*gate_h, "gate_h", {M, H}, u);
+  check_tensor(x, "x", {B, T, I}, x);
+  check_tensor(in.w_x, "w_x", {H, I}, x);
+  if (in.bias) check_tensor(*in.bias, "bias", {H}, x);
+  check_tensor(in.w_h, "w_h", {H, H}, x);
+  check_tensor(in.h0, "h0", {B, H}, x);
+  if (in.gate_x) {
+    check_tensor(*in.gate_x, "gate_x", {M, I}, x);
+    check_tensor(*in.gate_bias, "gate_bias", {M}, x);
+    check_tensor(*in.gate_h, "gate_h", {M, H}, x);
   }
-  if (waves) {
-    if (waves->dim() == 2) check_tensor(*waves, "waves", {T, M}, u);
-    else check_tensor(*waves, "waves", {B, T, M}, u);
+  if (in.waves) {
+    if (in.waves->dim() == 2) check_tensor(*in.waves, "waves", {T, M}, x);
+    else check_tensor(*in.waves, "waves", {B, T, M}, x);
   }
-  if (thr) {
-    TORCH_CHECK(gate_u, "hrnn gated: thresholds without an event gate");
-    check_tensor(*thr, "thresholds", {B, T, M}, u);
+  if (in.thr) {
+    TORCH_CHECK(in.gate_x, "hrnn gated: thresholds without an event gate");
+    if (in.thr->dim() == 0) check_tensor(*in.thr, "thresholds", {}, x);
+    else check_tensor(*in.thr, "thresholds", {B, T, M}, x);
   }
-  return {B, T, H, M};
+  return {B, T, I, H, M};
 }
 
+// The problem's inputs; wxT and gxT (W_x^T, G_x^T) are the caller's, alive for the call.
 template <typename T>
-GatedProblem<T> problem(const Shapes& s, const at::Tensor& u, const at::Tensor* gate_u, const at::Tensor* gate_h,
-                        const at::Tensor* waves, const at::Tensor& h0, const at::Tensor* thr) {
+GatedProblem<T> problem(const Shapes& s, const Inputs& in, const at::Tensor& wxT, const at::Tensor& gxT) {
   GatedProblem<T> P;
   P.B = s.B;
   P.T_ = s.T;
   P.H = s.H;
   P.M = s.M;
-  P.u = u.data_ptr<T>();
-  P.gate_u = ptr<T>(gate_u);
-  P.gh = ptr<T>(gate_h);
-  P.waves = ptr<T>(waves);
-  P.waves_stride = waves && waves->dim() == 3 ? s.T * s.M : 0;
-  P.thr = ptr<T>(thr);
-  P.h0 = h0.data_ptr<T>();
+  P.I = s.I;
+  P.x = in.x.data_ptr<T>();
+  P.wxT = wxT.data_ptr<T>();
+  P.bias = ptr<T>(in.bias);
+  P.gx = ptr<T>(in.gate_x);
+  P.gxT = gxT.defined() ? gxT.data_ptr<T>() : nullptr;
+  P.gb = ptr<T>(in.gate_bias);
+  P.gh = ptr<T>(in.gate_h);
+  P.waves = ptr<T>(in.waves);
+  P.waves_stride = in.waves && in.waves->dim() == 3 ? s.T * s.M : 0;
+  P.hard = in.thr != nullptr;
+  P.thr = in.thr && in.thr->dim() ? in.thr->data_ptr<T>() : nullptr;
+  P.thr_value = in.thr && !in.thr->dim() ? in.thr->item<T>() : T(0);
+  P.h0 = in.h0.data_ptr<T>();
   return P;
 }
 
-// gated_forward(u, gate_u, w_h, gate_h, waves, h0, thresholds, all_candidates, save)
-//   -> (states, candidates or empty, activations, gates or empty).
-// gate_u/gate_h: the event gate or both None; waves: (T, M), (B, T, M) or None; thresholds
-// (B, T, M) for a hard gate, None for a soft one. all_candidates: also compute the candidates of
-// closed modules (a gradient needs them); save: keep the candidates for the backward.
-std::vector<at::Tensor> gated_forward(const at::Tensor& u, const c10::optional<at::Tensor>& gate_u,
-                                      const at::Tensor& w_h, const c10::optional<at::Tensor>& gate_h,
+at::Tensor transposed(const at::Tensor* t) { return t ? t->t().contiguous() : at::Tensor(); }
+
+// gated_forward(x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thresholds, all_candidates, save)
+//   -> (states, candidates or empty, activations, gates (with save) or empty).
+// bias: (H) or None; gate_x (M, I), gate_bias (M), gate_h (M, H): the event gate, or all None;
+// waves: (T, M), (B, T, M) or None; thresholds: (B, T, M) or one value (0-dim) for a hard gate,
+// None for a soft one. all_candidates: also compute the candidates of closed modules (a gradient
+// needs them); save: keep the candidates for the backward.
+std::vector<at::Tensor> gated_forward(const at::Tensor& x, const at::Tensor& w_x, const c10::optional<at::Tensor>& bias,
+                                      const c10::optional<at::Tensor>& gate_x,
+                                      const c10::optional<at::Tensor>& gate_bias, const at::Tensor& w_h,
+                                      const c10::optional<at::Tensor>& gate_h,
                                       const c10::optional<at::Tensor>& waves, const at::Tensor& h0,
                                       const c10::optional<at::Tensor>& thresholds, bool all_candidates,
                                       bool save) {
-  const Shapes s = check_forward(u, opt(gate_u), w_h, opt(gate_h), opt(waves), h0, opt(thresholds));
+  const Inputs in{x, w_x, opt(bias), opt(gate_x), opt(gate_bias), w_h, opt(gate_h), opt(waves), h0, opt(thresholds)};
+  const Shapes s = check_inputs(in);
   at::NoGradGuard no_grad;
-  const auto opts = u.options();
+  const auto opts = x.options();
+  const bool gated = gate_x.has_value();
   at::Tensor hs = pooled_empty({s.B, s.T, s.H}, opts);
   at::Tensor cs = save ? pooled_empty({s.B, s.T, s.H}, opts) : at::empty({0}, opts);
-  at::Tensor as = at::empty({s.B, s.T, s.M}, opts);
-  at::Tensor gs = gate_u ? at::empty({s.B, s.T, s.M}, opts) : at::empty({0}, opts);
-  at::Tensor wt = w_h.t().contiguous();
-  at::Tensor ght = gate_h.has_value() ? gate_h->t().contiguous() : at::Tensor();
+  // Pooled too: fresh pages for these (B, T, M) outputs were 5% of the forward at f = 0.
+  at::Tensor as = pooled_empty({s.B, s.T, s.M}, opts);
+  at::Tensor gs = gated && save ? pooled_empty({s.B, s.T, s.M}, opts) : at::empty({0}, opts);
+  at::Tensor wt = w_h.t().contiguous(), wxT = w_x.t().contiguous();
+  at::Tensor ght = transposed(in.gate_h), gxT = transposed(in.gate_x);
   int64_t blocks = 0;
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "hrnn_gated_fwd", [&] {
-    GatedProblem<scalar_t> P = problem<scalar_t>(s, u, opt(gate_u), opt(gate_h), opt(waves), h0, opt(thresholds));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hrnn_gated_fwd", [&] {
+    GatedProblem<scalar_t> P = problem<scalar_t>(s, in, wxT, gxT);
     P.wt = wt.data_ptr<scalar_t>();
-    P.ght = ght.defined() ? ght.data_ptr<scalar_t>() : nullptr;
+    P.ght = gated ? ght.data_ptr<scalar_t>() : nullptr;
     P.all_candidates = all_candidates;
     P.hs = hs.data_ptr<scalar_t>();
     P.cs = save ? cs.data_ptr<scalar_t>() : nullptr;
     P.as = as.data_ptr<scalar_t>();
-    P.gs = gate_u ? gs.data_ptr<scalar_t>() : nullptr;
+    P.gs = gated && save ? gs.data_ptr<scalar_t>() : nullptr;
     const GatedKernelTable* k = gated_table();
     const int vl = pick_vl(s.H / s.M, max_vl<scalar_t>());
     const int64_t ns = n_slices(s.B);
@@ -180,45 +215,51 @@ std::vector<at::Tensor> gated_forward(const at::Tensor& u, const c10::optional<a
   return {hs, cs, as, gs};
 }
 
-// gated_backward(grad_states, grad_activations, states, candidates, activations, gates, u, gate_u,
-//                w_h, gate_h, waves, h0, thresholds, need_da, need_dwaves)
-//   -> (du, dgate_u or empty, dw_h, dgate_h or empty, dwaves (waves' shape) or empty, dh0).
-// grad_states is (B, T, H), or (B, H) when the output was the last state only; grad_activations
-// (B, T, M) or None. need_da must be true when the forward ran with all_candidates (it computes
-// dL/da of closed modules from their candidates), and is required by a gate or need_dwaves.
+// gated_backward(grad_states, grad_activations, states, candidates, activations, gates, x, w_x, bias,
+//                gate_x, gate_bias, w_h, gate_h, waves, h0, thresholds, need_dx, need_da, need_dwaves)
+//   -> (dx or empty, dw_x, db, dgate_x or empty, dgate_bias or empty, dw_h, dgate_h or empty,
+//       dwaves (waves' shape) or empty, dh0).
+// The inputs are the forward's. grad_states is (B, T, H), or (B, H) when the output was the last
+// state only; grad_activations (B, T, M) or None. need_da must be true when the forward ran with
+// all_candidates (it computes dL/da of closed modules from their candidates), and is required by
+// a gate or need_dwaves. dW_x, db, dG_x and dg_b are accumulated in the loop: no (B, T, H) du.
 std::vector<at::Tensor> gated_backward(const at::Tensor& grad_states, const c10::optional<at::Tensor>& grad_acts,
                                        const at::Tensor& hs, const at::Tensor& cs, const at::Tensor& as,
-                                       const at::Tensor& gs, const at::Tensor& u,
-                                       const c10::optional<at::Tensor>& gate_u, const at::Tensor& w_h,
+                                       const at::Tensor& gs, const at::Tensor& x, const at::Tensor& w_x,
+                                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& gate_x,
+                                       const c10::optional<at::Tensor>& gate_bias, const at::Tensor& w_h,
                                        const c10::optional<at::Tensor>& gate_h,
                                        const c10::optional<at::Tensor>& waves, const at::Tensor& h0,
-                                       const c10::optional<at::Tensor>& thresholds, bool need_da,
+                                       const c10::optional<at::Tensor>& thresholds, bool need_dx, bool need_da,
                                        bool need_dwaves) {
-  const Shapes s = check_forward(u, opt(gate_u), w_h, opt(gate_h), opt(waves), h0, opt(thresholds));
-  const bool gated = gate_u.has_value();
+  const Inputs in{x, w_x, opt(bias), opt(gate_x), opt(gate_bias), w_h, opt(gate_h), opt(waves), h0, opt(thresholds)};
+  const Shapes s = check_inputs(in);
+  const bool gated = gate_x.has_value();
   TORCH_CHECK(need_da || !(gated || need_dwaves),
               "hrnn gated: an event gate or a waves gradient needs need_da (and a forward with all_candidates)");
   TORCH_CHECK(!need_dwaves || waves.has_value(), "hrnn gated: need_dwaves without waves");
   at::Tensor g = grad_states.contiguous();
   const bool last_only = g.dim() == 2;
-  check_tensor(g, "grad_states", last_only ? at::IntArrayRef{s.B, s.H} : at::IntArrayRef{s.B, s.T, s.H}, u);
-  check_tensor(hs, "states", {s.B, s.T, s.H}, u);
-  check_tensor(cs, "candidates", {s.B, s.T, s.H}, u);
-  check_tensor(as, "activations", {s.B, s.T, s.M}, u);
-  if (gated) check_tensor(gs, "gates", {s.B, s.T, s.M}, u);
+  check_tensor(g, "grad_states", last_only ? at::IntArrayRef{s.B, s.H} : at::IntArrayRef{s.B, s.T, s.H}, x);
+  check_tensor(hs, "states", {s.B, s.T, s.H}, x);
+  check_tensor(cs, "candidates", {s.B, s.T, s.H}, x);
+  check_tensor(as, "activations", {s.B, s.T, s.M}, x);
+  if (gated) check_tensor(gs, "gates", {s.B, s.T, s.M}, x);
   at::Tensor ga = grad_acts.has_value() ? grad_acts->contiguous() : at::Tensor();
-  if (ga.defined()) check_tensor(ga, "grad_activations", {s.B, s.T, s.M}, u);
+  if (ga.defined()) check_tensor(ga, "grad_activations", {s.B, s.T, s.M}, x);
   at::NoGradGuard no_grad;
-  const auto opts = u.options();
-  const int64_t ns = n_slices(s.B), H = s.H, M = s.M;
-  at::Tensor du = pooled_empty({s.B, s.T, H}, opts);
-  at::Tensor dgu = gated ? at::empty({s.B, s.T, M}, opts) : at::empty({0}, opts);
+  const auto opts = x.options();
+  const int64_t ns = n_slices(s.B), H = s.H, M = s.M, I = s.I;
+  at::Tensor dx = need_dx ? at::empty({s.B, s.T, I}, opts) : at::empty({0}, opts);
   at::Tensor dwaves = need_dwaves ? at::empty({s.B, s.T, M}, opts) : at::empty({0}, opts);
   at::Tensor dh0 = at::empty({s.B, H}, opts);
   at::Tensor dw_parts = at::empty({ns, H, H}, opts);
+  at::Tensor dwx_parts = at::empty({ns, I + 1, H}, opts);
   at::Tensor dgh_parts = gated ? at::empty({ns, M, H}, opts) : at::empty({0}, opts);
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "hrnn_gated_bwd", [&] {
-    GatedProblem<scalar_t> P = problem<scalar_t>(s, u, opt(gate_u), opt(gate_h), opt(waves), h0, opt(thresholds));
+  at::Tensor dgx_parts = gated ? at::empty({ns, I + 1, M}, opts) : at::empty({0}, opts);
+  at::Tensor wxT = w_x.t().contiguous(), gxT = transposed(in.gate_x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hrnn_gated_bwd", [&] {
+    GatedProblem<scalar_t> P = problem<scalar_t>(s, in, wxT, gxT);
     P.w = w_h.data_ptr<scalar_t>();
     P.hs = hs.data_ptr<scalar_t>();
     P.cs = cs.data_ptr<scalar_t>();
@@ -228,12 +269,13 @@ std::vector<at::Tensor> gated_backward(const at::Tensor& grad_states, const c10:
     P.g_last = last_only ? g.data_ptr<scalar_t>() : nullptr;
     P.ga = ga.defined() ? ga.data_ptr<scalar_t>() : nullptr;
     P.need_da = need_da;
-    P.du = du.data_ptr<scalar_t>();
-    P.dgate_u = gated ? dgu.data_ptr<scalar_t>() : nullptr;
+    P.dx = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
     P.dwaves = need_dwaves ? dwaves.data_ptr<scalar_t>() : nullptr;
     P.dh0 = dh0.data_ptr<scalar_t>();
     P.dw_parts = dw_parts.data_ptr<scalar_t>();
+    P.dwx_parts = dwx_parts.data_ptr<scalar_t>();
     P.dgh_parts = gated ? dgh_parts.data_ptr<scalar_t>() : nullptr;
+    P.dgx_parts = gated ? dgx_parts.data_ptr<scalar_t>() : nullptr;
     const GatedKernelTable* k = gated_table();
     const int vl = pick_vl(H / M, max_vl<scalar_t>());
     at::parallel_for(0, ns, 1, [&](int64_t s0, int64_t s1) {
@@ -241,16 +283,31 @@ std::vector<at::Tensor> gated_backward(const at::Tensor& grad_states, const c10:
         const int64_t b0 = s.B * i / ns, b1 = s.B * (i + 1) / ns;
         // First touch of the partials by the owning thread.
         std::memset(P.dw_parts + i * H * H, 0, sizeof(scalar_t) * H * H);
-        if (gated) std::memset(P.dgh_parts + i * M * H, 0, sizeof(scalar_t) * M * H);
+        std::memset(P.dwx_parts + i * (I + 1) * H, 0, sizeof(scalar_t) * (I + 1) * H);
+        if (gated) {
+          std::memset(P.dgh_parts + i * M * H, 0, sizeof(scalar_t) * M * H);
+          std::memset(P.dgx_parts + i * (I + 1) * M, 0, sizeof(scalar_t) * (I + 1) * M);
+        }
         run_bwd(k, P, vl, b0, b1, i);
       }
     });
   });
-  at::Tensor dw = dw_parts.sum(0);
-  at::Tensor dgh = gated ? dgh_parts.sum(0) : dgh_parts;
+  // The partials hold W_x^T, then b (and G_x^T, then g_b): transposed back to the parameters' shapes.
+  at::Tensor dwx_b = dwx_parts.sum(0);
+  at::Tensor dgx_b = gated ? dgx_parts.sum(0) : dgx_parts;
+  at::Tensor empty = at::empty({0}, opts);
+  at::Tensor dgh = gated ? dgh_parts.sum(0) : empty;
   // Shared (T, M) waves: the per-sample gradients add up over the batch.
   if (need_dwaves && waves->dim() == 2) dwaves = dwaves.sum(0);
-  return {du, dgu, dw, dgh, dwaves, dh0};
+  return {dx,
+          dwx_b.narrow(0, 0, I).t().contiguous(),
+          dwx_b[I],
+          gated ? dgx_b.narrow(0, 0, I).t().contiguous() : empty,
+          gated ? dgx_b[I] : empty,
+          dw_parts.sum(0),
+          dgh,
+          dwaves,
+          dh0};
 }
 
 int64_t gated_candidate_blocks() { return last_blocks.load(); }
@@ -260,8 +317,6 @@ int64_t gated_candidate_blocks() { return last_blocks.load(); }
 void register_gated(pybind11::module_& m) {
   m.def("gated_forward", &gated_forward, "event-gated leaky recurrence, forward");
   m.def("gated_backward", &gated_backward, "event-gated leaky recurrence, backward through time");
-  m.def("pooled_empty", [](std::vector<int64_t> sizes, const at::Tensor& like) { return pooled_empty(sizes, like.options()); },
-        "an uninitialised tensor like `like` from the buffer pool (for u, the kernel's largest input)");
   m.def("gated_candidate_blocks", &gated_candidate_blocks,
         "candidate blocks (sample, step, module) the last gated_forward computed");
 }
