@@ -39,7 +39,9 @@ LABELLED = {"coefficients": [("regularizer", "name", ""), ("basis", "sharpness",
 LABELLED_ANY = [("model", "activation", ""), ("model", "gate", "gate"), ("model", "gate_bias", "gate_bias"),
                 ("model", "connectivity", "connectivity"),
                 ("model", "hidden_size", "hidden"), ("model", "n_modules", "modules"), ("optim", "lr", "lr"),
-                ("optim", "clock_lr", "clock_lr"), ("trainer", "batch_size", "batch"), ("trainer", "grad_clip", "clip")]
+                ("optim", "clock_lr", "clock_lr"), ("optim", "connectivity_lr", "connectivity_lr"),
+                ("optim", "schedule", "lr"), ("trainer", "batch_size", "batch"), ("trainer", "grad_clip", "clip"),
+                ("trainer", "max_wall_s", "wall budget s")]
 NO_CLOCK = ("event", "chunker")  # activations without a clock: the basis means nothing there
 # What "solved" means per task, on the validation history: (history key, threshold, below?).
 THRESHOLDS = {"adding": ("val_mse", 0.01, True), "copy": ("val_recall_acc", 0.99, False),
@@ -75,6 +77,11 @@ def model_label(config: dict[str, Any]) -> str:
         if model != "hrnn" and group == "model" and key != "hidden_size":
             continue
         if group == "optim" and key == "clock_lr" and (model != "hrnn" or activation in NO_CLOCK):
+            continue
+        if key == "connectivity_lr" and config.get("model", {}).get("connectivity") != "learned":
+            continue
+        if key == "connectivity_lr" and key not in config.get("optim", {}):
+            parts.append("connectivity_lr = lr")  # runs from before optim.connectivity_lr trained the gates at optim.lr
             continue
         value = config.get(group, {}).get(key, defaults[group].get(key))
         if value != defaults[group].get(key) or (model == "hrnn" and key == "activation"):

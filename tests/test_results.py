@@ -114,7 +114,12 @@ def test_labels_name_the_clock_and_its_settings_off_default():
     assert model_label({"model": clock, "basis": {"name": "period", "init": "random", "open_ratio": 0.3},
                         "regularizer": {"name": "softmax", "entropy_weight": 0.01}}) == "hrnn-period init random open 0.3 clock"
     assert model_label({"model": {"name": "hrnn", "activation": "clock", "connectivity": "learned"},
-                        "basis": {"name": "dct"}, "optim": {"clock_lr": 0.0}}) == "hrnn-dct clock connectivity learned frozen clock"
+                        "basis": {"name": "dct"}, "optim": {"clock_lr": 0.0}}) == "hrnn-dct clock connectivity learned frozen clock connectivity_lr = lr"
+    # the key's own default is not named; a run from before the key existed trained its gates at optim.lr
+    assert model_label({"model": {"name": "hrnn", "activation": "event", "connectivity": "learned"}, "basis": {"name": "dct"},
+                        "optim": {"connectivity_lr": 0.01}}) == "hrnn event connectivity learned"
+    assert model_label({"model": {"name": "hrnn", "activation": "event"}, "basis": {"name": "dct"},
+                        "optim": {"schedule": "cosine"}, "trainer": {"max_wall_s": 300.0}}) == "hrnn event lr cosine wall budget s 300"
     assert model_label({"model": {"name": "hrnn", "activation": "event", "gate": "hard"}, "basis": {"name": "dct", "sharpness": 4.0},
                         "optim": {"clock_lr": 0.0}}) == "hrnn event gate hard"  # no clock: basis and clock_lr unnamed
 
