@@ -3,7 +3,7 @@
 #   python scripts/results.py outputs/study > docs/results.md
 #
 #   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard (default: all but smnist)
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -131,11 +131,18 @@ table() {
     events_hard)  # hard (straight-through) and stochastic event gates on adding T = 200, 3 seeds, 2000 steps
                   # (events_adding's budget): the prototype kept every hard gate shut
       run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=hard,stochastic \
-        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_hard" ;;
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_hard"
+      # ... stochastic again, since its evaluation draws too (it used to threshold, which shut every gate)
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=stochastic \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_stochastic" ;;
+    smnist_wide)  # mnist_long's sMNIST row (98.42%, flat from step 31k) with hidden 192 = 8 x 24 (42k
+                  # parameters, under the 128-unit LSTM's 68k): one seed
+      run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=event model.hidden_size=192 \
+        optim.schedule=cosine trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_wide" ;;
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" experiment=smnist model=lstm trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide" >&2; exit 2 ;;
   esac
 }
 

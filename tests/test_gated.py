@@ -7,7 +7,7 @@ import torch
 from hrnn.core import leaky_rnn_reference
 from hrnn.gated import chunker_leaky_rnn_reference, gated_leaky_rnn, gated_leaky_rnn_reference
 from hrnn.models.clock import FixedClock
-from hrnn.models.recurrent import ChunkerGate, ClockedRNN, EventGate
+from hrnn.models.recurrent import EVALUATION_DRAWS_SEED, ChunkerGate, ClockedRNN, EventGate
 
 B, T, I, H, M = 3, 9, 2, 8, 4
 F64 = torch.float64
@@ -153,7 +153,9 @@ def test_model_penalty_is_update_weight_times_mean_activation(mode):
     assert make_model(mode, update_weight=0.0)(x) is not None and make_model(mode, update_weight=0.0).penalty() == 0
 
 
-def test_stochastic_gate_draws_in_training_and_thresholds_in_evaluation():
+def test_stochastic_gate_draws_in_training_and_in_evaluation_from_a_fixed_seed():
+    """Evaluation draws U from a generator seeded with EVALUATION_DRAWS_SEED, not from the global RNG
+    and not the threshold: at t = 0 (h = h0 for every mode) a = 1[g > U] with the soft model's g."""
     model = make_model("stochastic", clock=False)
     x = torch.randn(B, T, I)
     torch.manual_seed(1)
@@ -161,9 +163,15 @@ def test_stochastic_gate_draws_in_training_and_thresholds_in_evaluation():
     torch.manual_seed(2)
     assert not torch.equal(first, model(x))  # different draws, different updates
     model.eval()
-    assert torch.equal(model(x), model(x))
-    hard = make_model("hard", clock=False).eval()
-    assert torch.equal(model(x), hard(x))  # same weights (seed 0): evaluation uses the threshold
+    torch.manual_seed(3)
+    evaluated, activations = model(x), model.activations
+    torch.manual_seed(4)
+    assert torch.equal(evaluated, model(x))  # evaluation draws do not follow the global RNG
+    soft = make_model("soft", clock=False).eval()  # the same weights (seed 0)
+    soft(x)
+    draws = torch.rand(B, T, M, generator=torch.Generator().manual_seed(EVALUATION_DRAWS_SEED))
+    assert torch.equal(activations[:, 0], (soft.activations[:, 0] > draws[:, 0]).to(activations.dtype))
+    assert 0 < activations.mean() < 1
 
 
 def test_hard_gate_parameters_get_gradients_from_the_loss_through_the_straight_through_estimator():

@@ -17,6 +17,7 @@ from hrnn.models.clock import Clock
 CONNECTIVITY = ("full", "slow_to_fast", "learned")
 ACTIVATIONS = ("clock", "event", "clock_event", "chunker")
 GATES = ("hard", "stochastic", "soft")
+EVALUATION_DRAWS_SEED = 0  # a stochastic gate's draws in evaluation: the same every evaluation
 
 
 def slow_to_fast_modules(periods: list[float]) -> Tensor:
@@ -92,9 +93,10 @@ class UpdateGate(nn.Module):
     """What decides, per module and per sample, whether a module updates (`hrnn.gated`).
 
     mode: "soft" uses the gate g itself; "hard" uses 1[g > threshold] with a straight-through
-    gradient; "stochastic" uses 1[g > U], U ~ uniform(0, 1) in training (an update with
-    probability g) and the threshold in evaluation. `update_weight` * the mean activation is
-    added to the loss (Skip RNN's budget).
+    gradient; "stochastic" uses 1[g > U], U ~ uniform(0, 1) (an update with probability g), in
+    evaluation too, from a fixed seed so that an evaluation is repeatable: the model trained with
+    draws, and the threshold shut every gate it had learned to open with g < 0.5 (docs/models.md).
+    `update_weight` * the mean activation is added to the loss (Skip RNN's budget).
     """
 
     fused = True  # hrnn.gated's fused core runs it where built
@@ -107,8 +109,9 @@ class UpdateGate(nn.Module):
         return "soft" if self.mode == "soft" else "hard"
 
     def thresholds(self, batch: int, steps: int, n_gates: int, like: Tensor) -> Tensor | float:
-        if self.mode == "stochastic" and self.training:
-            return torch.rand(batch, steps, n_gates, dtype=like.dtype, device=like.device)
+        if self.mode == "stochastic":
+            generator = None if self.training else torch.Generator(device=like.device).manual_seed(EVALUATION_DRAWS_SEED)
+            return torch.rand(batch, steps, n_gates, dtype=like.dtype, device=like.device, generator=generator)
         return self.threshold
 
     def run(self, rnn: "ClockedRNN", x: Tensor, waves: Tensor | None, h0: Tensor,
