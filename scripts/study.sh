@@ -3,7 +3,7 @@
 #   python scripts/results.py outputs/study > docs/results.md
 #
 #   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide (default: all but smnist)
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -139,10 +139,17 @@ table() {
                   # parameters, under the 128-unit LSTM's 68k): one seed
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=event model.hidden_size=192 \
         optim.schedule=cosine trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_wide" ;;
+    copy_recipe)  # copy at T = 100, one seed, 3000 steps: a cosine clock under l1 can draw "open while the
+                  # symbols arrive, shut until the delimiter, open for the answer" (issue 14), alone and
+                  # with event gates; and event gates at a 3x learning rate
+      run "${COMMON[@]}" task=copy task.seq_len=100 model=hrnn basis=dct regularizer=l1 model.activation=clock,clock_event \
+        trainer.seed=0 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy_recipe_l1"
+      run "${COMMON[@]}" task=copy task.seq_len=100 model=hrnn model.activation=event optim.lr=0.003 \
+        trainer.seed=0 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy_recipe_lr" ;;
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" experiment=smnist model=lstm trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe" >&2; exit 2 ;;
   esac
 }
 
