@@ -3,7 +3,7 @@
 #   python scripts/results.py outputs/study > docs/results.md
 #
 #   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe (default: all but smnist)
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -146,10 +146,14 @@ table() {
         trainer.seed=0 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy_recipe_l1"
       run "${COMMON[@]}" task=copy task.seq_len=100 model=hrnn model.activation=event optim.lr=0.003 \
         trainer.seed=0 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy_recipe_lr" ;;
+    copy_long)  # event gates at 3x the rate, the first setting to leave copy's baseline (T = 100, 3000
+                # steps: recall 35% and rising), for 20k cosine-decayed steps at T = 100 and 200: one seed
+      run "${COMMON[@]}" task=copy task.seq_len=100,200 model=hrnn model.activation=event optim.lr=0.003 \
+        optim.schedule=cosine trainer.seed=0 trainer.steps=20000 trainer.eval_every=500 hydra.sweep.dir="$STUDY/copy_long" ;;
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" experiment=smnist model=lstm trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long" >&2; exit 2 ;;
   esac
 }
 
