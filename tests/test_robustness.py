@@ -198,7 +198,7 @@ def _resume_fails_cleanly(run_dir: Path, cwd: Path, expected: str, *overrides: s
 
 def test_changing_a_key_on_resume_is_refused_and_the_run_left_alone(finished_run, tmp_path):
     _resume_fails_cleanly(finished_run, tmp_path, "error: cannot change model.hidden_size when resuming (it would "
-                          "change the run); allowed with resume: trainer.steps, trainer.device, trainer.num_threads, "
+                          "change the run); allowed with resume: trainer.steps, trainer.max_wall_s, trainer.device, trainer.num_threads, "
                           "trainer.progress, trainer.log_every", "model.hidden_size=64", "trainer.steps=8")
 
 
