@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import statistics
 import sys
@@ -274,7 +275,7 @@ def stop_with_checkpoint(run: Run, signum: int) -> None:
     run.save("last.pt")
     run.writer.close()
     say(f"stopped by {signal.Signals(signum).name} at step {run.step}; checkpoint saved; "
-        f"continue with: hrnn-train resume={run.run_dir}")
+        f"continue with: hrnn-train {resume_argument(run.run_dir)}")
     raise SystemExit(128 + signum)
 
 
@@ -577,11 +578,21 @@ def main() -> None:
     hydra_main()
 
 
+def resume_argument(run_dir: Path) -> str:
+    """The shell argument that resumes run_dir. A sweep job's directory name holds '=' and ',',
+    which Hydra's override grammar reads as syntax unless the value is quoted."""
+    if re.fullmatch(r"[\w/.\-]+", str(run_dir)):
+        return f"resume={run_dir}"
+    return "\"resume='" + str(run_dir).replace("\\", "\\\\").replace("'", "\\'") + "'\""
+
+
 def _resume_dir_overrides(args: list[str], multirun: bool) -> list[str]:
     """resume=<dir> continues that run in place: Hydra writes into it and adds no .hydra copy."""
     for arg in args:
         if arg.startswith("resume="):
             value = arg.split("=", 1)[1]
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":  # Hydra's quoting
+                value = value[1:-1].replace("\\'", "'").replace("\\\\", "\\")
             if value in ("auto", "null", ""):
                 return []
             if multirun:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,18 @@ def test_a_non_positive_max_wall_s_is_one_line(tmp_path):
     result = run_cli(["trainer.max_wall_s=0"], cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "trainer.max_wall_s=0.0 must be positive or null" in result.stderr
+
+
+def test_a_sweep_jobs_directory_resumes_with_the_argument_the_stop_message_gives(tmp_path, tiny):
+    """A sweep job's directory name holds '=' and ',', which Hydra reads as syntax unquoted: the
+    stop message quotes it, and resume accepts the quoted form."""
+    from hrnn.run import resume_argument
+
+    run_dir = tmp_path / "sweep" / "0_model.activation=event,trainer.seed=0"
+    common = ["task=adding", "task.seq_len=10", "model.activation=event", "trainer.eval_every=2", *tiny]
+    run_cli([*common, "trainer.steps=2", f"hydra.run.dir='{run_dir}'"], cwd=tmp_path)
+    argument = resume_argument(run_dir)
+    assert argument == f"\"resume='{run_dir}'\"" and resume_argument(tmp_path / "run") == f"resume={tmp_path / 'run'}"
+    result = run_cli([shlex.split(argument)[0], "trainer.steps=4"], cwd=tmp_path)  # as the shell passes it
+    assert "resuming after step 2" in result.stdout
+    assert read_metrics(run_dir)["steps"] == 4
