@@ -55,6 +55,7 @@ class ClockedModelSchema:
     gate: str
     gate_bias: float
     gate_threshold: float
+    gate_slope: float
     update_weight: float
     chunker_threshold: float
     prediction_weight: float
@@ -264,6 +265,10 @@ def _check_events(model: DictConfig) -> None:
         _require(0 < model[key] < 1, f"model.{key}={model[key]} must be in (0, 1): it is compared with a sigmoid")
     for key in ("connectivity_weight", "update_weight", "prediction_weight"):
         _require(model[key] >= 0, f"model.{key}={model[key]} must be non-negative")
+    _require(model.gate_slope >= 1, f"model.gate_slope={model.gate_slope} must be at least 1: the annealed gate's "
+                                    f"slope rises from 1 to it")
+    _require(not (model.gate == "annealed" and model.activation == "chunker"),
+             "model.gate=annealed is for activation=event or clock_event; activation=chunker takes soft, hard or stochastic")
     _require(model.chunker_threshold > 0, f"model.chunker_threshold={model.chunker_threshold} must be positive")
     _require(model.activation != "chunker" or model.n_modules >= 2,
              f"model.n_modules={model.n_modules} is too few for activation=chunker: module m wakes on module "

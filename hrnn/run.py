@@ -189,6 +189,7 @@ def train_step(run: Run, bar: tqdm) -> None:
     optimizer update (skip): the step still counts, and its evaluation and checkpoint happen."""
     trainer, task, model, device = run.cfg.trainer, run.task, run.model, run.device
     model.train()
+    model.set_progress(run.step / trainer.steps)  # e.g. the annealed gate's slope
     x, y = task.train_batch(trainer.batch_size)
     x, y = x.to(device), y.to(device)
     tick = time.perf_counter()

@@ -134,13 +134,13 @@ def test_last_only_and_shape_errors():
         run({**args, "gate_h": None})
 
 
-def make_model(mode: str, clock=True, update_weight=0.1) -> ClockedRNN:
+def make_model(mode: str, clock=True, update_weight=0.1, slope=5.0) -> ClockedRNN:
     torch.manual_seed(0)
-    event = EventGate(I, H, M, mode, bias=-1.0, threshold=0.5, update_weight=update_weight)
+    event = EventGate(I, H, M, mode, bias=-1.0, threshold=0.5, update_weight=update_weight, slope=slope)
     return ClockedRNN(I, H, FixedClock([1, 2, 4, 8]) if clock else None, "full", event=event)
 
 
-@pytest.mark.parametrize("mode", ["hard", "stochastic", "soft"])
+@pytest.mark.parametrize("mode", ["hard", "stochastic", "soft", "annealed"])
 def test_model_penalty_is_update_weight_times_mean_activation(mode):
     model = make_model(mode)
     x = torch.randn(B, T, I)
@@ -148,7 +148,7 @@ def test_model_penalty_is_update_weight_times_mean_activation(mode):
     fraction = model.activations.mean()
     assert model.penalty().item() == pytest.approx(0.1 * fraction.item())
     assert model.update_fraction() == pytest.approx(fraction.item())
-    if mode != "soft":
+    if mode not in ("soft", "annealed"):  # annealed trains soft
         assert set(model.activations.unique().tolist()) <= {0.0, 1.0}
     assert make_model(mode, update_weight=0.0)(x) is not None and make_model(mode, update_weight=0.0).penalty() == 0
 
@@ -236,3 +236,42 @@ def test_chunker_model_penalty_trains_predictions_and_thresholds():
     (model(torch.randn(B, T, I))[:, -1].square().sum() + model.penalty()).backward()
     for name in ("predict_w", "predict_b", "log_threshold"):
         assert gate.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_annealed_gate_is_sigmoid_of_slope_times_z_in_training_and_z_above_zero_in_evaluation():
+    model = make_model("annealed", clock=False, slope=7.0).double()
+    event, x = model.event, torch.randn(B, T, I, dtype=F64)
+    args = {"x": x, "w_x": model.input.weight, "bias": model.input.bias, "w_h": model.recurrent, "h0": torch.zeros(B, H, dtype=F64),
+            "gate_x": event.input.weight, "gate_bias": event.input.bias, "gate_h": event.recurrent.weight}
+    for fraction, slope in ((0.0, 1.0), (0.5, 4.0), (1.0, 7.0), (3.0, 7.0)):  # s = 1 + 6 * min(fraction, 1)
+        model.set_progress(fraction)
+        assert event.slope == slope
+        states = model(x)
+        scaled = {**args, **{k: slope * args[k] for k in ("gate_x", "gate_bias", "gate_h")}}
+        expected, activations = run(scaled)
+        torch.testing.assert_close(states, expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(model.activations, activations, rtol=0, atol=1e-12)
+        assert 0 < activations.mean() < 1 and not set(activations.unique().tolist()) <= {0.0, 1.0}
+    model.eval()
+    states = model(x)  # hard at z > 0, whatever the slope: sigmoid(z) > 1/2
+    expected, activations = run(args, mode="hard", thresholds=0.5)
+    torch.testing.assert_close(states, expected, rtol=0, atol=1e-12)
+    assert torch.equal(model.activations, activations) and 0 < activations.mean() < 1
+    assert set(activations.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(activations, (gate_values(args, states) > 0.5).to(F64), rtol=0, atol=0)
+
+
+def test_annealed_gate_gradient_is_the_slope_times_the_soft_gate_gradient_at_the_scaled_weights():
+    """d/dW f(s W) = s f'(s W): the model's gate gradients against the reference loop's, float64."""
+    model = make_model("annealed", clock=False, slope=3.0).double()
+    model.set_progress(0.5)  # s = 2
+    x = torch.randn(B, T, I, dtype=F64)
+    model(x)[:, -1].square().sum().backward()
+    event = model.event
+    scaled = [(2.0 * w).detach().requires_grad_() for w in (event.input.weight, event.input.bias, event.recurrent.weight)]
+    states, _ = gated_leaky_rnn_reference(x, model.input.weight.detach(), model.input.bias.detach(), model.recurrent.detach(),
+                                          torch.zeros(B, H, dtype=F64), None, *scaled, "soft", 0.5)
+    states[:, -1].square().sum().backward()
+    for mine, theirs in zip((event.input.weight, event.input.bias, event.recurrent.weight), scaled):
+        torch.testing.assert_close(mine.grad, 2.0 * theirs.grad, rtol=1e-10, atol=1e-12)
+        assert mine.grad.abs().sum() > 0

@@ -9,6 +9,7 @@ from conftest import TINY, compose_config, read_metrics, run_cli
 from hrnn.config import validate
 from hrnn.errors import UserError
 from hrnn.models import build_model
+from hrnn.models.recurrent import EventGate
 from hrnn.run import build_optimizer, train
 from hrnn.tasks import build_task
 from test_models import TASK_OVERRIDES, fake_mnist  # noqa: F401  (a fixture)
@@ -16,7 +17,8 @@ from test_models import TASK_OVERRIDES, fake_mnist  # noqa: F401  (a fixture)
 OPTIONS = [["model.connectivity=learned"], ["model.activation=event", "model.gate=hard"],
            ["model.activation=clock_event", "model.gate=stochastic", "model.connectivity=slow_to_fast"],
            ["model.activation=event", "model.gate=soft", "model.connectivity=learned"],
-           ["model.activation=chunker", "model.gate=hard", "model.connectivity=slow_to_fast"]]
+           ["model.activation=chunker", "model.gate=hard", "model.connectivity=slow_to_fast"],
+           ["model.activation=event", "model.gate=annealed"]]
 
 
 @pytest.mark.parametrize("task", list(TASK_OVERRIDES))
@@ -80,7 +82,9 @@ def test_in_process_learned_connectivity_history_follows_the_checkpoints(tmp_pat
 
 BAD = [
     (["model.activation=sometimes"], "model.activation='sometimes' is not allowed; allowed: clock, event, clock_event, chunker"),
-    (["model.gate=maybe"], "model.gate='maybe' is not allowed; allowed: hard, stochastic, soft"),
+    (["model.gate=maybe"], "model.gate='maybe' is not allowed; allowed: hard, stochastic, soft, annealed"),
+    (["model.gate_slope=0.5"], "model.gate_slope=0.5 must be at least 1"),
+    (["model.activation=chunker", "model.gate=annealed"], "model.gate=annealed is for activation=event or clock_event"),
     (["model.gate_threshold=1.5"], "model.gate_threshold=1.5 must be in (0, 1): it is compared with a sigmoid"),
     (["model.connectivity_threshold=0"], "model.connectivity_threshold=0.0 must be in (0, 1): it is compared with a sigmoid"),
     (["model.update_weight=-1"], "model.update_weight=-1.0 must be non-negative"),
@@ -105,3 +109,21 @@ def test_event_activation_ignores_the_clock_settings_and_the_cli_reports_one_lin
     result = run_cli(["model.gate=maybe"], cwd=tmp_path, check=False, timeout=60)
     assert result.returncode == 2
     assert [line for line in result.stderr.splitlines() if line.strip()] == [f"error: {BAD[1][1]}"]
+
+
+def test_annealed_gate_trains_on_the_slope_the_runner_sets_and_evaluates_hard(tmp_path):
+    """The runner tells the model its progress before each step: at the last step of 4 the slope is
+    gate_slope (1 + (slope - 1) * 4/4); the checkpointed model then evaluates with 0/1 activations."""
+    cfg = compose_config([*TINY, "task.seq_len=8", "model.activation=event", "model.gate=annealed",
+                          "model.gate_slope=9", "trainer.steps=4", "trainer.eval_every=2"])
+    seen = []
+    original = EventGate.set_progress
+    def spy(self, fraction):
+        original(self, fraction)
+        seen.append(self.slope)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EventGate, "set_progress", spy)
+        train(cfg, tmp_path)
+    assert seen == pytest.approx([1 + 8 * k / 4 for k in (1, 2, 3, 4)])
+    history = read_metrics(tmp_path)["history"]
+    assert all(0 <= entry["val_update_fraction"] <= 1 for entry in history)

@@ -16,7 +16,7 @@ from hrnn.models.clock import Clock
 
 CONNECTIVITY = ("full", "slow_to_fast", "learned")
 ACTIVATIONS = ("clock", "event", "clock_event", "chunker")
-GATES = ("hard", "stochastic", "soft")
+GATES = ("hard", "stochastic", "soft", "annealed")
 EVALUATION_DRAWS_SEED = 0  # a stochastic gate's draws in evaluation: the same every evaluation
 
 
@@ -61,6 +61,9 @@ class Backbone(nn.Module):
         fraction of module updates when a is 0/1); None if the model has no activations."""
         return None
 
+    def set_progress(self, fraction: float) -> None:
+        """The fraction of training done, before each training step: for schedules inside the model."""
+
     def recurrence(self) -> str:
         """What runs the time loop on a CPU: "fused" (hrnn's C++ cores, where built), "pytorch loop",
         or the torch.nn module; the run header names it."""
@@ -96,6 +99,9 @@ class UpdateGate(nn.Module):
     gradient; "stochastic" uses 1[g > U], U ~ uniform(0, 1) (an update with probability g), in
     evaluation too, from a fixed seed so that an evaluation is repeatable: the model trained with
     draws, and the threshold shut every gate it had learned to open with g < 0.5 (docs/models.md).
+    "annealed" (the event gate only) trains soft on sigmoid(s z), the slope s rising over training
+    (`set_progress`), and evaluates hard at z > 0, which is sigmoid(s z) > 1/2 for every s: no
+    straight-through estimate, and an evaluation that skips closed modules (HM-RNN's slope annealing).
     `update_weight` * the mean activation is added to the loss (Skip RNN's budget).
     """
 
@@ -105,10 +111,15 @@ class UpdateGate(nn.Module):
         super().__init__()
         self.n_modules, self.mode, self.threshold, self.update_weight = n_modules, mode, threshold, update_weight
 
+    def set_progress(self, fraction: float) -> None:
+        """The fraction of training done; only the annealed event gate reads it."""
+
     def op_mode(self) -> str:
-        return "soft" if self.mode == "soft" else "hard"
+        return "soft" if self.mode == "soft" or (self.mode == "annealed" and self.training) else "hard"
 
     def thresholds(self, batch: int, steps: int, n_gates: int, like: Tensor) -> Tensor | float:
+        if self.mode == "annealed":
+            return 0.5  # read in evaluation only: z > 0
         if self.mode == "stochastic":
             generator = None if self.training else torch.Generator(device=like.device).manual_seed(EVALUATION_DRAWS_SEED)
             return torch.rand(batch, steps, n_gates, dtype=like.dtype, device=like.device, generator=generator)
@@ -125,19 +136,28 @@ class UpdateGate(nn.Module):
 
 class EventGate(UpdateGate):
     """g_t = sigmoid(W_g x_t + U_g h_{t-1} + b_g), one per module and sample; `bias` starts b_g
-    negative, so that modules start mostly closed and hold their memory."""
+    negative, so that modules start mostly closed and hold their memory. Annealed, training uses
+    sigmoid(s z_t) with s = 1 + (slope - 1) * the fraction of training done."""
 
     def __init__(self, input_size: int, hidden_size: int, n_modules: int, mode: str, bias: float,
-                 threshold: float, update_weight: float) -> None:
+                 threshold: float, update_weight: float, slope: float) -> None:
         super().__init__(n_modules, mode, threshold, update_weight)
         self.input = nn.Linear(input_size, n_modules)  # W_g and b_g
         self.recurrent = nn.Linear(hidden_size, n_modules, bias=False)  # U_g
         nn.init.constant_(self.input.bias, bias)
+        self.final_slope, self.slope = slope, 1.0
+
+    def set_progress(self, fraction: float) -> None:
+        if self.mode == "annealed":
+            self.slope = 1.0 + (self.final_slope - 1.0) * min(max(fraction, 0.0), 1.0)
 
     def run(self, rnn, x, waves, h0, last_only):
         batch, steps, _ = x.shape
+        gate_x, gate_bias, gate_h = self.input.weight, self.input.bias, self.recurrent.weight
+        if self.mode == "annealed" and self.training:  # sigmoid(s z): z's weights scaled by s
+            gate_x, gate_bias, gate_h = self.slope * gate_x, self.slope * gate_bias, self.slope * gate_h
         return gated_leaky_rnn(x, rnn.input.weight, rnn.input.bias, rnn.recurrent_weight(), h0, waves,
-                               self.input.weight, self.input.bias, self.recurrent.weight, self.op_mode(),
+                               gate_x, gate_bias, gate_h, self.op_mode(),
                                self.thresholds(batch, steps, self.n_modules, x), last_only=last_only)
 
 
@@ -246,6 +266,10 @@ class ClockedRNN(Backbone):
     def update_fraction(self) -> float | None:
         return None if self.activations is None else float(self.activations.detach().mean())
 
+    def set_progress(self, fraction: float) -> None:
+        if self.event is not None:
+            self.event.set_progress(fraction)
+
     def recurrence(self) -> str:
         return "pytorch loop" if self.event is not None and not self.event.fused else "fused"
 
@@ -292,6 +316,9 @@ class SequenceModel(nn.Module):
 
     def penalty(self) -> Tensor:
         return self.backbone.penalty()
+
+    def set_progress(self, fraction: float) -> None:
+        self.backbone.set_progress(fraction)
 
     def connectivity(self) -> Tensor | None:
         return self.backbone.connectivity()
