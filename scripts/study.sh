@@ -3,7 +3,7 @@
 #   python scripts/results.py outputs/study > docs/results.md
 #
 #   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long (default: all but smnist)
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long200 events_annealed (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -116,11 +116,11 @@ table() {
       run "${COMMON[@]}" experiment=smnist,pmnist model=hrnn model.activation=event optim.schedule=cosine \
         trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/mnist_long" ;;
     baselines_long)  # LSTM, GRU and the Clockwork RNN on long adding with more wall time than event gates
-                     # needed to reach 0.01 there (median 151 s at T = 500, 652 s at T = 1000): one seed
+                     # needed to reach 0.01 there (median 151 s at T = 500, 652 s at T = 1000): 3 seeds
       run "${COMMON[@]}" task=adding task.seq_len=500 model=lstm,gru,cwrnn trainer.max_wall_s=300 \
-        trainer.steps=100000 trainer.eval_every=250 trainer.seed=0 hydra.sweep.dir="$STUDY/baselines_long_500"
+        trainer.steps=100000 trainer.eval_every=250 trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/baselines_long_500"
       run "${COMMON[@]}" task=adding task.seq_len=1000 model=lstm,gru,cwrnn trainer.max_wall_s=900 \
-        trainer.steps=100000 trainer.eval_every=250 trainer.seed=0 hydra.sweep.dir="$STUDY/baselines_long_1000" ;;
+        trainer.steps=100000 trainer.eval_every=250 trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/baselines_long_1000" ;;
     connectivity_lr)  # learned connectivity with its own learning rate (optim.connectivity_lr, 0.01) on
                       # adding T = 200 with event gates, 3 seeds, 2000 steps (events_connectivity's budget)
       run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.connectivity=learned \
@@ -150,10 +150,24 @@ table() {
                 # steps: recall 35% and rising), for 20k cosine-decayed steps at T = 100 and 200: one seed
       run "${COMMON[@]}" task=copy task.seq_len=100,200 model=hrnn model.activation=event optim.lr=0.003 \
         optim.schedule=cosine trainer.seed=0 trainer.steps=20000 trainer.eval_every=500 hydra.sweep.dir="$STUDY/copy_long" ;;
+    pmnist_pilot)  # why pMNIST stops at 92%: event gates update 3.6% of the (step, module) pairs there.
+                   # Without the update penalty, and also with gates that start half open (b_g = -1);
+                   # and the binary clock alone (20% updates). Hidden 128, 6,000 constant-rate steps, one seed
+      run "${COMMON[@]}" experiment=pmnist model=hrnn model.activation=event model.update_weight=0 \
+        model.gate_bias=-3,-1 trainer.steps=6000 trainer.seed=0 hydra.sweep.dir="$STUDY/pmnist_pilot"
+      run "${COMMON[@]}" experiment=pmnist model=hrnn model.activation=clock \
+        trainer.steps=6000 trainer.seed=0 hydra.sweep.dir="$STUDY/pmnist_pilot_clock" ;;
+    copy_long200)  # copy_long's T = 200 row (recall 74.5% and rising at 20k steps) with twice the steps: one seed
+      run "${COMMON[@]}" task=copy task.seq_len=200 model=hrnn model.activation=event optim.lr=0.003 \
+        optim.schedule=cosine trainer.seed=0 trainer.steps=40000 trainer.eval_every=1000 hydra.sweep.dir="$STUDY/copy_long200" ;;
+    events_annealed)  # the annealed gate (soft on sigmoid(s z), s rising 1 -> 25; hard z > 0 in evaluation) on
+                      # events_hard's task and budget: adding T = 200, 3 seeds, 2000 steps
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=annealed \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_annealed" ;;
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" experiment=smnist model=lstm trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long200 events_annealed" >&2; exit 2 ;;
   esac
 }
 
