@@ -3,7 +3,7 @@
 #   python scripts/results.py outputs/study > docs/results.md
 #
 #   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long200 events_annealed (default: all but smnist)
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long200 events_annealed events_t1000 events_timescales pmnist_clock (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -164,10 +164,27 @@ table() {
                       # events_hard's task and budget: adding T = 200, 3 seeds, 2000 steps
       run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=annealed \
         trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_annealed" ;;
+    events_t1000)  # issue 15's comparison at T = 1000, events_long's budget (3 seeds, 3000 steps): the clock
+                   # alone, clock_event, and event gates with learned connectivity (event alone: events_long)
+      run "${COMMON[@]}" task=adding task.seq_len=1000 model=hrnn model.activation=clock,clock_event \
+        trainer.seed=0,1,2 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_t1000"
+      run "${COMMON[@]}" task=adding task.seq_len=1000 model=hrnn model.activation=event model.connectivity=learned \
+        trainer.seed=0,1,2 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_t1000_connectivity" ;;
+    events_timescales)  # issue 15's comparison on the timescales task, where the clock alone is the right model:
+                        # event and clock_event on [2, 7, 30] (binary basis), 3 seeds, the timescales budget
+      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[2,7,30]' model=hrnn basis=binary \
+        model.activation=event,clock_event trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/events_timescales" ;;
+    pmnist_clock)  # pmnist_pilot's finding: the binary clock alone reached 94.2% validation in 6,000 steps, where
+                   # event gates reached 73%. The clock with mnist_long's budget (cosine lr, 40k steps), and
+                   # the Clockwork RNN (the same periods 2^i, hard, slow-to-fast) in the same budget: one seed
+      run "${COMMON[@]}" experiment=pmnist model=hrnn model.activation=clock optim.schedule=cosine \
+        trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/pmnist_clock"
+      run "${COMMON[@]}" experiment=pmnist model=cwrnn optim.schedule=cosine \
+        trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/pmnist_cwrnn" ;;
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" experiment=smnist model=lstm trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long200 events_annealed" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long200 events_annealed events_t1000 events_timescales pmnist_clock" >&2; exit 2 ;;
   esac
 }
 
