@@ -163,7 +163,13 @@ table() {
     events_annealed)  # the annealed gate (soft on sigmoid(s z), s rising 1 -> 25; hard z > 0 in evaluation) on
                       # events_hard's task and budget: adding T = 200, 3 seeds, 2000 steps
       run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=annealed \
-        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_annealed" ;;
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_annealed"
+      # ... it evaluated every gate shut on 2 of 3 seeds (z < 0 everywhere): a steeper end (s = 100), and
+      # gates that start half open (b_g = 0, where the straight-through gate first fell to 0.097)
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=annealed \
+        model.gate_slope=100 trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_annealed_steep"
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=annealed \
+        model.gate_bias=0 trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_annealed_open" ;;
     events_t1000)  # issue 15's comparison at T = 1000, events_long's budget (3 seeds, 3000 steps): the clock
                    # alone, clock_event, and event gates with learned connectivity (event alone: events_long)
       run "${COMMON[@]}" task=adding task.seq_len=1000 model=hrnn model.activation=clock,clock_event \
