@@ -122,6 +122,10 @@ def test_labels_name_the_clock_and_its_settings_off_default():
                         "optim": {"schedule": "cosine"}, "trainer": {"max_wall_s": 300.0}}) == "hrnn event lr cosine wall budget s 300"
     assert model_label({"model": {"name": "hrnn", "activation": "event", "gate": "hard"}, "basis": {"name": "dct", "sharpness": 4.0},
                         "optim": {"clock_lr": 0.0}}) == "hrnn event gate hard"  # no clock: basis and clock_lr unnamed
+    assert model_label({"model": {"name": "hrnn", "activation": "event", "gate": "annealed", "gate_slope": 100.0},
+                        "basis": {"name": "dct"}}) == "hrnn event gate annealed slope 100"
+    assert model_label({"model": {"name": "hrnn", "activation": "event", "gate": "annealed", "gate_slope": 25.0},
+                        "basis": {"name": "dct"}}) == "hrnn event gate annealed"  # the default slope
 
 
 def test_first_step_below_and_missing_study_dir(tmp_path, capsys):
