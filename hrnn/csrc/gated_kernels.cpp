@@ -43,7 +43,8 @@
 //    the slice, so nothing of size (B, T, H) is written and a closed module costs nothing at all;
 //    only the activations (B, T, M) are written.
 //  * Block connectivity: an open module's candidate reads h_{t-1} only over the input modules
-//    whose block of W_h is nonzero (GatedProblem::spans; exact, a zero block adds exact zeros).
+//    whose block of W_h is nonzero (GatedProblem::reads, vectors.h's k_loop; exact, a zero block
+//    adds exact zeros).
 //    The backward stays dense (dL/dW_h of a zero block is still wanted), and the gate's product
 //    G_h h_{t-1} is not block-gated.
 //  * Float uses the rational tanh (tanh_rational.h) as kernels.cpp; double, libm tanh. The state
@@ -76,7 +77,10 @@ constexpr int kVectorBytes = 32, kAccumulators = 12, kTiles = 2;
 #else
 constexpr int kVectorBytes = 16, kAccumulators = 12, kTiles = 2;
 #endif
-constexpr int kMaxRows = 12;  // rows per block at most (with one tile per block)
+// Rows per block at most (with one tile per block): each row's h_{t-1} is read through its own
+// pointer, and 12 rows spilled pointers to the stack in the K loop (AVX-512, one 16-unit tile per
+// module: a module's block cost 1.8x its share of the full-width pass); 8 keep them in registers.
+constexpr int kMaxRows = 8;
 constexpr int kDwRows = 4;    // rows of dW per block
 // Rows per block for NV tiles: as many as the accumulators allow.
 constexpr int rows_for(int nv) { return kAccumulators / nv < kMaxRows ? kAccumulators / nv : kMaxRows; }
@@ -115,14 +119,12 @@ struct StateRows {
   }
 };
 
-// R rows x NV tiles from column col: z = b + x_t W_x^T + h_prev W^T over the K ranges [k0, k1) of
-// `spans` (n_spans pairs: all of [0, H), or the nonzero blocks of W_h the module reads), c = tanh(z)
-// into co (if given), h = lerp(h_prev, c, a) into ho (if given), a the row's activation of the
-// module the tile lies in.
+// R rows x NV tiles from column col: z = b + x_t W_x^T + h_prev W^T (with P.reads, each tile's
+// FMAs only over the input modules its module reads: k_loop), c = tanh(z) into co (if given),
+// h = lerp(h_prev, c, a) into ho (if given), a the row's activation of the module the tile lies in.
 template <typename T, int VL, int R, int NV>
 inline void cand_block(const T* const* hp, const T* const* xp, const GatedProblem<T>& P, T* const* ho,
-                       T* const* co, const T* const* ar, int64_t S, int64_t col, const int32_t* spans,
-                       int n_spans) {
+                       T* const* co, const T* const* ar, int64_t S, int64_t col) {
   using VT = typename VecOf<T, VL>::type;
   constexpr int KS = k_split(R * NV);
   const int64_t H = P.H;
@@ -143,22 +145,21 @@ inline void cand_block(const T* const* hp, const T* const* xp, const GatedProble
       for (int v = 0; v < NV; ++v) acc[0][r][v] += xb * w[v];
     }
   }
-  auto step = [&](int q, int64_t k) {
+  uint64_t tile_reads[NV];
+  if (P.reads)
+    for (int v = 0; v < NV; ++v) tile_reads[v] = P.reads[(col + v * VL) / S];
+  k_loop<NV, KS>(H, S, P.reads ? tile_reads : nullptr, [&](auto mask, int q, int64_t k) {
+    constexpr int MASK = decltype(mask)::value;
     const T* wk = wt + k * H + col;
     VT w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = vload<VT>(wk + v * VL);
+    for (int v = 0; v < NV; ++v)  // every w[v] set: a partly set array was kept on the stack
+      w[v] = (MASK >> v & 1) ? vload<VT>(wk + v * VL) : vset<VT>(T(0));
     for (int r = 0; r < R; ++r) {
       const T hb = hp[r][k];  // a scalar operand: a broadcast load (AVX-512: folded into the FMA)
-      for (int v = 0; v < NV; ++v) acc[q][r][v] += hb * w[v];
+      for (int v = 0; v < NV; ++v)
+        if (MASK >> v & 1) acc[q][r][v] += hb * w[v];
     }
-  };
-  for (int s = 0; s < n_spans; ++s) {
-    const int64_t k1 = spans[2 * s + 1];
-    int64_t k = spans[2 * s];
-    for (; k + KS <= k1; k += KS)
-      for (int q = 0; q < KS; ++q) step(q, k + q);
-    for (; k < k1; ++k) step(0, k);
-  }
+  });
   for (int q = 1; q < KS; ++q)
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < NV; ++v) acc[0][r][v] += acc[q][r][v];
@@ -173,10 +174,10 @@ inline void cand_block(const T* const* hp, const T* const* xp, const GatedProble
 }
 
 // Candidates (and, unless the state is running, new states) of the listed rows at step t, columns
-// [c0, c1), reading h_{t-1} over the K ranges `spans`.
+// [c0, c1).
 template <typename T, int VL>
 void candidates(const GatedProblem<T>& P, const StateRows<T>& St, int64_t t, const int32_t* rows, int n,
-                int64_t c0, int64_t c1, const int32_t* spans, int n_spans) {
+                int64_t c0, int64_t c1) {
   const int64_t H = P.H, TT = P.T_, M = P.M, S = H / M;
   const int n_tiles = int((c1 - c0) / VL);
   const bool with_c = St.run || P.cs, with_h = !St.run;
@@ -198,8 +199,7 @@ void candidates(const GatedProblem<T>& P, const StateRows<T>& St, int64_t t, con
         ho[r] = St.out(b, t);
         co[r] = St.cands(b, t);
       }
-      cand_block<T, VL, R, NV>(hp, xp, P, with_h ? ho : nullptr, with_c ? co : nullptr, ar, S, col, spans,
-                               n_spans);
+      cand_block<T, VL, R, NV>(hp, xp, P, with_h ? ho : nullptr, with_c ? co : nullptr, ar, S, col);
     };
     for_rows<rows_for(NV)>(n, 0, block);
   });
@@ -297,7 +297,6 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
   T* run = P.last ? new T[2 * n * H] : nullptr;
   if (run) std::memcpy(run, P.h0 + b0 * H, sizeof(T) * n * H);
   const StateRows<T> St{P, b0, run, run ? run + n * H : nullptr};
-  const int32_t full[2] = {0, int32_t(H)};
   // A hard gate whose value is not kept compares the logit with logit(threshold) instead of
   // g = sigmoid(logit) with the threshold (the same test, monotone): no exp per (row, module).
   const bool on_logits = P.gx && P.hard && !P.gs && !P.thr;
@@ -351,15 +350,13 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
         }
       }
     }
-    if (every && !P.spans) {  // one full-width pass: h_{t-1}[k] broadcast once for several tiles
-      candidates<T, VL>(P, St, t, lists.rows, int(n), 0, H, full, 1);
+    if (every) {  // one full-width pass: h_{t-1}[k] broadcast once for several tiles
+      candidates<T, VL>(P, St, t, lists.rows, int(n), 0, H);
       blocks += n * M;
     } else {
       for (int64_t m = 0; m < M; ++m) {
         if (lists.counts[m] == 0) continue;
-        const int32_t* sp = P.spans ? P.spans + 2 * P.span_start[m] : full;
-        const int n_sp = P.spans ? P.span_start[m + 1] - P.span_start[m] : 1;
-        candidates<T, VL>(P, St, t, lists.rows + m * n, lists.counts[m], m * S, (m + 1) * S, sp, n_sp);
+        candidates<T, VL>(P, St, t, lists.rows + m * n, lists.counts[m], m * S, (m + 1) * S);
         blocks += lists.counts[m];
       }
     }

@@ -34,11 +34,9 @@ struct GatedProblem {
   T thr_value = T(0);         // ... one threshold for every (b, t, m)
   const T* h0 = nullptr;      // (B, H)
   bool all_candidates = false;  // forward: also the candidates of closed (a = 0) modules
-  // Block connectivity of W_h, read by the forward's candidates (the gate's G_h is dense): module
-  // i's units read h_{t-1} only over the ranges [k0, k1) of its nonzero blocks, pairs
-  // spans[2 span_start[i] ..], span_start[i + 1] - span_start[i] of them; nullptr: W_h dense.
-  const int32_t* span_start = nullptr;  // (M + 1)
-  const int32_t* spans = nullptr;
+  // Block connectivity of W_h, read by the forward's candidates (the gate's G_h is dense): reads[i]
+  // has bit j set when module i reads module j (block (i, j) of W_h holds a nonzero); nullptr: dense.
+  const uint64_t* reads = nullptr;  // (M)
   T* last = nullptr;  // forward without hs (evaluation of a last-state readout): the last state (B, H)
   // forward outputs (backward inputs)
   T* hs = nullptr;  // (B, T, H) states, or nullptr with `last`

@@ -19,8 +19,8 @@ namespace hrnn_cpu {
 // once per call (at T = 784, B = 100, H = 128 each is 40 MB: fresh pages cost more than the
 // kernel's work there, AVX-512, one thread).
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts);
-// leaky_scan.cpp: W_h's nonzero blocks per output module (false: none is zero).
-bool block_spans(const at::Tensor& w, int64_t M, std::vector<int32_t>& start, std::vector<int32_t>& spans);
+// leaky_scan.cpp: which blocks of W_h hold a nonzero (false: none is all zero).
+bool block_reads(const at::Tensor& w, int64_t M, std::vector<uint64_t>& reads);
 
 namespace {
 
@@ -195,17 +195,14 @@ std::vector<at::Tensor> gated_forward(const at::Tensor& x, const at::Tensor& w_x
   at::Tensor wt = w_h.t().contiguous(), wxT = w_x.t().contiguous();
   at::Tensor ght = transposed(in.gate_h), gxT = transposed(in.gate_x);
   int64_t blocks = 0;
-  std::vector<int32_t> span_start, spans;
-  const bool zero_blocks = block_spans(w_h, s.M, span_start, spans);
+  std::vector<uint64_t> reads;
+  const bool zero_blocks = block_reads(w_h, s.M, reads);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hrnn_gated_fwd", [&] {
     GatedProblem<scalar_t> P = problem<scalar_t>(s, in, wxT, gxT);
     P.wt = wt.data_ptr<scalar_t>();
     P.ght = gated ? ght.data_ptr<scalar_t>() : nullptr;
     P.all_candidates = all_candidates;
-    if (zero_blocks) {
-      P.span_start = span_start.data();
-      P.spans = spans.data();
-    }
+    if (zero_blocks) P.reads = reads.data();
     P.hs = last_only ? nullptr : hs.data_ptr<scalar_t>();
     P.last = last_only ? hs.data_ptr<scalar_t>() : nullptr;
     P.cs = save ? cs.data_ptr<scalar_t>() : nullptr;

@@ -18,9 +18,9 @@
 //    the loop (rank-rows update per step touching only the active rows of dW).
 //  * Hard clocks: at each step only tiles (vl consecutive units) that contain an active unit are
 //    computed, forward and backward; the others copy the state.
-//  * Block connectivity: the forward's product for a module's output tiles runs its K loop only
-//    over the input modules whose block of W_h is nonzero (Problem::spans; exact, as a zero block
-//    adds exact zeros). The backward stays dense: zero blocks occur in evaluation (learned
+//  * Block connectivity: in the forward's product each output tile makes FMAs only over the input
+//    modules whose block of W_h is nonzero (Problem::reads, vectors.h's k_loop; exact, as a zero
+//    block adds exact zeros). The backward stays dense: zero blocks occur in evaluation (learned
 //    connectivity's hard gates) or in a fixed mask, and there dL/dW_h of a zero block is still wanted.
 //  * x-mode fuses the input projection: u_t = b + x_t W_x^T is formed in the accumulator of the
 //    step's product (active tiles only), and dW_x, db are accumulated in the backward loop.
@@ -102,21 +102,25 @@ inline void with_rows(int64_t rows, F&& f) {
 }
 
 // ---------------------------------------------------------------- forward
-// One row block (R rows) x NV active tiles: z = u + h_prev W^T over the K ranges [k0, k1) of
-// `spans` (n_spans pairs: all of [0, H), or the nonzero blocks of W_h the tiles' module reads),
-// then c = tanh(z), h = lerp(h_prev, c, a). A short block (R x NV < 8, e.g. one tile of a module
-// on AVX-512) splits its K loop over independent accumulators (k_split).
-template <typename T, int VL, int R, int NV>
+// One row block (R rows) x NV active tiles: z = u + h_prev W^T, then c = tanh(z),
+// h = lerp(h_prev, c, a). SPARSE (W_h has zero blocks, P.reads): the tiles are adjacent (cols[0],
+// cols[0] + vl, ...) and each tile's FMAs run only over the input modules its module reads
+// (k_loop). Adjacent tiles address W from one column pointer: with a column offset per tile, the
+// masked loops ran out of general registers and spilled (AVX-512, 3/4 of the blocks: 1.30 of
+// dense). One accumulator per (row, tile), summed in k order whatever the block's shape or mask
+// (a zero block adds exact zeros): the results are those of the dense kernel, bit for bit.
+template <typename T, int VL, int R, int NV, bool SPARSE>
 inline void fwd_block(const T* const* hp, const T* const* in, const Input<T>& src, T* const* ho,
-                      T* const* co, const T* wt, int64_t H, const int32_t* cols, const T* a,
-                      const int32_t* spans, int n_spans) {
+                      T* const* co, const T* wt, int64_t H, const int32_t* cols_in, const T* a,
+                      const Problem<T>& P) {
   using VT = typename VecOf<T, VL>::type;
-  constexpr int KS = k_split(R * NV);
-  VT acc[KS][R][NV];
+  int64_t cols[NV];
+  for (int v = 0; v < NV; ++v) cols[v] = SPARSE ? cols_in[0] + v * VL : cols_in[v];
+  VT acc[R][NV];
   if (src.x) {  // fused projection: in[r] is row r's x_t (I values)
     for (int v = 0; v < NV; ++v) {
       const VT bv = src.bias ? vload<VT>(src.bias + cols[v]) : vset<VT>(T(0));
-      for (int r = 0; r < R; ++r) acc[0][r][v] = bv;
+      for (int r = 0; r < R; ++r) acc[r][v] = bv;
     }
     for (int64_t i = 0; i < src.I; ++i) {
       const T* wi = src.wxT + i * H;
@@ -124,39 +128,32 @@ inline void fwd_block(const T* const* hp, const T* const* in, const Input<T>& sr
       for (int v = 0; v < NV; ++v) w[v] = vload<VT>(wi + cols[v]);
       for (int r = 0; r < R; ++r) {
         const VT xb = vset<VT>(in[r][i]);
-        for (int v = 0; v < NV; ++v) acc[0][r][v] += xb * w[v];
+        for (int v = 0; v < NV; ++v) acc[r][v] += xb * w[v];
       }
     }
   } else {  // in[r] is row r's u_t (H values)
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < NV; ++v) acc[0][r][v] = vload<VT>(in[r] + cols[v]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = vload<VT>(in[r] + cols[v]);
   }
-  for (int q = 1; q < KS; ++q)
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < NV; ++v) acc[q][r][v] = vset<VT>(T(0));
-  auto step = [&](int q, int64_t k) {
+  uint64_t tile_reads[NV];
+  if (SPARSE)
+    for (int v = 0; v < NV; ++v) tile_reads[v] = P.reads[cols[v] / P.S];
+  k_loop<NV, 1>(H, P.S, SPARSE ? tile_reads : nullptr, [&](auto mask, int, int64_t k) {
+    constexpr int MASK = decltype(mask)::value;
     const T* wk = wt + k * H;
     VT w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = vload<VT>(wk + cols[v]);
+    for (int v = 0; v < NV; ++v)  // every w[v] set: a partly set array was kept on the stack
+      w[v] = (MASK >> v & 1) ? vload<VT>(wk + cols[v]) : vset<VT>(T(0));
     for (int r = 0; r < R; ++r) {
       const VT hb = vset<VT>(hp[r][k]);
-      for (int v = 0; v < NV; ++v) acc[q][r][v] += hb * w[v];
+      for (int v = 0; v < NV; ++v)
+        if (MASK >> v & 1) acc[r][v] += hb * w[v];
     }
-  };
-  for (int s = 0; s < n_spans; ++s) {
-    const int64_t k1 = spans[2 * s + 1];
-    int64_t k = spans[2 * s];
-    for (; k + KS <= k1; k += KS)
-      for (int q = 0; q < KS; ++q) step(q, k + q);
-    for (; k < k1; ++k) step(0, k);
-  }
-  for (int q = 1; q < KS; ++q)
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < NV; ++v) acc[0][r][v] += acc[q][r][v];
+  });
   for (int v = 0; v < NV; ++v) {
     const VT av = vload<VT>(a + cols[v]);
     for (int r = 0; r < R; ++r) {
-      const VT c = vtanh(acc[0][r][v], T(0));
+      const VT c = vtanh(acc[r][v], T(0));
       if (co) vstore(co[r] + cols[v], c);
       vstore(ho[r] + cols[v], vlerp<VT, T>(vload<VT>(hp[r] + cols[v]), c, av));
     }
@@ -170,7 +167,6 @@ void fwd_slice(const Problem<T>& P, int64_t b0, int64_t b1, const Input<T>& src,
                const T* h0, T* hs, T* cs, T* last) {
   using VT = typename VecOf<T, VL>::type;
   const int64_t H = P.H, TT = P.T_;
-  const int32_t full[2] = {0, int32_t(H)};
   T* run = hs ? nullptr : new T[2 * (b1 - b0) * H];
   auto state = [&](int64_t b, int64_t t) -> T* {  // h_t of row b (t = -1: h0)
     if (t < 0) return const_cast<T*>(h0) + b * H;
@@ -197,21 +193,19 @@ void fwd_slice(const Problem<T>& P, int64_t b0, int64_t b1, const Input<T>& src,
         co[r] = cs ? cs + (b * TT + t) * H : nullptr;
       }
       T* const* cop = cs ? co : nullptr;
-      // Runs of active tiles that read the same K ranges: all of them with a dense W_h, else the
-      // tiles of one module (the tile lists are in column order, and tiles never straddle modules).
-      for (int i = 0; i < n_act;) {
-        const int32_t* sp = full;
-        int n_sp = 1, j = n_act;
-        if (P.spans) {
-          const int64_t m = ac[i] / P.S;
-          for (j = i + 1; j < n_act && ac[j] / P.S == m;) ++j;
-          sp = P.spans + 2 * P.span_start[m];
-          n_sp = P.span_start[m + 1] - P.span_start[m];
-        }
-        for_tiles<kTiles>(j - i, [&](auto nv, int q) {
-          fwd_block<T, VL, R, decltype(nv)::value>(hp, in, src, ho, cop, wt, H, ac + i + q, at, sp, n_sp);
+      if (!P.reads) {
+        for_tiles<kTiles>(n_act, [&](auto nv, int i) {
+          fwd_block<T, VL, R, decltype(nv)::value, false>(hp, in, src, ho, cop, wt, H, ac + i, at, P);
         });
-        i = j;
+      } else {  // runs of adjacent active tiles (all of them with soft waves)
+        for (int i = 0; i < n_act;) {
+          int j = i + 1;
+          while (j < n_act && ac[j] == ac[j - 1] + VL) ++j;
+          for_tiles<kTiles>(j - i, [&](auto nv, int q) {
+            fwd_block<T, VL, R, decltype(nv)::value, true>(hp, in, src, ho, cop, wt, H, ac + i + q, at, P);
+          });
+          i = j;
+        }
       }
       for (int j = 0; j < n_idle; ++j)
         for (int r = 0; r < R; ++r) vstore(ho[r] + ic[j], vload<VT>(hp[r] + ic[j]));

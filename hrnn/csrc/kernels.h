@@ -22,13 +22,11 @@ struct Problem {
   const int32_t* idle_start;
   const int32_t* all_cols;      // 0, vl, 2 vl, ... < H
   int n_all;                    // H / vl
-  // Block connectivity of W_h, read by the forward only: the output units of module i (module
-  // width S, a multiple of vl) read h_{t-1} only over the ranges [k0, k1) of its nonzero blocks,
-  // pairs spans[2 span_start[i] ..], span_start[i + 1] - span_start[i] of them. nullptr: W_h has
-  // no zero block and every product runs over the full K = H.
-  const int32_t* span_start = nullptr;  // (M + 1)
-  const int32_t* spans = nullptr;
-  int64_t S = 0;                        // units per module, with spans
+  // Block connectivity of W_h, read by the forward only: reads[i] has bit j set when module i
+  // (units [i S, (i + 1) S), S a multiple of vl) reads module j, i.e. block (i, j) holds a nonzero;
+  // the products skip the others. nullptr: W_h has no zero block (or more than 64 modules).
+  const uint64_t* reads = nullptr;  // (M)
+  int64_t S = 0;                    // units per module, with reads
 };
 
 // Where z_t's input term comes from: u (B, T, H) precomputed, or, with the projection fused,

@@ -299,7 +299,7 @@ struct ProblemData {
   hrnn_cpu::Problem<T> view;
   std::vector<T> a;
   std::vector<int32_t> act_cols, act_start, idle_cols, idle_start, all_cols;
-  std::vector<int32_t> span_start, spans;  // W_h's nonzero blocks (forward only; block_spans)
+  std::vector<uint64_t> reads;  // W_h's nonzero blocks (forward only; block_reads)
 };
 
 int pick_vl(int64_t H, int64_t group, int max_vl) {
@@ -397,35 +397,27 @@ void check_projection(const at::Tensor& x, const at::Tensor& w_x, const at::Tens
 }  // namespace
 
 namespace hrnn_cpu {
-// Per output module i (the rows of W_h's i-th row of blocks), the input ranges [k0, k1) of the
-// blocks (i, j) that hold a nonzero, adjacent blocks merged: spans[2 start[i] ..], start[i + 1] -
-// start[i] pairs. Returns false, with nothing filled, when no block is all zero.
+// reads[i]: bit j set when block (i, j) of W_h (module i reads module j, H / M x H / M) holds a
+// nonzero. Returns false, with nothing filled, when no block is all zero, or M > 64 (no skipping).
 //
 // Both cores find the zero blocks here, in the W_h the model passes, rather than taking a block
 // mask: skipping is then exact by construction (only blocks that really are zero are skipped, so
 // the result is the dense product's), it serves every source of zero blocks alike (learned
 // connectivity's hard gates in evaluation, the slow-to-fast mask, a user's W_h), and no argument
 // has to travel through every layer of the op. The cost is one read of the H x H weights per call.
-bool block_spans(const at::Tensor& w, int64_t M, std::vector<int32_t>& start, std::vector<int32_t>& spans) {
+bool block_reads(const at::Tensor& w, int64_t M, std::vector<uint64_t>& reads) {
+  if (M > 64) return false;
   const int64_t H = w.size(0), S = H / M;
-  std::vector<char> nonzero(M * M, 0);
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "hrnn_block_spans", [&] {
+  std::vector<uint64_t> found(M, 0);
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "hrnn_block_reads", [&] {
     const scalar_t* p = w.data_ptr<scalar_t>();
     for (int64_t r = 0; r < H; ++r)
       for (int64_t c = 0; c < H; ++c)
-        if (p[r * H + c] != scalar_t(0)) nonzero[(r / S) * M + c / S] = 1;
+        if (p[r * H + c] != scalar_t(0)) found[r / S] |= uint64_t(1) << (c / S);
   });
-  if (std::all_of(nonzero.begin(), nonzero.end(), [](char v) { return v != 0; })) return false;
-  start.assign(1, 0);
-  spans.clear();
-  for (int64_t i = 0; i < M; ++i) {
-    for (int64_t j = 0; j < M; ++j) {
-      if (!nonzero[i * M + j]) continue;
-      if (spans.size() > size_t(2 * start.back()) && spans.back() == int32_t(j * S)) spans.back() = int32_t((j + 1) * S);
-      else spans.insert(spans.end(), {int32_t(j * S), int32_t((j + 1) * S)});
-    }
-    start.push_back(int32_t(spans.size() / 2));
-  }
+  const uint64_t all = M == 64 ? ~uint64_t(0) : (uint64_t(1) << M) - 1;
+  if (std::all_of(found.begin(), found.end(), [&](uint64_t f) { return f == all; })) return false;
+  reads = found;
   return true;
 }
 }  // namespace hrnn_cpu
@@ -480,12 +472,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& in, const at::Tensor& w_x
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "hrnn_leaky_fwd", [&] {
     ProblemData<scalar_t> D;
     // Zero blocks of W_h: tiles must not straddle modules, as for skipping.
-    const bool blocks = hrnn_cpu::block_spans(w, waves.size(1), D.span_start, D.spans);
+    const bool blocks = hrnn_cpu::block_reads(w, waves.size(1), D.reads);
     const int vl = pick_vl(H, skip || blocks ? S : H, max_vl<scalar_t>());
     make_problem<scalar_t>(D, B, T, H, waves, vl, skip);
     if (blocks) {
-      D.view.span_start = D.span_start.data();
-      D.view.spans = D.spans.data();
+      D.view.reads = D.reads.data();
       D.view.S = S;
     }
     Input<scalar_t> src;
