@@ -37,7 +37,7 @@ from hrnn.core import leaky_rnn
 from hrnn.gated import gated_leaky_rnn, gated_leaky_rnn_reference, last_candidate_blocks
 
 BATCH, HIDDEN, MODULES, INPUTS = 100, 128, 8, 2
-FRACTIONS = (1.0, 0.5, 0.25, 0.1)
+FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.0)
 BLOCK_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)
 
 

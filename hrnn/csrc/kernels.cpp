@@ -114,13 +114,14 @@ inline void fwd_block(const T* const* hp, const T* const* in, const Input<T>& sr
                       T* const* co, const T* wt, int64_t H, const int32_t* cols_in, const T* a,
                       const Problem<T>& P) {
   using VT = typename VecOf<T, VL>::type;
+  constexpr int KS = k_split(R * NV);
   int64_t cols[NV];
   for (int v = 0; v < NV; ++v) cols[v] = SPARSE ? cols_in[0] + v * VL : cols_in[v];
-  VT acc[R][NV];
+  VT acc[KS][R][NV];
   if (src.x) {  // fused projection: in[r] is row r's x_t (I values)
     for (int v = 0; v < NV; ++v) {
       const VT bv = src.bias ? vload<VT>(src.bias + cols[v]) : vset<VT>(T(0));
-      for (int r = 0; r < R; ++r) acc[r][v] = bv;
+      for (int r = 0; r < R; ++r) acc[0][r][v] = bv;
     }
     for (int64_t i = 0; i < src.I; ++i) {
       const T* wi = src.wxT + i * H;
@@ -128,17 +129,20 @@ inline void fwd_block(const T* const* hp, const T* const* in, const Input<T>& sr
       for (int v = 0; v < NV; ++v) w[v] = vload<VT>(wi + cols[v]);
       for (int r = 0; r < R; ++r) {
         const VT xb = vset<VT>(in[r][i]);
-        for (int v = 0; v < NV; ++v) acc[r][v] += xb * w[v];
+        for (int v = 0; v < NV; ++v) acc[0][r][v] += xb * w[v];
       }
     }
   } else {  // in[r] is row r's u_t (H values)
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = vload<VT>(in[r] + cols[v]);
+      for (int v = 0; v < NV; ++v) acc[0][r][v] = vload<VT>(in[r] + cols[v]);
   }
+  for (int q = 1; q < KS; ++q)
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) acc[q][r][v] = vset<VT>(T(0));
   uint64_t tile_reads[NV];
   if (SPARSE)
     for (int v = 0; v < NV; ++v) tile_reads[v] = P.reads[cols[v] / P.S];
-  k_loop<NV, 1>(H, P.S, SPARSE ? tile_reads : nullptr, [&](auto mask, int, int64_t k) {
+  k_loop<NV, KS>(H, P.S, SPARSE ? tile_reads : nullptr, [&](auto mask, int q, int64_t k) {
     constexpr int MASK = decltype(mask)::value;
     const T* wk = wt + k * H;
     VT w[NV];
@@ -147,13 +151,16 @@ inline void fwd_block(const T* const* hp, const T* const* in, const Input<T>& sr
     for (int r = 0; r < R; ++r) {
       const VT hb = vset<VT>(hp[r][k]);
       for (int v = 0; v < NV; ++v)
-        if (MASK >> v & 1) acc[r][v] += hb * w[v];
+        if (MASK >> v & 1) acc[q][r][v] += hb * w[v];
     }
   });
+  for (int q = 1; q < KS; ++q)
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) acc[0][r][v] += acc[q][r][v];
   for (int v = 0; v < NV; ++v) {
     const VT av = vload<VT>(a + cols[v]);
     for (int r = 0; r < R; ++r) {
-      const VT c = vtanh(acc[r][v], T(0));
+      const VT c = vtanh(acc[0][r][v], T(0));
       if (co) vstore(co[r] + cols[v], c);
       vstore(ho[r] + cols[v], vlerp<VT, T>(vload<VT>(hp[r] + cols[v]), c, av));
     }
