@@ -105,10 +105,11 @@ inline void with_rows(int64_t rows, F&& f) {
 // One row block (R rows) x NV active tiles: z = u + h_prev W^T, then c = tanh(z),
 // h = lerp(h_prev, c, a). SPARSE (W_h has zero blocks, P.reads): the tiles are adjacent (cols[0],
 // cols[0] + vl, ...) and each tile's FMAs run only over the input modules its module reads
-// (k_loop). Adjacent tiles address W from one column pointer: with a column offset per tile, the
-// masked loops ran out of general registers and spilled (AVX-512, 3/4 of the blocks: 1.30 of
-// dense). One accumulator per (row, tile), summed in k order whatever the block's shape or mask
-// (a zero block adds exact zeros): the results are those of the dense kernel, bit for bit.
+// (k_loop). Adjacent tiles address W from one column pointer (with a column offset per tile the
+// masked loops spilled: AVX-512, 3/4 of the blocks, 1.30 of dense). A short block (R x NV < 8)
+// splits its K loop over independent accumulators (k_split), so the order of the sums, not their
+// value, depends on the block's shape (a zero block adds exact zeros); without the split, GCC
+// compiled the masked loops to FMAs reloading W from memory (1.21 of dense at 3/4).
 template <typename T, int VL, int R, int NV, bool SPARSE>
 inline void fwd_block(const T* const* hp, const T* const* in, const Input<T>& src, T* const* ho,
                       T* const* co, const T* wt, int64_t H, const int32_t* cols_in, const T* a,
