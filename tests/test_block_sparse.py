@@ -196,3 +196,14 @@ def test_event_core_last_only_holds_closed_modules_bit_for_bit(threshold):
         assert torch.equal(last[1, 8:16], states[1, 4, 8:16])
     else:
         assert not acts.any() and torch.equal(last, args["h0"])
+
+
+@pytest.mark.parametrize("threshold", [-0.5, 0.0, 1.0, 1.5])
+def test_event_core_scalar_thresholds_outside_the_open_interval(threshold):
+    """The no-grad kernel compares logits with logit(threshold): below 0 every gate opens, at or above 1
+    every gate stays shut, as sigmoid(logit) > threshold says."""
+    args = make(4, 6, 2, 16, 4, F64, None, seed=11)
+    with torch.no_grad():
+        _, acts = call(gated_leaky_rnn, args, "hard", threshold)
+    _, want = call(gated_leaky_rnn_reference, args, "hard", threshold)
+    assert torch.equal(acts, want) and bool(acts.all()) == (threshold <= 0) and bool(acts.any()) == (threshold < 1)

@@ -300,7 +300,10 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
   // A hard gate whose value is not kept compares the logit with logit(threshold) instead of
   // g = sigmoid(logit) with the threshold (the same test, monotone): no exp per (row, module).
   const bool on_logits = P.gx && P.hard && !P.gs && !P.thr;
-  const T logit_thr = on_logits ? std::log(P.thr_value / (T(1) - P.thr_value)) : T(0);
+  // (A threshold below 0 opens every gate: -inf, where the log would give NaN; above 1, NaN shuts them all.)
+  const T logit_thr = !on_logits ? T(0)
+                      : P.thr_value < T(0) ? -INFINITY
+                                           : std::log(P.thr_value / (T(1) - P.thr_value));
   int64_t blocks = 0;
   for (int64_t t = 0; t < TT; ++t) {
     bool every = true;  // every (b, m) of this step computed
