@@ -116,7 +116,7 @@ def _grad_and_skip(tensors: tuple, waves: Tensor, skip_inactive: bool) -> tuple[
 class _LeakyScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, w_h, waves, h0, skip, last_only):  # noqa: D102
-        states, cands = _C.forward(u, w_h, waves, h0, skip, True)
+        states, cands = _C.forward(u, w_h, waves, h0, skip, True, False)
         ctx.save_for_backward(states, cands, h0, w_h, waves)
         ctx.skip = skip
         # last_only: the backward then gets a (B, H) gradient, not a mostly-zero (B, T, H) one.
@@ -142,21 +142,25 @@ def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, skip_inactive:
     tiles of up to 16 units). Exact for any waves, since a = 0 holds the state bit-for-bit;
     but the gradient w.r.t. the waves at a = 0 needs the skipped candidates, so skipping is
     turned off when the waves require grad.
+
+    Blocks of w_h (module i reads module j) that are all zero, as learned connectivity's hard
+    gates leave them in evaluation or the slow-to-fast mask does, are skipped in the forward's
+    products (register capabilities; exact: they add exact zeros). The backward is dense.
     """
     need_grad, skip = _grad_and_skip((u, w_h, waves, h0), waves, skip_inactive)
     u, w_h, waves, h0 = u.contiguous(), w_h.contiguous(), waves.contiguous(), h0.contiguous()
     if not need_grad:
-        # Inference: forward-only kernel; no candidates kept, no graph recorded.
+        # Inference: forward-only kernel; no candidates kept, no graph recorded; with last_only
+        # the kernels return the (B, H) last state and write no (B, T, H) states at all.
         with torch.no_grad():
-            states = _C.forward(u, w_h, waves, h0, skip, False)[0]
-            return states[:, -1].clone() if last_only else states
+            return _C.forward(u, w_h, waves, h0, skip, False, bool(last_only))[0]
     return _LeakyScan.apply(u, w_h, waves, h0, skip, bool(last_only))
 
 
 class _LeakyRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_x, bias, w_h, waves, h0, skip, last_only):  # noqa: D102
-        states, cands = _C.forward_x(x, w_x, bias, w_h, waves, h0, skip, True)
+        states, cands = _C.forward_x(x, w_x, bias, w_h, waves, h0, skip, True, False)
         ctx.save_for_backward(states, cands, x, w_x, h0, w_h, waves)
         ctx.skip = skip
         return states[:, -1].clone() if last_only else states
@@ -188,8 +192,7 @@ def leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, waves: T
     bias = None if bias is None else bias.contiguous()
     if not need_grad:
         with torch.no_grad():
-            states = _C.forward_x(x, w_x, bias, w_h, waves, h0, skip, False)[0]
-            return states[:, -1].clone() if last_only else states
+            return _C.forward_x(x, w_x, bias, w_h, waves, h0, skip, False, bool(last_only))[0]
     return _LeakyRNN.apply(x, w_x, bias, w_h, waves, h0, skip, bool(last_only))
 
 

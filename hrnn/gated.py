@@ -23,8 +23,10 @@ through `hrnn._fused_C`) when it is built and takes the inputs (CPU, float32/flo
 `gated_leaky_rnn_reference`, the definition, with the same results. The core takes x and the
 weights, and forms x_t W_x^T + b (and the gate's x_t G_x^T + g_b) per step inside the loop,
 for the open pairs only. Under torch.no_grad it skips the candidates of closed (sample, module)
-pairs; with a gradient it computes them (the straight-through gradient reads them) and skips
-the closed pairs in the backward.
+pairs, and with last_only keeps the state in place and writes no (B, T, H) tensor at all; with a
+gradient it computes every candidate (the straight-through gradient reads them) and skips the
+closed pairs in the backward. Blocks of W_h that are all zero (learned connectivity's hard gates
+in evaluation, the slow-to-fast mask) are skipped in the forward's candidate products.
 `chunker_leaky_rnn` is the same loop with the Chunker's gate (a module wakes when the one
 below mispredicts the input); see its reference's docstring.
 """
@@ -181,10 +183,10 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
             thr = thr.expand(x.shape[0], x.shape[1], n_modules).contiguous()
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     args = [None if t is None else t.contiguous() for t in (x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0)]
-    if not need_grad:  # forward only: closed modules' candidates are skipped
+    if not need_grad:  # forward only: closed modules' candidates are skipped; last_only writes no (B, T, H)
         with torch.no_grad():
-            states, _, activations, _ = fused._C.gated_forward(*args, thr, False, False)
-        return (states[:, -1].clone() if last_only else states), activations
+            states, _, activations, _ = fused._C.gated_forward(*args, thr, False, False, bool(last_only))
+        return states, activations
     # The straight-through gradient (and a waves gradient) at a = 0 reads the candidate.
     all_candidates = gated or (waves is not None and waves.requires_grad)
     return _GatedLeakyRNN.apply(*args, thr, all_candidates, bool(last_only))
@@ -209,7 +211,7 @@ class _GatedLeakyRNN(torch.autograd.Function):
         from hrnn import fused
 
         inputs = (x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thr)
-        states, cands, activations, gates = fused._C.gated_forward(*inputs, all_candidates, True)
+        states, cands, activations, gates = fused._C.gated_forward(*inputs, all_candidates, True, False)
         ctx.save_for_backward(states, cands, activations, gates, *inputs)
         ctx.all_candidates = all_candidates
         ctx.set_materialize_grads(False)

@@ -2,6 +2,8 @@
 
     python scripts/bench_gates.py            # T = 200 and 784 (a few minutes on 2 cores)
     python scripts/bench_gates.py --quick    # tiny run: checks the script works, numbers meaningless
+    python scripts/bench_gates.py --blocks --steps 784 --threads 1 --capabilities avx512,avx2
+                                             # forward time against the fraction of nonzero W_h blocks
 
 Batch 100, hidden 128, 8 modules, 2 inputs, float32, 2 threads, the capability the extension
 picks (HRNN_CPU_CAPABILITY to force one). Hard gates with the open fraction forced to f: a
@@ -12,6 +14,11 @@ seeded random pattern. Each row is the median of the timed calls after a warm-up
 - "train": forward + backward of the last state's sum (as a model's head reads it; the reference
   loop computes all states and is given the same loss), where the forward computes every candidate (the
   straight-through gradient reads them) and the backward skips closed blocks: expect ~(1 + 2f)/3.
+
+With --blocks: the no-grad forward of both cores (the clock core hrnn.core.leaky_rnn with soft
+waves, the event-gate core with every gate open) against the fraction of nonzero blocks of W_h
+(BLOCK_FRACTIONS; a seeded random set of that many blocks, as learned connectivity's hard gates
+leave W_h in evaluation), last state only, under each capability named.
 
 Also the soft gate (dense), the reference loop (hrnn.gated.gated_leaky_rnn_reference) and the
 clock model's fused core (hrnn.core.leaky_rnn, dense waves) as a yardstick. The machine may be
@@ -30,7 +37,8 @@ from hrnn.core import leaky_rnn
 from hrnn.gated import gated_leaky_rnn, gated_leaky_rnn_reference, last_candidate_blocks
 
 BATCH, HIDDEN, MODULES, INPUTS = 100, 128, 8, 2
-FRACTIONS = (1.0, 0.5, 0.25, 0.1)
+FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.0)
+BLOCK_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)
 
 
 def inputs(batch: int, steps: int, grad: bool) -> dict:
@@ -104,15 +112,63 @@ def run(batch: int, steps: int, warmup: int, repeat: int, loop_repeat: int) -> l
     return rows
 
 
+def block_mask(fraction: float) -> torch.Tensor:
+    """(H, H) 0/1 mask of W_h keeping round(fraction M^2) blocks (module pairs), a seeded random set."""
+    gen = torch.Generator().manual_seed(2)
+    keep = torch.zeros(MODULES * MODULES)
+    keep[torch.randperm(MODULES * MODULES, generator=gen)[:round(fraction * MODULES * MODULES)]] = 1
+    units = HIDDEN // MODULES
+    return keep.view(MODULES, MODULES).repeat_interleave(units, 0).repeat_interleave(units, 1)
+
+
+def run_blocks(batch: int, steps: int, warmup: int, repeat: int) -> list[tuple]:
+    """(core, fraction of nonzero blocks, (median, min) seconds) of the no-grad last-state forward."""
+    a = inputs(batch, steps, False)
+    waves = torch.rand(steps, MODULES, generator=torch.Generator().manual_seed(3))  # soft: no module skipped
+    open_all = forced_thresholds(batch, steps, 1.0)
+    rows = []
+    for fraction in BLOCK_FRACTIONS:
+        b = {**a, "w_h": a["w_h"] * block_mask(fraction)}
+        calls = {"clock core": lambda: leaky_rnn(b["x"], b["w_x"], b["bias"], b["w_h"], waves, b["h0"], False, True),
+                 "event core, all open": lambda: gated_call(b, "hard", open_all)}
+        with torch.no_grad():
+            for core, call in calls.items():
+                rows.append((core, fraction, times_of(call, warmup, repeat)))
+    return rows
+
+
+def print_blocks(batch: int, steps_list: list[int], capabilities: list[str], threads: int, warmup: int,
+                 repeat: int) -> None:
+    print(f"hrnn fused cores, no-grad forward (last state) against the fraction of nonzero W_h blocks: batch {batch}, "
+          f"hidden {HIDDEN}, {MODULES} modules, {INPUTS} inputs, float32, {threads} threads")
+    for steps in steps_list:
+        print(f"\nT = {steps}")
+        print(f"{'capability':10s} {'core':22s} {'blocks':>6s} {'median ms':>10s} {'min ms':>8s} {'/ dense (min)':>13s}")
+        for capability in capabilities:
+            fused.set_cpu_capability(capability)
+            rows = run_blocks(batch, steps, warmup, repeat)
+            dense = {core: s for core, fraction, s in rows if fraction == 1.0}
+            for core, fraction, (median, least) in rows:
+                print(f"{capability:10s} {core:22s} {fraction:6.3f} {median * 1e3:10.2f} {least * 1e3:8.2f} "
+                      f"{least / dense[core][1]:13.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[200, 784])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs")
+    parser.add_argument("--blocks", action="store_true", help="time against the fraction of nonzero W_h blocks")
+    parser.add_argument("--capabilities", default=None,
+                        help="comma-separated CPU capabilities to time with --blocks (default: the one in use)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batch, steps_list = (8, [12]) if args.quick else (BATCH, args.steps)
     warmup, repeat, loop_repeat = (1, 2, 1) if args.quick else (2, 7, 3)
+    if args.blocks:
+        capabilities = args.capabilities.split(",") if args.capabilities else [fused.cpu_capability()]
+        print_blocks(batch, steps_list, capabilities, args.threads, warmup, repeat)
+        return
     print(f"hrnn event-gate core: batch {batch}, hidden {HIDDEN}, {MODULES} modules, {INPUTS} inputs, float32, "
           f"{args.threads} threads, capability {fused.cpu_capability() or 'none (pytorch loop)'}")
     for steps in steps_list:

@@ -56,7 +56,7 @@ int main(int argc, char** argv) {
   std::vector<double> fwd_s, bwd_s;
   for (int r = 0; r < reps; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
-    HRNN_NS::fwd<float>(P, VL, 0, B, src, wt.data(), h0.data(), hs.data(), cs.data());
+    HRNN_NS::fwd<float>(P, VL, 0, B, src, wt.data(), h0.data(), hs.data(), cs.data(), nullptr);
     const auto t1 = std::chrono::steady_clock::now();
     std::fill(dw.begin(), dw.end(), 0.f), std::fill(dwx.begin(), dwx.end(), 0.f), std::fill(da.begin(), da.end(), 0.f);
     HRNN_NS::bwd<float>(P, VL, 0, B, 0, G, S);

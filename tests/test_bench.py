@@ -49,3 +49,26 @@ def test_time_kernels_builds_and_runs_every_register_capability():
     assert [line.split()[0] for line in lines] == [c for c in fused.cpu_capabilities() if c != "default"]
     sums = [float(line.rsplit(" ", 1)[1]) for line in lines]
     assert all(s == pytest.approx(sums[0], rel=1e-4) for s in sums) and sums[0] != 0
+
+
+@pytest.mark.skipif(not fused.available(), reason=str(fused.unavailable_reason()))
+def test_bench_gates_quick_f_curve_and_blocks_under_each_capability():
+    """scripts/bench_gates.py: the f-curve (f = 0 included) and --blocks, a row per capability, core and
+    fraction of nonzero W_h blocks, each dense row the unit of its ratios."""
+    script = str(ROOT / "scripts" / "bench_gates.py")
+    proc = subprocess.run([sys.executable, script, "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hard f=0 " in proc.stdout and "reference loop" in proc.stdout
+    capabilities = fused.cpu_capabilities()
+    proc = subprocess.run([sys.executable, script, "--quick", "--blocks", "--threads", "1",
+                           "--capabilities", ",".join(capabilities)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in capabilities]
+    assert len(rows) == len(capabilities) * 2 * 5
+    for capability in capabilities:
+        for core in ("clock", "event"):
+            mine = [r for r in rows if r[0] == capability and r[1] == core]
+            assert [float(r[-4]) for r in mine] == [1.0, 0.75, 0.5, 0.25, 0.125]
+            assert float(mine[0][-1]) == 1.0  # the dense row is the unit of the ratios

@@ -272,7 +272,10 @@ def test_last_only_inference():
     with torch.no_grad():
         out = leaky_scan(u, w_h, waves, h0, last_only=True)
     assert out.grad_fn is None and out.shape == (4, 32)
-    assert torch.equal(out, leaky_scan(u, w_h, waves, h0).detach()[:, -1])
+    # Not bit for bit: w_h is masked (zero blocks), and the no-grad path skips idle modules, so its
+    # product blocks have other shapes than the training path's, and short blocks split their sums
+    # (kernels.cpp fwd_block); tests/test_block_sparse.py checks last_only against the full no-grad path exactly.
+    assert_close_rel(out, leaky_scan(u, w_h, waves, h0).detach()[:, -1], 1e-6)
 
 
 def test_last_only_fallback_is_identical(monkeypatch):

@@ -138,7 +138,7 @@ def test_closed_modules_hold_the_state_bit_for_bit_and_open_ones_take_the_candid
     assert torch.equal(states[a == 0], previous[a == 0])  # hold, bit for bit
     torch.testing.assert_close(states[a == 1], candidate[a == 1], rtol=0, atol=1e-14)
     # At a = 1 the state is the kernel's own candidate exactly (torch.lerp's formula).
-    hs, cs, _, _ = fused._C.gated_forward(*kernel_inputs(args), True, True)
+    hs, cs, _, _ = fused._C.gated_forward(*kernel_inputs(args), True, True, False)
     assert torch.equal(hs[a == 1], cs[a == 1])
 
 
@@ -202,7 +202,7 @@ def test_bad_input_is_one_clear_line(change, message, cpu_capability):  # noqa: 
     args = make(5, 13, 3, 32, 4, F32, "shared")
     change(args)
     with pytest.raises(RuntimeError, match=message) as err:
-        fused._C.gated_forward(*kernel_inputs(args), False, False)
+        fused._C.gated_forward(*kernel_inputs(args), False, False, False)
     assert "\n" not in str(err.value)
 
 

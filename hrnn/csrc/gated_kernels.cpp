@@ -39,6 +39,14 @@
 //        costs about (1 + 2f) / 3 of dense (three equal products per step, one of them dense).
 //    A soft gate never gives exact zeros (unless the sigmoid underflows): it runs dense, through
 //    the same kernels.
+//  * Evaluation of a last-state readout (P.last): the state runs in place in a (rows, H) buffer of
+//    the slice, so nothing of size (B, T, H) is written and a closed module costs nothing at all;
+//    only the activations (B, T, M) are written.
+//  * Block connectivity: an open module's candidate reads h_{t-1} only over the input modules
+//    whose block of W_h is nonzero (GatedProblem::reads, vectors.h's k_loop; exact, a zero block
+//    adds exact zeros).
+//    The backward stays dense (dL/dW_h of a zero block is still wanted), and the gate's product
+//    G_h h_{t-1} is not block-gated.
 //  * Float uses the rational tanh (tanh_rational.h) as kernels.cpp; double, libm tanh. The state
 //    update is torch.lerp's formula: exact hold at a = 0, exact candidate at a = 1.
 #include "gated_kernels.h"
@@ -69,7 +77,10 @@ constexpr int kVectorBytes = 32, kAccumulators = 12, kTiles = 2;
 #else
 constexpr int kVectorBytes = 16, kAccumulators = 12, kTiles = 2;
 #endif
-constexpr int kMaxRows = 12;  // rows per block at most (with one tile per block)
+// Rows per block at most (with one tile per block): each row's h_{t-1} is read through its own
+// pointer, and 12 rows spilled pointers to the stack in the K loop (AVX-512, one 16-unit tile per
+// module: a module's block cost 1.8x its share of the full-width pass); 8 keep them in registers.
+constexpr int kMaxRows = 8;
 constexpr int kDwRows = 4;    // rows of dW per block
 // Rows per block for NV tiles: as many as the accumulators allow.
 constexpr int rows_for(int nv) { return kAccumulators / nv < kMaxRows ? kAccumulators / nv : kMaxRows; }
@@ -88,13 +99,29 @@ inline void for_rows(int n, int i, F& f) {
 }
 
 // ---------------------------------------------------------------- forward
-// Independent accumulator sets a block of `acc` accumulators splits its K loop into, so that a
-// short block (few open rows: R x NV small) still has about 8 FMA chains in flight; measured on
-// AVX-512 at f = 0.1 (5 open rows a module): without it the skipping forward took 55% of dense.
-constexpr int k_split(int acc) { return acc >= 8 ? 1 : acc >= 4 ? 2 : acc >= 2 ? 4 : 8; }
+// Where the forward reads h_{t-1} and writes h_t and c_t: the (B, T, H) outputs, or, with P.last
+// (evaluation of a last-state readout), the slice's running (rows, H) state, updated in place once
+// the step's candidates are in `cand` (a closed module then costs nothing: no copy, no write).
+template <typename T>
+struct StateRows {
+  const GatedProblem<T>& P;
+  int64_t b0;
+  T* run;   // (rows, H) states of the slice, or nullptr
+  T* cand;  // (rows, H) this step's candidates (open blocks only), with run
+  const T* prev(int64_t b, int64_t t) const {
+    if (run) return run + (b - b0) * P.H;
+    return t ? P.hs + (b * P.T_ + t - 1) * P.H : P.h0 + b * P.H;
+  }
+  T* out(int64_t b, int64_t t) const { return run ? nullptr : P.hs + (b * P.T_ + t) * P.H; }
+  T* cands(int64_t b, int64_t t) const {
+    if (run) return cand + (b - b0) * P.H;
+    return P.cs ? P.cs + (b * P.T_ + t) * P.H : nullptr;
+  }
+};
 
-// R rows x NV tiles from column col: z = b + x_t W_x^T + h_prev W^T over the full K,
-// c = tanh(z), h = lerp(h_prev, c, a) with a the row's activation of the module the tile lies in.
+// R rows x NV tiles from column col: z = b + x_t W_x^T + h_prev W^T (with P.reads, each tile's
+// FMAs only over the input modules its module reads: k_loop), c = tanh(z) into co (if given),
+// h = lerp(h_prev, c, a) into ho (if given), a the row's activation of the module the tile lies in.
 template <typename T, int VL, int R, int NV>
 inline void cand_block(const T* const* hp, const T* const* xp, const GatedProblem<T>& P, T* const* ho,
                        T* const* co, const T* const* ar, int64_t S, int64_t col) {
@@ -118,19 +145,21 @@ inline void cand_block(const T* const* hp, const T* const* xp, const GatedProble
       for (int v = 0; v < NV; ++v) acc[0][r][v] += xb * w[v];
     }
   }
-  auto step = [&](int q, int64_t k) {
+  uint64_t tile_reads[NV];
+  if (P.reads)
+    for (int v = 0; v < NV; ++v) tile_reads[v] = P.reads[(col + v * VL) / S];
+  k_loop<NV, KS>(H, S, P.reads ? tile_reads : nullptr, [&](auto mask, int q, int64_t k) {
+    constexpr int MASK = decltype(mask)::value;
     const T* wk = wt + k * H + col;
     VT w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = vload<VT>(wk + v * VL);
+    for (int v = 0; v < NV; ++v)  // every w[v] set: a partly set array was kept on the stack
+      w[v] = (MASK >> v & 1) ? vload<VT>(wk + v * VL) : vset<VT>(T(0));
     for (int r = 0; r < R; ++r) {
       const T hb = hp[r][k];  // a scalar operand: a broadcast load (AVX-512: folded into the FMA)
-      for (int v = 0; v < NV; ++v) acc[q][r][v] += hb * w[v];
+      for (int v = 0; v < NV; ++v)
+        if (MASK >> v & 1) acc[q][r][v] += hb * w[v];
     }
-  };
-  int64_t k = 0;
-  for (; k + KS <= H; k += KS)
-    for (int q = 0; q < KS; ++q) step(q, k + q);
-  for (; k < H; ++k) step(0, k);
+  });
   for (int q = 1; q < KS; ++q)
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < NV; ++v) acc[0][r][v] += acc[q][r][v];
@@ -139,16 +168,19 @@ inline void cand_block(const T* const* hp, const T* const* xp, const GatedProble
     for (int r = 0; r < R; ++r) {
       const VT c = vtanh(acc[0][r][v], T(0));
       if (co) vstore(co[r] + j, c);
-      vstore(ho[r] + j, vlerp<VT, T>(vload<VT>(hp[r] + j), c, vset<VT>(ar[r][m])));
+      if (ho) vstore(ho[r] + j, vlerp<VT, T>(vload<VT>(hp[r] + j), c, vset<VT>(ar[r][m])));
     }
   }
 }
 
-// Candidates and new states of the listed rows at step t, columns [c0, c1).
+// Candidates (and, unless the state is running, new states) of the listed rows at step t, columns
+// [c0, c1).
 template <typename T, int VL>
-void candidates(const GatedProblem<T>& P, int64_t t, const int32_t* rows, int n, int64_t c0, int64_t c1) {
+void candidates(const GatedProblem<T>& P, const StateRows<T>& St, int64_t t, const int32_t* rows, int n,
+                int64_t c0, int64_t c1) {
   const int64_t H = P.H, TT = P.T_, M = P.M, S = H / M;
   const int n_tiles = int((c1 - c0) / VL);
+  const bool with_c = St.run || P.cs, with_h = !St.run;
   for_tiles<kTiles>(n_tiles, [&](auto nv, int tile) {
     constexpr int NV = decltype(nv)::value;
     const int64_t col = c0 + int64_t(tile) * VL;
@@ -161,13 +193,13 @@ void candidates(const GatedProblem<T>& P, int64_t t, const int32_t* rows, int n,
       T* co[R];
       for (int r = 0; r < R; ++r) {
         const int64_t b = rows[i + r], row = b * TT + t;
-        hp[r] = t ? P.hs + (row - 1) * H : P.h0 + b * H;
+        hp[r] = St.prev(b, t);
         xp[r] = P.x + row * P.I;
         ar[r] = P.as + row * M;
-        ho[r] = P.hs + row * H;
-        co[r] = P.cs ? P.cs + row * H : nullptr;
+        ho[r] = St.out(b, t);
+        co[r] = St.cands(b, t);
       }
-      cand_block<T, VL, R, NV>(hp, xp, P, ho, P.cs ? co : nullptr, ar, S, col);
+      cand_block<T, VL, R, NV>(hp, xp, P, with_h ? ho : nullptr, with_c ? co : nullptr, ar, S, col);
     };
     for_rows<rows_for(NV)>(n, 0, block);
   });
@@ -199,9 +231,9 @@ inline void gate_block(const T* const* hp, const T* const* xp, const GatedProble
 }
 
 template <typename T, int VL>
-void gate_logits(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, T* out) {
+void gate_logits(const GatedProblem<T>& P, const StateRows<T>& St, int64_t t, int64_t b0, int64_t b1, T* out) {
   const int64_t H = P.H, TT = P.T_, M = P.M;
-  auto prev = [&](int64_t b) { return t ? P.hs + (b * TT + t - 1) * H : P.h0 + b * H; };
+  auto prev = [&](int64_t b) { return St.prev(b, t); };
   constexpr int max_lanes = kVectorBytes / int(sizeof(T));
   if ((M & (M - 1)) == 0 && M <= max_lanes) {
     with_vl<T>(int(M), [&](auto gl) {
@@ -258,23 +290,36 @@ struct RowLists {
 
 template <typename T, int VL>
 int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
+  using VT = typename VecOf<T, VL>::type;
   const int64_t H = P.H, TT = P.T_, M = P.M, S = H / M, n = b1 - b0;
   RowLists lists(M, n);
+  // P.last: the state runs in place in `run` (rows, H); the step's candidates go to `run + n H`.
+  T* run = P.last ? new T[2 * n * H] : nullptr;
+  if (run) std::memcpy(run, P.h0 + b0 * H, sizeof(T) * n * H);
+  const StateRows<T> St{P, b0, run, run ? run + n * H : nullptr};
+  // A hard gate whose value is not kept compares the logit with logit(threshold) instead of
+  // g = sigmoid(logit) with the threshold (the same test, monotone): no exp per (row, module).
+  const bool on_logits = P.gx && P.hard && !P.gs && !P.thr;
+  // (A threshold below 0 opens every gate: -inf, where the log would give NaN; above 1, NaN shuts them all.)
+  const T logit_thr = !on_logits ? T(0)
+                      : P.thr_value < T(0) ? -INFINITY
+                                           : std::log(P.thr_value / (T(1) - P.thr_value));
   int64_t blocks = 0;
   for (int64_t t = 0; t < TT; ++t) {
     bool every = true;  // every (b, m) of this step computed
     std::memset(lists.counts, 0, sizeof(int) * M);
     T* gates = reinterpret_cast<T*>(lists.logits);  // (n, M): the logits, then g
     if (P.gx) {
-      gate_logits<T, VL>(P, t, b0, b1, gates);
+      gate_logits<T, VL>(P, St, t, b0, b1, gates);
       // One loop of independent exps and divides: inside the per-module loop below each divide
       // waited for its exp (a quarter of the forward at f = 0, AVX-512, T = 784).
-      for (int64_t i = 0; i < n * M; ++i) gates[i] = sigmoid(gates[i]);
+      if (!on_logits)
+        for (int64_t i = 0; i < n * M; ++i) gates[i] = sigmoid(gates[i]);
     }
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row = b * TT + t;
-      const T* hp = t ? P.hs + (row - 1) * H : P.h0 + b * H;
-      T* ho = P.hs + row * H;
+      const T* hp = St.prev(b, t);
+      T* ho = St.out(b, t);
       T* ar = P.as + row * M;
       // Each row's inputs and outputs are read or written once, a stride of T H (or T M) apart
       // from the next row's: more streams than the hardware prefetcher follows. So the next
@@ -282,7 +327,7 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
       // ms; at f = 0, where most of it waited for the thresholds, 2.6 -> 1.8 ms).
       if (t + 1 < TT) {
         prefetch(P.x + (row + 1) * P.I, P.I);
-        prefetch<T, 1>(ho + H, H);
+        if (ho) prefetch<T, 1>(ho + H, H);
         prefetch<T, 1>(P.as + (row + 1) * M, M);
         if (P.gs) prefetch<T, 1>(P.gs + (row + 1) * M, M);
         if (P.thr) prefetch(P.thr + (row + 1) * M, M);
@@ -293,7 +338,8 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
       const T* wr = P.waves ? P.waves + b * P.waves_stride + t * M : nullptr;
       for (int64_t m = 0; m < M; ++m) {
         T e = T(1);
-        if (P.gx) e = P.hard ? (gr[m] > (thr ? thr[m] : P.thr_value) ? T(1) : T(0)) : gr[m];
+        if (on_logits) e = gr[m] > logit_thr ? T(1) : T(0);
+        else if (P.gx) e = P.hard ? (gr[m] > (thr ? thr[m] : P.thr_value) ? T(1) : T(0)) : gr[m];
         ar[m] = wr ? wr[m] * e : e;
       }
       if (P.gs) std::memcpy(P.gs + row * M, gr, sizeof(T) * M);
@@ -301,21 +347,38 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
         if (ar[m] != T(0) || P.all_candidates) {
           lists.rows[m * n + lists.counts[m]++] = int32_t(b);
         } else {
-          std::memcpy(ho + m * S, hp + m * S, sizeof(T) * S);  // closed: hold bit-for-bit
-          every = false;
+          every = false;  // closed: hold bit-for-bit (a running state is simply not touched)
+          if (ho)
+            for (int64_t j = m * S; j < (m + 1) * S; j += VL) vstore(ho + j, vload<VT>(hp + j));
         }
       }
     }
-    if (every) {
-      candidates<T, VL>(P, t, lists.rows, int(n), 0, H);
+    if (every) {  // one full-width pass: h_{t-1}[k] broadcast once for several tiles
+      candidates<T, VL>(P, St, t, lists.rows, int(n), 0, H);
       blocks += n * M;
     } else {
       for (int64_t m = 0; m < M; ++m) {
         if (lists.counts[m] == 0) continue;
-        candidates<T, VL>(P, t, lists.rows + m * n, lists.counts[m], m * S, (m + 1) * S);
+        candidates<T, VL>(P, St, t, lists.rows + m * n, lists.counts[m], m * S, (m + 1) * S);
         blocks += lists.counts[m];
       }
     }
+    if (run) {  // every candidate of the step read h_{t-1}: now update the open blocks in place
+      for (int64_t m = 0; m < M; ++m) {
+        for (int i = 0; i < lists.counts[m]; ++i) {
+          const int64_t b = lists.rows[m * n + i];
+          T* h = run + (b - b0) * H;
+          const T* c = St.cand + (b - b0) * H;
+          const VT a = vset<VT>(P.as[(b * TT + t) * M + m]);
+          for (int64_t j = m * S; j < (m + 1) * S; j += VL)
+            vstore(h + j, vlerp<VT, T>(vload<VT>(h + j), vload<VT>(c + j), a));
+        }
+      }
+    }
+  }
+  if (run) {
+    std::memcpy(P.last + b0 * H, run, sizeof(T) * n * H);
+    delete[] run;
   }
   return blocks;
 }

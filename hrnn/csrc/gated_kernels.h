@@ -34,8 +34,12 @@ struct GatedProblem {
   T thr_value = T(0);         // ... one threshold for every (b, t, m)
   const T* h0 = nullptr;      // (B, H)
   bool all_candidates = false;  // forward: also the candidates of closed (a = 0) modules
+  // Block connectivity of W_h, read by the forward's candidates (the gate's G_h is dense): reads[i]
+  // has bit j set when module i reads module j (block (i, j) of W_h holds a nonzero); nullptr: dense.
+  const uint64_t* reads = nullptr;  // (M)
+  T* last = nullptr;  // forward without hs (evaluation of a last-state readout): the last state (B, H)
   // forward outputs (backward inputs)
-  T* hs = nullptr;  // (B, T, H) states
+  T* hs = nullptr;  // (B, T, H) states, or nullptr with `last`
   T* cs = nullptr;  // (B, T, H) candidates, or nullptr (not kept)
   T* as = nullptr;  // (B, T, M) activations a = w e
   T* gs = nullptr;  // (B, T, M) gate values g (gated, and kept for a backward), or nullptr

@@ -19,6 +19,8 @@ namespace hrnn_cpu {
 // once per call (at T = 784, B = 100, H = 128 each is 40 MB: fresh pages cost more than the
 // kernel's work there, AVX-512, one thread).
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts);
+// leaky_scan.cpp: which blocks of W_h hold a nonzero (false: none is all zero).
+bool block_reads(const at::Tensor& w, int64_t M, std::vector<uint64_t>& reads);
 
 namespace {
 
@@ -164,25 +166,28 @@ GatedProblem<T> problem(const Shapes& s, const Inputs& in, const at::Tensor& wxT
 
 at::Tensor transposed(const at::Tensor* t) { return t ? t->t().contiguous() : at::Tensor(); }
 
-// gated_forward(x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thresholds, all_candidates, save)
+// gated_forward(x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thresholds, all_candidates, save,
+//               last_only)
 //   -> (states, candidates or empty, activations, gates (with save) or empty).
 // bias: (H) or None; gate_x (M, I), gate_bias (M), gate_h (M, H): the event gate, or all None;
 // waves: (T, M), (B, T, M) or None; thresholds: (B, T, M) or one value (0-dim) for a hard gate,
 // None for a soft one. all_candidates: also compute the candidates of closed modules (a gradient
-// needs them); save: keep the candidates for the backward.
+// needs them); save: keep the candidates for the backward; last_only (not with save): the states
+// are the last one, (B, H), and no (B, T, H) tensor is written.
 std::vector<at::Tensor> gated_forward(const at::Tensor& x, const at::Tensor& w_x, const c10::optional<at::Tensor>& bias,
                                       const c10::optional<at::Tensor>& gate_x,
                                       const c10::optional<at::Tensor>& gate_bias, const at::Tensor& w_h,
                                       const c10::optional<at::Tensor>& gate_h,
                                       const c10::optional<at::Tensor>& waves, const at::Tensor& h0,
                                       const c10::optional<at::Tensor>& thresholds, bool all_candidates,
-                                      bool save) {
+                                      bool save, bool last_only) {
   const Inputs in{x, w_x, opt(bias), opt(gate_x), opt(gate_bias), w_h, opt(gate_h), opt(waves), h0, opt(thresholds)};
   const Shapes s = check_inputs(in);
+  TORCH_CHECK(!(save && last_only), "hrnn gated: last_only is a forward-only mode (save=False)");
   at::NoGradGuard no_grad;
   const auto opts = x.options();
   const bool gated = gate_x.has_value();
-  at::Tensor hs = pooled_empty({s.B, s.T, s.H}, opts);
+  at::Tensor hs = last_only ? at::empty({s.B, s.H}, opts) : pooled_empty({s.B, s.T, s.H}, opts);
   at::Tensor cs = save ? pooled_empty({s.B, s.T, s.H}, opts) : at::empty({0}, opts);
   // Pooled too: fresh pages for these (B, T, M) outputs were 5% of the forward at f = 0.
   at::Tensor as = pooled_empty({s.B, s.T, s.M}, opts);
@@ -190,12 +195,16 @@ std::vector<at::Tensor> gated_forward(const at::Tensor& x, const at::Tensor& w_x
   at::Tensor wt = w_h.t().contiguous(), wxT = w_x.t().contiguous();
   at::Tensor ght = transposed(in.gate_h), gxT = transposed(in.gate_x);
   int64_t blocks = 0;
+  std::vector<uint64_t> reads;
+  const bool zero_blocks = block_reads(w_h, s.M, reads);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hrnn_gated_fwd", [&] {
     GatedProblem<scalar_t> P = problem<scalar_t>(s, in, wxT, gxT);
     P.wt = wt.data_ptr<scalar_t>();
     P.ght = gated ? ght.data_ptr<scalar_t>() : nullptr;
     P.all_candidates = all_candidates;
-    P.hs = hs.data_ptr<scalar_t>();
+    if (zero_blocks) P.reads = reads.data();
+    P.hs = last_only ? nullptr : hs.data_ptr<scalar_t>();
+    P.last = last_only ? hs.data_ptr<scalar_t>() : nullptr;
     P.cs = save ? cs.data_ptr<scalar_t>() : nullptr;
     P.as = as.data_ptr<scalar_t>();
     P.gs = gated && save ? gs.data_ptr<scalar_t>() : nullptr;

@@ -18,6 +18,10 @@
 //    the loop (rank-rows update per step touching only the active rows of dW).
 //  * Hard clocks: at each step only tiles (vl consecutive units) that contain an active unit are
 //    computed, forward and backward; the others copy the state.
+//  * Block connectivity: in the forward's product each output tile makes FMAs only over the input
+//    modules whose block of W_h is nonzero (Problem::reads, vectors.h's k_loop; exact, as a zero
+//    block adds exact zeros). The backward stays dense: zero blocks occur in evaluation (learned
+//    connectivity's hard gates) or in a fixed mask, and there dL/dW_h of a zero block is still wanted.
 //  * x-mode fuses the input projection: u_t = b + x_t W_x^T is formed in the accumulator of the
 //    step's product (active tiles only), and dW_x, db are accumulated in the backward loop.
 #include "kernels.h"
@@ -98,17 +102,27 @@ inline void with_rows(int64_t rows, F&& f) {
 }
 
 // ---------------------------------------------------------------- forward
-// One row block (R rows) x NV active tiles: z = u + h_prev W^T over the full K, then
-// c = tanh(z), h = lerp(h_prev, c, a).
-template <typename T, int VL, int R, int NV>
+// One row block (R rows) x NV active tiles: z = u + h_prev W^T, then c = tanh(z),
+// h = lerp(h_prev, c, a). SPARSE (W_h has zero blocks, P.reads): the tiles are adjacent (cols[0],
+// cols[0] + vl, ...) and each tile's FMAs run only over the input modules its module reads
+// (k_loop). Adjacent tiles address W from one column pointer (with a column offset per tile the
+// masked loops spilled: AVX-512, 3/4 of the blocks, 1.30 of dense). A short block (R x NV < 8)
+// splits its K loop over independent accumulators (k_split), so the order of the sums, not their
+// value, depends on the block's shape (a zero block adds exact zeros); without the split, GCC
+// compiled the masked loops to FMAs reloading W from memory (1.21 of dense at 3/4).
+template <typename T, int VL, int R, int NV, bool SPARSE>
 inline void fwd_block(const T* const* hp, const T* const* in, const Input<T>& src, T* const* ho,
-                      T* const* co, const T* wt, int64_t H, const int32_t* cols, const T* a) {
+                      T* const* co, const T* wt, int64_t H, const int32_t* cols_in, const T* a,
+                      const Problem<T>& P) {
   using VT = typename VecOf<T, VL>::type;
-  VT acc[R][NV];
+  constexpr int KS = k_split(R * NV);
+  int64_t cols[NV];
+  for (int v = 0; v < NV; ++v) cols[v] = SPARSE ? cols_in[0] + v * VL : cols_in[v];
+  VT acc[KS][R][NV];
   if (src.x) {  // fused projection: in[r] is row r's x_t (I values)
     for (int v = 0; v < NV; ++v) {
       const VT bv = src.bias ? vload<VT>(src.bias + cols[v]) : vset<VT>(T(0));
-      for (int r = 0; r < R; ++r) acc[r][v] = bv;
+      for (int r = 0; r < R; ++r) acc[0][r][v] = bv;
     }
     for (int64_t i = 0; i < src.I; ++i) {
       const T* wi = src.wxT + i * H;
@@ -116,37 +130,67 @@ inline void fwd_block(const T* const* hp, const T* const* in, const Input<T>& sr
       for (int v = 0; v < NV; ++v) w[v] = vload<VT>(wi + cols[v]);
       for (int r = 0; r < R; ++r) {
         const VT xb = vset<VT>(in[r][i]);
-        for (int v = 0; v < NV; ++v) acc[r][v] += xb * w[v];
+        for (int v = 0; v < NV; ++v) acc[0][r][v] += xb * w[v];
       }
     }
   } else {  // in[r] is row r's u_t (H values)
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = vload<VT>(in[r] + cols[v]);
+      for (int v = 0; v < NV; ++v) acc[0][r][v] = vload<VT>(in[r] + cols[v]);
   }
-  for (int64_t k = 0; k < H; ++k) {
+  for (int q = 1; q < KS; ++q)
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) acc[q][r][v] = vset<VT>(T(0));
+  uint64_t tile_reads[NV];
+  if (SPARSE)
+    for (int v = 0; v < NV; ++v) tile_reads[v] = P.reads[cols[v] / P.S];
+  k_loop<NV, KS>(H, P.S, SPARSE ? tile_reads : nullptr, [&](auto mask, int q, int64_t k) {
+    constexpr int MASK = decltype(mask)::value;
     const T* wk = wt + k * H;
     VT w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = vload<VT>(wk + cols[v]);
+    for (int v = 0; v < NV; ++v)  // every w[v] set: a partly set array was kept on the stack
+      w[v] = (MASK >> v & 1) ? vload<VT>(wk + cols[v]) : vset<VT>(T(0));
     for (int r = 0; r < R; ++r) {
       const VT hb = vset<VT>(hp[r][k]);
-      for (int v = 0; v < NV; ++v) acc[r][v] += hb * w[v];
+      for (int v = 0; v < NV; ++v)
+        if (MASK >> v & 1) acc[q][r][v] += hb * w[v];
     }
-  }
+  });
+  for (int q = 1; q < KS; ++q)
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) acc[0][r][v] += acc[q][r][v];
   for (int v = 0; v < NV; ++v) {
     const VT av = vload<VT>(a + cols[v]);
     for (int r = 0; r < R; ++r) {
-      const VT c = vtanh(acc[r][v], T(0));
+      const VT c = vtanh(acc[0][r][v], T(0));
       if (co) vstore(co[r] + cols[v], c);
       vstore(ho[r] + cols[v], vlerp<VT, T>(vload<VT>(hp[r] + cols[v]), c, av));
     }
   }
 }
 
+// The dense blocks in a function of their own: inlined into fwd_slice beside the masked loops, they
+// lost 14% in the training forward (register allocation follows the whole function); the masked
+// loops, for their part, ran best inlined (out of line: 2.1x dense at 3/4 of the blocks).
+template <typename T, int VL, int R, int NV>
+__attribute__((noinline)) void fwd_block_dense(const T* const* hp, const T* const* in, const Input<T>& src,
+                                               T* const* ho, T* const* co, const T* wt, int64_t H,
+                                               const int32_t* cols, const T* a, const Problem<T>& P) {
+  fwd_block<T, VL, R, NV, false>(hp, in, src, ho, co, wt, H, cols, a, P);
+}
+
+// hs nullptr: only the last state is kept, in `last`; the others alternate between two
+// (rows, H) buffers of the slice, which stay in cache (no (B, T, H) write at all).
 template <typename T, int VL, int R>
 void fwd_slice(const Problem<T>& P, int64_t b0, int64_t b1, const Input<T>& src, const T* wt,
-               const T* h0, T* hs, T* cs) {
+               const T* h0, T* hs, T* cs, T* last) {
   using VT = typename VecOf<T, VL>::type;
   const int64_t H = P.H, TT = P.T_;
+  T* run = hs ? nullptr : new T[2 * (b1 - b0) * H];
+  auto state = [&](int64_t b, int64_t t) -> T* {  // h_t of row b (t = -1: h0)
+    if (t < 0) return const_cast<T*>(h0) + b * H;
+    if (run) return t == TT - 1 ? last + b * H : run + ((t & 1) * (b1 - b0) + b - b0) * H;
+    return hs + (b * TT + t) * H;
+  };
   const T* hp[R];
   const T* in[R];
   T* ho[R];
@@ -161,19 +205,31 @@ void fwd_slice(const Problem<T>& P, int64_t b0, int64_t b1, const Input<T>& src,
       for (int r = 0; r < R; ++r) {
         // Short last block: repeat the last row (identical writes, harmless).
         const int64_t b = imin(rb + r, b1 - 1);
-        hp[r] = t ? hs + (b * TT + t - 1) * H : h0 + b * H;
+        hp[r] = state(b, t - 1);
         in[r] = src.x ? src.x + (b * TT + t) * src.I : src.u + (b * TT + t) * H;
-        ho[r] = hs + (b * TT + t) * H;
+        ho[r] = state(b, t);
         co[r] = cs ? cs + (b * TT + t) * H : nullptr;
       }
       T* const* cop = cs ? co : nullptr;
-      for_tiles<kTiles>(n_act, [&](auto nv, int i) {
-        fwd_block<T, VL, R, decltype(nv)::value>(hp, in, src, ho, cop, wt, H, ac + i, at);
-      });
+      if (!P.reads) {
+        for_tiles<kTiles>(n_act, [&](auto nv, int i) {
+          fwd_block_dense<T, VL, R, decltype(nv)::value>(hp, in, src, ho, cop, wt, H, ac + i, at, P);
+        });
+      } else {  // runs of adjacent active tiles (all of them with soft waves)
+        for (int i = 0; i < n_act;) {
+          int j = i + 1;
+          while (j < n_act && ac[j] == ac[j - 1] + VL) ++j;
+          for_tiles<kTiles>(j - i, [&](auto nv, int q) {
+            fwd_block<T, VL, R, decltype(nv)::value, true>(hp, in, src, ho, cop, wt, H, ac + i + q, at, P);
+          });
+          i = j;
+        }
+      }
       for (int j = 0; j < n_idle; ++j)
         for (int r = 0; r < R; ++r) vstore(ho[r] + ic[j], vload<VT>(hp[r] + ic[j]));
     }
   }
+  delete[] run;
 }
 
 // ---------------------------------------------------------------- backward
@@ -338,10 +394,10 @@ void bwd_slice(const Problem<T>& P, int64_t b0, int64_t b1, int64_t slice, const
 // ---------------------------------------------------------------- entry points
 template <typename T>
 void fwd(const Problem<T>& P, int vl, int64_t b0, int64_t b1, const Input<T>& src, const T* wt,
-         const T* h0, T* hs, T* cs) {
+         const T* h0, T* hs, T* cs, T* last) {
   with_vl<T>(vl, [&](auto v) {
     with_rows(b1 - b0, [&](auto r) {
-      fwd_slice<T, decltype(v)::value, decltype(r)::value>(P, b0, b1, src, wt, h0, hs, cs);
+      fwd_slice<T, decltype(v)::value, decltype(r)::value>(P, b0, b1, src, wt, h0, hs, cs, last);
     });
   });
 }

@@ -22,6 +22,11 @@ struct Problem {
   const int32_t* idle_start;
   const int32_t* all_cols;      // 0, vl, 2 vl, ... < H
   int n_all;                    // H / vl
+  // Block connectivity of W_h, read by the forward only: reads[i] has bit j set when module i
+  // (units [i S, (i + 1) S), S a multiple of vl) reads module j, i.e. block (i, j) holds a nonzero;
+  // the products skip the others. nullptr: W_h has no zero block (or more than 64 modules).
+  const uint64_t* reads = nullptr;  // (M)
+  int64_t S = 0;                    // units per module, with reads
 };
 
 // Where z_t's input term comes from: u (B, T, H) precomputed, or, with the projection fused,
@@ -67,10 +72,13 @@ struct Scratch {
 struct KernelTable {
   const char* name;
   int max_vl_float, max_vl_double;  // elements per vector register
+  // The forward writes every state to hs (B, T, H), or, with hs nullptr, only the last one to
+  // last (B, H): the states then live in two (b1 - b0, H) buffers of the slice (evaluation of a
+  // last-state readout writes no (B, T, H) tensor).
   void (*fwd_float)(const Problem<float>&, int vl, int64_t b0, int64_t b1, const Input<float>&,
-                    const float* wt, const float* h0, float* hs, float* cs);
+                    const float* wt, const float* h0, float* hs, float* cs, float* last);
   void (*fwd_double)(const Problem<double>&, int vl, int64_t b0, int64_t b1, const Input<double>&,
-                     const double* wt, const double* h0, double* hs, double* cs);
+                     const double* wt, const double* h0, double* hs, double* cs, double* last);
   void (*bwd_float)(const Problem<float>&, int vl, int64_t b0, int64_t b1, int64_t slice,
                     const Grads<float>&, const Scratch<float>&);
   void (*bwd_double)(const Problem<double>&, int vl, int64_t b0, int64_t b1, int64_t slice,

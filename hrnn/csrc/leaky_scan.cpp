@@ -93,7 +93,8 @@ using hrnn_cpu::Scratch;
 // per-step products through ATen's matmul, i.e. the BLAS torch ships, which picks its own ISA at
 // run time. Register kernels compiled for SSE2 measured 1.5x slower than the PyTorch loop on an
 // AVX2/AVX-512 machine (docs/performance.md): the loop's products are the BLAS's, at full width.
-// The state hold at a = 0 is exact either way, so this path computes every unit (no skipping).
+// The state hold at a = 0 is exact either way, so this path computes every unit (no skipping of
+// idle modules, nor of W_h's zero blocks: the BLAS product is dense).
 namespace portable {
 
 constexpr int64_t kLoopInputs = 16;  // up to this many inputs, the projection is a loop, not a call
@@ -135,14 +136,24 @@ inline T lerp(T start, T end, T w) {
 
 template <typename T>
 void fwd(const hrnn_cpu::Problem<T>& P, int, int64_t b0, int64_t b1, const Input<T>& src,
-         const T* wt, const T* h0, T* hs, T* cs) {
+         const T* wt, const T* h0, T* hs, T* cs, T* last) {
   const int64_t H = P.H, TT = P.T_, n = b1 - b0, I = src.I;
-  std::vector<T> z_buf(n * H);
+  std::vector<T> z_buf(n * H), run(hs ? 0 : 2 * n * H);
+  // Row r of h_t (t = -1: h0) and the stride between rows: in hs, or (hs nullptr) in one of
+  // two slice buffers, the last step in `last`.
+  auto state = [&](int64_t t, int64_t& stride) -> T* {
+    stride = H;
+    if (t < 0) return const_cast<T*>(h0) + b0 * H;
+    if (!hs) return t == TT - 1 ? last + b0 * H : run.data() + (t & 1) * n * H;
+    stride = TT * H;
+    return hs + (b0 * TT + t) * H;
+  };
   at::Tensor z = view(z_buf.data(), n, H, H), w_t = view(wt, H, H, H);
   at::Tensor wx_t = src.x ? view(src.wxT, I, H, H) : at::Tensor();
   for (int64_t t = 0; t < TT; ++t) {
-    const T* hp = t ? hs + (b0 * TT + t - 1) * H : h0 + b0 * H;
-    const int64_t hp_stride = t ? TT * H : H;
+    int64_t hp_stride, ho_stride;
+    const T* hp = state(t - 1, hp_stride);
+    T* ho = state(t, ho_stride);
     if (src.x && I > kLoopInputs) {  // z = b + x_t W_x^T
       matmul<T>(view(src.x + (b0 * TT + t) * I, n, I, TT * I), wx_t, z, false);
       if (src.bias)
@@ -164,11 +175,11 @@ void fwd(const hrnn_cpu::Problem<T>& P, int, int64_t b0, int64_t b1, const Input
     tanh_inplace(z_buf.data(), n * H);
     const T* at = P.a + t * H;
     for (int64_t r = 0; r < n; ++r) {
-      const int64_t row = ((b0 + r) * TT + t) * H;
       const T* c = &z_buf[r * H];
       const T* h = hp + r * hp_stride;
-      if (cs) std::copy_n(c, H, cs + row);
-      for (int64_t j = 0; j < H; ++j) hs[row + j] = lerp(h[j], c[j], at[j]);
+      T* o = ho + r * ho_stride;
+      if (cs) std::copy_n(c, H, cs + ((b0 + r) * TT + t) * H);
+      for (int64_t j = 0; j < H; ++j) o[j] = lerp(h[j], c[j], at[j]);
     }
   }
 }
@@ -288,6 +299,7 @@ struct ProblemData {
   hrnn_cpu::Problem<T> view;
   std::vector<T> a;
   std::vector<int32_t> act_cols, act_start, idle_cols, idle_start, all_cols;
+  std::vector<uint64_t> reads;  // W_h's nonzero blocks (forward only; block_reads)
 };
 
 int pick_vl(int64_t H, int64_t group, int max_vl) {
@@ -310,10 +322,10 @@ int64_t n_slices(int64_t B) {
 
 template <typename T>
 void fwd_call(const hrnn_cpu::Problem<T>& P, int vl, int64_t b0, int64_t b1, const Input<T>& src,
-              const T* wt, const T* h0, T* hs, T* cs) {
+              const T* wt, const T* h0, T* hs, T* cs, T* last) {
   const KernelTable* k = active_table();
-  if constexpr (std::is_same<T, float>::value) k->fwd_float(P, vl, b0, b1, src, wt, h0, hs, cs);
-  else k->fwd_double(P, vl, b0, b1, src, wt, h0, hs, cs);
+  if constexpr (std::is_same<T, float>::value) k->fwd_float(P, vl, b0, b1, src, wt, h0, hs, cs, last);
+  else k->fwd_double(P, vl, b0, b1, src, wt, h0, hs, cs, last);
 }
 
 template <typename T>
@@ -326,11 +338,11 @@ void bwd_call(const hrnn_cpu::Problem<T>& P, int vl, int64_t b0, int64_t b1, int
 
 template <typename T>
 void run_fwd(const hrnn_cpu::Problem<T>& P, int vl, const Input<T>& src, const T* wt, const T* h0,
-             T* hs, T* cs) {
+             T* hs, T* cs, T* last) {
   const int64_t ns = n_slices(P.B);
   at::parallel_for(0, ns, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s)
-      fwd_call<T>(P, vl, P.B * s / ns, P.B * (s + 1) / ns, src, wt, h0, hs, cs);
+      fwd_call<T>(P, vl, P.B * s / ns, P.B * (s + 1) / ns, src, wt, h0, hs, cs, last);
   });
 }
 
@@ -382,6 +394,36 @@ void check_projection(const at::Tensor& x, const at::Tensor& w_x, const at::Tens
   TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == H), "bias must be (H)");
 }
 
+}  // namespace
+
+namespace hrnn_cpu {
+// reads[i]: bit j set when block (i, j) of W_h (module i reads module j, H / M x H / M) holds a
+// nonzero. Returns false, with nothing filled, when no block is all zero, or M > 64 (no skipping).
+//
+// Both cores find the zero blocks here, in the W_h the model passes, rather than taking a block
+// mask: skipping is then exact by construction (only blocks that really are zero are skipped, so
+// the result is the dense product's), it serves every source of zero blocks alike (learned
+// connectivity's hard gates in evaluation, the slow-to-fast mask, a user's W_h), and no argument
+// has to travel through every layer of the op. The cost is one read of the H x H weights per call.
+bool block_reads(const at::Tensor& w, int64_t M, std::vector<uint64_t>& reads) {
+  if (M > 64) return false;
+  const int64_t H = w.size(0), S = H / M;
+  std::vector<uint64_t> found(M, 0);
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "hrnn_block_reads", [&] {
+    const scalar_t* p = w.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < H; ++r)
+      for (int64_t c = 0; c < H; ++c)
+        if (p[r * H + c] != scalar_t(0)) found[r / S] |= uint64_t(1) << (c / S);
+  });
+  const uint64_t all = M == 64 ? ~uint64_t(0) : (uint64_t(1) << M) - 1;
+  if (std::all_of(found.begin(), found.end(), [&](uint64_t f) { return f == all; })) return false;
+  reads = found;
+  return true;
+}
+}  // namespace hrnn_cpu
+
+namespace {
+
 template <typename T>
 void make_problem(ProblemData<T>& D, int64_t B, int64_t TT, int64_t H, const at::Tensor& waves,
                   int vl, bool skip) {
@@ -413,22 +455,30 @@ void make_problem(ProblemData<T>& D, int64_t B, int64_t TT, int64_t H, const at:
 std::vector<at::Tensor> forward_impl(const at::Tensor& in, const at::Tensor& w_x,
                                      const at::Tensor& bias, const at::Tensor& w,
                                      const at::Tensor& waves, const at::Tensor& h0, bool skip,
-                                     bool save) {
+                                     bool save, bool last_only) {
   check_inputs(in, w, waves, h0);
+  TORCH_CHECK(!(save && last_only), "hrnn fused: last_only is a forward-only mode (save=False)");
   const bool proj = w_x.defined();
   if (proj) check_projection(in, w_x, bias, w.size(0));
   else TORCH_CHECK(in.size(2) == w.size(0), "u must be (B, T, H)");
   at::NoGradGuard no_grad;
   const int64_t B = in.size(0), T = in.size(1), H = w.size(0), S = H / waves.size(1);
-  at::Tensor hs = pool_empty({B, T, H}, in.options());
+  // last_only: the (B, H) last state, and no (B, T, H) write (the kernels keep the others in cache).
+  at::Tensor hs = last_only ? at::empty({B, H}, in.options()) : pool_empty({B, T, H}, in.options());
   at::Tensor cs = save ? pool_empty({B, T, H}, in.options()) : at::Tensor();
   at::Tensor wt = w.t().contiguous();
   at::Tensor wxT = proj ? w_x.t().contiguous() : at::Tensor();
   at::Tensor b = proj && bias.defined() ? bias.contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "hrnn_leaky_fwd", [&] {
-    const int vl = pick_vl(H, skip ? S : H, max_vl<scalar_t>());
     ProblemData<scalar_t> D;
+    // Zero blocks of W_h: tiles must not straddle modules, as for skipping.
+    const bool blocks = hrnn_cpu::block_reads(w, waves.size(1), D.reads);
+    const int vl = pick_vl(H, skip || blocks ? S : H, max_vl<scalar_t>());
     make_problem<scalar_t>(D, B, T, H, waves, vl, skip);
+    if (blocks) {
+      D.view.reads = D.reads.data();
+      D.view.S = S;
+    }
     Input<scalar_t> src;
     if (proj) {
       src.x = in.data_ptr<scalar_t>();
@@ -438,24 +488,28 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& in, const at::Tensor& w_x
     } else {
       src.u = in.data_ptr<scalar_t>();
     }
+    scalar_t* out = hs.data_ptr<scalar_t>();
     run_fwd<scalar_t>(D.view, vl, src, wt.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(),
-                        hs.data_ptr<scalar_t>(), save ? cs.data_ptr<scalar_t>() : nullptr);
+                      last_only ? nullptr : out, save ? cs.data_ptr<scalar_t>() : nullptr,
+                      last_only ? out : nullptr);
   });
   return {hs, save ? cs : at::empty({0}, in.options())};
 }
 
-// forward(u, w_h, waves, h0, skip, save) -> (states, candidates or empty)
+// forward(u, w_h, waves, h0, skip, save, last_only) -> (states, candidates or empty);
+// last_only (with save False): the states are the last one only, (B, H).
 std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& w, const at::Tensor& waves,
-                                const at::Tensor& h0, bool skip, bool save) {
-  return forward_impl(u, at::Tensor(), at::Tensor(), w, waves, h0, skip, save);
+                                const at::Tensor& h0, bool skip, bool save, bool last_only) {
+  return forward_impl(u, at::Tensor(), at::Tensor(), w, waves, h0, skip, save, last_only);
 }
 
-// forward_x(x, w_x, bias or None, w_h, waves, h0, skip, save) -> (states, candidates or empty):
-// the same recurrence with u = x W_x^T + bias computed inside the loop.
+// forward_x(x, w_x, bias or None, w_h, waves, h0, skip, save, last_only) -> (states, candidates
+// or empty): the same recurrence with u = x W_x^T + bias computed inside the loop.
 std::vector<at::Tensor> forward_x(const at::Tensor& x, const at::Tensor& w_x,
                                   const c10::optional<at::Tensor>& bias, const at::Tensor& w,
-                                  const at::Tensor& waves, const at::Tensor& h0, bool skip, bool save) {
-  return forward_impl(x, w_x, bias.has_value() ? *bias : at::Tensor(), w, waves, h0, skip, save);
+                                  const at::Tensor& waves, const at::Tensor& h0, bool skip, bool save,
+                                  bool last_only) {
+  return forward_impl(x, w_x, bias.has_value() ? *bias : at::Tensor(), w, waves, h0, skip, save, last_only);
 }
 
 // Shared backward: u-mode when w_x is undefined (returns du), x-mode otherwise (returns dx

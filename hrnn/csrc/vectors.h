@@ -64,6 +64,11 @@ inline VT vlerp(VT start, VT end, VT w) {
   return aw < half ? lo : hi;
 }
 
+// Independent accumulator sets a block of `acc` accumulators splits its K loop into, so that a
+// short block (few rows or tiles: R x NV small) still has about 8 FMA chains in flight; measured on
+// AVX-512 at f = 0.1 (5 open rows a module): without it the gated skipping forward took 55% of dense.
+constexpr int k_split(int acc) { return acc >= 8 ? 1 : acc >= 4 ? 2 : acc >= 2 ? 4 : 8; }
+
 // Calls f(integral_constant<NV>, i) over n tiles in blocks of NV, then once for the remainder.
 template <int NV, typename F>
 inline void tail_tiles(int rem, int i, F& f) {
@@ -77,6 +82,52 @@ inline void for_tiles(int n, F&& f) {
   int i = 0;
   for (; i + NV <= n; i += NV) f(std::integral_constant<int, NV>{}, i);
   tail_tiles<NV - 1>(n - i, i, f);
+}
+
+// Calls f(integral_constant<MASK>) for the runtime mask (1 <= mask < 2^NV).
+template <int NV, int MASK = 1, typename F>
+inline void with_mask(int mask, F& f) {
+  if constexpr (MASK < (1 << NV)) {
+    if (mask == MASK) f(std::integral_constant<int, MASK>{});
+    else with_mask<NV, MASK + 1>(mask, f);
+  }
+}
+
+// The K loop of a product block of NV output tiles: step(integral_constant<MASK>, q, k) for k in
+// [0, K), q = k's accumulator set (KS of them, see k_split); a step makes the FMAs of tile v only
+// where bit v of MASK is set. Block connectivity: tile_reads[v] has bit j set when tile v's module
+// reads input module j (K range [j S, (j + 1) S)); a range no tile of the block reads is skipped,
+// and one that some read runs with only their FMAs, so the broadcast of h_{t-1}[k] still serves
+// every tile that needs it (blocks of one module's tiles lost that on AVX-512 and ran slower than
+// dense at 3/4 of the blocks, docs/performance.md). tile_reads nullptr: every tile reads all of K.
+template <int NV, int KS, typename F>
+inline void k_loop(int64_t K, int64_t S, const uint64_t* tile_reads, F&& step) {
+  auto range = [&](auto mask, int64_t k0, int64_t k1) {
+    int64_t k = k0;
+    for (; k + KS <= k1; k += KS)
+      for (int q = 0; q < KS; ++q) step(mask, q, k + q);
+    for (; k < k1; ++k) step(mask, 0, k);
+  };
+  if (!tile_reads) {
+    range(std::integral_constant<int, (1 << NV) - 1>{}, 0, K);
+    return;
+  }
+  auto mask_of = [&](int64_t j) {
+    int mask = 0;
+    for (int v = 0; v < NV; ++v) mask |= int((tile_reads[v] >> j) & 1) << v;
+    return mask;
+  };
+  const int64_t M = K / S;
+  for (int64_t j = 0; j < M;) {
+    const int mask = mask_of(j);
+    int64_t j1 = j + 1;
+    while (j1 < M && mask_of(j1) == mask) ++j1;  // one loop over consecutive ranges alike
+    if (mask) {
+      auto run = [&](auto m) { range(m, j * S, j1 * S); };
+      with_mask<NV>(mask, run);
+    }
+    j = j1;
+  }
 }
 
 // Calls f(integral_constant<VL>) for a runtime vl in 1, 2, 4, 8, 16 (at most one register).
