@@ -93,9 +93,10 @@ def test_clock_core_training_with_zero_blocks_matches_every_gradient(mask):
         assert_close_rel(g, w, 1e-12)
 
 
-def unread_module_inputs(dtype, n_modules=4, hidden=32):
-    """A block mask where no module but module 0 itself reads module 0, and module 0 never updates."""
-    mask = torch.ones(n_modules, n_modules)
+def unread_module_inputs(dtype, n_modules=4, hidden=32, dense=False):
+    """A block mask where no module but module 0 itself reads module 0, and module 0 never updates:
+    the Clockwork mask (10 of 16 blocks), or with dense=True every other block too (13 of 16)."""
+    mask = torch.ones(n_modules, n_modules) if dense else block_mask("clockwork", n_modules)
     mask[1:, 0] = 0
     x, w_x, bias, w_h, waves, h0 = clock_inputs(3, 6, 2, hidden, n_modules, dtype, "none_zero", hard=True)
     w_h = w_h * expand_blocks(mask, hidden).to(dtype)
@@ -118,6 +119,18 @@ def test_clock_core_really_skips_zero_blocks(dtype, cpu_capability):  # noqa: F8
             want = leaky_rnn(x, w_x, bias, w_h, waves, h0, last_only=last_only)
             assert torch.isinf(got[..., :units]).all()  # held bit for bit
             assert torch.equal(got[..., units:], want[..., units:])
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_clock_core_runs_dense_above_five_eighths_of_the_blocks(dtype, cpu_capability):  # noqa: F811
+    """With 13 of 16 blocks nonzero the masked loops cost more than they save (docs/performance.md),
+    so the clock core runs its dense products: the unread infinite state reaches every module."""
+    x, w_x, bias, w_h, waves, h0, units = unread_module_inputs(dtype, dense=True)
+    poisoned = h0.clone()
+    poisoned[:, :units] = float("inf")
+    with torch.no_grad():
+        got = leaky_rnn(x, w_x, bias, w_h, waves, poisoned)
+    assert torch.isnan(got[:, 1:, units:]).any()
 
 
 def gated_args(size, dtype, mask, waves):

@@ -20,7 +20,7 @@ namespace hrnn_cpu {
 // kernel's work there, AVX-512, one thread).
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts);
 // leaky_scan.cpp: which blocks of W_h hold a nonzero (false: none is all zero).
-bool block_reads(const at::Tensor& w, int64_t M, std::vector<uint64_t>& reads);
+bool block_reads(const at::Tensor& w, int64_t M, double max_nonzero, std::vector<uint64_t>& reads);
 
 namespace {
 
@@ -196,7 +196,7 @@ std::vector<at::Tensor> gated_forward(const at::Tensor& x, const at::Tensor& w_x
   at::Tensor ght = transposed(in.gate_h), gxT = transposed(in.gate_x);
   int64_t blocks = 0;
   std::vector<uint64_t> reads;
-  const bool zero_blocks = block_reads(w_h, s.M, reads);
+  const bool zero_blocks = block_reads(w_h, s.M, 1.0, reads);  // a gain at every density measured
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hrnn_gated_fwd", [&] {
     GatedProblem<scalar_t> P = problem<scalar_t>(s, in, wxT, gxT);
     P.wt = wt.data_ptr<scalar_t>();
