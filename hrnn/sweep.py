@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 import traceback
@@ -35,6 +36,8 @@ PRUNED_FILE = "pruned.txt"
 
 def run_job(train: Callable[[DictConfig, Path], float], cfg: DictConfig, run_dir: Path) -> float:
     """Run one multirun job; never raises an Exception (Ctrl-C and SystemExit still stop the sweep)."""
+    if cfg.get("resume") is not None and str(cfg.resume) == "auto":
+        adopt_renumbered_job(run_dir)
     stored = finished_value(cfg, run_dir)
     if stored is not None:
         print(f"{run_dir.name}: already finished (val {stored:.4f}); skipped (resume=auto)", flush=True)
@@ -59,6 +62,36 @@ def run_job(train: Callable[[DictConfig, Path], float], cfg: DictConfig, run_dir
     print(f"{message}\n  (job {run_dir.name} failed; kept in {run_dir / ERROR_FILE}; the other jobs go on)",
           file=sys.stderr, flush=True)
     return FAILED
+
+
+def has_run(job_dir: Path) -> bool:
+    return (job_dir / "metrics.json").exists() or (job_dir / "checkpoints").is_dir()
+
+
+def adopt_renumbered_job(run_dir: Path) -> None:
+    """resume=auto after the sweep changed shape (a seed or a value added to it): Hydra numbers the
+    jobs anew (subdir `<num>_<overrides>`), so this job's earlier directory may carry another number.
+    If exactly one sibling holds a run of the same overrides, it becomes this job's directory (a
+    rename: nothing is lost; only the `.hydra` files and empty log Hydra just made for this call go)."""
+    num, sep, overrides = run_dir.name.partition("_")
+    if not sep or not num.isdigit() or has_run(run_dir) or not run_dir.parent.is_dir():
+        return
+    earlier = [p for p in run_dir.parent.iterdir()
+               if p != run_dir and p.is_dir() and p.name.partition("_")[0].isdigit()
+               and p.name.partition("_")[2] == overrides and has_run(p)]
+    if len(earlier) != 1:
+        return
+    if run_dir.exists():  # Hydra made it for this call: its .hydra and an empty job log, nothing else
+        made = [p for p in run_dir.iterdir() if p.name != ".hydra"]
+        if any(not (p.is_file() and p.suffix == ".log" and p.stat().st_size == 0) for p in made):
+            return
+        for p in made:
+            p.unlink()
+        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+        run_dir.rmdir()
+    earlier[0].rename(run_dir)
+    print(f"{run_dir.name}: this job's run was in {earlier[0].name} (the sweep's numbering changed); "
+          f"renamed (resume=auto)", flush=True)
 
 
 def finished_value(cfg: DictConfig, run_dir: Path) -> float | None:

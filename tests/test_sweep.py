@@ -177,6 +177,23 @@ def test_resume_auto_skips_finished_jobs_and_resumes_the_interrupted_one(tmp_pat
     assert job_dirs(sweep) == [first, second]
 
 
+def test_resume_auto_finds_a_finished_job_renumbered_by_a_larger_sweep(tmp_path: Path) -> None:
+    """Adding a seed in front renumbers the jobs: seed 0's run, done as job 0, is job 1 of the new
+    sweep. resume=auto renames its directory instead of training it again."""
+    sweep = tmp_path / "sweep"
+    run = ["-m", f"hydra.sweep.dir={sweep}", *SMALL, *SYNTHETIC, "trainer.num_threads=1", "resume=auto"]
+    assert hrnn_train([*run, "trainer.seed=0"], tmp_path).returncode == 0
+    (old,) = job_dirs(sweep)
+    kept = (old / "metrics.json").read_bytes()
+    result = hrnn_train([*run, "trainer.seed=1,0"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    new = sweep / ("1_" + old.name.partition("_")[2])
+    assert f"{new.name}: this job's run was in {old.name}" in result.stdout
+    assert f"{new.name}: already finished" in result.stdout
+    assert not old.exists() and (new / "metrics.json").read_bytes() == kept
+    assert [d.name.partition("_")[0] for d in job_dirs(sweep)] == ["0", "1"]
+
+
 # ----------------------------------------------------------------------------- units (no training)
 
 
