@@ -37,7 +37,7 @@ LABELLED = {"coefficients": [("regularizer", "name", ""), ("basis", "sharpness",
             "period": [("basis", "init", "init"), ("basis", "open_ratio", "open")]}
 # Settings of any model (the issue-14 recipe search and issue 15's options), named the same way.
 LABELLED_ANY = [("model", "activation", ""), ("model", "gate", "gate"), ("model", "gate_bias", "gate_bias"),
-                ("model", "gate_slope", "slope"),
+                ("model", "gate_slope", "slope"), ("model", "update_weight", "update_weight"),
                 ("model", "connectivity", "connectivity"),
                 ("model", "hidden_size", "hidden"), ("model", "n_modules", "modules"), ("optim", "lr", "lr"),
                 ("optim", "clock_lr", "clock_lr"), ("optim", "connectivity_lr", "connectivity_lr"),
@@ -194,7 +194,10 @@ def task_rows(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         task = job["config"].get("task", {})
         if task.get("name") in (None, "timescales") or job["status"] != "finished":
             continue
-        key = (task["name"], task.get("seq_len"), model_label(job["config"]), job["metrics"]["steps"])
+        # A wall-clock budget ends each seed at its own step: pool them by the steps they were given.
+        budgeted = job["config"].get("trainer", {}).get("max_wall_s") is not None
+        steps = job["config"]["trainer"]["steps"] if budgeted else job["metrics"]["steps"]
+        key = (task["name"], task.get("seq_len"), model_label(job["config"]), steps)
         groups.setdefault(key, []).append(job)
     rows = []
     for (name, seq_len, label, steps), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2], kv[0][3])):
@@ -209,7 +212,7 @@ def task_rows(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         fractions = [m.get("test", {}).get("update_fraction") for m in metrics]
         recalls = [m.get("test", {}).get("recall_acc") for m in metrics]
         rows.append({
-            "task": name, "T": seq_len, "model": label, "steps": steps, "metric": metrics[0]["metric"],
+            "task": name, "T": seq_len, "model": label, "steps": _steps_done(metrics), "metric": metrics[0]["metric"],
             "seeds": [m.get("seed") for m in metrics],
             "val": mean_std([m["val_metric"] for m in metrics]), "test": mean_std([m["test_metric"] for m in metrics]),
             "baseline": metrics[0]["baseline"], "higher_is_better": metrics[0].get("higher_is_better", False),
@@ -224,6 +227,12 @@ def task_rows(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "wall_s": statistics.fmean(m["wall_s"] for m in metrics),
         })
     return rows
+
+
+def _steps_done(metrics: list[dict[str, Any]]) -> str:
+    """The steps the seeds ran: one number, or their range (runs ended by a wall-clock budget)."""
+    done = sorted(m["steps"] for m in metrics)
+    return str(done[0]) if done[0] == done[-1] else f"{done[0]}-{done[-1]}"
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -91,6 +91,18 @@ def test_other_tasks_pool_seeds_and_time_the_threshold(tmp_path, capsys):
     assert "Every job finished." in out
 
 
+def test_seeds_ended_by_a_wall_clock_budget_pool_into_one_row_with_their_step_range(tmp_path):
+    sweep = tmp_path / "study" / "budget"
+    task = {"name": "adding", "seq_len": 500}
+    for seed, steps in ((0, 475), (1, 450), (2, 702)):
+        cfg = {**config("lstm", "dct", task, seed), "trainer": {"seed": seed, "steps": 100000, "max_wall_s": 300.0}}
+        write_job(sweep, f"{seed}_lstm", cfg, {"metric": "mse", "val_metric": 0.17, "test_metric": 0.15, "baseline": 1 / 6,
+                                                "seed": seed, "steps": steps, "train_step_s": 0.6, "wall_s": 300.0,
+                                                "params": 1000, "history": [{"step": 250, "val_mse": 0.17}]})
+    (row,) = task_rows(read_study(tmp_path / "study"))
+    assert row["model"] == "lstm wall budget s 300" and row["seeds"] == [0, 1, 2] and row["steps"] == "450-702"
+
+
 def test_nested_sweeps_are_read(tmp_path):
     """clock_recipe/<change>/ sweeps (a multirun.yaml marks each) are found below the study's top level."""
     sweep = tmp_path / "study" / "clock_recipe" / "basis"
