@@ -36,7 +36,7 @@ PRUNED_FILE = "pruned.txt"
 
 def run_job(train: Callable[[DictConfig, Path], float], cfg: DictConfig, run_dir: Path) -> float:
     """Run one multirun job; never raises an Exception (Ctrl-C and SystemExit still stop the sweep)."""
-    if cfg.get("resume") is not None and str(cfg.resume) == "auto":
+    if resume_auto(cfg):
         adopt_renumbered_job(run_dir)
     stored = finished_value(cfg, run_dir)
     if stored is not None:
@@ -62,6 +62,10 @@ def run_job(train: Callable[[DictConfig, Path], float], cfg: DictConfig, run_dir
     print(f"{message}\n  (job {run_dir.name} failed; kept in {run_dir / ERROR_FILE}; the other jobs go on)",
           file=sys.stderr, flush=True)
     return FAILED
+
+
+def resume_auto(cfg: DictConfig) -> bool:
+    return cfg.get("resume") is not None and str(cfg.resume) == "auto"
 
 
 def has_run(job_dir: Path) -> bool:
@@ -97,7 +101,7 @@ def adopt_renumbered_job(run_dir: Path) -> None:
 def finished_value(cfg: DictConfig, run_dir: Path) -> float | None:
     """With resume=auto: the stored val_metric of a job that already finished its trainer.steps
     (or spent its trainer.max_wall_s), else None."""
-    if cfg.get("resume") is None or str(cfg.resume) != "auto":
+    if not resume_auto(cfg):
         return None
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
