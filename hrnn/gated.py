@@ -162,14 +162,23 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
                     thresholds: Tensor | float, last_only: bool = False) -> tuple[Tensor, Tensor]:
     """States (B, T, H), or the last (B, H) with last_only, and the activations (B, T, M).
 
-    Same arguments as `gated_leaky_rnn_reference`. The fused core runs when it is built and
-    takes the tensors; otherwise the reference loop (logged once per process, as `hrnn.fused`).
+    Same arguments as `gated_leaky_rnn_reference`. CPU tensors run the fused core when it is built
+    and takes them, CUDA tensors the Triton kernels (hrnn/triton_core.py) when Triton is there and
+    takes them; otherwise the reference loop (logged once per process).
     """
     from hrnn import fused  # deferred, as in hrnn.core: hrnn.fused imports the compiled extension
 
     n_modules = _check(x, w_h, h0, waves, gate_x, gate_bias, gate_h, gate_mode)
     gated = gate_x is not None
     tensors = [t for t in (x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h) if t is not None]
+    if x.is_cuda:  # the gated Triton kernels, else the reference loop; one log line says which and why
+        from hrnn import core, triton_core
+        if triton_core.use_gated_kernels(x, w_h, gate_h, *tensors):
+            return triton_core.gated_leaky_rnn(x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h, gate_mode,
+                                               thresholds, last_only, core._matmul_precision)
+        states, activations = gated_leaky_rnn_reference(x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h,
+                                                        gate_mode, thresholds)
+        return (states[:, -1] if last_only else states), activations
     reason = fused.supports(*tensors)
     if reason is not None:
         fused.warn_fallback(reason)

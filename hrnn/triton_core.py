@@ -173,3 +173,152 @@ def leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, waves: T
     """`leaky_scan(F.linear(x, w_x, bias), ...)` with the projection computed time-major."""
     u = torch.nn.functional.linear(x.transpose(0, 1), w_x, bias)  # (T, B, H), contiguous
     return leaky_scan(u.transpose(0, 1), w_h, waves, h0, last_only, precision)
+
+
+# --- The event-gated recurrence (hrnn.gated.gated_leaky_rnn's CUDA path) ---------------------
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def gated_layout(hidden: int, n_modules: int) -> tuple[int, int, int]:
+    """(MP, UP, NG): modules and units per module padded to powers of two, and the gate product's
+    columns (tl.dot needs at least 16). The kernels work on MP * UP padded units."""
+    mp, up = _pow2(n_modules), _pow2(hidden // n_modules)
+    return mp, up, max(16, mp)
+
+
+def gated_supports(x: Tensor, w_h: Tensor, gate_h: Tensor | None, *others: Tensor) -> str | None:
+    """None if the gated kernels take these tensors, else why not."""
+    if gate_h is None:
+        return "the gated Triton kernels need an event gate (waves alone run hrnn.core's kernels)"
+    reason = supports(x, w_h, gate_h, *others)
+    if reason is not None:
+        return reason
+    mp, up, _ = gated_layout(w_h.shape[0], gate_h.shape[0])
+    if mp * up > MAX_HIDDEN[x.dtype]:
+        return (f"{gate_h.shape[0]} modules of {w_h.shape[0] // gate_h.shape[0]} units pad to {mp * up} > "
+                f"{MAX_HIDDEN[x.dtype]} in {x.dtype}: W_h would not fit in one SM's shared memory")
+    return None
+
+
+def use_gated_kernels(x: Tensor, w_h: Tensor, gate_h: Tensor | None, *others: Tensor) -> bool:
+    """`gated_supports(...) is None`, saying once per process (and reason) which path runs."""
+    reason = gated_supports(x, w_h, gate_h, *others)
+    line = ("hrnn: CUDA tensors run the gated Triton kernels" if reason is None else
+            f"hrnn: CUDA tensors run the gated recurrence's PyTorch loop (same results, slower): {reason}")
+    if line not in _said:
+        _said.add(line)
+        (log.info if reason is None else log.warning)(line)
+    return reason is None
+
+
+def _gated_launch(hidden: int, n_modules: int, batch: int, steps: int, waves: Tensor | None,
+                  thr: Tensor | None, thr_value: float, hard: bool, precision: str, dtype: torch.dtype):
+    mp, up, ng = gated_layout(hidden, n_modules)
+    block_b = TUNING["block_b"] or BLOCK_B
+    warps = TUNING["num_warps"] or 4
+    grid = ((batch + block_b - 1) // block_b,)
+    opts = dict(T=steps, MP=mp, UP=up, NG=ng, BLOCK_B=block_b,
+                WAVES=0 if waves is None else waves.dim() - 1, HARD=hard, THR_TENSOR=thr is not None,
+                PRECISION=_dot_precision(precision, dtype), INTERPRET=INTERPRET, num_warps=warps)
+    return grid, opts
+
+
+class _GatedScan(torch.autograd.Function):
+    """u (T, B, H) and gu (T, B, M) time-major, waves None, (T, M) or time-major (T, B, M)."""
+
+    @staticmethod
+    def forward(ctx, u, gu, w_h, gate_h, waves, h0, thr, thr_value, hard, last_only, precision):  # noqa: D102
+        steps, batch, hidden = u.shape
+        n_modules = gate_h.shape[0]
+        buf = u.new_empty(steps + 1, batch, hidden)
+        buf[0] = h0
+        cands = torch.empty_like(u)
+        gates, acts = torch.empty_like(gu), torch.empty_like(gu)
+        grid, opts = _gated_launch(hidden, n_modules, batch, steps, waves, thr, thr_value, hard, precision, u.dtype)
+        _K.gated_forward_kernel[grid](
+            u, gu, w_h, gate_h, u if waves is None else waves, u if thr is None else thr, thr_value, h0,
+            buf, cands, gates, acts, h0, batch, hidden, n_modules, hidden // n_modules,
+            WRITE_STATES=True, WRITE_CANDS=True, WRITE_LAST=False, **opts)
+        ctx.save_for_backward(buf, cands, gates, w_h, gate_h, waves, thr)
+        ctx.thr_value, ctx.hard, ctx.last_only, ctx.precision = thr_value, hard, last_only, precision
+        ctx.set_materialize_grads(False)
+        states = buf[-1].clone() if last_only else buf[1:].transpose(0, 1)
+        return states, acts.transpose(0, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, grad_acts):  # noqa: D102
+        buf, cands, gates, w_h, gate_h, waves, thr = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        steps, batch, hidden = cands.shape
+        n_modules = gate_h.shape[0]
+        grid, opts = _gated_launch(hidden, n_modules, batch, steps, waves, thr, ctx.thr_value, ctx.hard,
+                                   ctx.precision, buf.dtype)
+        if grad is None or ctx.last_only:
+            grad = grad.contiguous() if grad is not None else None
+            strides = (0, 0)
+        else:
+            grad = grad if grad.stride(2) == 1 else grad.contiguous()
+            strides = (grad.stride(0), grad.stride(1))
+        if grad_acts is not None:
+            grad_acts = grad_acts.transpose(0, 1).contiguous()  # (T, B, M)
+        dz, dzg = torch.empty_like(cands), torch.empty_like(gates)
+        dwave = torch.empty_like(gates) if need[4] else dzg
+        dh0 = buf.new_empty(batch, hidden)
+        _K.gated_backward_kernel[grid](
+            buf if grad is None else grad, *strides, buf if grad is None else grad,
+            dzg if grad_acts is None else grad_acts, buf, cands, gates, w_h, gate_h,
+            buf if waves is None else waves, buf if thr is None else thr, ctx.thr_value,
+            dz, dzg, dwave, dh0, batch, hidden, n_modules, hidden // n_modules,
+            GRAD_ALL=grad is not None and not ctx.last_only, HAS_GRAD=grad is not None,
+            HAS_GRAD_ACT=grad_acts is not None, NEED_DWAVE=need[4], **opts)
+        prev = buf[:-1].reshape(-1, hidden)
+        dw = torch.mm(dz.view(-1, hidden).t(), prev) if need[2] else None
+        dg = torch.mm(dzg.view(-1, n_modules).t(), prev) if need[3] else None
+        dwaves = None
+        if need[4]:
+            dwaves = dwave.sum(1) if waves.dim() == 2 else dwave
+        return (dz if need[0] else None, dzg if need[1] else None, dw, dg, dwaves,
+                dh0 if need[5] else None, None, None, None, None, None)
+
+
+def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0: Tensor, waves: Tensor | None,
+                    gate_x: Tensor, gate_bias: Tensor, gate_h: Tensor, gate_mode: str, thresholds: Tensor | float,
+                    last_only: bool, precision: str) -> tuple[Tensor, Tensor]:
+    """hrnn.gated.gated_leaky_rnn through the kernels (caller checked shapes and `gated_supports`):
+    the states (B, T, H) or the last (B, H), and the activations (B, T, M). Both projections are
+    one product each before the loop, time-major; their gradients are torch's linear backward."""
+    batch, steps, _ = x.shape
+    xt = x.transpose(0, 1)
+    u = torch.nn.functional.linear(xt, w_x, bias)                # (T, B, H)
+    gu = torch.nn.functional.linear(xt, gate_x, gate_bias)       # (T, B, M)
+    if waves is not None:
+        waves = waves.contiguous() if waves.dim() == 2 else waves.transpose(0, 1).contiguous()
+    hard = gate_mode == "hard"
+    thr, thr_value = None, 0.5
+    if hard:
+        if isinstance(thresholds, Tensor) and thresholds.dim():
+            thr = thresholds.detach().to(x.dtype).expand(batch, steps, gate_h.shape[0]).transpose(0, 1).contiguous()
+        else:
+            thr_value = float(thresholds)
+    args = (u.contiguous(), gu.contiguous(), w_h.contiguous(), gate_h.contiguous(), waves, h0.contiguous(), thr)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
+        return _gated_forward_only(*args, thr_value, hard, bool(last_only), precision)
+    return _GatedScan.apply(*args, thr_value, hard, bool(last_only), precision)
+
+
+def _gated_forward_only(u, gu, w_h, gate_h, waves, h0, thr, thr_value, hard, last_only, precision):
+    """Inference: no candidates or gates kept, the states only if returned."""
+    steps, batch, hidden = u.shape
+    n_modules = gate_h.shape[0]
+    buf = h0 if last_only else u.new_empty(steps + 1, batch, hidden)
+    last = u.new_empty(batch, hidden) if last_only else h0
+    acts = torch.empty_like(gu)
+    grid, opts = _gated_launch(hidden, n_modules, batch, steps, waves, thr, thr_value, hard, precision, u.dtype)
+    _K.gated_forward_kernel[grid](
+        u, gu, w_h, gate_h, u if waves is None else waves, u if thr is None else thr, thr_value, h0,
+        buf, h0, h0, acts, last, batch, hidden, n_modules, hidden // n_modules,
+        WRITE_STATES=not last_only, WRITE_CANDS=False, WRITE_LAST=last_only, **opts)
+    return (last if last_only else buf[1:].transpose(0, 1)), acts.transpose(0, 1)

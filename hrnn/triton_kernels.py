@@ -91,9 +91,15 @@ def leaky_forward_kernel(
     tile = rows[:, None] * H + cols[None, :]  # (B, H) offsets inside one time slice
     u_tile = u + rows[:, None] * su_b + cols[None, :]
     h = tl.load(h0 + tile, mask=mask, other=0.0)
+    # Each step's inputs are loaded one step ahead: their latency hides behind the step before.
+    u_next = tl.load(u_tile, mask=mask, other=0.0)
+    a_next = tl.load(waves + module, mask=col_ok, other=0.0)[None, :]
     for t in range(T):
-        u_t = tl.load(u_tile + t * su_t, mask=mask, other=0.0)
-        a = tl.load(waves + t * M + module, mask=col_ok, other=0.0)[None, :]
+        u_t = u_next
+        a = a_next
+        ahead = tl.minimum(t + 1, T - 1)
+        u_next = tl.load(u_tile + ahead * su_t, mask=mask, other=0.0)
+        a_next = tl.load(waves + ahead * M + module, mask=col_ok, other=0.0)[None, :]
         c = _tanh(_dot(_operand(h, PRECISION, INTERPRET), wt, PRECISION) + u_t)
         h = _lerp(h, c, a)
         if WRITE_STATES:
@@ -134,16 +140,229 @@ def leaky_backward_kernel(
         g = tl.zeros((BLOCK_B, HP), dtype=dz.dtype.element_ty)
     else:
         g = tl.load(grad_last + tile, mask=mask, other=0.0)
+    # Step T-1's inputs first; each step then loads the one before it ahead of its product.
+    c_next = tl.load(cands + (T - 1) * B * H + tile, mask=mask, other=0.0)
+    a_next = tl.load(waves + (T - 1) * M + module, mask=col_ok, other=0.0)[None, :]
+    if GRAD_ALL:
+        g_next = tl.load(g_tile + (T - 1) * sg_t, mask=mask, other=0.0)
+    if NEED_DA:
+        hp_next = tl.load(buf + (T - 1) * B * H + tile, mask=mask, other=0.0)
     for s in range(T):
         t = T - 1 - s
+        ahead = tl.maximum(t - 1, 0)
+        c = c_next
+        a = a_next
+        c_next = tl.load(cands + ahead * B * H + tile, mask=mask, other=0.0)
+        a_next = tl.load(waves + ahead * M + module, mask=col_ok, other=0.0)[None, :]
         if GRAD_ALL:
-            g += tl.load(g_tile + t * sg_t, mask=mask, other=0.0)
-        c = tl.load(cands + t * B * H + tile, mask=mask, other=0.0)
-        a = tl.load(waves + t * M + module, mask=col_ok, other=0.0)[None, :]
+            g += g_next
+            g_next = tl.load(g_tile + ahead * sg_t, mask=mask, other=0.0)
         if NEED_DA:
-            h_prev = tl.load(buf + t * B * H + tile, mask=mask, other=0.0)
+            h_prev = hp_next
+            hp_next = tl.load(buf + ahead * B * H + tile, mask=mask, other=0.0)
             tl.store(da_part + (pid * T + t) * H + cols, tl.sum(g * (c - h_prev), axis=0), mask=col_ok)
         dz_t = g * a * (1.0 - c * c)
         tl.store(dz + t * B * H + tile, dz_t, mask=mask)
         g = g * (1.0 - a) + _dot(_operand(dz_t, PRECISION, INTERPRET), w, PRECISION)
     tl.store(dh0 + tile, g, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# The event-gated recurrence (hrnn/gated.py's definition), soft or hard gates:
+#
+#     g_t = sigmoid(gu_t + h_{t-1} G_h^T)     gu_t = x_t G_x^T + g_b, one product before the loop
+#     e_t = g_t, or 1[g_t > threshold_t] (straight-through: the backward passes dL/de to g)
+#     a_t = w_t * e_t                         w_t the clock wave (T, M), per sample (B, T, M), or 1
+#     h_t = lerp(h_{t-1}, tanh(u_t + h_{t-1} W_h^T), a_t)
+#
+# Units live in a padded layout of MP = next_pow2(M) modules x UP = next_pow2(H / M) units, so
+# that a module's quantities (B, MP) and its units' (B, MP * UP) convert by reshape: a module
+# sum is a sum over the last axis of (B, MP, UP), and expanding a module value to its units is
+# a broadcast. Units past H / M and modules past M load zeros and stay zero. The gate's product
+# h G_h^T is one tl.dot of N = NG = max(16, MP) columns (tl.dot's minimum), G_h in the first MP,
+# zeros after, summed back to MP by reshape; its backward dzg G_h reads dzg repeated NG / MP times
+# against the same rows.
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _to_units(x, BLOCK_B: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr):
+    """(BLOCK_B, MP) per module -> (BLOCK_B, MP * UP) per unit."""
+    return tl.reshape(tl.broadcast_to(x[:, :, None], (BLOCK_B, MP, UP)), (BLOCK_B, MP * UP))
+
+
+@triton.jit
+def _module_sums(x, BLOCK_B: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr):
+    """(BLOCK_B, MP * UP) per unit -> (BLOCK_B, MP): each module's sum over its units."""
+    return tl.sum(tl.reshape(x, (BLOCK_B, MP, UP)), axis=2)
+
+
+@triton.jit
+def _gate_value(g, thr, thr_value, offsets, mmask, HARD: tl.constexpr, THR_TENSOR: tl.constexpr):
+    """e: g itself (soft), or 1[g > threshold] (hard) with thresholds (T, B, M) or one value."""
+    if HARD:
+        if THR_TENSOR:
+            th = tl.load(thr + offsets, mask=mmask, other=1.0)
+        else:
+            th = thr_value
+        e = (g > th).to(g.dtype)
+    else:
+        e = g
+    return e
+
+
+@triton.jit
+def _wave(waves, t, B, M, mcols, m_ok, mtile, mmask, g, WAVES: tl.constexpr):
+    """w_t in module layout: (1, MP) shared, (BLOCK_B, MP) per sample, or ones."""
+    if WAVES == 1:
+        w = tl.load(waves + t * M + mcols, mask=m_ok, other=0.0)[None, :]
+    elif WAVES == 2:
+        w = tl.load(waves + t * B * M + mtile, mask=mmask, other=0.0)
+    else:
+        w = tl.where(m_ok[None, :], 1.0, 0.0).to(g.dtype)
+    return w
+
+
+@triton.jit
+def gated_forward_kernel(
+    u,                      # (T, B, H) x W_x^T + b, contiguous
+    gu,                     # (T, B, M) x G_x^T + g_b, contiguous
+    w_h, gate_h,            # (H, H), (M, H) contiguous
+    waves,                  # (T, M) if WAVES == 1, (T, B, M) if WAVES == 2 (time-major), else unused
+    thr, thr_value,         # (T, B, M) thresholds if THR_TENSOR, else the one value (hard gates)
+    h0,                     # (B, H)
+    buf,                    # (T + 1, B, H) states at slots 1..T (if WRITE_STATES)
+    cands,                  # (T, B, H) candidates (if WRITE_CANDS)
+    gates,                  # (T, B, M) g_t (if WRITE_CANDS: the backward reads them)
+    acts,                   # (T, B, M) a_t, always (the op returns them)
+    last,                   # (B, H) final state (if WRITE_LAST)
+    B, H, M, UNITS,
+    T: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr, NG: tl.constexpr, BLOCK_B: tl.constexpr,
+    WAVES: tl.constexpr, HARD: tl.constexpr, THR_TENSOR: tl.constexpr,
+    WRITE_STATES: tl.constexpr, WRITE_CANDS: tl.constexpr, WRITE_LAST: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    HP: tl.constexpr = MP * UP
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    cols = tl.arange(0, HP)
+    unit = (cols // UP) * UNITS + cols % UP           # padded column -> unit index in H
+    col_ok = (cols // UP < M) & (cols % UP < UNITS)
+    mask = row_ok[:, None] & col_ok[None, :]
+    mcols = tl.arange(0, MP)
+    m_ok = mcols < M
+    mmask = row_ok[:, None] & m_ok[None, :]
+    ng = tl.arange(0, NG)
+    wt = tl.load(w_h + unit[None, :] * H + unit[:, None], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+    gt = tl.load(gate_h + ng[None, :] * H + unit[:, None], mask=col_ok[:, None] & (ng < M)[None, :], other=0.0)
+    wt = _operand(wt, PRECISION, INTERPRET)
+    gt = _operand(gt, PRECISION, INTERPRET)
+    tile = rows[:, None] * H + unit[None, :]
+    mtile = rows[:, None] * M + mcols[None, :]
+    h = tl.load(h0 + tile, mask=mask, other=0.0)
+    # The next step's inputs are loaded one step ahead: their latency hides behind this step's products.
+    u_next = tl.load(u + tile, mask=mask, other=0.0)
+    gu_next = tl.load(gu + mtile, mask=mmask, other=0.0)
+    for t in range(T):
+        u_t = u_next
+        gu_t = gu_next
+        ahead = tl.minimum(t + 1, T - 1)
+        u_next = tl.load(u + ahead * B * H + tile, mask=mask, other=0.0)
+        gu_next = tl.load(gu + ahead * B * M + mtile, mask=mmask, other=0.0)
+        h_op = _operand(h, PRECISION, INTERPRET)
+        pre = _dot(h_op, wt, PRECISION) + u_t
+        z = tl.sum(tl.reshape(_dot(h_op, gt, PRECISION), (BLOCK_B, NG // MP, MP)), axis=1) + gu_t
+        g = _sigmoid(z)
+        e = _gate_value(g, thr, thr_value, t * B * M + mtile, mmask, HARD, THR_TENSOR)
+        a = e * _wave(waves, t, B, M, mcols, m_ok, mtile, mmask, g, WAVES)
+        a = tl.where(m_ok[None, :], a, 0.0)
+        tl.store(acts + t * B * M + mtile, a, mask=mmask)
+        c = _tanh(pre)
+        h = _lerp(h, c, _to_units(a, BLOCK_B, MP, UP))
+        if WRITE_STATES:
+            tl.store(buf + (t + 1) * B * H + tile, h, mask=mask)
+        if WRITE_CANDS:
+            tl.store(cands + t * B * H + tile, c, mask=mask)
+            tl.store(gates + t * B * M + mtile, g, mask=mmask)
+    if WRITE_LAST:
+        tl.store(last + tile, h, mask=mask)
+
+
+@triton.jit
+def gated_backward_kernel(
+    grad, sg_b, sg_t,       # (B, T, H) gradient of all states (if GRAD_ALL), unit stride over H
+    grad_last,              # (B, H) gradient of the final state (if not GRAD_ALL and HAS_GRAD), contiguous
+    grad_act,               # (T, B, M) gradient of the activations (if HAS_GRAD_ACT), contiguous
+    buf, cands, gates,      # from the forward
+    w_h, gate_h, waves, thr, thr_value,
+    dz,                     # (T, B, H) out: gradient of u
+    dzg,                    # (T, B, M) out: gradient of gu (the gate's pre-activation)
+    dwave,                  # (T, B, M) out: dL/dw_t per sample (if NEED_DWAVE)
+    dh0,                    # (B, H) out
+    B, H, M, UNITS,
+    T: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr, NG: tl.constexpr, BLOCK_B: tl.constexpr,
+    WAVES: tl.constexpr, HARD: tl.constexpr, THR_TENSOR: tl.constexpr,
+    GRAD_ALL: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_GRAD_ACT: tl.constexpr, NEED_DWAVE: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    HP: tl.constexpr = MP * UP
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    cols = tl.arange(0, HP)
+    unit = (cols // UP) * UNITS + cols % UP
+    col_ok = (cols // UP < M) & (cols % UP < UNITS)
+    mask = row_ok[:, None] & col_ok[None, :]
+    mcols = tl.arange(0, MP)
+    m_ok = mcols < M
+    mmask = row_ok[:, None] & m_ok[None, :]
+    ng = tl.arange(0, NG)
+    w = tl.load(w_h + unit[:, None] * H + unit[None, :], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+    gr = tl.load(gate_h + ng[:, None] * H + unit[None, :], mask=(ng < M)[:, None] & col_ok[None, :], other=0.0)
+    w = _operand(w, PRECISION, INTERPRET)
+    gr = _operand(gr, PRECISION, INTERPRET)
+    tile = rows[:, None] * H + unit[None, :]
+    mtile = rows[:, None] * M + mcols[None, :]
+    g_tile = grad + rows[:, None] * sg_b + unit[None, :]
+    if GRAD_ALL or not HAS_GRAD:
+        gh = tl.zeros((BLOCK_B, HP), dtype=dz.dtype.element_ty)
+    else:
+        gh = tl.load(grad_last + tile, mask=mask, other=0.0)
+    # Step T-1's inputs first; each step then loads the one before it ahead of its products.
+    c_next = tl.load(cands + (T - 1) * B * H + tile, mask=mask, other=0.0)
+    hp_next = tl.load(buf + (T - 1) * B * H + tile, mask=mask, other=0.0)
+    g_next = tl.load(gates + (T - 1) * B * M + mtile, mask=mmask, other=0.0)
+    if GRAD_ALL:
+        grad_next = tl.load(g_tile + (T - 1) * sg_t, mask=mask, other=0.0)
+    for s in range(T):
+        t = T - 1 - s
+        c = c_next
+        h_prev = hp_next
+        g = g_next
+        ahead = tl.maximum(t - 1, 0)
+        c_next = tl.load(cands + ahead * B * H + tile, mask=mask, other=0.0)
+        hp_next = tl.load(buf + ahead * B * H + tile, mask=mask, other=0.0)
+        g_next = tl.load(gates + ahead * B * M + mtile, mask=mmask, other=0.0)
+        if GRAD_ALL:
+            gh += grad_next
+            grad_next = tl.load(g_tile + ahead * sg_t, mask=mask, other=0.0)
+        e = _gate_value(g, thr, thr_value, t * B * M + mtile, mmask, HARD, THR_TENSOR)
+        w_t = _wave(waves, t, B, M, mcols, m_ok, mtile, mmask, g, WAVES)
+        a = tl.where(m_ok[None, :], e * w_t, 0.0)
+        da = _module_sums(gh * (c - h_prev), BLOCK_B, MP, UP)
+        if HAS_GRAD_ACT:
+            da += tl.load(grad_act + t * B * M + mtile, mask=mmask, other=0.0)
+        if NEED_DWAVE:
+            tl.store(dwave + t * B * M + mtile, da * e, mask=mmask)
+        dzg_t = tl.where(m_ok[None, :], da * w_t * g * (1.0 - g), 0.0)  # straight-through: de = dg
+        tl.store(dzg + t * B * M + mtile, dzg_t, mask=mmask)
+        a_units = _to_units(a, BLOCK_B, MP, UP)
+        dz_t = gh * a_units * (1.0 - c * c)
+        tl.store(dz + t * B * H + tile, dz_t, mask=mask)
+        dzg_rep = tl.reshape(tl.broadcast_to(dzg_t[:, None, :], (BLOCK_B, NG // MP, MP)), (BLOCK_B, NG))
+        gh = (gh * (1.0 - a_units) + _dot(_operand(dz_t, PRECISION, INTERPRET), w, PRECISION)
+              + _dot(_operand(dzg_rep, PRECISION, INTERPRET), gr, PRECISION))
+    tl.store(dh0 + tile, gh, mask=mask)

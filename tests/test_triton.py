@@ -288,7 +288,8 @@ from triton.compiler import ASTSource
 from hrnn import triton_core, triton_kernels as K
 
 def compile_(kernel, ptrs, dtype, constexprs, warps):
-    sig = {n: ("*" + dtype if n in ptrs else "constexpr" if n in constexprs else "i32") for n in kernel.arg_names}
+    sig = {n: ("*" + dtype if n in ptrs else "constexpr" if n in constexprs else "fp32" if n == "thr_value" else "i32")
+           for n in kernel.arg_names}
     return triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": warps})
 
@@ -302,13 +303,22 @@ for precision, dtype in (("tf32", torch.float32), ("bf16", torch.float32), ("iee
                    dict(WRITE_STATES=True, WRITE_CANDS=True, WRITE_LAST=True, **common), warps)
     bwd = compile_(K.leaky_backward_kernel, {"grad", "grad_last", "buf", "cands", "w_h", "waves", "dz", "dh0",
                    "da_part"}, ty, dict(GRAD_ALL=True, NEED_DA=True, **common), warps)
-    out[precision] = {"shared": [fwd.metadata.shared, bwd.metadata.shared],
+    mp, up, ng = triton_core.gated_layout(hidden, 8)
+    gated = dict(T=784, MP=mp, UP=up, NG=ng, BLOCK_B=triton_core.BLOCK_B, WAVES=1, HARD=False, THR_TENSOR=False,
+                 PRECISION=precision, INTERPRET=False)
+    gfwd = compile_(K.gated_forward_kernel, {"u", "gu", "w_h", "gate_h", "waves", "thr", "h0", "buf", "cands", "gates",
+                    "acts", "last"}, ty, dict(WRITE_STATES=True, WRITE_CANDS=True, WRITE_LAST=False, **gated), warps)
+    gbwd = compile_(K.gated_backward_kernel, {"grad", "grad_last", "grad_act", "buf", "cands", "gates", "w_h", "gate_h",
+                    "waves", "thr", "dz", "dzg", "dwave", "dh0"}, ty,
+                    dict(GRAD_ALL=True, HAS_GRAD=True, HAS_GRAD_ACT=True, NEED_DWAVE=True, **gated), warps)
+    out[precision] = {"shared": [fwd.metadata.shared, bwd.metadata.shared, gfwd.metadata.shared, gbwd.metadata.shared],
                       "mma": [line.split()[0] for line in fwd.asm["ptx"].splitlines() if "mma.sync" in line][:1]}
 print(json.dumps(out))
 """
 
 
 def test_kernels_compile_for_hopper_within_shared_memory():
+    """The clock kernels and the gated ones, forward and backward, at the largest padded size."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -335,3 +345,138 @@ def test_resume_of_a_run_made_before_matmul_precision(tmp_path):
     (tmp_path / "metrics.json").unlink()
     train(compose_config([*run, "trainer.steps=1", f"resume={tmp_path}"]), tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "finished"
+
+
+# --- The event-gated recurrence (hrnn.gated's CUDA path) -------------------------------------
+
+from test_gated_fused import make as make_gated  # noqa: E402
+from test_gated_fused import values_and_grads as gated_values_and_grads  # noqa: E402
+
+from hrnn import gated as gated_module  # noqa: E402
+from hrnn.gated import gated_leaky_rnn_reference  # noqa: E402
+
+F32, F64 = torch.float32, torch.float64
+GATED_CASES = [
+    # batch, steps, inputs, hidden, modules, waves, gate mode, dtype
+    (6, 12, 3, 32, 4, "shared", "soft", F32),
+    (18, 8, 1, 24, 3, None, "soft", F32),           # two programs; 3 modules of 8 pad to 4 x 8
+    (5, 10, 2, 20, 4, "per_sample", "soft", F32),   # modules of 5 units pad to 8
+    (5, 6, 2, 64, 32, "shared", "soft", F32),       # 32 modules: the gate product has MP columns
+    (4, 9, 2, 32, 4, "shared", "hard", F64),        # hard in float64: no threshold ties between
+    (3, 7, 1, 16, 2, "per_sample", "hard", F64),    # the kernel's gate and the reference's
+    (4, 8, 2, 24, 4, None, "hard", F64),
+]
+
+
+def gated_kernels(precision="ieee"):
+    return lambda *a: triton_core.gated_leaky_rnn(*a, precision)
+
+
+def gated_id(c):
+    return "B{}T{}I{}H{}M{}-{}-{}-{}".format(*c[:6], c[6], str(c[7])[-7:])
+
+
+@pytest.mark.parametrize("case", GATED_CASES, ids=gated_id)
+@pytest.mark.parametrize("last_only", [False, True], ids=["all", "last"])
+def test_gated_matches_reference(case, last_only):
+    """States, activations and the gradient of every input (x, W_x, b, W_h, h0, G_x, g_b, G_h,
+    waves) against the reference loop, for a loss that reads both outputs: 1e-5 in float32 (ieee),
+    1e-10 in float64, where hard activations are equal."""
+    batch, steps, inputs, hidden, modules, waves, mode, dtype = case
+    args = make_gated(batch, steps, inputs, hidden, modules, dtype, waves)
+    thresholds = args["thresholds"] if mode == "hard" else 0.5
+    assert triton_core.gated_supports(args["x"], args["w_h"], args["gate_h"]) is None
+    want = gated_values_and_grads(gated_leaky_rnn_reference, args, mode, thresholds, last_only)
+    got = gated_values_and_grads(gated_kernels(), args, mode, thresholds, last_only)
+    tol = 1e-5 if dtype == F32 else 1e-10
+    if mode == "hard":
+        assert torch.equal(got[1], want[1])
+        assert 0 < want[1].mean() < 1  # some gates open, some shut
+    for g, w in ((got[0], want[0]), (got[1], want[1])):
+        assert_close_rel(g, w, tol)
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        assert_close_rel(got[2][name], want[2][name], tol)
+
+
+def test_gated_hard_gate_with_one_threshold():
+    """A float threshold (the hard gate's usual call) equals the same threshold as a tensor."""
+    args = make_gated(4, 8, 2, 16, 2, F64, "shared")
+    want = gated_values_and_grads(gated_leaky_rnn_reference, args, "hard", 0.5)
+    got = gated_values_and_grads(gated_kernels(), args, "hard", 0.5)
+    assert torch.equal(got[1], want[1])
+    assert_close_rel(got[0], want[0], 1e-10)
+    for name in want[2]:
+        assert_close_rel(got[2][name], want[2][name], 1e-10)
+
+
+def test_gated_gradcheck_float64():
+    """Soft gates and a shared clock wave in double pass gradcheck, all states and last only."""
+    a = make_gated(3, 5, 2, 8, 2, F64, "shared")
+    names = ("x", "w_x", "bias", "w_h", "h0", "waves", "gate_x", "gate_bias", "gate_h")
+    leaves = [a[n].clone().requires_grad_() for n in names]
+    for last_only in (False, True):
+        def op(*t):
+            states, acts = triton_core.gated_leaky_rnn(*t, "soft", 0.5, last_only, "ieee")
+            return states, acts
+        assert torch.autograd.gradcheck(op, leaves, fast_mode=True)
+
+
+def test_gated_inference_matches_training_forward():
+    """Under no_grad the forward-only launch (no candidates, no gates kept) gives the training
+    forward's states and activations."""
+    a = make_gated(5, 9, 2, 32, 4, F32, "shared")
+    inputs = [a[n] for n in ("x", "w_x", "bias", "w_h", "h0", "waves", "gate_x", "gate_bias", "gate_h")]
+    for last_only in (False, True):
+        with torch.no_grad():
+            states, acts = triton_core.gated_leaky_rnn(*inputs, "soft", 0.5, last_only, "ieee")
+        trained, trained_acts = triton_core.gated_leaky_rnn(*[t.clone().requires_grad_() for t in inputs],
+                                                            "soft", 0.5, last_only, "ieee")
+        assert states.grad_fn is None and trained.grad_fn is not None
+        # Not bit-equal: torch's projection picks another product under autograd (ulps apart).
+        assert_close_rel(states, trained.detach(), 1e-6)
+        assert_close_rel(acts, trained_acts.detach(), 1e-6)
+
+
+def test_gated_hard_gate_holds_the_state_exactly():
+    """A shut gate keeps its module's units bit-for-bit; an open one with wave 1 takes the candidate."""
+    a = make_gated(4, 10, 2, 16, 4, F32, None)
+    inputs = [a[n] for n in ("x", "w_x", "bias", "w_h", "h0", "waves", "gate_x", "gate_bias", "gate_h")]
+    states, acts = triton_core.gated_leaky_rnn(*inputs, "hard", 0.5, False, "ieee")
+    prev = torch.cat([a["h0"][:, None], states[:, :-1]], dim=1)
+    held = (acts == 0).repeat_interleave(4, dim=2)
+    assert held.any() and (~held).any()
+    assert torch.equal(states[held], prev[held])
+
+
+def test_gated_op_sends_cuda_tensors_to_the_kernels(cuda_looking, monkeypatch, caplog):
+    """hrnn.gated.gated_leaky_rnn on CUDA runs the gated kernels in set_matmul_precision's mode
+    (bf16: its rounding shows which path ran), and says so once; hidden kernels fall back to
+    the reference loop with one line saying why."""
+    monkeypatch.setattr(core, "_matmul_precision", "bf16")
+    a = make_gated(6, 10, 2, 32, 4, F32, "shared")
+    inputs = [a[n] for n in ("x", "w_x", "bias", "w_h", "h0", "waves", "gate_x", "gate_bias", "gate_h")]
+    with caplog.at_level(logging.INFO, logger="hrnn.triton_core"):
+        states, acts = gated_module.gated_leaky_rnn(*inputs, "soft", 0.5, last_only=False)
+        gated_module.gated_leaky_rnn(*inputs, "soft", 0.5, last_only=True)
+    exact, exact_acts = gated_leaky_rnn_reference(*inputs, "soft", 0.5)
+    bf16_states, _ = triton_core.gated_leaky_rnn(*inputs, "soft", 0.5, False, "bf16")
+    assert torch.equal(states, bf16_states)
+    assert 1e-5 < ((states - exact).norm() / exact.norm()).item() < 2e-2
+    assert [r.getMessage() for r in caplog.records] == ["hrnn: CUDA tensors run the gated Triton kernels"]
+    caplog.clear()
+    monkeypatch.setattr(triton_core, "_K", None)
+    monkeypatch.setattr(triton_core, "_REASON", "test: kernels hidden")
+    with caplog.at_level(logging.INFO, logger="hrnn.triton_core"):
+        states, acts = gated_module.gated_leaky_rnn(*inputs, "soft", 0.5, last_only=False)
+    assert torch.equal(states, exact) and torch.equal(acts, exact_acts)
+    assert [r.getMessage() for r in caplog.records] == [
+        "hrnn: CUDA tensors run the gated recurrence's PyTorch loop (same results, slower): test: kernels hidden"]
+
+
+def test_gated_supports_says_why_not():
+    x, w_h = torch.zeros(2, 3, 1), torch.zeros(96, 96)
+    assert "need an event gate" in triton_core.gated_supports(x, w_h, None)
+    # 8 modules of 12 units pad to 8 x 16 = 128: taken; 3 modules of 40 pad to 4 x 64 = 256: not.
+    assert triton_core.gated_supports(x, w_h, torch.zeros(8, 96)) is None
+    assert "pad to 256 > 128" in triton_core.gated_supports(x, torch.zeros(120, 120), torch.zeros(3, 120))
