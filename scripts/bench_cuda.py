@@ -13,7 +13,9 @@ T and precision then). Peak memory is torch.cuda.max_memory_allocated over the s
 was allocated before them (model, data and optimizer state excluded).
 
 hrnn rows run in the default precision, trainer.matmul_precision from conf/trainer/default.yaml,
-and `hrnn-dct[p]` rows in each other precision p. `hrnn-dct-loop` is the CUDA fallback (the
+and `hrnn-dct[p]` and `hrnn-clock_event[p]` rows in each other precision p. hrnn-clock_event is
+hrnn-train's default model (the DCT clock times soft event gates: the gated kernels);
+hrnn-dct and hrnn-binary are the clock alone (model.activation=clock). `hrnn-dct-loop` is the CUDA fallback (the
 kernels hidden, as if Triton were missing). cwrnn-dense equals cwrnn on CUDA: the kernels are
 dense (skipping inactive modules is CPU-only). torch.nn.LSTM/GRU/RNN run cuDNN with torch's
 defaults, printed in the header (cuDNN may use TF32 for fp32 RNNs).
@@ -36,10 +38,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # hrnn from this checkout; be
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from bench import CLASSES, CONFIGS, HIDDEN, INPUTS, MODULES, build  # noqa: E402
+from bench import CLASSES, CONFIGS, HIDDEN, INPUTS, MODULES, VARIANTS, build  # noqa: E402
 from hrnn import core, triton_core  # noqa: E402
 
-NAMES = ["hrnn-dct", "hrnn-binary", "cwrnn", "cwrnn-dense", "lstm", "gru", "rnn", "hrnn-dct-loop"]
+NAMES = ["hrnn-dct", "hrnn-binary", "hrnn-clock_event", "hrnn-event", "cwrnn", "cwrnn-dense", "lstm", "gru", "rnn",
+         "hrnn-dct-loop"]
 DEFAULT_PRECISION = OmegaConf.load(ROOT / "conf" / "trainer" / "default.yaml").matmul_precision
 DEVICE = "cuda"  # --device cpu: a dry run of the script's logic (C++ kernels, not Triton)
 
@@ -73,9 +76,9 @@ def precision(name: str):
 def time_config(name: str, batch: int, steps: int, warmup: int = 2, repeat: int = 7,
                 matmul_precision: str = DEFAULT_PRECISION) -> dict:
     """Median step time (s) and peak step memory (MB) of one bench.py config on DEVICE."""
-    _, model_name, basis, _, _ = CONFIGS[name]
+    _, model_name, basis, _, _, *extra = CONFIGS[name]
     torch.manual_seed(0)
-    model = build(model_name, basis, steps).to(DEVICE)
+    model = build(model_name, basis, steps, *extra).to(DEVICE)
     x = torch.randn(batch, steps, INPUTS, device=DEVICE)
     y = torch.randint(0, CLASSES, (batch,), device=DEVICE)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -106,14 +109,86 @@ def time_config(name: str, batch: int, steps: int, warmup: int = 2, repeat: int 
             "median": statistics.median(times), "min": min(times), "max": max(times), "peak_mb": peak}
 
 
-def check_precisions(batch: int = 100, steps: int = 784) -> dict:
-    """hrnn-dct's loss gradients (every parameter, clock included) and logits in each precision
-    against the same model in float64 through the PyTorch loop: max relative error (norm)."""
+def time_graphed(name: str, batch: int, steps: int, repeat: int = 7) -> dict:
+    """The same training step captured whole in one CUDA graph (PyTorch's "whole network capture":
+    Adam(capturable=True), grads allocated inside the capture) and replayed: the step without the
+    per-op launch overhead. Not what hrnn-train runs today; it measures what capture would give."""
+    _, model_name, basis, _, _, *extra = CONFIGS[name]
     torch.manual_seed(0)
-    model = build("hrnn", "dct", steps).to(DEVICE)
+    model = build(model_name, basis, steps, *extra).to(DEVICE)
     x = torch.randn(batch, steps, INPUTS, device=DEVICE)
     y = torch.randint(0, CLASSES, (batch,), device=DEVICE)
-    ref_model = build("hrnn", "dct", steps).to(DEVICE).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+
+    def step():
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compiles the kernels, settles the allocator
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step()
+    times = []
+    for _ in range(repeat + 2):
+        sync()
+        t0 = time.perf_counter()
+        graph.replay()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"config": name, "batch": batch, "steps": steps, "median": statistics.median(times[2:]), "graphed": True}
+
+
+def time_ops(batch: int, steps: int, repeat: int = 7) -> dict:
+    """The recurrence alone, forward + backward of a last-state sum (no head, loss or Adam):
+    hrnn's clock kernels, its gated kernels and cuDNN's LSTM, so kernel time and the framework's
+    per-step overhead can be told apart."""
+    from hrnn.core import leaky_rnn
+    from hrnn.gated import gated_leaky_rnn
+
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, device=DEVICE, generator=gen).mul_(0.1).requires_grad_()  # noqa: E731
+    x = torch.randn(batch, steps, INPUTS, device=DEVICE, generator=gen)
+    w_x, b, w_h, h0 = r(HIDDEN, INPUTS), r(HIDDEN), r(HIDDEN, HIDDEN), torch.zeros(batch, HIDDEN, device=DEVICE)
+    waves = torch.rand(steps, MODULES, device=DEVICE, generator=gen).requires_grad_()
+    gate_x, gate_b, gate_h = r(MODULES, INPUTS), r(MODULES), r(MODULES, HIDDEN)
+    lstm = torch.nn.LSTM(INPUTS, HIDDEN, batch_first=True).to(DEVICE)
+    ops = {
+        "hrnn clock kernels": lambda: leaky_rnn(x, w_x, b, w_h, waves, h0, last_only=True).sum().backward(),
+        "hrnn gated kernels": lambda: gated_leaky_rnn(x, w_x, b, w_h, h0, waves, gate_x, gate_b, gate_h, "soft", 0.5,
+                                                      last_only=True)[0].sum().backward(),
+        "cuDNN LSTM": lambda: lstm(x)[0][:, -1].sum().backward(),
+    }
+    out = {}
+    for name, op in ops.items():
+        for _ in range(2):
+            op()
+        times = []
+        for _ in range(repeat):
+            sync()
+            t0 = time.perf_counter()
+            op()
+            sync()
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
+def check_precisions(name: str = "hrnn-dct", batch: int = 100, steps: int = 784) -> dict:
+    """A config's loss gradients (every parameter, clock and gates included) and logits in each
+    precision against the same model in float64 through the PyTorch loop: max relative error (norm)."""
+    _, model_name, basis, _, _, *extra = CONFIGS[name]
+    torch.manual_seed(0)
+    model = build(model_name, basis, steps, *extra).to(DEVICE)
+    x = torch.randn(batch, steps, INPUTS, device=DEVICE)
+    y = torch.randint(0, CLASSES, (batch,), device=DEVICE)
+    ref_model = build(model_name, basis, steps, *extra).to(DEVICE).double()
     ref_model.load_state_dict(model.state_dict())
     with pytorch_loop():
         ref_out = ref_model(x.double())
@@ -132,22 +207,22 @@ def check_precisions(batch: int = 100, steps: int = 784) -> dict:
     return out
 
 
-def sweep(batches: list[int], steps: int, warmup: int, repeat: int) -> list[dict]:
-    """hrnn-dct's step time for each batch tile and warp count (triton_core.TUNING)."""
+def sweep(configs: list[str], batches: list[int], steps: int, warmup: int, repeat: int) -> list[dict]:
+    """Each config's step time for each batch tile and warp count (triton_core.TUNING)."""
     rows = []
-    for batch in batches:
+    for config, batch in [(c, b) for c in configs for b in batches]:
         for block_b in (16, 32):  # 64 rows spill registers at every warp count (docs/gpu.md)
-            for warps in (4, 8, 16):
+            for warps in (4, 8):  # 16 warps was slower at both batches (docs/gpu.md)
                 triton_core.TUNING.update(block_b=block_b, num_warps=warps)
                 try:
-                    r = time_config("hrnn-dct", batch, steps, warmup, repeat)
+                    r = time_config(config, batch, steps, warmup, repeat)
                 except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: record, go on
                     r = {"batch": batch, "median": float("nan"), "error": str(err).splitlines()[0][:200]}
                 finally:
                     triton_core.TUNING.update(block_b=None, num_warps=None)
-                r.update(block_b=block_b, num_warps=warps)
+                r.update(config=config, block_b=block_b, num_warps=warps)
                 rows.append(r)
-                print(f"  sweep B={batch} T={steps} block_b={block_b:<3} warps={warps:<3} "
+                print(f"  sweep {config:<16} B={batch} T={steps} block_b={block_b:<3} warps={warps:<3} "
                       f"{r['median'] * 1e3:9.3f} ms {r.get('error', '')}", flush=True)
     return rows
 
@@ -174,13 +249,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[200, 784, 2000], help="sequence lengths T")
     parser.add_argument("--batch", type=int, nargs="+", default=[100, 1000], help="batch sizes")
-    parser.add_argument("--only", default=",".join(NAMES), help="comma-separated configs: " + ", ".join(NAMES))
+    parser.add_argument("--only", default=",".join(NAMES),
+                        help="comma-separated configs: " + ", ".join(NAMES) + "; the model's options: " + ", ".join(VARIANTS))
     parser.add_argument("--precisions", default=",".join(p for p in core.MATMUL_PRECISIONS if p != DEFAULT_PRECISION),
                         help="extra hrnn-dct rows in these precisions ('' for none)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--check", action="store_true", help="first: gradients in each precision vs float64")
-    parser.add_argument("--sweep", action="store_true", help="first: batch tile x warps for hrnn-dct at T=784")
+    parser.add_argument("--sweep", action="store_true", help="first: batch tile x warps at T=784")
+    parser.add_argument("--ops", action="store_true", help="first: the recurrence alone vs cuDNN's LSTM at T=784")
+    parser.add_argument("--graph", action="store_true", help="first: steps captured in one CUDA graph at T=784")
+    parser.add_argument("--sweep-configs", default="hrnn-dct,hrnn-clock_event", help="the configs --sweep times")
     parser.add_argument("--no-bench", action="store_true", help="only --check / --sweep")
     parser.add_argument("--quick", action="store_true", help="T=30, batch 100, 1 warm-up, 2 timed steps")
     parser.add_argument("--json", type=Path, help="also write every result here")
@@ -193,23 +272,46 @@ def main(argv=None) -> int:
         return 2
     names = [n for n in args.only.split(",") if n]
     extra = [p for p in args.precisions.split(",") if p]
-    bad = [n for n in names if n not in NAMES] + [p for p in extra if p not in core.MATMUL_PRECISIONS]
+    bad = [n for n in names if n not in NAMES and n not in VARIANTS] + [p for p in extra if p not in core.MATMUL_PRECISIONS]
     if bad:
-        parser.error(f"unknown config or precision {bad[0]!r}; configs: {', '.join(NAMES)}; "
+        parser.error(f"unknown config or precision {bad[0]!r}; configs: {', '.join([*NAMES, *VARIANTS])}; "
                      f"precisions: {', '.join(core.MATMUL_PRECISIONS)}")
     if args.quick:
         args.steps, args.batch, args.warmup, args.repeat = [30], [100], 1, 2
     report = {"header": header()}
     if args.check:
         steps = 30 if args.quick else 784
-        report["check"] = check_precisions(100, steps)
-        print(f"\ngradients vs float64 (hrnn-dct, B=100, T={steps}; bars: default < 1e-2, ieee < 1e-5):")
-        for name, r in report["check"].items():
-            print(f"  {name:<7} grad max rel err {r['grad_max_rel_err']:.2e} ({r['worst_param']})  "
-                  f"logits {r['logits_rel_err']:.2e}", flush=True)
+        report["check"] = {}
+        for config in ("hrnn-dct", "hrnn-clock_event"):
+            report["check"][config] = check_precisions(config, 100, steps)
+            print(f"\ngradients vs float64 ({config}, B=100, T={steps}; bars: default ({DEFAULT_PRECISION}) < 1e-2, "
+                  "ieee < 1e-5):")
+            for name, r in report["check"][config].items():
+                print(f"  {name:<7} grad max rel err {r['grad_max_rel_err']:.2e} ({r['worst_param']})  "
+                      f"logits {r['logits_rel_err']:.2e}", flush=True)
+    if args.graph or args.ops:
+        report["graph"], report["ops"] = [], []
+        steps = 30 if args.quick else 784
+        for batch in args.batch:
+            if args.ops:
+                with precision(DEFAULT_PRECISION):
+                    ops = time_ops(batch, steps)
+                report["ops"].append({"batch": batch, **ops})
+                print(f"\nthe recurrence alone, forward + backward, B={batch}, T={steps} ({DEFAULT_PRECISION}): " +
+                      "; ".join(f"{k} {v * 1e3:.3f} ms" for k, v in ops.items()), flush=True)
+            for name in (("hrnn-dct", "hrnn-clock_event", "lstm") if args.graph else ()):
+                try:
+                    with precision(DEFAULT_PRECISION):
+                        r = time_graphed(name, batch, steps)
+                    print(f"  one CUDA graph per step: {name:<18} B={batch} {r['median'] * 1e3:.3f} ms", flush=True)
+                except Exception as err:  # noqa: BLE001 - capture may fail for a model: record it, go on
+                    r = {"config": name, "batch": batch, "error": str(err).splitlines()[0][:200]}
+                    print(f"  one CUDA graph per step: {name:<18} B={batch} failed: {r['error']}", flush=True)
+                report["graph"].append(r)
     if args.sweep:
         print("\nkernel tiles (hrnn-dct training step):")
-        report["sweep"] = sweep(args.batch, 30 if args.quick else 784, args.warmup, args.repeat)
+        report["sweep"] = sweep(args.sweep_configs.split(","), args.batch, 30 if args.quick else 784, args.warmup,
+                                args.repeat)
     if not args.no_bench:
         report["bench"] = bench(names, extra, args)
     if args.json:
@@ -223,19 +325,20 @@ def bench(names: list[str], extra: list[str], args) -> list[dict]:
         for batch in args.batch:
             rows = {}
             runs = [(n, DEFAULT_PRECISION) for n in names]
-            runs += [(f"hrnn-dct[{p}]", p) for p in extra if "hrnn-dct" in names]
+            runs += [(f"{n}[{p}]", p) for n in ("hrnn-dct", "hrnn-clock_event") if n in names for p in extra]
             for label, p in runs:
                 r = time_config(label.split("[")[0], batch, steps, args.warmup, args.repeat, p)
                 r["label"] = label
                 rows[label] = r
                 results.append(r)
             print(f"\nT = {steps}, batch {batch}")
-            print(f"  {'config':<18} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'peak MB':>9}  description")
+            print(f"  {'config':<24} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'peak MB':>9}  description")
             for label, r in rows.items():
-                print(f"  {label:<18} {r['median'] * 1e3:10.3f} {r['min'] * 1e3:9.3f} {r['max'] * 1e3:9.3f} "
+                print(f"  {label:<24} {r['median'] * 1e3:10.3f} {r['min'] * 1e3:9.3f} {r['max'] * 1e3:9.3f} "
                       f"{r['peak_mb']:9.1f}  {CONFIGS[r['config']][0]}")
             ratios = [f"{a} / {b} {rows[a]['median'] / rows[b]['median']:.2f}"
                       for a, b in [("lstm", "hrnn-dct"), ("gru", "hrnn-dct"), ("rnn", "hrnn-dct"),
+                                   ("lstm", "hrnn-clock_event"), ("lstm", "hrnn-event"),
                                    ("lstm", "hrnn-binary"), ("lstm", "cwrnn"), ("hrnn-dct-loop", "hrnn-dct")]
                       if a in rows and b in rows]
             print("  speed-ups (medians): " + "; ".join(ratios), flush=True)

@@ -46,24 +46,29 @@ def cli(args: list[str], run_dir: Path, timeout: int = 600) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def check_models(runs: Path, steps: int) -> dict:
+def check_models(runs: Path, steps: int, only: list[str] | None = None) -> dict:
     out = {}
     for name, args in {
-        "hrnn-dct": ["basis=dct"], "hrnn-binary": ["basis=binary"], "hrnn-l1": ["regularizer=l1"],
+        "hrnn-dct": ["basis=dct", "model.activation=clock"], "hrnn-binary": ["basis=binary"], "hrnn-l1": ["regularizer=l1"],
         "hrnn-period": ["basis=period"], "cwrnn": ["model=cwrnn"], "lstm": ["model=lstm"],
         "gru": ["model=gru"], "rnn": ["model=rnn"], "timescales": ["task=timescales", "basis=binary"],
         "copy": ["task=copy"],
+        "clock_event": [], "event-hard": ["model.activation=event", "model.gate=hard"],
+        "connectivity": ["model.connectivity=learned"],
     }.items():
+        if only and name not in only:
+            continue
         m = cli([f"trainer.device={DEVICE}", f"trainer.steps={steps}", f"trainer.eval_every={steps}", *SMALL, *args],
                 runs / name)
         ok = m["device"].startswith(DEVICE) and m["status"] == "finished" and m["test_metric"] == m["test_metric"]
         out[name] = {"ok": ok, "device": m["device"], "test_metric": m["test_metric"], "train_step_s": m["train_step_s"]}
-        if DEVICE == "cuda" and name in ("hrnn-dct", "cwrnn"):
+        if DEVICE == "cuda" and name in ("hrnn-dct", "cwrnn", "clock_event"):
             logs = "".join(p.read_text() for p in (runs / name).glob("*.log"))
-            out[f"{name}_says_triton"] = {"ok": "CUDA tensors run the Triton kernels" in logs,
+            line = "CUDA tensors run the gated Triton kernels" if name == "clock_event" else "CUDA tensors run the Triton kernels"
+            out[f"{name}_says_triton"] = {"ok": line in logs,
                                           "path_lines": [ln for ln in logs.splitlines() if "CUDA tensors run" in ln]}
     data = ROOT / "data"
-    if (data / "mnist.pkl.gz").exists() or (data / "train-images-idx3-ubyte").exists():
+    if (not only or "smnist" in only) and (data / "mnist.pkl.gz").exists() or (data / "train-images-idx3-ubyte").exists():
         m = cli([f"trainer.device={DEVICE}", "task=smnist", "trainer.steps=20", "trainer.eval_every=20",
                  "trainer.progress=false", f"data_dir={data}"], runs / "smnist")
         out["smnist"] = {"ok": m["device"].startswith(DEVICE) and m["status"] == "finished",
@@ -82,7 +87,10 @@ def check_resume(runs: Path, steps: int) -> dict:
     shutil.copytree(runs / "part", runs / "part_cpu")
     part = cli([f"resume={runs / 'part'}", f"trainer.steps={steps}"], runs / "part")
     keys = ("val_metric", "test_metric", "best_step", "steps", "val", "test", "history", "periods")
-    same = {k: part[k] == full[k] for k in keys}
+    def untimed(value):  # the history's wall_s differs between any two runs
+        return [{k: v for k, v in e.items() if k != "wall_s"} for e in value] if isinstance(value, list) else value
+
+    same = {k: untimed(part[k]) == untimed(full[k]) for k in keys}
     cpu = cli([f"resume={runs / 'part_cpu'}", f"trainer.steps={steps}", "trainer.device=cpu"], runs / "part_cpu")
     return {
         f"{DEVICE}_resume_equals_uninterrupted": {"ok": all(same.values()), "keys": same,
@@ -153,6 +161,36 @@ def check_numerics() -> dict:
     with pytorch_loop():
         err = errors(rnn(False), (x, w_x, b, w_h, soft, h0), g_all, torch.float32)
     out[f"leaky_rnn_{DEVICE}_pytorch_loop"] = {"ok": err < 1e-5, "max_rel_err": err, "tol": 1e-5}
+
+    # The event-gated recurrence (the default model's op): states and activations, every gradient.
+    from hrnn.gated import gated_leaky_rnn, gated_leaky_rnn_reference
+    gate_x = torch.randn(modules, inputs, generator=gen, dtype=torch.float64) * 0.5
+    gate_b = torch.randn(modules, generator=gen, dtype=torch.float64) * 0.5
+    gate_h = torch.randn(modules, hidden, generator=gen, dtype=torch.float64) * 2 / hidden ** 0.5
+    thresholds = torch.rand(batch, steps, modules, generator=gen, dtype=torch.float64)
+    g_both = torch.randn(batch * steps * (hidden + modules), generator=gen, dtype=torch.float64)
+
+    def gated(mode, last_only=False):
+        def op(t, reference):
+            thr = thresholds.to(t[0].device, t[0].dtype) if mode == "hard" else 0.5
+            if reference:
+                states, acts = gated_leaky_rnn_reference(*t, mode, thr)
+                states = states[:, -1] if last_only else states
+            else:
+                states, acts = gated_leaky_rnn(*t, mode, thr, last_only=last_only)
+            return torch.cat([states.flatten(), acts.flatten()])
+        return op
+
+    tensors = (x, w_x, b, w_h, h0, soft, gate_x, gate_b, gate_h)
+    g_last_both = torch.randn(batch * hidden + batch * steps * modules, generator=gen, dtype=torch.float64)
+    for label, dtype, prec, tol in runs:
+        with precision(prec):
+            errs = {"soft_all": errors(gated("soft"), tensors, g_both, dtype),
+                    "soft_last": errors(gated("soft", True), tensors, g_last_both, dtype)}
+            if dtype == torch.float64:  # hard gates in float64 only: no threshold ties between precisions
+                errs["hard_all"] = errors(gated("hard"), tensors, g_both, dtype)
+        out[f"gated_rnn_{DEVICE}_{label}"] = {"ok": max(errs.values()) < tol, "max_rel_err": max(errs.values()),
+                                             "tol": tol, "errs": errs}
     return out
 
 
@@ -161,6 +199,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runs", type=Path, default=None, help="where the runs go (default: OUT/runs)")
     parser.add_argument("--steps", type=int, default=100, help="training steps per CLI run")
+    parser.add_argument("--models", default="", help="comma-separated model checks to run (default: all)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
@@ -178,7 +217,8 @@ def main() -> int:
               "torch": torch.__version__}
     print(f"{report['gpu']}, torch {report['torch']}", flush=True)
     checks: dict = {}
-    for name, fn in (("models", lambda: check_models(runs, args.steps)), ("resume", lambda: check_resume(runs, args.steps)),
+    only = [m for m in args.models.split(",") if m]
+    for name, fn in (("models", lambda: check_models(runs, args.steps, only)), ("resume", lambda: check_resume(runs, args.steps)),
                      ("numerics", check_numerics)):
         t0 = time.perf_counter()
         try:

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Everything issue 16's "done when" needs from one GPU lease, in one call of under 8 minutes.
+# Everything issue 16's "done when" needs from one GPU lease, in one call of under 9 minutes.
 #
 # Here, on the development machine (once per checkout: the GPU image has torch and Triton but
 # not hydra/omegaconf, and nothing can be fetched there):
 #     scripts/gpu_check.sh prepare        # wheels into .whl/ (git-ignored through .git/info/exclude)
-# Then, through the device tool, in one call with carry [".whl"] and timeout_s 540:
+# Then, through the device tool, in one call with carry [".whl"] and timeout_s 520:
 #     bash scripts/gpu_check.sh
 # It prints, in this order (each step time-capped so a stall cannot eat the lease):
-#   1. gradients of hrnn-dct (B=100, T=784) in each precision against float64 (bars: the
-#      default < 1e-2, ieee < 1e-5);
-#   2. the bench: every config at T = 200, 784, 2000 x batch 100, 1000, peak GPU memory, the
-#      speed-ups over cuDNN LSTM and the done-when lines (2x at B=100, 4x at B=1000, T=784);
-#   3. the kernels' batch tile x warps sweep at T=784 (for the defaults in hrnn/triton_core.py);
-#   4. scripts/cuda_check.py: every model from the CLI on CUDA, resume, numerics of the Triton
-#      path and of the loop, the default experiment's train_step_s.
+#   1. gradients of hrnn-dct and of the default model (clock_event: the gated kernels), B=100,
+#      T=784, in each precision against float64 (bars: the default < 1e-2, ieee < 1e-5);
+#   2. at T = 784, batch 100 and 1000: the recurrence alone against cuDNN's LSTM, steps captured
+#      in one CUDA graph, then the bench: every config, each precision, peak GPU memory, the
+#      speed-ups over cuDNN LSTM and the done-when lines (2x at B=100, 4x at B=1000);
+#   3. scripts/cuda_check.py: four models from the CLI on CUDA, resume, numerics of both kernel
+#      families and of the loop, the default experiment's train_step_s;
+#   4. the bench at T = 200 and 2000 (default precision);
+#   5. the kernels' batch tile x warps sweep at T=784 (for the defaults in hrnn/triton_core.py).
 # Logs and JSON go to $OUT (the device tool brings them back) or ./gpu_check_out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,8 +52,12 @@ step() {  # step NAME SECONDS CMD...: run, tee the log into $OUT, report the exi
     echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s"
 }
 
-# About 460 s of steps: the call needs timeout_s 540 (start and transfers are not in it).
+# About 450 s of steps, the most important first: the call needs timeout_s 520 (start and
+# transfers are not in it).
 step precision 60 $PY scripts/bench_cuda.py --check --no-bench --json "$OUT/precision.json"
-step bench 180 $PY scripts/bench_cuda.py --repeat 5 --json "$OUT/bench.json"
-step sweep 50 $PY scripts/bench_cuda.py --sweep --no-bench --repeat 5 --json "$OUT/sweep.json"
-step cuda_check 170 $PY scripts/cuda_check.py --out "$OUT" --runs /tmp/hrnn_cuda_runs --steps 20
+step bench784 150 $PY scripts/bench_cuda.py --steps 784 --repeat 5 --ops --graph --json "$OUT/bench784.json"
+step cuda_check 150 $PY scripts/cuda_check.py --out "$OUT" --runs /tmp/hrnn_cuda_runs --steps 20 \
+    --models hrnn-dct,clock_event,event-hard,cwrnn
+step bench_other 80 $PY scripts/bench_cuda.py --steps 200 2000 --repeat 5 --precisions '' \
+    --only hrnn-dct,hrnn-binary,hrnn-clock_event,hrnn-event,cwrnn,lstm,gru,rnn
+step sweep 60 $PY scripts/bench_cuda.py --sweep --no-bench --repeat 5   # (the device tool brings back 8 files)
