@@ -217,7 +217,7 @@ def _gated_launch(hidden: int, n_modules: int, batch: int, steps: int, waves: Te
                   thr: Tensor | None, thr_value: float, hard: bool, precision: str, dtype: torch.dtype):
     mp, up, ng = gated_layout(hidden, n_modules)
     block_b = TUNING["block_b"] or BLOCK_B
-    warps = TUNING["num_warps"] or 4
+    warps = TUNING["num_warps"] or (4 if mp * up <= 64 else 8)  # 4 spills registers at 128 (ptxas -v)
     grid = ((batch + block_b - 1) // block_b,)
     opts = dict(T=steps, MP=mp, UP=up, NG=ng, BLOCK_B=block_b,
                 WAVES=0 if waves is None else waves.dim() - 1, HARD=hard, THR_TENSOR=thr is not None,

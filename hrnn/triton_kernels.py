@@ -181,7 +181,9 @@ def leaky_backward_kernel(
 # a broadcast. Units past H / M and modules past M load zeros and stay zero. The gate's product
 # h G_h^T is one tl.dot of N = NG = max(16, MP) columns (tl.dot's minimum), G_h in the first MP,
 # zeros after, summed back to MP by reshape; its backward dzg G_h reads dzg repeated NG / MP times
-# against the same rows.
+# against the same rows. Both are exact fp32 (FMA) in every precision: they are 1/8 of the main
+# product's work at M = 8, and on tensor cores in tf32x3 the forward's second product made ptxas
+# spill 22 KB per thread (185 ms a step on an H100 against 8.6 ms in tf32; docs/gpu.md).
 
 
 @triton.jit
@@ -260,7 +262,6 @@ def gated_forward_kernel(
     wt = tl.load(w_h + unit[None, :] * H + unit[:, None], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
     gt = tl.load(gate_h + ng[None, :] * H + unit[:, None], mask=col_ok[:, None] & (ng < M)[None, :], other=0.0)
     wt = _operand(wt, PRECISION, INTERPRET)
-    gt = _operand(gt, PRECISION, INTERPRET)
     tile = rows[:, None] * H + unit[None, :]
     mtile = rows[:, None] * M + mcols[None, :]
     h = tl.load(h0 + tile, mask=mask, other=0.0)
@@ -275,7 +276,7 @@ def gated_forward_kernel(
         gu_next = tl.load(gu + ahead * B * M + mtile, mask=mmask, other=0.0)
         h_op = _operand(h, PRECISION, INTERPRET)
         pre = _dot(h_op, wt, PRECISION) + u_t
-        z = tl.sum(tl.reshape(_dot(h_op, gt, PRECISION), (BLOCK_B, NG // MP, MP)), axis=1) + gu_t
+        z = tl.sum(tl.reshape(_dot(h, gt, "ieee"), (BLOCK_B, NG // MP, MP)), axis=1) + gu_t
         g = _sigmoid(z)
         e = _gate_value(g, thr, thr_value, t * B * M + mtile, mmask, HARD, THR_TENSOR)
         a = e * _wave(waves, t, B, M, mcols, m_ok, mtile, mmask, g, WAVES)
@@ -323,7 +324,6 @@ def gated_backward_kernel(
     w = tl.load(w_h + unit[:, None] * H + unit[None, :], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
     gr = tl.load(gate_h + ng[:, None] * H + unit[None, :], mask=(ng < M)[:, None] & col_ok[None, :], other=0.0)
     w = _operand(w, PRECISION, INTERPRET)
-    gr = _operand(gr, PRECISION, INTERPRET)
     tile = rows[:, None] * H + unit[None, :]
     mtile = rows[:, None] * M + mcols[None, :]
     g_tile = grad + rows[:, None] * sg_b + unit[None, :]
@@ -364,5 +364,5 @@ def gated_backward_kernel(
         tl.store(dz + t * B * H + tile, dz_t, mask=mask)
         dzg_rep = tl.reshape(tl.broadcast_to(dzg_t[:, None, :], (BLOCK_B, NG // MP, MP)), (BLOCK_B, NG))
         gh = (gh * (1.0 - a_units) + _dot(_operand(dz_t, PRECISION, INTERPRET), w, PRECISION)
-              + _dot(_operand(dzg_rep, PRECISION, INTERPRET), gr, PRECISION))
+              + _dot(dzg_rep, gr, "ieee"))
     tl.store(dh0 + tile, gh, mask=mask)
