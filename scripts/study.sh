@@ -3,7 +3,7 @@
 #   python scripts/results.py outputs/study > docs/results.md
 #
 #   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock mnist_baselines (default: all but smnist)
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock mnist_baselines copy_baselines (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -203,10 +203,17 @@ table() {
         run "${COMMON[@]}" "${MNIST_TASK[@]}" task=$task model=lstm,gru,cwrnn \
           trainer.max_wall_s=2600 trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/mnist_baselines_$task"
       done ;;
+    copy_baselines)  # the LSTM, GRU and Clockwork RNN (hidden 128) on copy at T = 100 and 200, in about the wall
+                     # time hrnn's copy_long rows took to finish (T = 100: 715-1,069 s; T = 200: 1,244-2,287 s),
+                     # at their default rate (a cosine decay needs a known step count): one seed
+      run "${COMMON[@]}" task=copy task.seq_len=100 model=lstm,gru,cwrnn trainer.max_wall_s=900 \
+        trainer.steps=100000 trainer.eval_every=500 trainer.seed=0 hydra.sweep.dir="$STUDY/copy_baselines_100"
+      run "${COMMON[@]}" task=copy task.seq_len=200 model=lstm,gru,cwrnn trainer.max_wall_s=1800 \
+        trainer.steps=100000 trainer.eval_every=500 trainer.seed=0 hydra.sweep.dir="$STUDY/copy_baselines_200" ;;
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 $MNIST_20K hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" "${MNIST_TASK[@]}" task=smnist model=lstm trainer.steps=20000 trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock mnist_baselines" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock mnist_baselines copy_baselines" >&2; exit 2 ;;
   esac
 }
 
