@@ -75,9 +75,13 @@ def supports(inputs: Tensor, w_h: Tensor, *others: Tensor) -> str | None:
 
 def use_kernels(inputs: Tensor, w_h: Tensor, *others: Tensor) -> bool:
     """`supports(...) is None`, saying once per process (and reason) which path CUDA tensors take."""
-    reason = supports(inputs, w_h, *others)
-    line = ("hrnn: CUDA tensors run the Triton kernels" if reason is None else
-            f"hrnn: CUDA tensors run the pure PyTorch loop (same results, slower): {reason}")
+    return _say_path(supports(inputs, w_h, *others), "the Triton kernels", "the pure PyTorch loop")
+
+
+def _say_path(reason: str | None, kernels: str, loop: str) -> bool:
+    """Logs once per process (and reason) which path CUDA tensors take; True for the kernels."""
+    line = (f"hrnn: CUDA tensors run {kernels}" if reason is None else
+            f"hrnn: CUDA tensors run {loop} (same results, slower): {reason}")
     if line not in _said:
         _said.add(line)
         (log.info if reason is None else log.warning)(line)
@@ -204,13 +208,8 @@ def gated_supports(x: Tensor, w_h: Tensor, gate_h: Tensor | None, *others: Tenso
 
 def use_gated_kernels(x: Tensor, w_h: Tensor, gate_h: Tensor | None, *others: Tensor) -> bool:
     """`gated_supports(...) is None`, saying once per process (and reason) which path runs."""
-    reason = gated_supports(x, w_h, gate_h, *others)
-    line = ("hrnn: CUDA tensors run the gated Triton kernels" if reason is None else
-            f"hrnn: CUDA tensors run the gated recurrence's PyTorch loop (same results, slower): {reason}")
-    if line not in _said:
-        _said.add(line)
-        (log.info if reason is None else log.warning)(line)
-    return reason is None
+    return _say_path(gated_supports(x, w_h, gate_h, *others), "the gated Triton kernels",
+                     "the gated recurrence's PyTorch loop")
 
 
 def _gated_launch(hidden: int, n_modules: int, batch: int, steps: int, waves: Tensor | None,

@@ -230,6 +230,23 @@ def _wave(waves, t, B, M, mcols, m_ok, mtile, mmask, g, WAVES: tl.constexpr):
 
 
 @triton.jit
+def _gated_layout(B, M, UNITS, MP: tl.constexpr, UP: tl.constexpr, NG: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's rows, and the padded layout: each padded column's unit index in H, which
+    columns and modules are real, the masks of (rows, units) and (rows, modules), the gate
+    product's columns."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    cols = tl.arange(0, MP * UP)
+    unit = (cols // UP) * UNITS + cols % UP
+    col_ok = (cols // UP < M) & (cols % UP < UNITS)
+    mcols = tl.arange(0, MP)
+    m_ok = mcols < M
+    mask = row_ok[:, None] & col_ok[None, :]
+    mmask = row_ok[:, None] & m_ok[None, :]
+    return rows, unit, col_ok, mask, mcols, m_ok, mmask, tl.arange(0, NG)
+
+
+@triton.jit
 def gated_forward_kernel(
     u,                      # (T, B, H) x W_x^T + b, contiguous
     gu,                     # (T, B, M) x G_x^T + g_b, contiguous
@@ -248,17 +265,7 @@ def gated_forward_kernel(
     WRITE_STATES: tl.constexpr, WRITE_CANDS: tl.constexpr, WRITE_LAST: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    HP: tl.constexpr = MP * UP
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    cols = tl.arange(0, HP)
-    unit = (cols // UP) * UNITS + cols % UP           # padded column -> unit index in H
-    col_ok = (cols // UP < M) & (cols % UP < UNITS)
-    mask = row_ok[:, None] & col_ok[None, :]
-    mcols = tl.arange(0, MP)
-    m_ok = mcols < M
-    mmask = row_ok[:, None] & m_ok[None, :]
-    ng = tl.arange(0, NG)
+    rows, unit, col_ok, mask, mcols, m_ok, mmask, ng = _gated_layout(B, M, UNITS, MP, UP, NG, BLOCK_B)
     wt = tl.load(w_h + unit[None, :] * H + unit[:, None], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
     gt = tl.load(gate_h + ng[None, :] * H + unit[:, None], mask=col_ok[:, None] & (ng < M)[None, :], other=0.0)
     wt = _operand(wt, PRECISION, INTERPRET)
@@ -310,17 +317,7 @@ def gated_backward_kernel(
     GRAD_ALL: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_GRAD_ACT: tl.constexpr, NEED_DWAVE: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    HP: tl.constexpr = MP * UP
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    cols = tl.arange(0, HP)
-    unit = (cols // UP) * UNITS + cols % UP
-    col_ok = (cols // UP < M) & (cols % UP < UNITS)
-    mask = row_ok[:, None] & col_ok[None, :]
-    mcols = tl.arange(0, MP)
-    m_ok = mcols < M
-    mmask = row_ok[:, None] & m_ok[None, :]
-    ng = tl.arange(0, NG)
+    rows, unit, col_ok, mask, mcols, m_ok, mmask, ng = _gated_layout(B, M, UNITS, MP, UP, NG, BLOCK_B)
     w = tl.load(w_h + unit[:, None] * H + unit[None, :], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
     gr = tl.load(gate_h + ng[:, None] * H + unit[None, :], mask=(ng < M)[:, None] & col_ok[None, :], other=0.0)
     w = _operand(w, PRECISION, INTERPRET)
@@ -328,7 +325,7 @@ def gated_backward_kernel(
     mtile = rows[:, None] * M + mcols[None, :]
     g_tile = grad + rows[:, None] * sg_b + unit[None, :]
     if GRAD_ALL or not HAS_GRAD:
-        gh = tl.zeros((BLOCK_B, HP), dtype=dz.dtype.element_ty)
+        gh = tl.zeros((BLOCK_B, MP * UP), dtype=dz.dtype.element_ty)
     else:
         gh = tl.load(grad_last + tile, mask=mask, other=0.0)
     # Step T-1's inputs first; each step then loads the one before it ahead of its products.
