@@ -56,6 +56,7 @@ class ClockedModelSchema:
     gate_bias: float
     gate_threshold: float
     gate_slope: float
+    gate_hard_from: float
     update_weight: float
     chunker_threshold: float
     prediction_weight: float
@@ -267,6 +268,8 @@ def _check_events(model: DictConfig) -> None:
         _require(model[key] >= 0, f"model.{key}={model[key]} must be non-negative")
     _require(model.gate_slope >= 1, f"model.gate_slope={model.gate_slope} must be at least 1: the annealed gate's "
                                     f"slope rises from 1 to it")
+    _require(0 <= model.gate_hard_from <= 1, f"model.gate_hard_from={model.gate_hard_from} must be in [0, 1]: the "
+                                             f"fraction of training after which the annealed gate trains hard (1: never)")
     _require(not (model.gate == "annealed" and model.activation == "chunker"),
              "model.gate=annealed is for activation=event or clock_event; activation=chunker takes soft, hard or stochastic")
     _require(model.chunker_threshold > 0, f"model.chunker_threshold={model.chunker_threshold} must be positive")

@@ -261,6 +261,35 @@ def test_annealed_gate_is_sigmoid_of_slope_times_z_in_training_and_z_above_zero_
     torch.testing.assert_close(activations, (gate_values(args, states) > 0.5).to(F64), rtol=0, atol=0)
 
 
+def test_annealed_gate_trains_hard_from_its_fraction_with_the_straight_through_gradient():
+    """gate_hard_from = 0.5: soft sigmoid(s z) before half of training; from there on hard
+    1[z > 0] in training too, its gradient the straight-through one of sigmoid(s z) (the
+    reference loop's hard mode on the slope-scaled weights); 1.0 (the default) never trains hard."""
+    torch.manual_seed(0)
+    event = EventGate(I, H, M, "annealed", bias=-1.0, threshold=0.5, update_weight=0.1, slope=5.0, hard_from=0.5)
+    model = ClockedRNN(I, H, None, "full", event=event).double()
+    x = torch.randn(B, T, I, dtype=F64)
+    model.set_progress(0.25)
+    model(x)
+    assert event.op_mode() == "soft" and not set(model.activations.unique().tolist()) <= {0.0, 1.0}
+    model.set_progress(0.75)  # s = 1 + 4 * 0.75 = 4
+    model(x)[:, -1].square().sum().backward()
+    assert event.op_mode() == "hard" and set(model.activations.unique().tolist()) <= {0.0, 1.0}
+    assert 0 < model.activations.mean() < 1
+    scaled = [(4.0 * w).detach().requires_grad_() for w in (event.input.weight, event.input.bias, event.recurrent.weight)]
+    states, acts = gated_leaky_rnn_reference(x, model.input.weight.detach(), model.input.bias.detach(),
+                                             model.recurrent.detach(), torch.zeros(B, H, dtype=F64), None, *scaled,
+                                             "hard", 0.5)
+    assert torch.equal(acts, model.activations)
+    states[:, -1].square().sum().backward()
+    for mine, theirs in zip((event.input.weight, event.input.bias, event.recurrent.weight), scaled):
+        torch.testing.assert_close(mine.grad, 4.0 * theirs.grad, rtol=1e-10, atol=1e-12)
+        assert mine.grad.abs().sum() > 0
+    never = make_model("annealed", clock=False)
+    never.set_progress(1.0)  # the last training step: still soft with the default
+    assert never.event.op_mode() == "soft"
+
+
 def test_annealed_gate_gradient_is_the_slope_times_the_soft_gate_gradient_at_the_scaled_weights():
     """d/dW f(s W) = s f'(s W): the model's gate gradients against the reference loop's, float64."""
     model = make_model("annealed", clock=False, slope=3.0).double()

@@ -85,6 +85,7 @@ BAD = [
     (["model.gate=maybe"], "model.gate='maybe' is not allowed; allowed: hard, stochastic, soft, annealed"),
     (["model.gate_slope=0.5"], "model.gate_slope=0.5 must be at least 1"),
     (["model.activation=chunker", "model.gate=annealed"], "model.gate=annealed is for activation=event or clock_event"),
+    (["model.gate_hard_from=1.5"], "model.gate_hard_from=1.5 must be in [0, 1]: the fraction of training after which"),
     (["model.gate_threshold=1.5"], "model.gate_threshold=1.5 must be in (0, 1): it is compared with a sigmoid"),
     (["model.connectivity_threshold=0"], "model.connectivity_threshold=0.0 must be in (0, 1): it is compared with a sigmoid"),
     (["model.update_weight=-1"], "model.update_weight=-1.0 must be non-negative"),

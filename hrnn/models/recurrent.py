@@ -137,19 +137,28 @@ class UpdateGate(nn.Module):
 class EventGate(UpdateGate):
     """g_t = sigmoid(W_g x_t + U_g h_{t-1} + b_g), one per module and sample; `bias` starts b_g
     negative, so that modules start mostly closed and hold their memory. Annealed, training uses
-    sigmoid(s z_t) with s = 1 + (slope - 1) * the fraction of training done."""
+    sigmoid(s z_t) with s = 1 + (slope - 1) * the fraction of training done, soft until the
+    fraction `hard_from`, then hard (z > 0) with the straight-through gradient of sigmoid(s z):
+    HM-RNN's slope annealing, so that the last part of training sees the gate it is evaluated with."""
 
     def __init__(self, input_size: int, hidden_size: int, n_modules: int, mode: str, bias: float,
-                 threshold: float, update_weight: float, slope: float) -> None:
+                 threshold: float, update_weight: float, slope: float, hard_from: float = 1.0) -> None:
         super().__init__(n_modules, mode, threshold, update_weight)
         self.input = nn.Linear(input_size, n_modules)  # W_g and b_g
         self.recurrent = nn.Linear(hidden_size, n_modules, bias=False)  # U_g
         nn.init.constant_(self.input.bias, bias)
         self.final_slope, self.slope = slope, 1.0
+        self.hard_from, self.progress = hard_from, 0.0
 
     def set_progress(self, fraction: float) -> None:
+        self.progress = min(max(fraction, 0.0), 1.0)
         if self.mode == "annealed":
-            self.slope = 1.0 + (self.final_slope - 1.0) * min(max(fraction, 0.0), 1.0)
+            self.slope = 1.0 + (self.final_slope - 1.0) * self.progress
+
+    def op_mode(self) -> str:
+        if self.mode == "annealed" and self.training:
+            return "hard" if self.hard_from < 1 and self.progress >= self.hard_from else "soft"
+        return super().op_mode()
 
     def run(self, rnn, x, waves, h0, last_only):
         batch, steps, _ = x.shape
