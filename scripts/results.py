@@ -37,7 +37,8 @@ LABELLED = {"coefficients": [("regularizer", "name", ""), ("basis", "sharpness",
             "period": [("basis", "init", "init"), ("basis", "open_ratio", "open")]}
 # Settings of any model (the issue-14 recipe search and issue 15's options), named the same way.
 LABELLED_ANY = [("model", "activation", ""), ("model", "gate", "gate"), ("model", "gate_bias", "gate_bias"),
-                ("model", "gate_slope", "slope"), ("model", "update_weight", "update_weight"),
+                ("model", "gate_slope", "slope"), ("model", "gate_hard_from", "hard from"),
+                ("model", "update_weight", "update_weight"),
                 ("model", "connectivity", "connectivity"),
                 ("model", "hidden_size", "hidden"), ("model", "n_modules", "modules"), ("optim", "lr", "lr"),
                 ("optim", "clock_lr", "clock_lr"), ("optim", "connectivity_lr", "connectivity_lr"),
