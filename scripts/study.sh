@@ -3,7 +3,7 @@
 #   python scripts/results.py outputs/study > docs/results.md
 #
 #   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock mnist_baselines copy_baselines events_annealed_hard (default: all but smnist)
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock mnist_baselines copy_baselines events_annealed_hard adding200_baselines (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -208,6 +208,10 @@ table() {
       run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=annealed \
         model.gate_hard_from=0.5 model.gate_bias=-3,0 trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 \
         hydra.sweep.dir="$STUDY/events_annealed_hard" ;;
+    adding200_baselines)  # the GRU and the Clockwork RNN (hidden 128) beside events_adding's LSTM rows: adding
+                          # T = 200, 3 seeds, the same 2,000 steps
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=gru,cwrnn trainer.seed=0,1,2 trainer.steps=2000 \
+        trainer.eval_every=250 hydra.sweep.dir="$STUDY/adding200_baselines" ;;
     copy_baselines)  # the LSTM, GRU and Clockwork RNN (hidden 128) on copy at T = 100 and 200, in about the wall
                      # time hrnn's copy_long rows took to finish (T = 100: 715-1,069 s; T = 200: 1,244-2,287 s),
                      # at their default rate (a cosine decay needs a known step count): one seed
@@ -218,7 +222,7 @@ table() {
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 $MNIST_20K hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" "${MNIST_TASK[@]}" task=smnist model=lstm trainer.steps=20000 trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock mnist_baselines copy_baselines events_annealed_hard" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock mnist_baselines copy_baselines events_annealed_hard adding200_baselines" >&2; exit 2 ;;
   esac
 }
 
