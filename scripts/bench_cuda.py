@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import os
@@ -73,14 +74,20 @@ def precision(name: str):
         core.set_matmul_precision(before)
 
 
-def time_config(name: str, batch: int, steps: int, warmup: int = 2, repeat: int = 7,
-                matmul_precision: str = DEFAULT_PRECISION) -> dict:
-    """Median step time (s) and peak step memory (MB) of one bench.py config on DEVICE."""
+def model_and_batch(name: str, batch: int, steps: int):
+    """A bench.py config's model on DEVICE (seeded) and a random batch for its 10-way head."""
     _, model_name, basis, _, _, *extra = CONFIGS[name]
     torch.manual_seed(0)
     model = build(model_name, basis, steps, *extra).to(DEVICE)
     x = torch.randn(batch, steps, INPUTS, device=DEVICE)
     y = torch.randint(0, CLASSES, (batch,), device=DEVICE)
+    return model, x, y
+
+
+def time_config(name: str, batch: int, steps: int, warmup: int = 2, repeat: int = 7,
+                matmul_precision: str = DEFAULT_PRECISION) -> dict:
+    """Median step time (s) and peak step memory (MB) of one bench.py config on DEVICE."""
+    model, x, y = model_and_batch(name, batch, steps)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step():
@@ -113,11 +120,7 @@ def time_graphed(name: str, batch: int, steps: int, repeat: int = 7) -> dict:
     """The same training step captured whole in one CUDA graph (PyTorch's "whole network capture":
     Adam(capturable=True), grads allocated inside the capture) and replayed: the step without the
     per-op launch overhead. Not what hrnn-train runs today; it measures what capture would give."""
-    _, model_name, basis, _, _, *extra = CONFIGS[name]
-    torch.manual_seed(0)
-    model = build(model_name, basis, steps, *extra).to(DEVICE)
-    x = torch.randn(batch, steps, INPUTS, device=DEVICE)
-    y = torch.randint(0, CLASSES, (batch,), device=DEVICE)
+    model, x, y = model_and_batch(name, batch, steps)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
 
     def step():
@@ -183,13 +186,8 @@ def time_ops(batch: int, steps: int, repeat: int = 7) -> dict:
 def check_precisions(name: str = "hrnn-dct", batch: int = 100, steps: int = 784) -> dict:
     """A config's loss gradients (every parameter, clock and gates included) and logits in each
     precision against the same model in float64 through the PyTorch loop: max relative error (norm)."""
-    _, model_name, basis, _, _, *extra = CONFIGS[name]
-    torch.manual_seed(0)
-    model = build(model_name, basis, steps, *extra).to(DEVICE)
-    x = torch.randn(batch, steps, INPUTS, device=DEVICE)
-    y = torch.randint(0, CLASSES, (batch,), device=DEVICE)
-    ref_model = build(model_name, basis, steps, *extra).to(DEVICE).double()
-    ref_model.load_state_dict(model.state_dict())
+    model, x, y = model_and_batch(name, batch, steps)
+    ref_model = copy.deepcopy(model).double()
     with pytorch_loop():
         ref_out = ref_model(x.double())
         torch.nn.functional.cross_entropy(ref_out, y).backward()
