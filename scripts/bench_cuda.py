@@ -74,6 +74,20 @@ def precision(name: str):
         core.set_matmul_precision(before)
 
 
+def timed(fn, warmup: int, repeat: int) -> list[float]:
+    """Seconds of each of `repeat` calls of fn after `warmup` untimed ones, each between two syncs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def model_and_batch(name: str, batch: int, steps: int):
     """A bench.py config's model on DEVICE (seeded) and a random batch for its 10-way head."""
     _, model_name, basis, _, _, *extra = CONFIGS[name]
@@ -101,15 +115,7 @@ def time_config(name: str, batch: int, steps: int, warmup: int = 2, repeat: int 
         base = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
         if DEVICE == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(warmup):
-            step()
-        times = []
-        for _ in range(repeat):
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
+        times = timed(step, warmup, repeat)
     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if DEVICE == "cuda" else float("nan")
     del model, opt, x, y
     return {"config": name, "batch": batch, "steps": steps, "precision": matmul_precision,
@@ -138,14 +144,8 @@ def time_graphed(name: str, batch: int, steps: int, repeat: int = 7) -> dict:
     opt.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
         step()
-    times = []
-    for _ in range(repeat + 2):
-        sync()
-        t0 = time.perf_counter()
-        graph.replay()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return {"config": name, "batch": batch, "steps": steps, "median": statistics.median(times[2:]), "graphed": True}
+    times = timed(graph.replay, 2, repeat)
+    return {"config": name, "batch": batch, "steps": steps, "median": statistics.median(times), "graphed": True}
 
 
 def time_ops(batch: int, steps: int, repeat: int = 7) -> dict:
@@ -170,16 +170,7 @@ def time_ops(batch: int, steps: int, repeat: int = 7) -> dict:
     }
     out = {}
     for name, op in ops.items():
-        for _ in range(2):
-            op()
-        times = []
-        for _ in range(repeat):
-            sync()
-            t0 = time.perf_counter()
-            op()
-            sync()
-            times.append(time.perf_counter() - t0)
-        out[name] = statistics.median(times)
+        out[name] = statistics.median(timed(op, 2, repeat))
     return out
 
 
