@@ -224,22 +224,35 @@ def _gated_launch(hidden: int, n_modules: int, batch: int, steps: int, waves: Te
     return grid, opts
 
 
+def _gated_forward(u, gu, w_h, gate_h, waves, h0, thr, thr_value, hard, precision, keep, last_only):
+    """(buf, cands, gates, acts, last): buf (T + 1, B, H) with h0 at 0 when the states are kept or
+    returned; cands (T, B, H) and gates (T, B, M) when keep (for the backward); acts (T, B, M)
+    always; last (B, H) when last_only and the states are not kept."""
+    steps, batch, hidden = u.shape
+    n_modules = gate_h.shape[0]
+    states, write_last = keep or not last_only, last_only and not keep
+    buf = u.new_empty(steps + 1, batch, hidden) if states else h0
+    if states:
+        buf[0] = h0
+    cands = torch.empty_like(u) if keep else h0
+    gates = torch.empty_like(gu) if keep else h0
+    acts = torch.empty_like(gu)
+    last = u.new_empty(batch, hidden) if write_last else h0
+    grid, opts = _gated_launch(hidden, n_modules, batch, steps, waves, thr, thr_value, hard, precision, u.dtype)
+    _K.gated_forward_kernel[grid](
+        u, gu, w_h, gate_h, u if waves is None else waves, u if thr is None else thr, thr_value, h0,
+        buf, cands, gates, acts, last, batch, hidden, n_modules, hidden // n_modules,
+        WRITE_STATES=states, WRITE_CANDS=keep, WRITE_LAST=write_last, **opts)
+    return buf, cands, gates, acts, last
+
+
 class _GatedScan(torch.autograd.Function):
     """u (T, B, H) and gu (T, B, M) time-major, waves None, (T, M) or time-major (T, B, M)."""
 
     @staticmethod
     def forward(ctx, u, gu, w_h, gate_h, waves, h0, thr, thr_value, hard, last_only, precision):  # noqa: D102
-        steps, batch, hidden = u.shape
-        n_modules = gate_h.shape[0]
-        buf = u.new_empty(steps + 1, batch, hidden)
-        buf[0] = h0
-        cands = torch.empty_like(u)
-        gates, acts = torch.empty_like(gu), torch.empty_like(gu)
-        grid, opts = _gated_launch(hidden, n_modules, batch, steps, waves, thr, thr_value, hard, precision, u.dtype)
-        _K.gated_forward_kernel[grid](
-            u, gu, w_h, gate_h, u if waves is None else waves, u if thr is None else thr, thr_value, h0,
-            buf, cands, gates, acts, h0, batch, hidden, n_modules, hidden // n_modules,
-            WRITE_STATES=True, WRITE_CANDS=True, WRITE_LAST=False, **opts)
+        buf, cands, gates, acts, _ = _gated_forward(u, gu, w_h, gate_h, waves, h0, thr, thr_value, hard, precision,
+                                                    True, last_only)
         ctx.save_for_backward(buf, cands, gates, w_h, gate_h, waves, thr)
         ctx.thr_value, ctx.hard, ctx.last_only, ctx.precision = thr_value, hard, last_only, precision
         ctx.set_materialize_grads(False)
@@ -304,20 +317,7 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
             thr_value = float(thresholds)
     args = (u.contiguous(), gu.contiguous(), w_h.contiguous(), gate_h.contiguous(), waves, h0.contiguous(), thr)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
-        return _gated_forward_only(*args, thr_value, hard, bool(last_only), precision)
+        # Inference: no candidates or gates kept, the states only if returned.
+        buf, _, _, acts, last = _gated_forward(*args, thr_value, hard, precision, False, bool(last_only))
+        return (last if last_only else buf[1:].transpose(0, 1)), acts.transpose(0, 1)
     return _GatedScan.apply(*args, thr_value, hard, bool(last_only), precision)
-
-
-def _gated_forward_only(u, gu, w_h, gate_h, waves, h0, thr, thr_value, hard, last_only, precision):
-    """Inference: no candidates or gates kept, the states only if returned."""
-    steps, batch, hidden = u.shape
-    n_modules = gate_h.shape[0]
-    buf = h0 if last_only else u.new_empty(steps + 1, batch, hidden)
-    last = u.new_empty(batch, hidden) if last_only else h0
-    acts = torch.empty_like(gu)
-    grid, opts = _gated_launch(hidden, n_modules, batch, steps, waves, thr, thr_value, hard, precision, u.dtype)
-    _K.gated_forward_kernel[grid](
-        u, gu, w_h, gate_h, u if waves is None else waves, u if thr is None else thr, thr_value, h0,
-        buf, h0, h0, acts, last, batch, hidden, n_modules, hidden // n_modules,
-        WRITE_STATES=not last_only, WRITE_CANDS=False, WRITE_LAST=last_only, **opts)
-    return (last if last_only else buf[1:].transpose(0, 1)), acts.transpose(0, 1)
