@@ -176,15 +176,11 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
         if triton_core.use_gated_kernels(x, w_h, gate_h, *tensors):
             return triton_core.gated_leaky_rnn(x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h, gate_mode,
                                                thresholds, last_only, core._matmul_precision)
-        states, activations = gated_leaky_rnn_reference(x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h,
-                                                        gate_mode, thresholds)
-        return (states[:, -1] if last_only else states), activations
+        return _reference_op(x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h, gate_mode, thresholds, last_only)
     reason = fused.supports(*tensors)
     if reason is not None:
         fused.warn_fallback(reason)
-        states, activations = gated_leaky_rnn_reference(x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h,
-                                                        gate_mode, thresholds)
-        return (states[:, -1] if last_only else states), activations
+        return _reference_op(x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h, gate_mode, thresholds, last_only)
     thr = None
     if gated and gate_mode == "hard":  # the reference's cast; broadcast only when it varies
         thr = torch.as_tensor(thresholds, dtype=x.dtype, device=x.device)
@@ -199,6 +195,13 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
     # The straight-through gradient (and a waves gradient) at a = 0 reads the candidate.
     all_candidates = gated or (waves is not None and waves.requires_grad)
     return _GatedLeakyRNN.apply(*args, thr, all_candidates, bool(last_only))
+
+
+def _reference_op(x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h, gate_mode, thresholds, last_only):
+    """The op's fallback: the reference loop, with the op's last_only."""
+    states, activations = gated_leaky_rnn_reference(x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h,
+                                                    gate_mode, thresholds)
+    return (states[:, -1] if last_only else states), activations
 
 
 def last_candidate_blocks() -> int:
