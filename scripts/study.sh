@@ -3,7 +3,7 @@
 #   python scripts/results.py outputs/study > docs/results.md
 #
 #   scripts/study.sh [table ...]     tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock mnist_baselines copy_baselines events_annealed_hard adding200_baselines (default: all but smnist)
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -196,13 +196,15 @@ table() {
         trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/pmnist_clock"
       run "${COMMON[@]}" "${MNIST_TASK[@]}" task=pmnist model=cwrnn optim.schedule=cosine \
         trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/pmnist_cwrnn" ;;
-    mnist_baselines)  # the LSTM, GRU and Clockwork RNN (hidden 128) on sequential and permuted MNIST, in the
-                      # wall time mnist_long's hrnn rows took (2,600 s, one thread beside another job), at the
-                      # preset's constant rate (a cosine decay needs a known step count): one seed
-      for task in smnist pmnist; do
-        run "${COMMON[@]}" "${MNIST_TASK[@]}" task=$task model=lstm,gru,cwrnn \
-          trainer.max_wall_s=2600 trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/mnist_baselines_$task"
-      done ;;
+    smnist_baselines)  # the LSTM, GRU and Clockwork RNN (hidden 128) on sequential MNIST, in the wall time
+                       # mnist_long's hrnn rows took (2,600 s, one thread beside another job), at the preset's
+                       # constant rate (a cosine decay needs a known step count): one seed
+      run "${COMMON[@]}" "${MNIST_TASK[@]}" task=smnist model=lstm,gru,cwrnn \
+        trainer.max_wall_s=2600 trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/mnist_baselines_smnist" ;;
+    pmnist_baselines)  # the same for permuted MNIST: the LSTM and the GRU (pmnist_clock has the Clockwork RNN)
+      run "${COMMON[@]}" "${MNIST_TASK[@]}" task=pmnist model=lstm,gru \
+        trainer.max_wall_s=2600 trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/mnist_baselines_pmnist" ;;
+    mnist_baselines) table smnist_baselines; table pmnist_baselines ;;
     events_annealed_hard)  # events_annealed's runs with their last half trained hard (straight-through at the
                            # current slope, model.gate_hard_from=0.5): b_g -3 and 0, 3 seeds, 2000 steps
       run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=annealed \
@@ -225,7 +227,7 @@ table() {
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 $MNIST_20K hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" "${MNIST_TASK[@]}" task=smnist model=lstm trainer.steps=20000 trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock mnist_baselines copy_baselines events_annealed_hard adding200_baselines" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines" >&2; exit 2 ;;
   esac
 }
 
