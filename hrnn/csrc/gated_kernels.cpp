@@ -54,6 +54,10 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #ifndef HRNN_CPU_CAPABILITY
 #error "compile with -DHRNN_CPU_CAPABILITY=default|avx2|avx512 (setup.py does)"
@@ -82,6 +86,13 @@ constexpr int kVectorBytes = 16, kAccumulators = 12, kTiles = 2;
 // module: a module's block cost 1.8x its share of the full-width pass); 8 keep them in registers.
 constexpr int kMaxRows = 8;
 constexpr int kDwRows = 4;    // rows of dW per block
+// Grouped-k module blocks (below): on AVX-512 only. AVX2 already splits a 16-unit module into two
+// 8-lane tiles, and with 16 registers a grouped block would hold 3 rows (not measured).
+#if defined(__AVX512F__)
+constexpr bool kGroupedK = true;
+#else
+constexpr bool kGroupedK = false;
+#endif
 // Rows per block for NV tiles: as many as the accumulators allow.
 constexpr int rows_for(int nv) { return kAccumulators / nv < kMaxRows ? kAccumulators / nv : kMaxRows; }
 
@@ -171,6 +182,161 @@ inline void cand_block(const T* const* hp, const T* const* xp, const GatedProble
       if (ho) vstore(ho[r] + j, vlerp<VT, T>(vload<VT>(hp[r] + j), c, vset<VT>(ar[r][m])));
     }
   }
+}
+
+// ---------------------------------------------------------------- grouped-k module blocks
+// On AVX-512 a module of 16 float units is ONE vector, so a block of one module's candidates (what
+// a step with some modules closed computes) gives each broadcast h_{t-1}[k] a single FMA: loads,
+// not FMAs, bound it, at 1.2x the full-width pass's time per FMA with every row listed and 1.4x at
+// f = 0.5 (a micro-benchmark of the product alone, AVX-512, B = 100, H = 128, M = 8). Instead, G =
+// 16 bytes / sizeof(T) consecutive h_{t-1}[k .. k + G) are broadcast at once (one 128-bit
+// broadcast), against a copy of W_h (`wg`) laid out so that a vector holds VL / G units x G
+// consecutive k: a module's block is NV = S G / VL vectors wide, as wide as the full-width pass,
+// and each broadcast serves NV FMAs (in the same micro-benchmark: 0.58 of the full-width time at f
+// = 0.5, 0.31 at 0.25, 0.15 at 0.1, against 0.71, 0.42 and 0.23 for one-vector blocks). A unit's G
+// partial sums are added at the end by log2 G levels of even/odd lane shuffles, which leave the
+// units in their natural order.
+template <typename T>
+constexpr int kGroup = 16 / int(sizeof(T));
+
+// Grouped blocks for this vector length and module width: NV (a multiple of G, at most kTiles),
+// or 0 when they do not apply.
+template <typename T, int VL>
+int grouped_width(int64_t S) {
+  if (!kGroupedK || VL * int(sizeof(T)) < 16 || S % VL) return 0;
+  const int64_t nv = S / VL * kGroup<T>;
+  return nv <= kTiles ? int(nv) : 0;
+}
+
+// wg[((m (H / G) + q) NV + v) VL + l] = W_h[m S + v VL / G + l / G, q G + l % G], from wt = W_h^T.
+template <typename T, int VL>
+T* grouped_weights(const GatedProblem<T>& P, int nv) {
+  constexpr int G = kGroup<T>;
+  const int64_t H = P.H, S = H / P.M;
+  T* wg = new T[H * H];
+  for (int64_t m = 0; m < P.M; ++m)
+    for (int64_t q = 0; q < H / G; ++q)
+      for (int v = 0; v < nv; ++v)
+        for (int l = 0; l < VL; ++l)
+          wg[((m * (H / G) + q) * nv + v) * VL + l] = P.wt[(q * G + l % G) * H + m * S + v * (VL / G) + l / G];
+  return wg;
+}
+
+// G consecutive values from p, repeated over the vector (one 128-bit broadcast).
+template <typename VT, typename T>
+inline VT broadcast_group(const T* p) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(VT) == 64) {
+    if constexpr (std::is_same_v<T, float>) return VT(_mm512_broadcast_f32x4(_mm_loadu_ps(p)));
+    else return VT(_mm512_broadcast_f64x2(_mm_loadu_pd(p)));
+  } else
+#endif
+#if defined(__AVX__)
+  if constexpr (sizeof(VT) == 32) {
+    if constexpr (std::is_same_v<T, float>) return VT(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)));
+    else return VT(_mm256_broadcast_pd(reinterpret_cast<const __m128d*>(p)));
+  } else
+#endif
+  {
+    static_assert(sizeof(VT) == 16, "a group is 16 bytes");
+    return vload<VT>(p);
+  }
+}
+
+// Lanes [0, VL / 2) the sums of x's adjacent lane pairs, [VL / 2, VL) those of y's.
+template <typename VT, typename T, std::size_t... I>
+inline VT pair_sums(VT x, VT y, std::index_sequence<I...>) {
+  using E = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef E IT __attribute__((vector_size(sizeof(VT))));
+  return __builtin_shuffle(x, y, IT{E(2 * I)...}) + __builtin_shuffle(x, y, IT{E(2 * I + 1)...});
+}
+
+// cand_block's job for R rows of module m, in grouped-k form (wg from grouped_weights).
+template <typename T, int VL, int R, int NV>
+inline void cand_block_grouped(const T* const* hp, const T* const* xp, const GatedProblem<T>& P, const T* wg,
+                               T* const* ho, T* const* co, const T* const* ar, int64_t S, int64_t m) {
+  using VT = typename VecOf<T, VL>::type;
+  constexpr int G = kGroup<T>, NO = NV / G;  // NO output vectors: S / VL
+  constexpr int KS = k_split(R * NV);
+  const int64_t H = P.H;
+  const T* wm = wg + m * H * S;
+  VT acc[KS][R][NV];
+  for (int q = 0; q < KS; ++q)
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) acc[q][r][v] = vset<VT>(T(0));
+  auto step = [&](int q, int64_t k) {
+    const T* wk = wm + k / G * NV * VL;
+    VT w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = vload<VT>(wk + v * VL);
+    for (int r = 0; r < R; ++r) {
+      const VT hb = broadcast_group<VT>(hp[r] + k);
+      for (int v = 0; v < NV; ++v) acc[q][r][v] += hb * w[v];
+    }
+  };
+  auto range = [&](int64_t k0, int64_t k1) {
+    int64_t k = k0;
+    for (; k + KS * G <= k1; k += KS * G)
+      for (int q = 0; q < KS; ++q) step(q, k + q * G);
+    for (; k < k1; k += G) step(0, k);
+  };
+  if (P.reads) {  // only the input modules m reads, consecutive ones in one range
+    const uint64_t rd = P.reads[m];
+    for (int64_t j = 0; j < P.M;) {
+      if (!(rd >> j & 1)) { ++j; continue; }
+      int64_t j1 = j + 1;
+      while (j1 < P.M && (rd >> j1 & 1)) ++j1;
+      range(j * S, j1 * S);
+      j = j1;
+    }
+  } else {
+    range(0, H);
+  }
+  for (int r = 0; r < R; ++r) {
+    VT o[NV];
+    for (int v = 0; v < NV; ++v) {
+      o[v] = acc[0][r][v];
+      for (int q = 1; q < KS; ++q) o[v] += acc[q][r][v];
+    }
+    for (int n = NV; n > NO; n /= 2)
+      for (int i = 0; i < n / 2; ++i) o[i] = pair_sums<VT, T>(o[2 * i], o[2 * i + 1], std::make_index_sequence<VL>{});
+    const VT a = vset<VT>(ar[r][m]);
+    for (int i = 0; i < NO; ++i) {
+      const int64_t j = m * S + i * VL;
+      VT z = o[i];
+      if (P.bias) z += vload<VT>(P.bias + j);
+      for (int64_t c = 0; c < P.I; ++c) z += xp[r][c] * vload<VT>(P.wxT + c * H + j);
+      const VT cv = vtanh(z, T(0));
+      if (co) vstore(co[r] + j, cv);
+      if (ho) vstore(ho[r] + j, vlerp<VT, T>(vload<VT>(hp[r] + j), cv, a));
+    }
+  }
+}
+
+// The listed rows' candidates of module m at step t in grouped-k blocks (`candidates` for one
+// module, with wg).
+template <typename T, int VL, int NV>
+void candidates_grouped(const GatedProblem<T>& P, const StateRows<T>& St, int64_t t, const int32_t* rows, int n,
+                        int64_t m, const T* wg) {
+  const int64_t TT = P.T_, M = P.M, S = P.H / M;
+  const bool with_c = St.run || P.cs, with_h = !St.run;
+  auto block = [&](auto r_, int i) {
+    constexpr int R = decltype(r_)::value;
+    const T* hp[R];
+    const T* xp[R];
+    const T* ar[R];
+    T* ho[R];
+    T* co[R];
+    for (int r = 0; r < R; ++r) {
+      const int64_t b = rows[i + r], row = b * TT + t;
+      hp[r] = St.prev(b, t);
+      xp[r] = P.x + row * P.I;
+      ar[r] = P.as + row * M;
+      ho[r] = St.out(b, t);
+      co[r] = St.cands(b, t);
+    }
+    cand_block_grouped<T, VL, R, NV>(hp, xp, P, wg, with_h ? ho : nullptr, with_c ? co : nullptr, ar, S, m);
+  };
+  for_rows<rows_for(NV)>(n, 0, block);
 }
 
 // Candidates (and, unless the state is running, new states) of the listed rows at step t, columns
@@ -275,6 +441,19 @@ inline T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
+// sigmoid over n values in place: float in vectors (vexp), double through libm. A scalar expf and
+// divide per (row, module) were 15% of the forward at f = 0.5 with a thresholds tensor (AVX-512).
+template <typename T, int VL>
+inline void sigmoids(T* g, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    using VT = typename VecOf<T, VL>::type;
+    const VT one = vset<VT>(T(1));
+    for (; i + VL <= n; i += VL) vstore(g + i, one / (one + vexp(-vload<VT>(g + i))));
+  }
+  for (; i < n; ++i) g[i] = sigmoid(g[i]);
+}
+
 // One scratch allocation per call: per module, the rows computed at this step.
 struct RowLists {
   int32_t* rows;  // M lists of up to n rows
@@ -304,6 +483,10 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
   const T logit_thr = !on_logits ? T(0)
                       : P.thr_value < T(0) ? -INFINITY
                                            : std::log(P.thr_value / (T(1) - P.thr_value));
+  // Grouped-k blocks for the steps with some module closed; their weights are built once per call.
+  const int group_nv = P.all_candidates ? 0 : grouped_width<T, VL>(S);
+  T* wg = group_nv ? grouped_weights<T, VL>(P, group_nv) : nullptr;
+  const uint64_t all_open = M == 64 ? ~uint64_t(0) : (uint64_t(1) << M) - 1;
   int64_t blocks = 0;
   for (int64_t t = 0; t < TT; ++t) {
     bool every = true;  // every (b, m) of this step computed
@@ -314,7 +497,7 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
       // One loop of independent exps and divides: inside the per-module loop below each divide
       // waited for its exp (a quarter of the forward at f = 0, AVX-512, T = 784).
       if (!on_logits)
-        for (int64_t i = 0; i < n * M; ++i) gates[i] = sigmoid(gates[i]);
+        sigmoids<T, VL>(gates, n * M);
     }
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row = b * TT + t;
@@ -336,21 +519,29 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
       const T* gr = gates + (b - b0) * M;
       const T* thr = P.thr ? P.thr + row * M : nullptr;
       const T* wr = P.waves ? P.waves + b * P.waves_stride + t * M : nullptr;
+      uint64_t open = 0;  // bit m: module m computes its candidate
       for (int64_t m = 0; m < M; ++m) {
         T e = T(1);
         if (on_logits) e = gr[m] > logit_thr ? T(1) : T(0);
         else if (P.gx) e = P.hard ? (gr[m] > (thr ? thr[m] : P.thr_value) ? T(1) : T(0)) : gr[m];
         ar[m] = wr ? wr[m] * e : e;
+        open |= uint64_t(ar[m] != T(0)) << m;
       }
+      if (P.all_candidates) open = all_open;
       if (P.gs) std::memcpy(P.gs + row * M, gr, sizeof(T) * M);
+      // The row goes to every module's list and counts where open: whether a module is open is a
+      // coin flip at mid f, and a branch on it mispredicted (with it, the list loop took about a
+      // third of the forward at f = 0.5, AVX-512, last state only).
       for (int64_t m = 0; m < M; ++m) {
-        if (ar[m] != T(0) || P.all_candidates) {
-          lists.rows[m * n + lists.counts[m]++] = int32_t(b);
-        } else {
-          every = false;  // closed: hold bit-for-bit (a running state is simply not touched)
-          if (ho)
-            for (int64_t j = m * S; j < (m + 1) * S; j += VL) vstore(ho + j, vload<VT>(hp + j));
-        }
+        lists.rows[m * n + lists.counts[m]] = int32_t(b);
+        lists.counts[m] += int(open >> m & 1);
+      }
+      if (open != all_open) {
+        every = false;
+        if (ho)  // closed: hold bit-for-bit (a running state is simply not touched)
+          for (int64_t m = 0; m < M; ++m)
+            if (!(open >> m & 1))
+              for (int64_t j = m * S; j < (m + 1) * S; j += VL) vstore(ho + j, vload<VT>(hp + j));
       }
     }
     if (every) {  // one full-width pass: h_{t-1}[k] broadcast once for several tiles
@@ -359,7 +550,18 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
     } else {
       for (int64_t m = 0; m < M; ++m) {
         if (lists.counts[m] == 0) continue;
-        candidates<T, VL>(P, St, t, lists.rows + m * n, lists.counts[m], m * S, (m + 1) * S);
+        const int32_t* rows = lists.rows + m * n;
+        if constexpr (kGroupedK && VL * sizeof(T) >= 16) {
+          if (group_nv == kGroup<T>)
+            candidates_grouped<T, VL, kGroup<T>>(P, St, t, rows, lists.counts[m], m, wg);
+          else if (group_nv == 2 * kGroup<T>)
+            candidates_grouped<T, VL, (2 * kGroup<T> <= kTiles ? 2 * kGroup<T> : kGroup<T>)>(P, St, t, rows,
+                                                                                         lists.counts[m], m, wg);
+          else
+            candidates<T, VL>(P, St, t, rows, lists.counts[m], m * S, (m + 1) * S);
+        } else {
+          candidates<T, VL>(P, St, t, rows, lists.counts[m], m * S, (m + 1) * S);
+        }
         blocks += lists.counts[m];
       }
     }
@@ -380,6 +582,7 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
     std::memcpy(P.last + b0 * H, run, sizeof(T) * n * H);
     delete[] run;
   }
+  delete[] wg;
   return blocks;
 }
 

@@ -53,6 +53,33 @@ inline VT vtanh(VT x, double) {
   return x;
 }
 
+// exp per lane in float (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, e^r by a degree-5 polynomial,
+// 2^n through the exponent bits; within 2 ulp of libm over [-87, 88]). The argument is clamped to
+// [-87.3, 88.7], where 2^n stays a normal float: below, the result is 1.2e-38 instead of smaller;
+// above, 3.3e38 instead of inf.
+template <typename VT>
+inline VT vexp(VT x) {
+  typedef int32_t IT __attribute__((vector_size(sizeof(VT))));
+  const VT hi = vset<VT>(88.7228f), lo = vset<VT>(-87.3365f);
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const VT magic = vset<VT>(12582912.0f);  // 1.5 2^23: adding it rounds to an integer
+  const VT n = (x * 1.44269504088896341f + magic) - magic;
+  VT r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  VT p = vset<VT>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const IT bits = (__builtin_convertvector(n, IT) + 127) << 23;
+  VT scale;
+  std::memcpy(&scale, &bits, sizeof(VT));
+  return p * scale;
+}
+
 // torch.lerp's formula: exact state hold at a = 0 and exact candidate at a = 1.
 template <typename VT, typename T>
 inline VT vlerp(VT start, VT end, VT w) {
