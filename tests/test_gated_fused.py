@@ -79,9 +79,10 @@ def assert_matches(got, want, tol, exact_activations=False):
         assert_close_rel(got[2][name], want[2][name], tol)
 
 
-# (B, T, I, H, M, bias): module widths 8, 8 and 3 (scalar tiles); 5 inputs (the backward's
-# dW_x blocks of 4 input rows and a remainder), 1 and 2.
-SHAPES = [(5, 13, 5, 32, 4, True), (4, 9, 1, 24, 3, False), (3, 7, 2, 12, 4, True)]
+# (B, T, I, H, M, bias): module widths 8, 8, 3 (scalar tiles) and 16 (the default model's: on
+# AVX-512 one float vector, run in grouped-k blocks, with the gate's 8 logits in k-pairs); 5 inputs
+# (the backward's dW_x blocks of 4 input rows and a remainder), 1 and 2.
+SHAPES = [(5, 13, 5, 32, 4, True), (4, 9, 1, 24, 3, False), (3, 7, 2, 12, 4, True), (9, 7, 2, 128, 8, True)]
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])

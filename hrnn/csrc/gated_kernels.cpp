@@ -18,7 +18,10 @@
 //    and only their candidate block (rows x the module's H / M units, K = H) is computed, with a
 //    register-blocked micro-kernel over row pointers; a closed (b, m) copies its state. When every
 //    (b, m) of a step is computed, one full-width pass replaces the M module passes (same result,
-//    the broadcast of h_{t-1}[k] then serves several tiles).
+//    the broadcast of h_{t-1}[k] then serves several tiles). On AVX-512, where a module of 16
+//    float units is one vector, the module passes broadcast 4 consecutive h_{t-1}[k] at once
+//    against a copy of W_h laid out to match (grouped-k blocks, below), and so does the gate's
+//    product when its M logits are narrower than a register.
 //  * The input projections are fused, as in the clock core's x-mode (kernels.cpp): a block's
 //    accumulators start at b + x_t W_x^T (I FMAs per tile: I is the input width, 1 or 2 on the
 //    benchmarks), and the backward adds the open blocks' x_t^T dz and dz into per-slice partials
@@ -222,24 +225,37 @@ T* grouped_weights(const GatedProblem<T>& P, int nv) {
   return wg;
 }
 
-// G consecutive values from p, repeated over the vector (one 128-bit broadcast).
-template <typename VT, typename T>
+// NB / sizeof(T) consecutive values from p, repeated over the vector (one broadcast of NB bytes).
+template <typename VT, typename T, int NB = 16>
 inline VT broadcast_group(const T* p) {
+  static_assert(NB == 16 || NB == int(sizeof(T)) || (NB == 8 && sizeof(T) == 4), "a group of 4, 8 or 16 bytes");
+  if constexpr (NB == int(sizeof(T))) {
+    return vset<VT>(*p);
+  } else if constexpr (NB == 8) {  // two floats: one 64-bit broadcast
+    double d;
+    std::memcpy(&d, p, 8);
+    typedef double DT __attribute__((vector_size(sizeof(VT))));
+    const DT v = -DT{} + d;
+    VT out;
+    std::memcpy(&out, &v, sizeof(VT));
+    return out;
+  } else {
 #if defined(__AVX512F__)
-  if constexpr (sizeof(VT) == 64) {
-    if constexpr (std::is_same_v<T, float>) return VT(_mm512_broadcast_f32x4(_mm_loadu_ps(p)));
-    else return VT(_mm512_broadcast_f64x2(_mm_loadu_pd(p)));
-  } else
+    if constexpr (sizeof(VT) == 64) {
+      if constexpr (std::is_same_v<T, float>) return VT(_mm512_broadcast_f32x4(_mm_loadu_ps(p)));
+      else return VT(_mm512_broadcast_f64x2(_mm_loadu_pd(p)));
+    } else
 #endif
 #if defined(__AVX__)
-  if constexpr (sizeof(VT) == 32) {
-    if constexpr (std::is_same_v<T, float>) return VT(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)));
-    else return VT(_mm256_broadcast_pd(reinterpret_cast<const __m128d*>(p)));
-  } else
+    if constexpr (sizeof(VT) == 32) {
+      if constexpr (std::is_same_v<T, float>) return VT(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)));
+      else return VT(_mm256_broadcast_pd(reinterpret_cast<const __m128d*>(p)));
+    } else
 #endif
-  {
-    static_assert(sizeof(VT) == 16, "a group is 16 bytes");
-    return vload<VT>(p);
+    {
+      static_assert(sizeof(VT) == 16, "a group of 16 bytes is a whole vector here");
+      return vload<VT>(p);
+    }
   }
 }
 
@@ -396,11 +412,79 @@ inline void gate_block(const T* const* hp, const T* const* xp, const GatedProble
   for (int r = 0; r < R; ++r) vstore(out[r], acc[r]);
 }
 
+// The gate's product in grouped-k form, for M modules narrower than a register (AVX-512, float, M =
+// 8: the logits are half a vector): a vector holds M modules x G = lanes / M consecutive k, against
+// ght_g[q lanes + l] = G_h[l / G, q G + l % G], so each FMA is full width and a row takes H / G of
+// them; the G partial sums per module are added at the end, as in cand_block_grouped.
+template <typename T, int G, int R>
+inline void gate_block_grouped(const T* const* hp, const T* const* xp, const GatedProblem<T>& P, const T* ght_g,
+                               T* const* out) {
+  constexpr int FL = kVectorBytes / int(sizeof(T)), GL = FL / G;  // GL = M
+  using VT = typename VecOf<T, FL>::type;
+  using GT = typename VecOf<T, GL>::type;
+  const int64_t H = P.H;
+  VT acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = vset<VT>(T(0));
+  for (int64_t q = 0; q < H / G; ++q) {
+    const VT w = vload<VT>(ght_g + q * FL);
+    for (int r = 0; r < R; ++r) acc[r] += broadcast_group<VT, T, G * int(sizeof(T))>(hp[r] + q * G) * w;
+  }
+  const GT b = vload<GT>(P.gb);
+  for (int r = 0; r < R; ++r) {
+    VT o = acc[r];
+    for (int g = G; g > 1; g /= 2) o = pair_sums<VT, T>(o, o, std::make_index_sequence<FL>{});
+    GT z;
+    std::memcpy(&z, &o, sizeof(GT));
+    z += b;
+    for (int64_t i = 0; i < P.I; ++i) z += xp[r][i] * vload<GT>(P.gxT + i * GL);
+    vstore(out[r], z);
+  }
+}
+
+// ght_g for gate_block_grouped (G = lanes / M), or nullptr when it does not apply.
+template <typename T>
+T* grouped_gate_weights(const GatedProblem<T>& P) {
+  constexpr int FL = kVectorBytes / int(sizeof(T));
+  const int64_t H = P.H, M = P.M;
+  if (!kGroupedK || !P.gx || (M & (M - 1)) || M >= FL || FL / M > 16 / int(sizeof(T)) || H % (FL / M))
+    return nullptr;
+  const int64_t G = FL / M;
+  T* ght_g = new T[H * M];
+  for (int64_t q = 0; q < H / G; ++q)
+    for (int64_t l = 0; l < FL; ++l) ght_g[q * FL + l] = P.gh[l / G * H + q * G + l % G];
+  return ght_g;
+}
+
 template <typename T, int VL>
-void gate_logits(const GatedProblem<T>& P, const StateRows<T>& St, int64_t t, int64_t b0, int64_t b1, T* out) {
+void gate_logits(const GatedProblem<T>& P, const StateRows<T>& St, int64_t t, int64_t b0, int64_t b1, T* out,
+                 const T* ght_g) {
   const int64_t H = P.H, TT = P.T_, M = P.M;
   auto prev = [&](int64_t b) { return St.prev(b, t); };
   constexpr int max_lanes = kVectorBytes / int(sizeof(T));
+  if constexpr (kGroupedK) {
+    if (ght_g) {
+      auto grouped = [&](auto g_) {
+        constexpr int G = decltype(g_)::value;
+        auto block = [&](auto r_, int i) {
+          constexpr int R = decltype(r_)::value;
+          const T* hp[R];
+          const T* xp[R];
+          T* o[R];
+          for (int r = 0; r < R; ++r) {
+            const int64_t b = b0 + i + r;
+            hp[r] = prev(b);
+            xp[r] = P.x + (b * TT + t) * P.I;
+            o[r] = out + (i + r) * M;
+          }
+          gate_block_grouped<T, G, R>(hp, xp, P, ght_g, o);
+        };
+        for_rows<8>(int(b1 - b0), 0, block);
+      };
+      if (max_lanes / M == 2) grouped(std::integral_constant<int, 2>{});
+      else if constexpr (16 / sizeof(T) >= 4) grouped(std::integral_constant<int, 4>{});
+      return;
+    }
+  }
   if ((M & (M - 1)) == 0 && M <= max_lanes) {
     with_vl<T>(int(M), [&](auto gl) {
       constexpr int GL = decltype(gl)::value;
@@ -486,6 +570,7 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
   // Grouped-k blocks for the steps with some module closed; their weights are built once per call.
   const int group_nv = P.all_candidates ? 0 : grouped_width<T, VL>(S);
   T* wg = group_nv ? grouped_weights<T, VL>(P, group_nv) : nullptr;
+  T* ght_g = grouped_gate_weights(P);
   const uint64_t all_open = M == 64 ? ~uint64_t(0) : (uint64_t(1) << M) - 1;
   int64_t blocks = 0;
   for (int64_t t = 0; t < TT; ++t) {
@@ -493,7 +578,7 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
     std::memset(lists.counts, 0, sizeof(int) * M);
     T* gates = reinterpret_cast<T*>(lists.logits);  // (n, M): the logits, then g
     if (P.gx) {
-      gate_logits<T, VL>(P, St, t, b0, b1, gates);
+      gate_logits<T, VL>(P, St, t, b0, b1, gates, ght_g);
       // One loop of independent exps and divides: inside the per-module loop below each divide
       // waited for its exp (a quarter of the forward at f = 0, AVX-512, T = 784).
       if (!on_logits)
@@ -583,6 +668,7 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
     delete[] run;
   }
   delete[] wg;
+  delete[] ght_g;
   return blocks;
 }
 
