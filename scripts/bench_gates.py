@@ -12,6 +12,8 @@ seeded random pattern. Each row gives the median and the min of the timed calls 
 (process CPU time with --threads 1, else wall time):
 
 - "no-grad": forward under torch.no_grad, which skips closed modules' candidates: expect ~f;
+- "hard, one threshold": the model's own evaluation, one threshold compared with the logits (no
+  sigmoid), with the gate bias at +-100 so that every gate is open or every one shut;
 - "train": forward + backward of the last state's sum (as a model's head reads it; the reference
   loop computes all states and is given the same loss), where the forward computes every candidate (the
   straight-through gradient reads them) and the backward skips closed blocks: expect ~(1 + 2f)/3.
@@ -107,6 +109,10 @@ def run(batch: int, steps: int, warmup: int, repeat: int, loop_repeat: int) -> l
             with torch.no_grad():
                 measured = float((gated_call(a, "hard", thr)[1] != 0).float().mean())
             rows.append((f"hard f={f:g}", mode, f, seconds, measured))
+        for opened, bias in (("all open", 100.0), ("all shut", -100.0)):  # the model's evaluation: one threshold
+            b = {**a, "gate_bias": torch.full((MODULES,), bias)}
+            rows.append((f"hard, one threshold, {opened}", mode, None, timed(lambda: gated_call(b, "hard", 0.5)),
+                         None))
         rows.append(("soft (dense)", mode, None, timed(lambda: gated_call(a, "soft", 0.5)), None))
         thr = forced_thresholds(batch, steps, 1.0)
         rows.append(("reference loop, hard f=1", mode, None,

@@ -604,14 +604,19 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
       const T* gr = gates + (b - b0) * M;
       const T* thr = P.thr ? P.thr + row * M : nullptr;
       const T* wr = P.waves ? P.waves + b * P.waves_stride + t * M : nullptr;
-      uint64_t open = 0;  // bit m: module m computes its candidate
       for (int64_t m = 0; m < M; ++m) {
         T e = T(1);
         if (on_logits) e = gr[m] > logit_thr ? T(1) : T(0);
         else if (P.gx) e = P.hard ? (gr[m] > (thr ? thr[m] : P.thr_value) ? T(1) : T(0)) : gr[m];
-        ar[m] = wr ? wr[m] * e : e;
-        open |= uint64_t(ar[m] != T(0)) << m;
+        ar[m] = e;
       }
+      // The waves in a loop of their own: `wr ? wr[m] * e : e` inside the loop above became a masked
+      // load of wr with every lane masked off when wr is null, and AVX-512 (Zen 5) ran each such load
+      // through a fault-suppression assist: 60% of the forward with one threshold and no waves.
+      if (wr)
+        for (int64_t m = 0; m < M; ++m) ar[m] *= wr[m];
+      uint64_t open = 0;  // bit m: module m computes its candidate
+      for (int64_t m = 0; m < M; ++m) open |= uint64_t(ar[m] != T(0)) << m;
       if (P.all_candidates) open = all_open;
       if (P.gs) std::memcpy(P.gs + row * M, gr, sizeof(T) * M);
       // The row goes to every module's list and counts where open: whether a module is open is a
