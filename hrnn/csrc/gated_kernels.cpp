@@ -604,15 +604,20 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
       const T* gr = gates + (b - b0) * M;
       const T* thr = P.thr ? P.thr + row * M : nullptr;
       const T* wr = P.waves ? P.waves + b * P.waves_stride + t * M : nullptr;
-      for (int64_t m = 0; m < M; ++m) {
-        T e = T(1);
-        if (on_logits) e = gr[m] > logit_thr ? T(1) : T(0);
-        else if (P.gx) e = P.hard ? (gr[m] > (thr ? thr[m] : P.thr_value) ? T(1) : T(0)) : gr[m];
-        ar[m] = e;
-      }
-      // The waves in a loop of their own: `wr ? wr[m] * e : e` inside the loop above became a masked
-      // load of wr with every lane masked off when wr is null, and AVX-512 (Zen 5) ran each such load
-      // through a fault-suppression assist: 60% of the forward with one threshold and no waves.
+      // One loop per case: `wr ? wr[m] * e : e` (or `thr ? thr[m] : ...`) inside one loop became a
+      // masked load of wr with every lane masked off when wr is null, and AVX-512 (Zen 5) ran each
+      // such load through a fault-suppression assist: 60% of the forward with one threshold and no
+      // waves.
+      if (on_logits)
+        for (int64_t m = 0; m < M; ++m) ar[m] = gr[m] > logit_thr ? T(1) : T(0);
+      else if (!P.gx)
+        for (int64_t m = 0; m < M; ++m) ar[m] = T(1);
+      else if (!P.hard)
+        for (int64_t m = 0; m < M; ++m) ar[m] = gr[m];
+      else if (thr)
+        for (int64_t m = 0; m < M; ++m) ar[m] = gr[m] > thr[m] ? T(1) : T(0);
+      else
+        for (int64_t m = 0; m < M; ++m) ar[m] = gr[m] > P.thr_value ? T(1) : T(0);
       if (wr)
         for (int64_t m = 0; m < M; ++m) ar[m] *= wr[m];
       uint64_t open = 0;  // bit m: module m computes its candidate
