@@ -329,7 +329,8 @@ inline void cand_block_grouped(const T* const* hp, const T* const* xp, const Gat
 }
 
 // The listed rows' candidates of module m at step t in grouped-k blocks (`candidates` for one
-// module, with wg).
+// module, with wg). The row pointers are built here as there: one helper for both, taking the block
+// as a lambda, doubled the dense forward's time (GCC 12, AVX-512, T = 784: 16.6 -> 36 ms).
 template <typename T, int VL, int NV>
 void candidates_grouped(const GatedProblem<T>& P, const StateRows<T>& St, int64_t t, const int32_t* rows, int n,
                         int64_t m, const T* wg) {
