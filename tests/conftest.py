@@ -23,17 +23,17 @@ def pytest_configure(config):
     """`make test` (and CI) set HRNN_REQUIRE_FUSED=1: a C++ core that did not build stops the run
     before any test, instead of its tests skipping and the suite passing on the slow fallback."""
     if os.environ.get("HRNN_REQUIRE_FUSED", "0") != "0":
-        from hrnn import fused
+        from hrnn import ops
 
-        if not fused.available():
-            raise pytest.UsageError(f"HRNN_REQUIRE_FUSED=1 but {fused.unavailable_reason()}")
+        if not ops.fused_available():
+            raise pytest.UsageError(f"HRNN_REQUIRE_FUSED=1 but {ops.fused_unavailable_reason()}")
 
 
-def load_script(name: str):
-    """scripts/<name>.py as a module (the scripts are not part of the hrnn package)."""
-    module_name = f"scripts_{name}"
+def load_script(name: str, folder: str = ""):
+    """scripts/<folder>/<name>.py as a module (the scripts are not part of the hrnn package)."""
+    module_name = f"scripts_{folder}_{name}" if folder else f"scripts_{name}"
     if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, ROOT / "scripts" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / "scripts" / folder / f"{name}.py")
         sys.modules[module_name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[module_name])
     return sys.modules[module_name]
@@ -50,11 +50,30 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, check: bool = True, 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
-    result = subprocess.run([sys.executable, "-m", "hrnn.run", *args], cwd=cwd, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "hrnn.cli.train", *args], cwd=cwd, capture_output=True, text=True,
                             timeout=timeout, env=full_env, preexec_fn=pin)
     if check and result.returncode != 0:
         raise AssertionError(f"hrnn-train {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def exit_status(main, args: list[str], argv0: str | None = None) -> int:
+    """A command line's main run in this process, as its console script would (much faster than a
+    subprocess): its return value, or the status it exits with. With `argv0`, main reads sys.argv
+    (hrnn-train, whose Hydra part does); Hydra's job state is cleared after, as a new process starts without it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    saved = sys.argv
+    try:
+        if argv0 is None:
+            return main(args) or 0
+        sys.argv = [argv0, *args]
+        return main() or 0
+    except SystemExit as exit:
+        return exit.code
+    finally:
+        sys.argv = saved
+        HydraConfig.instance().cfg = None
 
 
 def read_metrics(run_dir: Path) -> dict:

@@ -1,33 +1,88 @@
-"""scripts/bench.py runs end to end and measures what its rows say (tiny sizes; timings unchecked)."""
+"""The benchmark scripts (scripts/bench/) measure what their tables say: tiny sizes, no timing assertions.
+
+End to end, bench.py's table has its claimed columns and a row per configuration and capability,
+each row printing the numbers its subprocess measured, and its ratios divide two rows of the same
+run; each fused row ran the kernels it names (the capability, skipping or not). The ratio and the
+argument checks are also tested on their own, with numbers made up here. bench_gates.py's forced
+gates open the fraction of (sample, step, module) they claim, and time_kernels.py's builds of every
+capability compute the same weight gradient.
+"""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
-from hrnn import fused
+from hrnn import ops
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "scripts" / "bench"
+needs_ext = pytest.mark.skipif(not ops.fused_available(), reason=str(ops.fused_unavailable_reason()))
 
 
-@pytest.mark.skipif(not fused.available(), reason=str(fused.unavailable_reason()))
-def test_bench_quick_runs_each_capability_and_path(tmp_path):
-    out = tmp_path / "bench.json"
-    capabilities = fused.cpu_capabilities()
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench", "bench")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """bench.py --quick on hrnn-dct, cwrnn, cwrnn-dense (each under every capability) and LSTM:
+    (stdout, the JSON results)."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "hrnn-dct,cwrnn,cwrnn-dense,lstm",
-         "--capabilities", ",".join(capabilities), "--threads", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )
+        [sys.executable, str(BENCH / "bench.py"), "--quick", "--only", "hrnn-dct,cwrnn,cwrnn-dense,lstm",
+         "--capabilities", ",".join(ops.cpu_capabilities()), "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "T = 30" in proc.stdout and "LSTM / hrnn-dct" in proc.stdout and "cwrnn dense / hard" in proc.stdout
-    results = json.loads(out.read_text())["results"]
-    fused_rows = [r for r in results if r["config"] != "lstm"]
-    # Each fused config ran once under each capability, and really ran that capability's kernels.
-    assert sorted((r["config"], r["capability"]) for r in fused_rows) == sorted(
-        (c, cap) for c in ("hrnn-dct", "cwrnn", "cwrnn-dense") for cap in capabilities)
-    for r in fused_rows:
+    return proc.stdout, json.loads(out.read_text())["results"]
+
+
+def table(stdout: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The T = 30 table: its header's cells, and each row's cells by row name."""
+    lines = stdout.split("T = 30", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["config"])
+    header = lines[start].split("  description")[0].split()
+    rows = {}
+    for line in lines[start + 1:]:
+        if not line.startswith("  ") or line.strip().startswith("ratios"):
+            break
+        cells = line.split()
+        rows[cells[0]] = cells[1:6]
+    return header, rows
+
+
+@needs_ext
+def test_bench_table_has_its_columns_and_a_row_per_config_and_capability(quick_run, bench):
+    stdout, results = quick_run
+    header, rows = table(stdout)
+    assert header == ["config", "median", "s", "min", "s", "max", "s", "x", "floor", "peak", "MB"]
+    capabilities = ops.cpu_capabilities()
+    assert set(rows) == {f"{c}@{cap}" for c in ("hrnn-dct", "cwrnn", "cwrnn-dense") for cap in capabilities} | {"lstm"}
+    for r in results:  # each row prints what its subprocess measured
+        name = f"{r['config']}@{r['capability']}" if r["capability"] else r["config"]
+        median, least, most, over_floor, peak = (float(v) for v in rows[name])
+        assert (median, least, most) == tuple(round(r[k], 4) for k in ("median", "min", "max"))
+        assert least <= median <= most
+        assert over_floor == round(r["median"] / r["floor"], 2) and peak == round(r["peak_mb"], 1)
+
+
+@needs_ext
+def test_bench_ratio_divides_two_rows_of_the_same_run(quick_run):
+    stdout, results = quick_run
+    medians = {(r["config"], r["capability"]): r["median"] for r in results}
+    for capability in ops.cpu_capabilities():
+        line = next(line for line in stdout.splitlines() if line.strip().startswith(f"ratios (medians), {capability}:"))
+        printed = float(line.split("LSTM / hrnn-dct ")[1].split(";")[0])
+        assert printed == round(medians[("lstm", None)] / medians[("hrnn-dct", capability)], 2)
+
+
+@needs_ext
+def test_each_fused_row_ran_its_capability_and_path(quick_run):
+    _, results = quick_run
+    for r in (r for r in results if r["config"] != "lstm"):
         assert r["capability_used"] == r["capability"]
         calls = r["kernel_calls"]
         if r["config"] == "cwrnn":  # hard waves: the skipping kernels, never the dense ones
@@ -38,37 +93,82 @@ def test_bench_quick_runs_each_capability_and_path(tmp_path):
     assert len(lstm) == 1 and lstm[0]["kernel_calls"] == {"skipping": 0, "dense": 0}
 
 
-@pytest.mark.skipif(not [c for c in fused.cpu_capabilities() if c != "default"], reason="no register kernels on this CPU")
+def test_ratios_are_one_capabilitys_row_over_a_shared_baseline(bench):
+    rows = {"hrnn-dct@avx2": {"median": 2.0, "peak_mb": 30.0}, "hrnn-dct@default": {"median": 4.0, "peak_mb": 30.0},
+            "lstm": {"median": 5.0, "peak_mb": 60.0}, "cwrnn@avx2": {"median": 1.0, "peak_mb": 1.0}}
+    assert bench.ratios(rows, "avx2", 0.5) == ["hrnn-dct / floor 4.00", "LSTM / hrnn-dct 2.50",
+                                               "peak MB hrnn-dct / LSTM 0.50"]
+    assert bench.ratios(rows, "default", 0.5) == ["hrnn-dct / floor 8.00", "LSTM / hrnn-dct 1.25",
+                                                  "peak MB hrnn-dct / LSTM 0.50"]
+    assert bench.ratios({"lstm": rows["lstm"]}, "avx2", 0.5) == []  # no ratio without both of its rows
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only", "hrnn-dct,nosuch"], "argument --only: unknown configs ['nosuch']; choose from hrnn-dct, "),
+    (["--repeat", "0"], "argument --repeat: '0' is not a whole number >= 1"),
+    (["--steps", "30", "-5"], "argument --steps: '-5' is not a whole number >= 1"),
+])
+def test_bench_refuses_a_bad_value_in_one_line(bench, capsys, args, message):
+    with pytest.raises(SystemExit) as stop:
+        bench.make_parser().parse_args(args)
+    assert stop.value.code == 2
+    *usage, error = capsys.readouterr().err.strip().splitlines()
+    assert usage[0].startswith("usage:") and error.startswith(f"{Path(sys.argv[0]).name}: error: {message}")
+
+
+@needs_ext
+def test_bench_refuses_a_capability_this_machine_lacks(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.capabilities_to_run(bench.make_parser(), "sse9")
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith(f"error: capabilities ['sse9'] do not run here; this machine executes "
+                          f"{ops.cpu_capabilities()[::-1]}")
+
+
+@needs_ext
+def test_bench_gates_opens_the_fraction_it_forces():
+    """The quick f-curve: every row of each mode, and the measured open fraction ('open') of the
+    forced hard gates: exactly 0 and 1 at f = 0 and 1, near f between."""
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_gates.py"), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("hard f=")]
+    assert [(r[1], r[2]) for r in rows] == [(f"f={f}", mode) for mode in ("no-grad", "train")
+                                            for f in ("1", "0.5", "0.25", "0.1", "0")]
+    for r in rows:
+        forced, opened = float(r[1][2:]), float(r[-1])
+        assert opened == pytest.approx(forced, abs=0 if forced in (0, 1) else 0.06)
+
+
+def test_bench_gates_ratios_are_over_the_same_modes_dense_row(capsys):
+    gates = load_script("bench_gates", "bench")
+    rows = [("hard f=1", "no-grad", 1.0, (0.004, 0.002), 1.0), ("hard f=0.5", "no-grad", 0.5, (0.003, 0.001), 0.5),
+            ("hard f=1", "train", 1.0, (0.010, 0.008), 1.0), ("soft (dense)", "train", None, (0.005, 0.002), None)]
+    gates.print_curve(12, rows)
+    lines = {(c[0] + " " + c[1], c[2]): c for c in (line.split() for line in capsys.readouterr().out.splitlines())
+             if len(c) > 2 and c[0] in ("hard", "soft")}
+    assert lines[("hard f=0.5", "no-grad")][4:7] == ["0.750", "1.00", "0.500"]  # median / 4 ms, min / 2 ms
+    assert lines[("soft (dense)", "train")][4:7] == ["0.500", "2.00", "0.250"]  # median / 10 ms, min / 8 ms
+
+
+def test_block_masks_keep_the_fraction_of_blocks_they_name():
+    gates = load_script("bench_gates", "bench")
+    units = gates.HIDDEN // gates.MODULES
+    for fraction in gates.BLOCK_FRACTIONS:
+        mask = gates.block_mask(fraction)
+        blocks = mask.view(gates.MODULES, units, gates.MODULES, units).amax(dim=(1, 3))
+        assert int(blocks.sum()) == round(fraction * gates.MODULES ** 2)
+        assert bool(((mask == 0) | (mask == 1)).all())
+
+
+@pytest.mark.skipif(not [c for c in ops.cpu_capabilities() if c != "default"], reason="no register kernels on this CPU")
 def test_time_kernels_builds_and_runs_every_register_capability():
-    """scripts/time_kernels.py compiles the kernels with setup.py's flags and times them; every
+    """scripts/bench/time_kernels.py compiles the kernels with setup.py's flags and times them; every
     capability computes the same dW_h (the printed sum) for the same seeded slice."""
-    result = subprocess.run([sys.executable, "scripts/time_kernels.py", "--steps", "12", "--rows", "7", "--repeat", "1", "--", "-O1"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(BENCH / "time_kernels.py"), "--steps", "12", "--rows", "7", "--repeat",
+                             "1", "--", "-O1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert [line.split()[0] for line in lines] == [c for c in fused.cpu_capabilities() if c != "default"]
+    assert [line.split()[0] for line in lines] == [c for c in ops.cpu_capabilities() if c != "default"]
     sums = [float(line.rsplit(" ", 1)[1]) for line in lines]
     assert all(s == pytest.approx(sums[0], rel=1e-4) for s in sums) and sums[0] != 0
-
-
-@pytest.mark.skipif(not fused.available(), reason=str(fused.unavailable_reason()))
-def test_bench_gates_quick_f_curve_and_blocks_under_each_capability():
-    """scripts/bench_gates.py: the f-curve (f = 0 included) and --blocks, a row per capability, core and
-    fraction of nonzero W_h blocks, each dense row the unit of its ratios."""
-    script = str(ROOT / "scripts" / "bench_gates.py")
-    proc = subprocess.run([sys.executable, script, "--quick", "--threads", "1"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "hard f=0 " in proc.stdout and "reference loop" in proc.stdout
-    capabilities = fused.cpu_capabilities()
-    proc = subprocess.run([sys.executable, script, "--quick", "--blocks", "--threads", "1",
-                           "--capabilities", ",".join(capabilities)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in capabilities]
-    assert len(rows) == len(capabilities) * 2 * 5
-    for capability in capabilities:
-        for core in ("clock", "event"):
-            mine = [r for r in rows if r[0] == capability and r[1] == core]
-            assert [float(r[-4]) for r in mine] == [1.0, 0.75, 0.5, 0.25, 0.125]
-            assert float(mine[0][-1]) == 1.0  # the dense row is the unit of the ratios

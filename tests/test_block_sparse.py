@@ -17,12 +17,11 @@ from test_fused import cpu_capability  # noqa: F401  (autouse: every capability)
 from test_fused import assert_close_rel
 from test_gated_fused import TOL, call, make, values_and_grads
 
-from hrnn import fused
-from hrnn.core import leaky_rnn, leaky_rnn_reference
-from hrnn.gated import gated_leaky_rnn, gated_leaky_rnn_reference, last_candidate_blocks
+from hrnn import ops
 from hrnn.models.recurrent import expand_blocks, slow_to_fast_modules
+from hrnn.ops import gated_leaky_rnn, gated_leaky_rnn_reference, last_candidate_blocks, leaky_rnn, leaky_rnn_reference
 
-pytestmark = pytest.mark.skipif(not fused.available(), reason=str(fused.unavailable_reason()))
+pytestmark = pytest.mark.skipif(not ops.fused_available(), reason=str(ops.fused_unavailable_reason()))
 
 F32, F64 = torch.float32, torch.float64
 

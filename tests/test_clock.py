@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from hrnn.core import leaky_scan, leaky_scan_reference
 from hrnn.models.clock import BasisClock, FixedClock, PeriodClock, binary_basis, cosine_basis
 from hrnn.models.recurrent import ClockedRNN, slow_to_fast_mask
+from hrnn.ops import leaky_scan, leaky_scan_reference
 
 # Explicit settings for clocks built by hand (the runner takes them from conf/); a test overrides what it studies.
 SETTINGS = dict(init="spread", init_weight=0.8, sharpness=1.0, temperature=1.0, entropy_weight=0.0, l1_weight=0.01)

@@ -8,12 +8,12 @@ import torch
 from torch.func import functional_call
 
 from conftest import compose_config
-from hrnn.config import validate
-from hrnn.core import leaky_rnn_reference
+from hrnn.config.schema import validate
+from hrnn.ops import leaky_rnn_reference
 from hrnn.models import build_model
 from hrnn.models.clock import BasisClock, FixedClock
 from hrnn.models.recurrent import ClockedRNN, ConnectivityGates, expand_blocks, slow_to_fast_modules
-from hrnn.run import build_optimizer
+from hrnn.train.optim import build_optimizer
 from hrnn.tasks import build_task
 
 M, UNITS = 4, 2

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from hrnn import fused
+from hrnn import ops
+from hrnn.ops import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not fused.available(), reason=str(fused.unavailable_reason()))
+pytestmark = pytest.mark.skipif(not ops.fused_available(), reason=str(ops.fused_unavailable_reason()))
 
 
 def cpu_flags() -> set[str]:
@@ -39,19 +40,19 @@ def test_every_capability_of_this_cpu_is_built():
         expected.append("avx2")
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
         expected.append("avx512")
-    assert fused.cpu_capabilities() == expected
-    assert fused.cpu_capability() == expected[-1] or os.environ.get("HRNN_CPU_CAPABILITY")
+    assert ops.cpu_capabilities() == expected
+    assert ops.cpu_capability() == expected[-1] or os.environ.get("HRNN_CPU_CAPABILITY")
 
 
-@pytest.mark.parametrize("capability", fused.cpu_capabilities())
+@pytest.mark.parametrize("capability", ops.cpu_capabilities())
 def test_variable_selects_the_capability(capability):
-    proc = python("import hrnn.fused as f; print(f.cpu_capability())", capability)
+    proc = python("import hrnn.ops.cpu as f; print(f.cpu_capability())", capability)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == capability
 
 
 def test_without_the_variable_the_best_capability_runs():
-    proc = python("import hrnn.fused as f; print(f.cpu_capability(), f.cpu_capabilities()[-1])", None)
+    proc = python("import hrnn.ops.cpu as f; print(f.cpu_capability(), f.cpu_capabilities()[-1])", None)
     assert proc.returncode == 0, proc.stderr
     chosen, best = proc.stdout.split()
     assert chosen == best
@@ -62,14 +63,14 @@ def test_without_the_variable_the_best_capability_runs():
     ("AVX2", "HRNN_CPU_CAPABILITY='AVX2' is not a CPU capability; allowed: default, avx2, avx512"),
 ])
 def test_bad_value_is_one_line_naming_the_allowed_ones(value, message):
-    proc = python("import hrnn.fused", value)
+    proc = python("import hrnn.ops.cpu", value)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == f"hrnn.errors.UserError: {message}"
 
 
 def test_hrnn_train_reports_a_bad_value_in_one_line(tmp_path):
     env = {**os.environ, "HRNN_CPU_CAPABILITY": "fastest"}
-    proc = subprocess.run([sys.executable, "-m", "hrnn.run", "trainer.steps=1", f"hydra.run.dir={tmp_path / 'run'}"],
+    proc = subprocess.run([sys.executable, "-m", "hrnn.cli.train", "trainer.steps=1", f"hydra.run.dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: HRNN_CPU_CAPABILITY='fastest' is not a CPU capability; "
@@ -77,10 +78,10 @@ def test_hrnn_train_reports_a_bad_value_in_one_line(tmp_path):
 
 
 def test_capability_this_cpu_lacks_is_refused():
-    missing = [c for c in fused.CAPABILITIES if c not in fused.cpu_capabilities()]
+    missing = [c for c in cpu.CAPABILITIES if c not in ops.cpu_capabilities()]
     if not missing:
         pytest.skip("this CPU runs every capability")
-    proc = python("import hrnn.fused", missing[0])
+    proc = python("import hrnn.ops.cpu", missing[0])
     assert proc.returncode != 0
     assert f"HRNN_CPU_CAPABILITY={missing[0]} cannot run on this CPU; allowed here: " in proc.stderr
 
@@ -88,20 +89,20 @@ def test_capability_this_cpu_lacks_is_refused():
 def test_switching_capability_changes_the_kernels_but_not_the_results():
     import torch
 
-    from hrnn.core import leaky_rnn
+    from hrnn.ops import leaky_rnn
 
     gen = torch.Generator().manual_seed(0)
     x, w_x, b = torch.randn(5, 12, 3, generator=gen), torch.randn(32, 3, generator=gen), torch.randn(32, generator=gen)
     w_h, waves, h0 = torch.randn(32, 32, generator=gen) / 6, torch.rand(12, 4, generator=gen), torch.zeros(5, 32)
-    before = fused.cpu_capability()
+    before = ops.cpu_capability()
     outputs = {}
     try:
-        for capability in fused.cpu_capabilities():
-            fused.set_cpu_capability(capability)
-            assert fused.cpu_capability() == capability
+        for capability in ops.cpu_capabilities():
+            ops.set_cpu_capability(capability)
+            assert ops.cpu_capability() == capability
             outputs[capability] = leaky_rnn(x, w_x, b, w_h, waves, h0)
     finally:
-        fused.set_cpu_capability(before)
+        ops.set_cpu_capability(before)
     reference = outputs["default"]
     for capability, out in outputs.items():
         torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
@@ -110,7 +111,7 @@ def test_switching_capability_changes_the_kernels_but_not_the_results():
 @pytest.mark.parametrize("value,available", [("1", False), ("yes", False), ("0", True), ("", True)])
 def test_disable_fused_is_off_only_when_empty_or_zero(value, available):
     """HRNN_DISABLE_FUSED=1 (or any other word) runs the PyTorch loop; =0 and an empty value do not."""
-    probe = "from hrnn import fused; print(fused.available())"
+    probe = "from hrnn import ops; print(ops.fused_available())"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "HRNN_DISABLE_FUSED": value})
     assert result.returncode == 0, result.stderr

@@ -2,10 +2,8 @@
 and task; bad inputs get one line and exit 2."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +13,9 @@ import pytest
 import torch
 
 from conftest import TINY, compose_config, read_metrics, run_cli
-from hrnn.evaluate import evaluate_run, main
-from hrnn.run import train
+from hrnn.cli.eval import evaluate_run, main
+from hrnn.tasks.mnist import save_mnist
+from hrnn.train.loop import train
 
 SYNTHETIC = ["task.seq_len=20", "trainer.steps=4", "trainer.eval_every=2"]
 
@@ -28,10 +27,18 @@ def finished_run(tmp_path_factory) -> Path:
     return cwd / "run"
 
 
+def exit_status(args: list[str]) -> int:
+    """hrnn-eval ARGS in this process: main's return value, or the status it exits with."""
+    try:
+        return main(args)
+    except SystemExit as exit:
+        return exit.code
+
+
 def hrnn_eval(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "hrnn.evaluate", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hrnn.cli.eval", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=120, env=env)
 
 
@@ -57,7 +64,7 @@ def test_a_checkpoint_written_on_cuda_reads_on_the_cpu(finished_run: Path, tmp_p
     import shutil
     import torch.serialization
 
-    from hrnn.checkpoint import load_checkpoint, save_checkpoint
+    from hrnn.train.resume import load_checkpoint, save_checkpoint
 
     run = tmp_path / "gpu_run"
     shutil.copytree(finished_run, run)
@@ -84,9 +91,7 @@ def test_hrnn_eval_val_and_last_checkpoint_and_batch_size(finished_run: Path) ->
 def _fake_mnist(data_dir: Path) -> None:
     rng = np.random.default_rng(0)
     split = lambda n: (rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n).astype(np.int64))  # noqa: E731
-    data_dir.mkdir()
-    with gzip.open(data_dir / "mnist.pkl.gz", "wb") as f:
-        pickle.dump((split(20), split(10), split(12)), f, protocol=2)
+    save_mnist(data_dir, {"train": split(20), "val": split(10), "test": split(12)})
 
 
 MODELS = {
@@ -135,20 +140,20 @@ def test_bad_input_gets_one_line_and_exit_2(finished_run: Path, tmp_path: Path, 
     (tmp_path / "corrupt" / "checkpoints").mkdir(parents=True)
     (tmp_path / "corrupt" / "checkpoints" / "best.pt").write_bytes(b"not a checkpoint")
     paths = {"run": finished_run, "empty": tmp_path / "empty", "corrupt": tmp_path / "corrupt"}
-    assert main([a.format(**paths) for a in args]) == 2
+    assert exit_status([a.format(**paths) for a in args]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
 def test_cuda_without_a_gpu_is_one_line(finished_run: Path, capsys) -> None:
-    assert main([str(finished_run), "trainer.device=cuda"]) == 2
+    assert exit_status([str(finished_run), "trainer.device=cuda"]) == 2
     assert capsys.readouterr().err == "error: trainer.device=cuda but no CUDA device is available; allowed here: cpu, auto\n"
 
 
 def test_figures_of_a_model_without_a_clock_is_one_line(tmp_path: Path, capsys) -> None:
     train(compose_config(["model=lstm", *SYNTHETIC, *TINY, "trainer.num_threads=1"]), tmp_path / "lstm")
-    assert main([str(tmp_path / "lstm"), "--figures"]) == 2
+    assert exit_status([str(tmp_path / "lstm"), "--figures"]) == 2
     assert "this run's model has no clock, so there are no clock figures; drop --figures" in capsys.readouterr().err
 
 

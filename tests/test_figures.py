@@ -11,13 +11,13 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY, read_metrics, run_cli
-from hrnn import figures
-from hrnn.checkpoint import load_checkpoint
-from hrnn.evaluate import evaluate_run
+from hrnn.report import figures
+from hrnn.train.resume import load_checkpoint
+from hrnn.cli.eval import evaluate_run
 from hrnn.models import build_model
 from hrnn.models.clock import BasisClock
 from hrnn.tasks import build_task
-from hrnn.tensorboard_logging import clock_summary, log_clock
+from hrnn.report.tensorboard import clock_summary, log_clock
 from torch.utils.tensorboard._utils import figure_to_image as render  # what SummaryWriter.add_figure draws with
 
 pytest.importorskip("matplotlib")

@@ -12,22 +12,31 @@ import logging
 import pytest
 import torch
 
-from hrnn import fused
-from hrnn.core import is_hard, leaky_rnn, leaky_rnn_reference, leaky_scan, leaky_scan_reference
+from hrnn import ops
+from hrnn.ops import cpu, dispatch, leaky_rnn, leaky_rnn_reference, leaky_scan, leaky_scan_reference
+from hrnn.ops.cpu import is_hard
 
-needs_ext = pytest.mark.skipif(not fused.available(), reason=str(fused.unavailable_reason()))
+needs_ext = pytest.mark.skipif(not ops.fused_available(), reason=str(ops.fused_unavailable_reason()))
 
 
-@pytest.fixture(autouse=True, params=fused.cpu_capabilities() or ["no extension"])
+@pytest.fixture(autouse=True, params=ops.cpu_capabilities() or ["no extension"])
 def cpu_capability(request):
     """Run the test under one CPU capability's kernels, then restore the one in use."""
-    if not fused.available():
+    if not ops.fused_available():
         yield None
         return
-    before = fused.cpu_capability()
-    fused.set_cpu_capability(request.param)
+    before = ops.cpu_capability()
+    ops.set_cpu_capability(request.param)
     yield request.param
-    fused.set_cpu_capability(before)
+    ops.set_cpu_capability(before)
+
+
+@pytest.fixture
+def without_kernels(monkeypatch):
+    """The C++ kernels count as missing (the reference loop runs), the fallback's line not yet said."""
+    monkeypatch.setattr(dispatch, "said", set())
+    with ops.kernels_hidden("cpu", "test: extension hidden"):
+        yield
 
 
 def make_inputs(batch, steps, hidden, n_modules, hard, masked, dtype=torch.float32, seed=0):
@@ -139,7 +148,7 @@ def one_thread():
 @pytest.mark.parametrize("hard", [False, True])
 def test_gradcheck_float64_runs_the_kernels(hard, one_thread):
     u, w_h, waves, h0 = make_inputs(3, 6, 8, 2, hard=hard, masked=hard, dtype=torch.float64)
-    assert fused.supports(u, w_h, waves, h0) is None  # the double kernels, not the fallback
+    assert cpu.supports(u, w_h, waves, h0) is None  # the double kernels, not the fallback
     args = [x.clone().requires_grad_() for x in (u, w_h, waves, h0)]
     assert torch.autograd.gradcheck(lambda *x: leaky_scan(*x), args)
 
@@ -203,13 +212,10 @@ def test_non_contiguous_inputs():
                      leaky_scan_reference(u, w_h, waves, h0))
 
 
-def test_fallback_is_identical_and_says_so_once(monkeypatch, caplog):
-    monkeypatch.setattr(fused, "_C", None)
-    monkeypatch.setattr(fused, "_REASON", "test: extension hidden")
-    monkeypatch.setattr(fused, "_warned", False)
+def test_fallback_is_identical_and_says_so_once(without_kernels, caplog):
     inputs = make_inputs(3, 12, 16, 2, hard=False, masked=False)
     grad_out = torch.randn(3, 12, 16)
-    with caplog.at_level(logging.WARNING, logger="hrnn.fused"):
+    with caplog.at_level(logging.WARNING, logger="hrnn.ops.dispatch"):
         got, got_grads = run_with_grads(leaky_scan, inputs, grad_out, [0, 1, 2, 3])
         leaky_scan(*inputs)
         leaky_scan(*(x.to(torch.bfloat16) for x in inputs))  # another reason: still no new line
@@ -222,7 +228,7 @@ def test_fallback_is_identical_and_says_so_once(monkeypatch, caplog):
 
 def test_unsupported_dtype_falls_back():
     inputs = [x.to(torch.bfloat16) for x in make_inputs(2, 5, 8, 2, hard=False, masked=False)]
-    assert fused.supports(*inputs) is not None
+    assert cpu.supports(*inputs) is not None
     torch.testing.assert_close(leaky_scan(*inputs), leaky_scan_reference(*inputs))
 
 
@@ -278,11 +284,8 @@ def test_last_only_inference():
     assert_close_rel(out, leaky_scan(u, w_h, waves, h0).detach()[:, -1], 1e-6)
 
 
-def test_last_only_fallback_is_identical(monkeypatch):
+def test_last_only_fallback_is_identical(without_kernels):
     """The pure PyTorch loop gives the same final state and gradients with last_only."""
-    monkeypatch.setattr(fused, "_C", None)
-    monkeypatch.setattr(fused, "_REASON", "test: extension hidden")
-    monkeypatch.setattr(fused, "_warned", True)
     inputs = make_inputs(3, 12, 16, 2, hard=False, masked=False)
     grad_last = torch.randn(3, 16)
     got, got_grads = run_with_grads(lambda *x: leaky_scan(*x, last_only=True), inputs,
@@ -295,14 +298,12 @@ def test_last_only_fallback_is_identical(monkeypatch):
 
 
 @pytest.mark.parametrize("fused_path", [True, False])
-def test_fused_and_fallback_last_only_agree(monkeypatch, fused_path):
+def test_fused_and_fallback_last_only_agree(request, fused_path):
     """Both paths (kernels and loop) give the same last state as the reference."""
     if not fused_path:
-        monkeypatch.setattr(fused, "_C", None)
-        monkeypatch.setattr(fused, "_REASON", "test: extension hidden")
-        monkeypatch.setattr(fused, "_warned", True)
-    elif not fused.available():
-        pytest.skip(str(fused.unavailable_reason()))
+        request.getfixturevalue("without_kernels")
+    elif not ops.fused_available():
+        pytest.skip(str(ops.fused_unavailable_reason()))
     inputs = make_inputs(4, 16, 32, 4, hard=True, masked=True)
     assert_close_rel(leaky_scan(*inputs, last_only=True), leaky_scan_reference(*inputs)[:, -1])
 
@@ -361,7 +362,7 @@ def test_leaky_rnn_matches_reference_float32(case, bias, last_only):
 @pytest.mark.parametrize("hard", [False, True])
 def test_leaky_rnn_gradcheck_float64(hard, one_thread):
     x, w_x, b, w_h, waves, h0 = make_rnn_inputs(3, 7, 8, 2, hard, hard, 2, True, dtype=torch.float64)
-    assert fused.supports(x, w_x, b, w_h, waves, h0) is None  # the double kernels, not the fallback
+    assert cpu.supports(x, w_x, b, w_h, waves, h0) is None  # the double kernels, not the fallback
     args = [t.clone().requires_grad_() for t in (x, w_x, b, w_h, waves, h0)]
     assert torch.autograd.gradcheck(lambda *a: leaky_rnn(*a), args)
     assert torch.autograd.gradcheck(lambda *a: leaky_rnn(*a, last_only=True), args)
@@ -410,15 +411,12 @@ def test_leaky_rnn_inference_threads_and_layout():
     assert torch.equal(leaky_rnn(x_nc, *inputs[1:]), one)
 
 
-def test_leaky_rnn_fallback_is_the_definition(monkeypatch, caplog):
+def test_leaky_rnn_fallback_is_the_definition(without_kernels, caplog):
     """Without the kernels: F.linear then the PyTorch loop, identical to the reference, said once."""
-    monkeypatch.setattr(fused, "_C", None)
-    monkeypatch.setattr(fused, "_REASON", "test: extension hidden")
-    monkeypatch.setattr(fused, "_warned", False)
     inputs = make_rnn_inputs(3, 12, 16, 2, False, False, 2, True)
     grad_out = torch.randn(3, 12, 16)
     wrt = [0, 1, 2, 3, 4, 5]
-    with caplog.at_level(logging.WARNING, logger="hrnn.fused"):
+    with caplog.at_level(logging.WARNING, logger="hrnn.ops.dispatch"):
         got, got_grads = rnn_grads(leaky_rnn, inputs, grad_out, wrt)
         leaky_rnn(*inputs)
     want, want_grads = rnn_grads(leaky_rnn_reference, inputs, grad_out, wrt)

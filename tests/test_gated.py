@@ -1,13 +1,12 @@
-"""The gated recurrence (hrnn/gated.py) against its definition, and event activation in the model."""
+"""The gated recurrence (hrnn.ops.gated_leaky_rnn) against its definition, and event activation in the model."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hrnn.core import leaky_rnn_reference
-from hrnn.gated import chunker_leaky_rnn_reference, gated_leaky_rnn, gated_leaky_rnn_reference
 from hrnn.models.clock import FixedClock
 from hrnn.models.recurrent import EVALUATION_DRAWS_SEED, ChunkerGate, ClockedRNN, EventGate
+from hrnn.ops import chunker_leaky_rnn_reference, gated_leaky_rnn, gated_leaky_rnn_reference, leaky_rnn_reference
 
 B, T, I, H, M = 3, 9, 2, 8, 4
 F64 = torch.float64

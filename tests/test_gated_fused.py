@@ -1,4 +1,4 @@
-"""The fused event-gate core (hrnn/csrc/gated_kernels.cpp) against `gated_leaky_rnn_reference`.
+"""The fused event-gate core (hrnn/ops/csrc/gated_kernels.cpp) against `gated_leaky_rnn_reference`.
 
 Values and every gradient (x, W_x and b, whose projection the kernels form per step; W_h, h0, G_x,
 g_b, G_h, and shared or per-sample waves), soft and hard gates, with thresholds as a float or a
@@ -18,10 +18,10 @@ import torch
 from conftest import TINY, read_metrics, run_cli
 from test_fused import assert_close_rel, cpu_capability  # noqa: F401  (autouse: every capability)
 
-from hrnn import fused
-from hrnn.gated import gated_leaky_rnn, gated_leaky_rnn_reference, last_candidate_blocks
+from hrnn import ops
+from hrnn.ops import cpu, gated_leaky_rnn, gated_leaky_rnn_reference, last_candidate_blocks
 
-pytestmark = pytest.mark.skipif(not fused.available(), reason=str(fused.unavailable_reason()))
+pytestmark = pytest.mark.skipif(not ops.fused_available(), reason=str(ops.fused_unavailable_reason()))
 
 F32, F64 = torch.float32, torch.float64
 TOL = {F32: 2e-5, F64: 1e-12}
@@ -139,7 +139,7 @@ def test_closed_modules_hold_the_state_bit_for_bit_and_open_ones_take_the_candid
     assert torch.equal(states[a == 0], previous[a == 0])  # hold, bit for bit
     torch.testing.assert_close(states[a == 1], candidate[a == 1], rtol=0, atol=1e-14)
     # At a = 1 the state is the kernel's own candidate exactly (torch.lerp's formula).
-    hs, cs, _, _ = fused._C.gated_forward(*kernel_inputs(args), True, True, False)
+    hs, cs, _, _ = cpu.extension().gated_forward(*kernel_inputs(args), True, True, False)
     assert torch.equal(hs[a == 1], cs[a == 1])
 
 
@@ -203,13 +203,13 @@ def test_bad_input_is_one_clear_line(change, message, cpu_capability):  # noqa: 
     args = make(5, 13, 3, 32, 4, F32, "shared")
     change(args)
     with pytest.raises(RuntimeError, match=message) as err:
-        fused._C.gated_forward(*kernel_inputs(args), False, False, False)
+        cpu.extension().gated_forward(*kernel_inputs(args), False, False, False)
     assert "\n" not in str(err.value)
 
 
 def once(capability):
     """Tests that do not depend on the kernels' capability run under the best one only."""
-    if capability != fused.cpu_capabilities()[-1]:
+    if capability != ops.cpu_capabilities()[-1]:
         pytest.skip("independent of the CPU capability: runs once, under the best")
 
 

@@ -6,11 +6,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY, compose_config, read_metrics, run_cli
-from hrnn.config import validate
+from hrnn.config.schema import validate
 from hrnn.errors import UserError
 from hrnn.models import build_model
 from hrnn.models.recurrent import EventGate
-from hrnn.run import build_optimizer, train
+from hrnn.train.loop import train
+from hrnn.train.optim import build_optimizer
 from hrnn.tasks import build_task
 from test_models import TASK_OVERRIDES, fake_mnist  # noqa: F401  (a fixture)
 

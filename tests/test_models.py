@@ -1,21 +1,22 @@
 """Every model and clock variant trains a step on every task, through the real builders."""
 from __future__ import annotations
 
-import gzip
 import json
 import math
-import pickle
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import compose_config, load_script
-from hrnn.config import validate
+from hrnn.config.schema import validate
 from hrnn.models import build_model, count_parameters
 from hrnn.errors import UserError
-from hrnn.run import build_optimizer, lr_factor, seed_everything, train
+from hrnn.train.environment import seed_everything
+from hrnn.train.loop import train
+from hrnn.train.optim import build_optimizer, lr_factor
 from hrnn.tasks import build_task
+from hrnn.tasks.mnist import save_mnist
 
 TASK_OVERRIDES = {
     "copy": ["task=copy", "task.seq_len=6", "task.n_val=4", "task.n_test=4"],
@@ -34,8 +35,7 @@ def fake_mnist(tmp_path_factory):
     path = tmp_path_factory.mktemp("mnist")
     rng = np.random.default_rng(0)
     split = lambda n: (rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n).astype(np.int64))
-    with gzip.open(path / "mnist.pkl.gz", "wb") as f:
-        pickle.dump((split(8), split(4), split(4)), f)
+    save_mnist(path, {"train": split(8), "val": split(4), "test": split(4)})
     return path
 
 
@@ -150,7 +150,7 @@ def test_timescales_cosine_run_stores_wave_periods_and_results_reads_them_back(t
     assert metrics["recovered_wave"] == len(recovered_periods([4, 6], metrics["wave_periods"]))
     assert all("wave_periods" in entry and "recovered_wave" in entry for entry in metrics["history"])
     job = {"dir": str(tmp_path), "config": OmegaConf.to_container(cfg), "metrics": dict(metrics)}
-    wave_recovered = load_script("results").wave_recovered
+    wave_recovered = load_script("results", "study").wave_recovered
     assert wave_recovered(job) == metrics["recovered_wave"]
     del job["metrics"]["recovered_wave"]  # a run from before the field: recomputed from the checkpoint
     assert wave_recovered(job) == metrics["recovered_wave"]

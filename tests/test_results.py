@@ -1,4 +1,4 @@
-"""The results study's tables (scripts/results.py): counts and steps computed from metrics.json files on disk."""
+"""The results study's tables (scripts/study/results.py): counts and steps computed from metrics.json files on disk."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from conftest import load_script
 
-results = load_script("results")
+results = load_script("results", "study")
 first_step_below, main, model_label = results.first_step_below, results.main, results.model_label
 read_study, task_rows, timescales_rows = results.read_study, results.task_rows, results.timescales_rows
 
@@ -145,4 +145,4 @@ def test_first_step_below_and_missing_study_dir(tmp_path, capsys):
     assert first_step_below(history, "val_mse", 0.01) == 200
     assert first_step_below(history, "val_mse", 0.0001) is None
     assert main([str(tmp_path / "nowhere")]) == 2
-    assert "run scripts/study.sh first" in capsys.readouterr().err
+    assert "run scripts/study/study.sh first" in capsys.readouterr().err

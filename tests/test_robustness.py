@@ -1,4 +1,8 @@
-"""Nothing lost: kills at any moment, signals, non-finite numbers, bad checkpoints, many valid configs."""
+"""Nothing lost: kills at any moment, signals, non-finite numbers, bad checkpoints, many valid configs.
+
+Every interruption lands at a chosen step, sent from inside the run (HRNN_SIGNAL_AT, or a patched loss),
+so each test checks the same moments on every machine; a signalled run, resumed, always ends as the
+uninterrupted one."""
 from __future__ import annotations
 
 import json
@@ -9,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,23 +20,18 @@ import torch
 
 from conftest import TINY, compose_config, read_metrics, run_cli
 from hrnn.errors import UserError
-from hrnn.run import train
+from hrnn.train.environment import SIGNAL_AT
+from hrnn.train.loop import train
 
 RUN = ["task=adding", "task.seq_len=16", "basis=binary", "trainer.steps=40", "trainer.eval_every=2", *TINY]
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "hrnn.run", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None or path.exists(), proc.stdout.read() if proc.stdout else ""
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
+def hrnn_train(args: list[str], cwd: Path, signal_at: str) -> subprocess.CompletedProcess:
+    """hrnn-train ARGS, sent a signal from inside at the point `signal_at` names (HRNN_SIGNAL_AT)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", SIGNAL_AT: signal_at}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "hrnn.cli.train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -48,29 +46,23 @@ def _same_outcome(metrics: dict, reference: dict) -> None:
         assert metrics[key] == reference[key], key
 
 
-def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path, reference):
-    rng = random.Random(7)
+# SIGKILL (no handler runs) at three kinds of moment, with the step of the checkpoint each leaves: between
+# checkpoints; while a checkpoint is written, its temporary file complete but not yet renamed over the old
+# one; and in the step right after a checkpoint.
+KILLS = [("signal=SIGKILL,step=5", 4), ("signal=SIGKILL,step=12,at=checkpoint", 10), ("signal=SIGKILL,step=21", 20)]
+
+
+def test_sigkill_at_any_moment_then_resume_matches_uninterrupted(tmp_path, reference):
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.pt"
-    kills, steps_seen = 0, []
-    for attempt in range(12):
+    for plan, kept in KILLS:
         args = [f"resume={run_dir}"] if last.exists() else [*RUN, f"hydra.run.dir={run_dir}"]
-        proc = _start(args, tmp_path)
-        if kills < 3:
-            _wait_for(last, proc)
-            time.sleep(rng.uniform(0.0, 0.3))  # often lands while a checkpoint is being written
-            if proc.poll() is None:  # count only kills that hit a running process
-                proc.kill()
-                kills += 1
-            proc.wait()
-            state = torch.load(last, weights_only=True)  # the last good checkpoint always loads
-            assert 2 <= state["step"] <= 40 and state["step"] % 2 == 0
-            steps_seen.append(state["step"])
-            continue
-        output, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, output
-        break
-    assert kills == 3 and steps_seen[-1] < 40, steps_seen
+        killed = hrnn_train(args, tmp_path, plan)
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+        assert torch.load(last, weights_only=True)["step"] == kept  # the last good checkpoint always loads
+        if "at=checkpoint" in plan:  # the write the kill cut short
+            assert list((run_dir / "checkpoints").glob(".*.tmp*"))
+    run_cli([f"resume={run_dir}"], cwd=tmp_path)
     _same_outcome(read_metrics(run_dir), reference)
     assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # no temporary files left behind
 
@@ -79,17 +71,13 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path, r
 @pytest.mark.parametrize("signum,code", [pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow), (signal.SIGTERM, 143)])
 def test_signal_saves_checkpoint_and_says_how_to_resume(tmp_path, reference, signum, code):
     run_dir = tmp_path / "run"
-    proc = _start([*RUN, "trainer.steps=400", f"hydra.run.dir={run_dir}"], tmp_path)
-    _wait_for(run_dir / "checkpoints" / "last.pt", proc)
-    proc.send_signal(signum)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == code, output
-    assert f"hrnn-train resume={run_dir}" in output
-    stopped_at = int(output.split(" at step ")[1].split(";")[0])
-    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == stopped_at
-    if stopped_at <= 40:  # resume, cut back to the reference length when it stopped early enough
-        run_cli([f"resume={run_dir}", "trainer.steps=40"], cwd=tmp_path)
-        _same_outcome(read_metrics(run_dir), reference)
+    stopped = hrnn_train([*RUN, f"hydra.run.dir={run_dir}"], tmp_path, f"signal={signum.name},step=7")
+    assert stopped.returncode == code, stopped.stdout + stopped.stderr
+    assert (f"stopped by {signum.name} at step 7; checkpoint saved; continue with: hrnn-train resume={run_dir}"
+            in stopped.stdout)
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 7
+    run_cli([f"resume={run_dir}"], cwd=tmp_path)
+    _same_outcome(read_metrics(run_dir), reference)
 
 
 def _nan_task_loss(monkeypatch, bad_steps: set[int], signal_at: int | None = None, signum: int = signal.SIGTERM) -> None:
@@ -164,13 +152,19 @@ def test_a_signal_during_a_skipped_step_stops_at_that_step(tmp_path, monkeypatch
 
 
 def test_slurms_warning_signal_checkpoints_and_stops_like_sigterm(tmp_path, monkeypatch):
-    """submitit's SLURM jobs get SIGUSR2 before their time limit; the run checkpoints the step it is on."""
-    _nan_task_loss(monkeypatch, set(), signal_at=5, signum=signal.SIGUSR2)
+    """submitit's SLURM jobs get SIGUSR2 before their time limit; the run checkpoints the step it is on,
+    and resuming it ends where the uninterrupted run does."""
     cfg = compose_config([*RUN, "trainer.steps=8", "trainer.eval_every=4"])
-    with pytest.raises(SystemExit) as stopped:
-        train(cfg, tmp_path)
+    train(cfg, tmp_path / "full")
+    with monkeypatch.context() as patch:
+        patch.setenv(SIGNAL_AT, "signal=SIGUSR2,step=5")
+        with pytest.raises(SystemExit) as stopped:
+            train(cfg, tmp_path / "part")
     assert stopped.value.code == 128 + signal.SIGUSR2
-    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
+    assert torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
+    train(compose_config([*RUN, "trainer.steps=8", "trainer.eval_every=4", f"resume={tmp_path / 'part'}"]),
+          tmp_path / "part")
+    _same_outcome(read_metrics(tmp_path / "part"), read_metrics(tmp_path / "full"))
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +264,7 @@ def test_random_valid_configs_train_two_steps(tmp_path, index):
 def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     """A writer killed mid-write leaves .NAME.tmpPID behind; the next save removes it, but
     never a temp file whose writer is still alive."""
-    from hrnn.checkpoint import save_checkpoint
+    from hrnn.train.resume import save_checkpoint
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

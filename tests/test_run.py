@@ -8,23 +8,55 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import hrnn.run  # noqa: F401  registers the run_name resolver, as hrnn-train does
 from conftest import CONF_DIR, compose_config, read_metrics, run_cli, without_wall_times
-from hrnn.config import validate
-from hrnn.run import train
+from hrnn.config import registry  # importing hrnn.config registers the run_name resolver, as hrnn-train does
+from hrnn.config.schema import validate
+from hrnn.train.loop import train
 
 GROUP_OPTIONS = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-                 for group in ("task", "model", "basis", "regularizer", "optim", "trainer", "experiment")}
+                 for group in (*registry.RUN_GROUPS, "experiment")}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUP_OPTIONS.items() for o in opts])
 def test_every_config_group_option_composes_and_validates(group, option):
-    cfg = compose_config([f"{group}={option}"])
-    checked = validate(cfg)
-    if group != "experiment":
-        assert checked[group].get("name", option) == option or group == "trainer"
+    """Each option composes and validates, and the validated config holds every value its file sets."""
+    checked = validate(compose_config([f"{group}={option}"]))
+    expected = values_set_by(group, option)
+    assert expected, f"conf/{group}/{option}.yaml sets nothing"
+    for key, value in expected.items():
+        assert _plain(OmegaConf.select(checked, key)) == value, key
+
+
+def values_set_by(group: str, option: str) -> dict:
+    """{dotted key: value} of what conf/<group>/<option>.yaml sets: its shared files (defaults list), then
+    its own keys, under its group (a preset's at the top level); a preset's `override /<group>: <name>`
+    sets <group>.name."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+    prefix = "" if group == "experiment" else f"{group}."
+    values = {}
+    for entry in raw.pop("defaults", []):
+        if isinstance(entry, dict):  # override /task: adding
+            ((target, name),) = entry.items()
+            values[f"{target.removeprefix('override /')}.name"] = name
+        elif entry != "_self_":  # common/size@_here_
+            shared = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{entry.split('@')[0]}.yaml"))
+            values.update(_leaves(shared, prefix))
+    values.update(_leaves(raw, prefix))
+    return values
+
+
+def _leaves(tree: dict, prefix: str) -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def _plain(value):
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def read_events(run_dir: Path) -> EventAccumulator:
@@ -48,9 +80,9 @@ def test_cli_run_writes_events_checkpoints_and_metrics(tmp_path, tiny):
     # W_x, b, W_h, the clock's coefficients (20 periods x 4 modules), the event gate (G_x, g_b, G_h) and the head
     assert metrics["params"] == 2 * 16 + 16 + 16 * 16 + 20 * 4 + (4 * 2 + 4 + 4 * 16) + 16 + 1
     # The CPU recurrence that ran, named in the header and in metrics.json.
-    from hrnn import fused
+    from hrnn.ops import cpu_capabilities, fused_available
 
-    ran = (os.environ.get("HRNN_CPU_CAPABILITY") or fused.cpu_capabilities()[-1]) if fused.available() else "pytorch loop"
+    ran = (os.environ.get("HRNN_CPU_CAPABILITY") or cpu_capabilities()[-1]) if fused_available() else "pytorch loop"
     assert metrics["cpu_kernels"] == ran and f"cpu (recurrence: {ran})" in result.stdout
     # The learning curve: one entry per evaluation, the last one the final evaluation.
     assert [entry["step"] for entry in metrics["history"]] == [3, 6]
@@ -175,14 +207,17 @@ def test_missing_mnist_names_the_command_that_fixes_it(tmp_path, tiny):
     result = run_cli(["task=smnist", f"data_dir={tmp_path / 'empty'}", *tiny], cwd=tmp_path, check=False, timeout=60)
     assert result.returncode != 0
     assert "make data" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # writes nothing: the data are checked before the run directory is made
 
 
 def test_corrupt_mnist_names_the_command_that_fixes_it(tmp_path, tiny):
-    (tmp_path / "mnist.pkl.gz").write_bytes(b"\x1f\x8b truncated")
+    (tmp_path / "mnist.npz").write_bytes(b"PK truncated")
+    (tmp_path / "mnist.sha256").write_text(f"{'0' * 64}  mnist.npz\n")
     tiny = [arg for arg in tiny if not arg.startswith("task.")]
     result = run_cli(["task=pmnist", f"data_dir={tmp_path}", *tiny], cwd=tmp_path, check=False, timeout=60)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"error: cannot read {tmp_path / 'mnist.pkl.gz'}") and "make data" in result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / 'mnist.npz'} has sha256 ") and "make data" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist.npz", "mnist.sha256"]  # no run directory
 
 
 def test_resume_of_a_directory_without_a_run(tmp_path):
@@ -196,7 +231,7 @@ def test_resume_of_a_directory_without_a_run(tmp_path):
 def test_max_wall_s_stops_with_a_last_evaluation_and_counts_as_finished_for_resume_auto(tmp_path, tiny):
     """A wall-clock budget ends training early, evaluates and tests as at the end, and a sweep
     continued with resume=auto leaves the spent job alone (it has no steps left to use its time)."""
-    from hrnn.sweep import finished_value
+    from hrnn.sweep.callbacks import finished_value
 
     args = ["task=adding", "task.seq_len=20", *tiny, "trainer.steps=1000000", "trainer.eval_every=1000000",
             "trainer.max_wall_s=1.5", f"hydra.run.dir={tmp_path / 'run'}"]
@@ -221,7 +256,7 @@ def test_a_non_positive_max_wall_s_is_one_line(tmp_path):
 def test_a_sweep_jobs_directory_resumes_with_the_argument_the_stop_message_gives(tmp_path, tiny):
     """A sweep job's directory name holds '=' and ',', which Hydra reads as syntax unquoted: the
     stop message quotes it, and resume accepts the quoted form."""
-    from hrnn.run import resume_argument
+    from hrnn.train.resume import resume_argument
 
     run_dir = tmp_path / "sweep" / "0_model.activation=event,trainer.seed=0"
     common = ["task=adding", "task.seq_len=10", "model.activation=event", "trainer.eval_every=2", *tiny]

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -17,12 +16,14 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR
-from hrnn import search
-from hrnn.config import validate
+from conftest import CONF_DIR, without_wall_times
+from hrnn.sweep import search
+from hrnn.config.schema import validate
 from hrnn.errors import UserError
-from hrnn.run import preflight
-from hrnn.summary import read_jobs
+from hrnn.cli.train import preflight
+from hrnn.sweep.summary import read_jobs
+from hrnn.train.environment import SIGNAL_AT
+from hrnn.train.loop import train
 
 # Tiny trials: T=20 (so basis sizes up to 8 fit dct's 11 frequencies), 16 hidden units; 4 evaluations each.
 TRIAL = ["model.activation=clock", "task.seq_len=20", "task.n_val=50", "task.n_test=50", "model.hidden_size=16", "basis.size=choice(4,8)",
@@ -31,10 +32,10 @@ TRIAL = ["model.activation=clock", "task.seq_len=20", "task.n_val=50", "task.n_t
 PRUNE_EARLY = ["hydra.sweeper.pruner.n_startup_trials=2", "hydra.sweeper.pruner.n_warmup_steps=3"]
 
 
-def hrnn_train(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def hrnn_train(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "hrnn.run", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hrnn.cli.train", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -120,7 +121,7 @@ def test_pruning_follows_the_median_rule_on_the_reported_evaluations(adding_sear
             assert torch_step(job / "checkpoints" / "last.pt") == step  # its files are kept
         else:
             assert trial.state == complete and not all(any(v) for v in verdicts), (trial.number, verdicts)
-    jobs = {j["name"]: j for j in read_jobs(sweep)}  # scripts/summarize.py lists a pruned trial as such
+    jobs = {j["name"]: j for j in read_jobs(sweep)}  # hrnn-summary lists a pruned trial as such
     for trial in study.trials:
         if trial.state == pruned:
             assert jobs[str(trial.number)]["status"] == "unfinished"
@@ -171,25 +172,20 @@ def test_resume_auto_extends_a_finished_search(adding_search, tmp_path) -> None:
 
 
 def test_killed_search_resumes_its_running_trial_from_the_checkpoint(tmp_path) -> None:
-    """SIGTERM in the middle of trial 1 (basic launcher: the trial runs in the search's process);
-    resume=auto runs trial 1 again in its own directory from its last checkpoint, then trial 2."""
+    """SIGTERM at step 7 of trial 1 (basic launcher: the trial runs in the search's process); resume=auto
+    runs trial 1 again in its own directory from its last checkpoint, then trial 2."""
     sweep = tmp_path / "sweep"
     args = ["-m", "hparams_search=adding", "hydra/launcher=basic", "hydra.sweeper.n_trials=3", *TRIAL,
-            "trainer.steps=300", "trainer.eval_every=100", "trainer.num_threads=1", f"hydra.sweep.dir={sweep}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "hrnn.run", *args], cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    last, deadline = sweep / "1" / "checkpoints" / "last.pt", time.time() + 240
-    while not last.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0]
-    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
-    assert not (sweep / "1" / "metrics.json").exists(), "trial 1 ended before the kill; nothing to resume"
+            "trainer.num_threads=1", f"hydra.sweep.dir={sweep}"]
+    stopped = hrnn_train(args, tmp_path, env={SIGNAL_AT: "signal=SIGTERM,step=7,job=1"})
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    last = sweep / "1" / "checkpoints" / "last.pt"
+    assert not (sweep / "1" / "metrics.json").exists()
     study = load_study(sweep)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
     first, interrupted = study.trials
     at_kill = torch_step(last)
+    assert at_kill == 7
 
     refused = hrnn_train(args, tmp_path)  # the same command without resume=auto would start over: refused
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].endswith(
@@ -203,7 +199,12 @@ def test_killed_search_resumes_its_running_trial_from_the_checkpoint(tmp_path) -
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "COMPLETE"]
     assert study.trials[0].value == first.value and study.trials[1].params == interrupted.params
     metrics = json.loads((sweep / "1" / "metrics.json").read_text())
-    assert metrics["steps"] == 300 and study.trials[1].value == metrics["val_metric"]
+    assert metrics["steps"] == 12 and study.trials[1].value == metrics["val_metric"]
+    train(OmegaConf.load(sweep / "1" / ".hydra" / "config.yaml"), tmp_path / "reference")  # trial 1, uninterrupted
+    expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    for key in ("val_metric", "test_metric", "best_step", "val", "test"):
+        assert metrics[key] == expected[key], key
+    assert without_wall_times(metrics["history"]) == without_wall_times(expected["history"])
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["0", "1", "2"]
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,10 +14,11 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config, without_wall_times
 from hrnn.errors import UserError
-from hrnn.run import train
-from hrnn.summary import format_markdown, read_jobs, summarize
-from hrnn.sweep import run_job, threads_per_job
-from hrnn.tensorboard_logging import flat_hparams, hparam_types
+from hrnn.train.environment import SIGNAL_AT
+from hrnn.train.loop import train
+from hrnn.sweep.summary import format_markdown, read_jobs, summarize
+from hrnn.sweep.callbacks import run_job, threads_per_job
+from hrnn.report.tensorboard import flat_hparams, hparam_types
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.hidden_size=16", "model.n_modules=2", "trainer.batch_size=8", "trainer.eval_batch_size=50",
@@ -25,10 +26,10 @@ SMALL = ["model.hidden_size=16", "model.n_modules=2", "trainer.batch_size=8", "t
 SYNTHETIC = ["task.seq_len=20", "task.n_val=50", "task.n_test=50"]
 
 
-def hrnn_train(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def hrnn_train(args: list[str], cwd: Path, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "hrnn.run", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hrnn.cli.train", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -72,7 +73,7 @@ def test_summarize_reads_the_sweep(joblib_sweep: Path) -> None:
     assert [r["basis"] for r in rows] == ["binary", "dct"]
     assert all(r["finished"] == 1 and r["failed"] == 0 and r["val_metric_mean"] is not None for r in rows)
     assert all(r["periods"].startswith("[") for r in rows)
-    script = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(joblib_sweep), "--csv"],
+    script = subprocess.run([sys.executable, "-m", "hrnn.cli.summary", str(joblib_sweep), "--csv"],
                             capture_output=True, text=True, timeout=60)
     assert script.returncode == 0, script.stderr
     header, *lines = script.stdout.strip().splitlines()
@@ -143,30 +144,21 @@ def test_submitit_local_runs_a_job(tmp_path: Path) -> None:
 
 
 def test_resume_auto_skips_finished_jobs_and_resumes_the_interrupted_one(tmp_path: Path) -> None:
-    """The sweep is killed (SIGKILL) while its second job trains; resume=auto skips the first job and
-    continues the second from its last checkpoint to the metrics of an uninterrupted run."""
+    """The sweep is killed (SIGKILL) at step 22 of its second job; resume=auto skips the first job and
+    continues the second from its last checkpoint (step 20) to the metrics of an uninterrupted run."""
     sweep = tmp_path / "sweep"
     run = [*SMALL, *SYNTHETIC, "trainer.steps=40", "trainer.eval_every=4", "trainer.num_threads=1"]
     args = ["-m", "trainer.seed=0,1", f"hydra.sweep.dir={sweep}", *run]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "hrnn.run", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not list(sweep.glob("1_*/checkpoints/last.pt")):
-            assert proc.poll() is None and time.time() < deadline, "the second job never checkpointed"
-            time.sleep(0.01)
-    finally:
-        proc.kill()
-        proc.wait()
+    killed = hrnn_train(args, tmp_path, env={SIGNAL_AT: "signal=SIGKILL,step=22,job=1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     first, second = job_dirs(sweep)
-    assert not (second / "metrics.json").exists(), "the second job finished before the kill; raise trainer.steps"
+    assert not (second / "metrics.json").exists()
     kept = (first / "metrics.json").read_bytes()
 
     result = hrnn_train([*args, "resume=auto"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{first.name}: already finished" in result.stdout
-    assert "resuming after step " in result.stdout
+    assert "resuming after step 20" in result.stdout
     assert (first / "metrics.json").read_bytes() == kept
     reference = tmp_path / "reference"
     train(compose_config(["trainer.seed=1", *run]), reference)  # the second job, uninterrupted
@@ -235,7 +227,7 @@ def test_hparams_have_one_key_set_for_every_config() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfgs = [compose(config_name="config", overrides=o) for o in
                 (["basis=binary"], ["model=lstm"], ["basis=period", "regularizer=l1"], ["task=smnist"])]
-    from hrnn.config import validate
+    from hrnn.config.schema import validate
 
     flats = [flat_hparams(validate(c)) for c in cfgs]
     types = hparam_types()

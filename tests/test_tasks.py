@@ -3,19 +3,22 @@ from __future__ import annotations
 
 import gzip
 import math
-import pickle
+import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import compose_config
-from hrnn.config import validate
+from hrnn.config.schema import validate
 from hrnn.errors import UserError
-from hrnn.seeds import STREAMS, stream_seed
+from hrnn.seeds import STREAMS, generator, stream_seed
 from hrnn.tasks import build_task, load_mnist
-from hrnn.tasks.mnist import MnistTask
+from hrnn.tasks.checksums import sums_text
+from hrnn.tasks.mnist import MnistTask, record_idx_checksums, save_mnist
 from hrnn.tasks.synthetic import AddingTask, CopyTask, TimescalesTask
 
 EVAL = dict(seed=0, data_seed=1, n_val=20, n_test=20)
@@ -101,21 +104,37 @@ def test_no_choice_of_seeds_lets_training_replay_the_validation_set():
 def test_streams_are_distinct_for_every_seed_and_name():
     seeds = [stream_seed(name, seed) for name in STREAMS for seed in range(300)]
     assert len(set(seeds)) == len(seeds)
-    assert stream_seed("train", 7) == stream_seed("train", 7)  # a pure function: resume and reruns are exact
+
+
+def test_a_streams_seed_is_its_definition_in_every_process():
+    """numpy's SeedSequence of the user seed, spawned by the CRC-32 of the stream's name (docs/resume.md):
+    the same number in a process with another str-hash salt, so resumed runs and reruns draw the same data."""
+    crc32_of_train = 0x5C66E4A3  # the CRC-32 of the bytes b"train", as gzip writes it
+    definition = int(np.random.SeedSequence(entropy=7, spawn_key=(crc32_of_train,)).generate_state(1, np.uint64)[0])
+    assert stream_seed("train", 7) == definition == 13933171922931938614
+    assert torch.equal(torch.rand(3, generator=generator("train", 7)),
+                       torch.rand(3, generator=torch.Generator().manual_seed(definition)))
+    code = "from hrnn.seeds import stream_seed; print(stream_seed('train', 7))"
+    other = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": "12345"},
+                           capture_output=True, text=True, check=True)
+    assert int(other.stdout) == definition
 
 
 def _tiny_mnist(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n).astype(np.int64)
 
 
-def test_mnist_pickle_format(tmp_path):
-    rng = np.random.default_rng(0)
-    splits = (_tiny_mnist(rng, 30), _tiny_mnist(rng, 10), _tiny_mnist(rng, 12))
-    with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
-        pickle.dump(splits, f, protocol=2)
+def _tiny_splits(rng: np.random.Generator, *sizes: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return dict(zip(("train", "val", "test"), (_tiny_mnist(rng, n) for n in sizes)))
+
+
+def test_mnist_npz_format(tmp_path):
+    splits = _tiny_splits(np.random.default_rng(0), 30, 10, 12)
+    save_mnist(tmp_path, splits)
+    assert (tmp_path / "mnist.sha256").read_text().endswith("  mnist.npz\n")
     data = load_mnist(tmp_path)
     assert [len(data[s][0]) for s in ("train", "val", "test")] == [30, 10, 12]
-    assert np.array_equal(data["val"][0], splits[1][0]) and np.array_equal(data["test"][1], splits[2][1])
+    assert np.array_equal(data["val"][0], splits["val"][0]) and np.array_equal(data["test"][1], splits["test"][1])
 
 
 def _write_idx(path, array: np.ndarray, compress: bool) -> None:
@@ -137,6 +156,7 @@ def test_mnist_idx_format(tmp_path, compress):
     _write_idx(tmp_path / "train-labels-idx1-ubyte", rng.integers(0, 10, 60), compress)
     _write_idx(tmp_path / "t10k-images-idx3-ubyte", test, compress)
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 7), compress)
+    record_idx_checksums(tmp_path)
     data = load_mnist(tmp_path)
     assert data["train"][0].shape == (50, 784) and data["val"][0].shape == (10, 784)
     assert np.allclose(data["val"][0][0], train[50].reshape(-1) / 255.0)
@@ -153,6 +173,7 @@ def test_mnist_idx_at_full_size_splits_50k_train_10k_validation_in_order(tmp_pat
     _write_idx(tmp_path / "train-labels-idx1-ubyte", index % 10, compress=True)
     _write_idx(tmp_path / "t10k-images-idx3-ubyte", images[:3], compress=True)
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte", index[:3] % 10, compress=True)
+    record_idx_checksums(tmp_path)
     data = load_mnist(tmp_path)
     position = lambda x: np.rint(x[:, 0] * 255).astype(int) * 256 + np.rint(x[:, 1] * 255).astype(int)
     assert np.array_equal(position(data["train"][0]), index[:50_000])
@@ -166,16 +187,45 @@ def test_mnist_missing_names_the_fix(tmp_path):
 
 
 def test_mnist_corrupt_names_the_fix(tmp_path):
-    (tmp_path / "mnist.pkl.gz").write_bytes(b"not a gzip file")
-    with pytest.raises(UserError, match="cannot read .*make data"):
+    save_mnist(tmp_path, _tiny_splits(np.random.default_rng(0), 4, 2, 2))
+    npz = tmp_path / "mnist.npz"
+    npz.write_bytes(npz.read_bytes()[:-10])
+    with pytest.raises(UserError, match=f"^{npz} has sha256 .* but {tmp_path / 'mnist.sha256'} records .*make data"):
         load_mnist(tmp_path)
+    npz.write_bytes(b"not a zip file")  # and its checksum recorded, as a crafted directory would
+    (tmp_path / "mnist.sha256").write_text(sums_text({"mnist.npz": npz.read_bytes()}))
+    with pytest.raises(UserError, match=f"^cannot read {npz}: .*make data"):
+        load_mnist(tmp_path)
+
+
+def test_mnist_without_a_checksum_is_not_read(tmp_path):
+    save_mnist(tmp_path, _tiny_splits(np.random.default_rng(0), 4, 2, 2))
+    (tmp_path / "mnist.sha256").unlink()
+    with pytest.raises(UserError, match=f"^checksum file {tmp_path / 'mnist.sha256'} not found.*make data"):
+        load_mnist(tmp_path)
+
+
+def test_a_legacy_pickle_is_never_read(tmp_path):
+    (tmp_path / "mnist.pkl.gz").write_bytes(b"anything")
+    with pytest.raises(UserError, match="its mnist.pkl.gz is not read \\(a pickle can run code\\); run `make data`"):
+        load_mnist(tmp_path)
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (lambda s: s["train"][1].__setitem__(0, 10), "holds labels of type int64 outside 0..9"),
+    (lambda s: s["val"][0].__setitem__((0, 0), np.nan), "holds pixels of type float32 outside"),
+    (lambda s: s.__setitem__("test", (s["test"][0][:, :5], s["test"][1])), "has 5 pixels per image"),
+])
+def test_mnist_values_are_checked_before_training_sees_them(tmp_path, damage, problem):
+    splits = _tiny_splits(np.random.default_rng(0), 4, 2, 2)
+    damage(splits)
+    with pytest.raises(UserError, match=problem):
+        save_mnist(tmp_path, splits)
 
 
 def test_pmnist_applies_one_fixed_permutation(tmp_path):
     rng = np.random.default_rng(2)
-    splits = (_tiny_mnist(rng, 20), _tiny_mnist(rng, 5), _tiny_mnist(rng, 5))
-    with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
-        pickle.dump(splits, f)
+    save_mnist(tmp_path, _tiny_splits(rng, 20, 5, 5))
     plain = MnistTask(str(tmp_path), seed=0, permute=False, permutation_seed=0)
     permuted = MnistTask(str(tmp_path), seed=0, permute=True, permutation_seed=3)
     again = MnistTask(str(tmp_path), seed=5, permute=True, permutation_seed=3)

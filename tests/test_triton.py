@@ -1,13 +1,13 @@
-"""The Triton kernels (the CUDA path, issue 16) against the reference loop, on the CPU.
+"""The Triton kernels (the CUDA path) against the reference loop, on the CPU.
 
 Triton's interpreter (TRITON_INTERPRET=1, set below before the kernels are defined) runs the
 kernels on CPU tensors, so these tests need no GPU: the kernels' entry points in
-hrnn.triton_core are called directly (hrnn.core sends only CUDA tensors there). Values and every
+hrnn.ops.gpu are called directly (hrnn.ops sends only CUDA tensors there). Values and every
 gradient must equal `leaky_scan_reference` / `leaky_rnn_reference` to 1e-5 relative in ieee
 mode, for the case matrix of the CPU kernels (tests/test_fused.py) plus a batch that needs
 two programs. Triton is a test dependency (setup.cfg extra `test`): without it this module
 fails to import, loudly. The interpreter computes tf32 and tf32x3 dots exactly, so their
-accuracy is checked on a GPU (scripts/gpu_check.sh), not here; bf16 is emulated by rounding.
+accuracy is checked on a GPU (scripts/gpu/gpu_check.sh), not here; bf16 is emulated by rounding.
 """
 import importlib
 import json
@@ -22,11 +22,11 @@ from omegaconf import OmegaConf
 
 _before = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernels are defined
-from hrnn import triton_core, triton_kernels  # noqa: E402
+from hrnn.ops import gpu, gpu_kernels  # noqa: E402
 
-if not triton_core.INTERPRET:  # defined earlier in this process without the interpreter
-    importlib.reload(triton_kernels)
-    importlib.reload(triton_core)
+if not gpu.INTERPRET:  # defined earlier in this process without the interpreter
+    importlib.reload(gpu_kernels)
+    importlib.reload(gpu)
 
 
 def _restore_env():
@@ -39,14 +39,14 @@ def _restore_env():
 _restore_env()  # the other test modules' tests (and their subprocesses) run without it
 
 from conftest import TINY, compose_config  # noqa: E402
-from hrnn import core  # noqa: E402
-from hrnn.config import validate  # noqa: E402
-from hrnn.core import leaky_rnn_reference, leaky_scan_reference  # noqa: E402
+from hrnn import ops  # noqa: E402
+from hrnn.config.schema import validate  # noqa: E402
 from hrnn.errors import UserError  # noqa: E402
-from hrnn.run import train  # noqa: E402
+from hrnn.ops import dispatch, leaky_rnn_reference, leaky_scan_reference  # noqa: E402
+from hrnn.train.loop import train  # noqa: E402
 from test_fused import CASES, assert_close_rel, make_inputs, make_rnn_inputs, rnn_grads, run_with_grads  # noqa: E402
 
-assert triton_core.INTERPRET, triton_core._REASON
+assert gpu.INTERPRET, gpu.unavailable_reason()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -66,11 +66,11 @@ def case_id(c):
 
 
 def scan(last_only, precision="ieee"):
-    return lambda *a: triton_core.leaky_scan(*a, last_only, precision)
+    return lambda *a: gpu.leaky_scan(*a, last_only, precision)
 
 
 def rnn(last_only, precision="ieee"):
-    return lambda *a: triton_core.leaky_rnn(*a, last_only, precision)
+    return lambda *a: gpu.leaky_rnn(*a, last_only, precision)
 
 
 @pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
@@ -80,7 +80,7 @@ def test_scan_matches_reference(case, last_only):
     per-program da; test_rnn_matches_reference runs with it off)."""
     batch, steps, hidden, n_modules, hard, masked = case
     inputs = make_inputs(batch, steps, hidden, n_modules, hard, masked)
-    assert triton_core.supports(inputs[0], inputs[1], *inputs[2:]) is None
+    assert gpu.supports(inputs[0], inputs[1], *inputs[2:]) is None
     shape = (batch, hidden) if last_only else (batch, steps, hidden)
     grad_out = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
 
@@ -129,7 +129,7 @@ def test_gradcheck_float64(hard):
     (random projections of the Jacobian) keeps the interpreter's calls few."""
     x, w_x, b, w_h, waves, h0 = make_rnn_inputs(3, 5, 8, 2, hard, hard, 2, True, dtype=torch.float64)
     args = [t.clone().requires_grad_() for t in (x, w_x, b, w_h, waves, h0)]
-    assert triton_core.supports(x, w_h, w_x, b, waves, h0) is None
+    assert gpu.supports(x, w_h, w_x, b, waves, h0) is None
     for last_only in (False, True):
         assert torch.autograd.gradcheck(rnn(last_only), args, fast_mode=True)
 
@@ -137,7 +137,7 @@ def test_gradcheck_float64(hard):
 def test_hard_waves_hold_and_replace_exactly():
     """a = 0 keeps the state bit-for-bit, a = 1 writes the candidate itself (torch.lerp's rule)."""
     u, w_h, waves, h0 = make_inputs(3, 12, 32, 4, hard=True, masked=True)
-    states = triton_core.leaky_scan(u, w_h, waves, h0, False, "ieee")
+    states = gpu.leaky_scan(u, w_h, waves, h0, False, "ieee")
     prev = torch.cat([h0[:, None], states[:, :-1]], dim=1)
     held = ~waves.repeat_interleave(8, dim=1).bool()[None].expand_as(states)
     assert held.any() and (~held).any()
@@ -151,9 +151,9 @@ def test_inference_records_nothing_and_matches(last_only):
     """No grad needed: the forward-only launch (no candidates) gives the training forward's values."""
     inputs = make_rnn_inputs(5, 10, 32, 4, False, False, 3, True)
     with torch.no_grad():
-        out = triton_core.leaky_rnn(*inputs, last_only, "ieee")
+        out = gpu.leaky_rnn(*inputs, last_only, "ieee")
     req = [t.clone().requires_grad_() for t in inputs]
-    trained = triton_core.leaky_rnn(*req, last_only, "ieee")
+    trained = gpu.leaky_rnn(*req, last_only, "ieee")
     assert out.grad_fn is None and trained.grad_fn is not None
     assert torch.equal(out, trained.detach())
     ref = leaky_rnn_reference(*inputs)
@@ -204,71 +204,75 @@ def test_bf16_rounds_the_product_operands_only():
 
 def test_supports_says_why_not():
     u, w_h, waves, h0 = make_inputs(2, 4, 16, 2, hard=False, masked=False)
-    assert triton_core.supports(u, w_h, waves, h0) is None
-    assert "float32/float64" in triton_core.supports(*(t.to(torch.bfloat16) for t in (u, w_h, waves, h0)))
+    assert gpu.supports(u, w_h, waves, h0) is None
+    assert "float32/float64" in gpu.supports(*(t.to(torch.bfloat16) for t in (u, w_h, waves, h0)))
     big = torch.zeros(129, 129)
-    assert "hidden size 129 > 128 in torch.float32" in triton_core.supports(torch.zeros(2, 4, 129), big)
-    assert triton_core.supports(torch.zeros(2, 4, 128), torch.zeros(128, 128)) is None
-    assert "> 64 in torch.float64" in triton_core.supports(*(torch.zeros(s, dtype=torch.float64) for s in ((2, 4, 65), (65, 65))))
+    assert "hidden size 129 > 128 in torch.float32" in gpu.supports(torch.zeros(2, 4, 129), big)
+    assert gpu.supports(torch.zeros(2, 4, 128), torch.zeros(128, 128)) is None
+    assert "> 64 in torch.float64" in gpu.supports(*(torch.zeros(s, dtype=torch.float64) for s in ((2, 4, 65), (65, 65))))
 
 
 def test_path_is_logged_once_per_reason(monkeypatch, caplog):
-    monkeypatch.setattr(triton_core, "_said", set())
+    monkeypatch.setattr(dispatch, "said", set())
     u, w_h, waves, h0 = make_inputs(2, 4, 16, 2, hard=False, masked=False)
-    with caplog.at_level(logging.INFO, logger="hrnn.triton_core"):
-        assert triton_core.use_kernels(u, w_h, waves, h0)
-        assert triton_core.use_kernels(u, w_h, waves, h0)
+    with caplog.at_level(logging.INFO, logger="hrnn.ops.dispatch"):
+        assert dispatch.cuda_path("clock", gpu.supports(u, w_h, waves, h0))
+        assert dispatch.cuda_path("clock", gpu.supports(u, w_h, waves, h0))
         half = [t.half() for t in (u, w_h, waves, h0)]
-        assert not triton_core.use_kernels(*half)
-        assert not triton_core.use_kernels(*half)
+        assert not dispatch.cuda_path("clock", gpu.supports(*half))
+        assert not dispatch.cuda_path("clock", gpu.supports(*half))
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["hrnn: CUDA tensors run the Triton kernels",
                      "hrnn: CUDA tensors run the pure PyTorch loop (same results, slower): "
                      "the Triton kernels take float32/float64 only (got torch.float16)"]
 
 
-def test_matmul_precision_setting(monkeypatch, tmp_path):
-    """The runner applies trainer.matmul_precision to hrnn.core; bad values fail in one line."""
-    monkeypatch.setattr(core, "_matmul_precision", "ieee")
+@pytest.fixture
+def precision_restored():
+    """The matmul precision set before the test, set again after it."""
+    before = ops.matmul_precision()
+    yield
+    ops.set_matmul_precision(before)
+
+
+def test_matmul_precision_setting(precision_restored, tmp_path):
+    """The runner applies trainer.matmul_precision to hrnn.ops; bad values fail in one line."""
     with pytest.raises(ValueError, match=r"'fp16' is not allowed; allowed: ieee, tf32, tf32x3, bf16"):
-        core.set_matmul_precision("fp16")
-    assert validate(compose_config([])).trainer.matmul_precision in core.MATMUL_PRECISIONS
+        ops.set_matmul_precision("fp16")
+    assert validate(compose_config([])).trainer.matmul_precision in ops.MATMUL_PRECISIONS
     with pytest.raises(UserError, match=r"^trainer.matmul_precision='fp16' is not allowed; allowed: ieee, tf32"):
         validate(compose_config(["trainer.matmul_precision=fp16"]))
     train(compose_config(["task=adding", "task.seq_len=8", "trainer.steps=1", "trainer.eval_every=1",
                           "trainer.matmul_precision=bf16", *TINY]), tmp_path)
-    assert core._matmul_precision == "bf16"
+    assert ops.matmul_precision() == "bf16"
 
 
 @pytest.fixture
 def cuda_looking(monkeypatch):
-    """CPU tensors that say they are CUDA tensors: hrnn.core's CUDA branch, run by the interpreter."""
+    """CPU tensors that say they are CUDA tensors: hrnn.ops's CUDA branch, run by the interpreter."""
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(triton_core, "_said", set())
+    monkeypatch.setattr(dispatch, "said", set())
 
 
-def test_core_sends_cuda_tensors_to_the_kernels_with_its_precision(cuda_looking, monkeypatch, caplog):
-    """hrnn.core.leaky_scan / leaky_rnn on CUDA run the kernels in set_matmul_precision's mode
+def test_core_sends_cuda_tensors_to_the_kernels_with_its_precision(cuda_looking, precision_restored, caplog):
+    """hrnn.ops.leaky_scan / leaky_rnn on CUDA run the kernels in set_matmul_precision's mode
     (bf16 here: its rounding shows which path ran) and say so once."""
-    monkeypatch.setattr(core, "_matmul_precision", "ieee")
-    core.set_matmul_precision("bf16")
+    ops.set_matmul_precision("bf16")
     u, w_h, waves, h0 = make_inputs(6, 20, 32, 4, hard=False, masked=False)
-    with caplog.at_level(logging.INFO, logger="hrnn.triton_core"):
-        got = core.leaky_scan(u, w_h, waves, h0)
+    with caplog.at_level(logging.INFO, logger="hrnn.ops.dispatch"):
+        got = ops.leaky_scan(u, w_h, waves, h0)
         x, w_x, b, *_ = make_rnn_inputs(6, 20, 32, 4, False, False, 3, True)
-        got_rnn = core.leaky_rnn(x, w_x, b, w_h, waves, h0, last_only=True)
+        got_rnn = ops.leaky_rnn(x, w_x, b, w_h, waves, h0, last_only=True)
     assert_close_rel(got, bf16_reference(u, w_h, waves, h0))
     assert_close_rel(got_rnn, bf16_reference(torch.nn.functional.linear(x, w_x, b), w_h, waves, h0)[:, -1])
     assert [r.getMessage() for r in caplog.records] == ["hrnn: CUDA tensors run the Triton kernels"]
 
 
-def test_core_falls_back_to_the_loop_on_cuda_and_says_why(cuda_looking, monkeypatch, caplog):
-    monkeypatch.setattr(triton_core, "_K", None)
-    monkeypatch.setattr(triton_core, "_REASON", "test: kernels hidden")
+def test_core_falls_back_to_the_loop_on_cuda_and_says_why(cuda_looking, caplog):
     inputs = make_rnn_inputs(3, 12, 16, 2, False, False, 2, True)
     grad_out = torch.randn(3, 12, 16)
-    with caplog.at_level(logging.INFO):
-        got, got_grads = rnn_grads(core.leaky_rnn, inputs, grad_out, [0, 1, 2, 3, 4, 5])
+    with caplog.at_level(logging.INFO), ops.kernels_hidden("cuda", "test: kernels hidden"):
+        got, got_grads = rnn_grads(ops.leaky_rnn, inputs, grad_out, [0, 1, 2, 3, 4, 5])
     want, want_grads = rnn_grads(leaky_rnn_reference, inputs, grad_out, [0, 1, 2, 3, 4, 5])
     assert torch.equal(got, want)
     for g, w in zip(got_grads, want_grads):
@@ -285,7 +289,7 @@ COMPILE = r"""
 import json, os, re, subprocess, sys, tempfile, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from hrnn import triton_core, triton_kernels as K
+from hrnn.ops import gpu, gpu_kernels as K
 
 def compile_(kernel, ptrs, dtype, constexprs, warps):
     sig = {n: ("*" + dtype if n in ptrs else "constexpr" if n in constexprs else "fp32" if n == "thr_value" else "i32")
@@ -306,15 +310,15 @@ def spill_bytes(kernel):
 out = {}
 for precision, dtype in (("tf32", torch.float32), ("tf32x3", torch.float32), ("bf16", torch.float32),
                          ("ieee", torch.float64)):
-    hidden = triton_core.MAX_HIDDEN[dtype]
-    _, opts = triton_core._launch(hidden, 100)
+    hidden = gpu.MAX_HIDDEN[dtype]
+    _, opts = gpu.launch(hidden, 100)
     warps, common = opts.pop("num_warps"), dict(T=784, PRECISION=precision, INTERPRET=False, **opts)
     ty = "fp64" if dtype == torch.float64 else "fp32"
     fwd = compile_(K.leaky_forward_kernel, {"u", "w_h", "waves", "h0", "buf", "cands", "last"}, ty,
                    dict(WRITE_STATES=True, WRITE_CANDS=True, WRITE_LAST=True, **common), warps)
     bwd = compile_(K.leaky_backward_kernel, {"grad", "grad_last", "buf", "cands", "w_h", "waves", "dz", "dh0",
                    "da_part"}, ty, dict(GRAD_ALL=True, NEED_DA=True, **common), warps)
-    _, gated = triton_core._gated_launch(hidden, 8, 100, 784, torch.zeros(784, 8), None, 0.5, False, precision, dtype)
+    _, gated = gpu.gated_launch(hidden, 8, 100, 784, torch.zeros(784, 8), None, 0.5, False, precision, dtype)
     gated["INTERPRET"], warps = False, gated.pop("num_warps")
     gfwd = compile_(K.gated_forward_kernel, {"u", "gu", "w_h", "gate_h", "waves", "thr", "h0", "buf", "cands", "gates",
                     "acts", "last"}, ty, dict(WRITE_STATES=True, WRITE_CANDS=True, WRITE_LAST=False, **gated), warps)
@@ -365,13 +369,12 @@ def test_resume_of_a_run_made_before_matmul_precision(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "finished"
 
 
-# --- The event-gated recurrence (hrnn.gated's CUDA path) -------------------------------------
+# --- The event-gated recurrence (hrnn.ops.gated_leaky_rnn's CUDA path) -----------------------
 
 from test_gated_fused import make as make_gated  # noqa: E402
 from test_gated_fused import values_and_grads as gated_values_and_grads  # noqa: E402
 
-from hrnn import gated as gated_module  # noqa: E402
-from hrnn.gated import gated_leaky_rnn_reference  # noqa: E402
+from hrnn.ops import gated_leaky_rnn_reference  # noqa: E402
 
 F32, F64 = torch.float32, torch.float64
 GATED_CASES = [
@@ -387,7 +390,7 @@ GATED_CASES = [
 
 
 def gated_kernels(precision="ieee"):
-    return lambda *a: triton_core.gated_leaky_rnn(*a, precision)
+    return lambda *a: gpu.gated_leaky_rnn(*a, precision)
 
 
 def gated_id(c):
@@ -403,7 +406,7 @@ def test_gated_matches_reference(case, last_only):
     batch, steps, inputs, hidden, modules, waves, mode, dtype = case
     args = make_gated(batch, steps, inputs, hidden, modules, dtype, waves)
     thresholds = args["thresholds"] if mode == "hard" else 0.5
-    assert triton_core.gated_supports(args["x"], args["w_h"], args["gate_h"]) is None
+    assert gpu.gated_supports(args["x"], args["w_h"], args["gate_h"]) is None
     want = gated_values_and_grads(gated_leaky_rnn_reference, args, mode, thresholds, last_only)
     got = gated_values_and_grads(gated_kernels(), args, mode, thresholds, last_only)
     tol = 1e-5 if dtype == F32 else 1e-10
@@ -435,7 +438,7 @@ def test_gated_gradcheck_float64():
     leaves = [a[n].clone().requires_grad_() for n in names]
     for last_only in (False, True):
         def op(*t):
-            states, acts = triton_core.gated_leaky_rnn(*t, "soft", 0.5, last_only, "ieee")
+            states, acts = gpu.gated_leaky_rnn(*t, "soft", 0.5, last_only, "ieee")
             return states, acts
         assert torch.autograd.gradcheck(op, leaves, fast_mode=True)
 
@@ -447,8 +450,8 @@ def test_gated_inference_matches_training_forward():
     inputs = [a[n] for n in ("x", "w_x", "bias", "w_h", "h0", "waves", "gate_x", "gate_bias", "gate_h")]
     for last_only in (False, True):
         with torch.no_grad():
-            states, acts = triton_core.gated_leaky_rnn(*inputs, "soft", 0.5, last_only, "ieee")
-        trained, trained_acts = triton_core.gated_leaky_rnn(*[t.clone().requires_grad_() for t in inputs],
+            states, acts = gpu.gated_leaky_rnn(*inputs, "soft", 0.5, last_only, "ieee")
+        trained, trained_acts = gpu.gated_leaky_rnn(*[t.clone().requires_grad_() for t in inputs],
                                                             "soft", 0.5, last_only, "ieee")
         assert states.grad_fn is None and trained.grad_fn is not None
         # Not bit-equal: torch's projection picks another product under autograd (ulps apart).
@@ -460,33 +463,31 @@ def test_gated_hard_gate_holds_the_state_exactly():
     """A shut gate keeps its module's units bit-for-bit; an open one with wave 1 takes the candidate."""
     a = make_gated(4, 10, 2, 16, 4, F32, None)
     inputs = [a[n] for n in ("x", "w_x", "bias", "w_h", "h0", "waves", "gate_x", "gate_bias", "gate_h")]
-    states, acts = triton_core.gated_leaky_rnn(*inputs, "hard", 0.5, False, "ieee")
+    states, acts = gpu.gated_leaky_rnn(*inputs, "hard", 0.5, False, "ieee")
     prev = torch.cat([a["h0"][:, None], states[:, :-1]], dim=1)
     held = (acts == 0).repeat_interleave(4, dim=2)
     assert held.any() and (~held).any()
     assert torch.equal(states[held], prev[held])
 
 
-def test_gated_op_sends_cuda_tensors_to_the_kernels(cuda_looking, monkeypatch, caplog):
-    """hrnn.gated.gated_leaky_rnn on CUDA runs the gated kernels in set_matmul_precision's mode
+def test_gated_op_sends_cuda_tensors_to_the_kernels(cuda_looking, precision_restored, caplog):
+    """hrnn.ops.gated_leaky_rnn on CUDA runs the gated kernels in set_matmul_precision's mode
     (bf16: its rounding shows which path ran), and says so once; hidden kernels fall back to
     the reference loop with one line saying why."""
-    monkeypatch.setattr(core, "_matmul_precision", "bf16")
+    ops.set_matmul_precision("bf16")
     a = make_gated(6, 10, 2, 32, 4, F32, "shared")
     inputs = [a[n] for n in ("x", "w_x", "bias", "w_h", "h0", "waves", "gate_x", "gate_bias", "gate_h")]
-    with caplog.at_level(logging.INFO, logger="hrnn.triton_core"):
-        states, acts = gated_module.gated_leaky_rnn(*inputs, "soft", 0.5, last_only=False)
-        gated_module.gated_leaky_rnn(*inputs, "soft", 0.5, last_only=True)
+    with caplog.at_level(logging.INFO, logger="hrnn.ops.dispatch"):
+        states, acts = ops.gated_leaky_rnn(*inputs, "soft", 0.5, last_only=False)
+        ops.gated_leaky_rnn(*inputs, "soft", 0.5, last_only=True)
     exact, exact_acts = gated_leaky_rnn_reference(*inputs, "soft", 0.5)
-    bf16_states, _ = triton_core.gated_leaky_rnn(*inputs, "soft", 0.5, False, "bf16")
+    bf16_states, _ = gpu.gated_leaky_rnn(*inputs, "soft", 0.5, False, "bf16")
     assert torch.equal(states, bf16_states)
     assert 1e-5 < ((states - exact).norm() / exact.norm()).item() < 2e-2
     assert [r.getMessage() for r in caplog.records] == ["hrnn: CUDA tensors run the gated Triton kernels"]
     caplog.clear()
-    monkeypatch.setattr(triton_core, "_K", None)
-    monkeypatch.setattr(triton_core, "_REASON", "test: kernels hidden")
-    with caplog.at_level(logging.INFO, logger="hrnn.triton_core"):
-        states, acts = gated_module.gated_leaky_rnn(*inputs, "soft", 0.5, last_only=False)
+    with caplog.at_level(logging.INFO, logger="hrnn.ops.dispatch"), ops.kernels_hidden("cuda", "test: kernels hidden"):
+        states, acts = ops.gated_leaky_rnn(*inputs, "soft", 0.5, last_only=False)
     assert torch.equal(states, exact) and torch.equal(acts, exact_acts)
     assert [r.getMessage() for r in caplog.records] == [
         "hrnn: CUDA tensors run the gated recurrence's PyTorch loop (same results, slower): test: kernels hidden"]
@@ -494,7 +495,7 @@ def test_gated_op_sends_cuda_tensors_to_the_kernels(cuda_looking, monkeypatch, c
 
 def test_gated_supports_says_why_not():
     x, w_h = torch.zeros(2, 3, 1), torch.zeros(96, 96)
-    assert "need an event gate" in triton_core.gated_supports(x, w_h, None)
+    assert "need an event gate" in gpu.gated_supports(x, w_h, None)
     # 8 modules of 12 units pad to 8 x 16 = 128: taken; 3 modules of 40 pad to 4 x 64 = 256: not.
-    assert triton_core.gated_supports(x, w_h, torch.zeros(8, 96)) is None
-    assert "pad to 256 > 128" in triton_core.gated_supports(x, torch.zeros(120, 120), torch.zeros(3, 120))
+    assert gpu.gated_supports(x, w_h, torch.zeros(8, 96)) is None
+    assert "pad to 256 > 128" in gpu.gated_supports(x, torch.zeros(120, 120), torch.zeros(3, 120))

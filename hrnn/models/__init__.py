@@ -7,10 +7,6 @@ from hrnn.models.clock import BasisClock, Clock, FixedClock, PeriodClock
 from hrnn.models.recurrent import ChunkerGate, ClockedRNN, ConnectivityGates, EventGate, SequenceModel, TorchRNN
 from hrnn.tasks.base import TaskSpec
 
-MODELS = ("hrnn", "cwrnn", "lstm", "gru", "rnn")
-BASES = ("binary", "dct", "period")
-REGULARIZERS = ("softmax", "l1", "none")
-
 
 def default_basis_size(basis: str, seq_len: int) -> int:
     """Binary: every period up to T. Cosine: every frequency up to Nyquist."""
@@ -71,7 +67,7 @@ def build_model(cfg: DictConfig, spec: TaskSpec) -> SequenceModel:
                                 model_cfg.gate_threshold, model_cfg.update_weight, model_cfg.prediction_weight)
         backbone = ClockedRNN(spec.input_size, hidden, clock, model_cfg.connectivity, gates, event)
     else:
-        backbone = TorchRNN(model_cfg.name, spec.input_size, hidden)
+        backbone = TorchRNN(model_cfg.name, spec.input_size, hidden, model_cfg.num_layers)
     return SequenceModel(backbone, hidden, spec.output_size, spec.readout)
 
 
@@ -79,4 +75,4 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["MODELS", "BASES", "REGULARIZERS", "build_model", "build_clock", "count_parameters", "SequenceModel", "Clock"]
+__all__ = ["build_model", "build_clock", "count_parameters", "SequenceModel", "Clock"]

@@ -29,8 +29,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-INIT_MODES = ("spread", "random", "uniform")
-
 
 def binary_basis(steps: int, size: int) -> Tensor:
     """(steps, size): column p-1 is 1 exactly where t % p == 0."""

@@ -10,13 +10,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from hrnn.core import leaky_rnn
-from hrnn.gated import chunker_leaky_rnn, gated_leaky_rnn
 from hrnn.models.clock import Clock
+from hrnn.ops import chunker_leaky_rnn, gated_leaky_rnn, leaky_rnn
 
-CONNECTIVITY = ("full", "slow_to_fast", "learned")
-ACTIVATIONS = ("clock", "event", "clock_event", "chunker")
-GATES = ("hard", "stochastic", "soft", "annealed")
 EVALUATION_DRAWS_SEED = 0  # a stochastic gate's draws in evaluation: the same every evaluation
 
 
@@ -69,6 +65,12 @@ class Backbone(nn.Module):
         or the torch.nn module; the run header names it."""
         return "fused"
 
+    def forward_carried(self, x: Tensor, state: tuple[Tensor, ...] | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """States (B, T, H) from the initial `state` (None: zeros), and the final state: for a long stream read
+        window by window with the state carried (task=text). A state is a tuple of tensors, each with the batch
+        first, so that the runner can zero the rows that start a new stream (hrnn/train/stream.py)."""
+        raise NotImplementedError(f"{type(self).__name__} does not carry its state from one window to the next")
+
 
 class ConnectivityGates(nn.Module):
     """Learned connectivity: block (i, j) of W_h is scaled by s_ij = sigmoid(L_ij).
@@ -93,7 +95,7 @@ class ConnectivityGates(nn.Module):
 
 
 class UpdateGate(nn.Module):
-    """What decides, per module and per sample, whether a module updates (`hrnn.gated`).
+    """What decides, per module and per sample, whether a module updates (`hrnn.ops.gated_leaky_rnn`).
 
     mode: "soft" uses the gate g itself; "hard" uses 1[g > threshold] with a straight-through
     gradient; "stochastic" uses 1[g > U], U ~ uniform(0, 1) (an update with probability g), in
@@ -105,7 +107,7 @@ class UpdateGate(nn.Module):
     `update_weight` * the mean activation is added to the loss (Skip RNN's budget).
     """
 
-    fused = True  # hrnn.gated's fused core runs it where built
+    fused = True  # hrnn.ops's fused core runs it where built
 
     def __init__(self, n_modules: int, mode: str, threshold: float, update_weight: float) -> None:
         super().__init__()
@@ -257,6 +259,12 @@ class ClockedRNN(Backbone):
         states, self.activations = self.event.run(self, x, waves, h0, last_only)
         return states
 
+    def forward_carried(self, x: Tensor, state: tuple[Tensor, ...] | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The ops' h0 in, the last state out; the clock's waves start at phase 0 in every window, which is
+        the stream's phase because windows start at multiples of T (hrnn/tasks/text.py, "Clock")."""
+        states = self(x, h0=None if state is None else state[0])
+        return states, (states[:, -1],)
+
     def penalty(self) -> Tensor:
         total = self.clock.penalty() if self.clock is not None else torch.zeros(())
         if self.gates is not None:
@@ -288,13 +296,19 @@ class TorchRNN(Backbone):
 
     LAYERS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
-    def __init__(self, kind: str, input_size: int, hidden_size: int) -> None:
+    def __init__(self, kind: str, input_size: int, hidden_size: int, num_layers: int = 1) -> None:
         super().__init__()
-        self.rnn = self.LAYERS[kind](input_size, hidden_size, batch_first=True)
+        self.rnn = self.LAYERS[kind](input_size, hidden_size, num_layers=num_layers, batch_first=True)
 
     def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
         states = self.rnn(x)[0]
         return states[:, -1] if last_only else states
+
+    def forward_carried(self, x: Tensor, state: tuple[Tensor, ...] | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """torch.nn's final (h, c) of an LSTM, h of a GRU or RNN, each (layers, B, H), carried batch first."""
+        hx = None if state is None else tuple(s.transpose(0, 1).contiguous() for s in state)
+        states, final = self.rnn(x, hx if hx is None or len(hx) == 2 else hx[0])
+        return states, tuple(s.transpose(0, 1) for s in (final if isinstance(final, tuple) else (final,)))
 
     def recurrence(self) -> str:
         return f"torch.nn.{type(self.rnn).__name__}"
@@ -322,6 +336,16 @@ class SequenceModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # "last": ask for the final state only, so no (B, T, H) gradient is built for it.
         return self.head(self.backbone(x, last_only=self.readout == "last"))
+
+    def forward_carried(self, x: Tensor, state: tuple[Tensor, ...] | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Outputs at every step from the initial `state`, and the final state (Backbone.forward_carried)."""
+        states, state = self.backbone.forward_carried(x, state)
+        return self.head(states), state
+
+    def activations(self) -> Tensor | None:
+        """Each module's activation a in the last forward pass, (T, M) for a clock alone, (B, T, M) with
+        gates; None for a backbone without modules (the text report reads it, hrnn/report/text.py)."""
+        return getattr(self.backbone, "activations", None)
 
     def penalty(self) -> Tensor:
         return self.backbone.penalty()

@@ -30,6 +30,9 @@ class Task:
     higher_is_better: bool
     baseline: float  # the metric of the best memoryless predictor
     baseline_note: str
+    # True for a task whose batches are windows of long streams (hrnn.tasks.text): the runner then carries
+    # each row's state from one window to the next (hrnn/train/stream.py); False: every sequence starts at zero.
+    streams: bool = False
 
     def train_batch(self, batch_size: int) -> tuple[Tensor, Tensor]:
         """A fresh training batch (x of shape (B, T, input_size), target)."""

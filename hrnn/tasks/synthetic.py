@@ -19,6 +19,10 @@ from hrnn.tasks.base import Task, TaskSpec, iterate
 
 COPY_SYMBOLS = 10  # alphabet 0..9: 0 blank, 1..8 data, 9 delimiter
 COPY_LENGTH = 10  # symbols to remember
+# A true period counts as recovered when a learned period is this close to it (relative): it covers
+# bases that cannot express a period exactly (cosine periods are T/k); a binary period either equals
+# the true one or misses it by >= 1 step.
+RECOVERY_TOLERANCE = 0.05
 BLANK, DELIMITER = 0, 9
 
 
@@ -59,11 +63,16 @@ class CopyTask(SyntheticTask):
 
     def __init__(self, seq_len: int, **kwargs) -> None:
         self.delay = seq_len
-        total = seq_len + 2 * COPY_LENGTH
+        total = self.total_length(seq_len)
         self.spec = TaskSpec(input_size=COPY_SYMBOLS, output_size=COPY_SYMBOLS, seq_len=total, readout="all")
         self.baseline = COPY_LENGTH * math.log(8) / total
         self.baseline_note = "10 ln 8 / (T+20): blanks known, recalled symbols guessed uniformly from 8"
         super().__init__(**kwargs)
+
+    @staticmethod
+    def total_length(delay: int) -> int:
+        """The sequence length for a delay T: the symbols, the delay, the recall."""
+        return delay + 2 * COPY_LENGTH
 
     def generate(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         total = self.spec.seq_len
@@ -119,9 +128,9 @@ class AddingTask(SyntheticTask):
         return {"mse": self.loss(output, target).item()}
 
 
-def recovered_periods(true_periods: list[int], learned_periods: list[float], tolerance: float = 0.05) -> list[int]:
-    """The true periods within `tolerance` (relative) of some learned period."""
-    return [p for p in true_periods if any(abs(q - p) <= tolerance * p for q in learned_periods)]
+def recovered_periods(true_periods: list[int], learned_periods: list[float]) -> list[int]:
+    """The true periods within RECOVERY_TOLERANCE (relative) of some learned period."""
+    return [p for p in true_periods if any(abs(q - p) <= RECOVERY_TOLERANCE * p for q in learned_periods)]
 
 
 class TimescalesTask(SyntheticTask):
@@ -147,13 +156,9 @@ class TimescalesTask(SyntheticTask):
         self._hold_index = torch.stack([(t // p) * p for p in self.periods], dim=1)  # (T, C)
         super().__init__(**kwargs)
 
-    def recovered(self, learned_periods: list[float], tolerance: float = 0.05) -> list[int]:
-        """The true periods that some module's dominant period matches (within `tolerance`, relative).
-
-        The tolerance covers bases that cannot express a period exactly (cosine
-        periods are T/k); a binary period either equals the true one or misses it by >= 1 step.
-        """
-        return recovered_periods(self.periods, learned_periods, tolerance)
+    def recovered(self, learned_periods: list[float]) -> list[int]:
+        """The true periods that some module's dominant period matches (within RECOVERY_TOLERANCE)."""
+        return recovered_periods(self.periods, learned_periods)
 
     def generate(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         x = torch.randn(n, self.spec.seq_len, len(self.periods), generator=gen)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,9 +25,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hrnn import search
+from hrnn.cli.wrapper import user_errors
 from hrnn.errors import UserError
-from hrnn.sweep import joblib_workers
+from hrnn.sweep import search
+from hrnn.sweep.callbacks import joblib_workers
 
 
 class OptunaSweeper(Sweeper):
@@ -46,28 +46,48 @@ class OptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
+    @user_errors
     def sweep(self, arguments: list[str]) -> list[Any]:
-        try:
-            return self._sweep(arguments)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+        """Batches of trials until the study holds n_trials; trials an interrupted search left running come first."""
+        path = self._storage_path()
+        space, fixed = self._space(arguments)
+        study, env = self._study(path)
+        stale = _running(study)
+        if stale:
+            print(f"search: continuing {len(stale)} trial(s) left running: {', '.join(str(t.number) for t in stale)}",
+                  flush=True)
+        returns = []
+        while True:
+            if stale:
+                batch, stale = _stale_batch(study, stale[: self.n_jobs]), stale[self.n_jobs:]
+            else:
+                remaining = self.n_trials - len(study.trials)
+                if remaining <= 0:
+                    break
+                batch = [(trial.number, trial.params) for trial in
+                         (study.ask(space) for _ in range(min(self.n_jobs, remaining)))]
+            for group in _consecutive(batch):
+                returns.append(self._launch(study, group, fixed, env))
+        return returns
 
-    def _sweep(self, arguments: list[str]) -> list[Any]:
+    def _storage_path(self) -> Path:
+        """The study's file; UserError where a search is there already (without resume=auto) or the direction is bad."""
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        path = Path(self.storage) if self.storage else sweep_dir / search.STUDY_FILE
+        if path.exists() and str(self.config.get("resume")) != "auto":
+            raise UserError(f"{path} already holds a search; continue it with resume=auto, "
+                            f"or start a new one in another hydra.sweep.dir")
+        if self.direction not in ("minimize", "maximize"):
+            raise UserError(f"hydra.sweeper.direction={self.direction!r}; allowed: minimize, maximize")
+        return path
+
+    def _study(self, path: Path):
+        """The study (created, or loaded with resume=auto) with this run's sampler, and the jobs' environment."""
         import optuna  # here, not at the top: Hydra imports every plugin on every hrnn-train
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        path = Path(self.storage) if self.storage else sweep_dir / search.STUDY_FILE
-        resume = str(self.config.get("resume")) == "auto"
-        if path.exists() and not resume:
-            raise UserError(f"{path} already holds a search; continue it with resume=auto, "
-                                   f"or start a new one in another hydra.sweep.dir")
-        if self.direction not in ("minimize", "maximize"):
-            raise UserError(f"hydra.sweeper.direction={self.direction!r}; allowed: minimize, maximize")
-        space, fixed = self._space(arguments)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-
         url = search.storage_url(path)
         study = optuna.create_study(study_name=self.study_name, storage=search.open_storage(url),
                                     direction=self.direction, load_if_exists=True)
@@ -77,43 +97,26 @@ class OptunaSweeper(Sweeper):
         # A resumed search draws new points, not the first run's again: the seed moves on by the trials stored.
         study.sampler = instantiate(self.sampler_cfg, **({"seed": self.sampler_cfg.seed + len(study.trials)}
                                                          if self.sampler_cfg.get("seed") is not None else {}))
-        env = {search.ENV_STORAGE: url, search.ENV_STUDY: self.study_name}
-        stale = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
-        if stale:
-            print(f"search: continuing {len(stale)} trial(s) left running: {', '.join(str(t.number) for t in stale)}",
-                  flush=True)
-        returns = []
-        while True:
-            if stale:
-                chunk, stale = stale[: self.n_jobs], stale[self.n_jobs:]
-                for trial in chunk:  # its job had marked it pruned when the search stopped
-                    if search.PRUNED_AT in trial.user_attrs:
-                        study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
-                batch = [(t.number, t.params) for t in chunk if search.PRUNED_AT not in t.user_attrs]
-            else:
-                remaining = self.n_trials - len(study.trials)
-                if remaining <= 0:
-                    break
-                batch = []
-                for _ in range(min(self.n_jobs, remaining)):
-                    trial = study.ask(space)
-                    batch.append((trial.number, trial.params))
-            for group in _consecutive(batch):
-                jobs = [[*fixed, *(search.as_override(k, v) for k, v in params.items()),
-                         *(_env_override(k, v) for k, v in {**env, search.ENV_TRIAL: str(number)}.items())]
-                        for number, params in group]
-                try:  # composed here first: a bad parameter is one line, not a failure in every job
-                    self.validate_batch_is_legal(jobs)
-                except (HydraException, OmegaConfBaseException) as exc:
-                    for number, _ in group:
-                        study.tell(number, state=optuna.trial.TrialState.FAIL)
-                    raise UserError(f"cannot compose trial {group[0][0]} "
-                                           f"({' '.join(jobs[0][len(fixed):-3])}): {str(exc).strip().splitlines()[0]}") from None
-                results = self.launcher.launch(jobs, initial_job_idx=group[0][0])
-                for (number, _), result in zip(group, results):
-                    self._tell(study, number, result)
-                returns.append(results)
-        return returns
+        return study, {search.ENV_STORAGE: url, search.ENV_STUDY: self.study_name}
+
+    def _launch(self, study, group: list[tuple[int, Any]], fixed: list[str], env: dict[str, str]) -> Any:
+        """Launch trials of consecutive numbers as one batch of jobs (job number = trial number); tell the study."""
+        from optuna.trial import TrialState
+
+        jobs = [[*fixed, *(search.as_override(k, v) for k, v in params.items()),
+                 *(_env_override(k, v) for k, v in {**env, search.ENV_TRIAL: str(number)}.items())]
+                for number, params in group]
+        try:  # composed here first: a bad parameter is one line, not a failure in every job
+            self.validate_batch_is_legal(jobs)
+        except (HydraException, OmegaConfBaseException) as exc:
+            for number, _ in group:
+                study.tell(number, state=TrialState.FAIL)
+            raise UserError(f"cannot compose trial {group[0][0]} "
+                            f"({' '.join(jobs[0][len(fixed):-3])}): {str(exc).strip().splitlines()[0]}") from None
+        results = self.launcher.launch(jobs, initial_job_idx=group[0][0])
+        for (number, _), result in zip(group, results):
+            self._tell(study, number, result)
+        return results
 
     def _space(self, arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
         """Search distributions (the preset's params, then sweeps on the command line) and fixed overrides."""
@@ -147,6 +150,22 @@ class OptunaSweeper(Sweeper):
         outcome = _stored(study, number)
         shown = "" if outcome.value is None else f" value {outcome.value:.6g}"
         print(f"search: trial {number} {outcome.state.name.lower()}{shown}", flush=True)
+
+
+def _running(study) -> list:
+    from optuna.trial import TrialState
+
+    return list(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def _stale_batch(study, chunk: list) -> list[tuple[int, Any]]:
+    """Trials left running, to launch again: those whose job had marked them pruned are told so instead."""
+    from optuna.trial import TrialState
+
+    for trial in chunk:
+        if search.PRUNED_AT in trial.user_attrs:
+            study.tell(trial.number, state=TrialState.PRUNED)
+    return [(t.number, t.params) for t in chunk if search.PRUNED_AT not in t.user_attrs]
 
 
 def _stored(study, number: int):

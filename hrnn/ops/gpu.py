@@ -1,0 +1,306 @@
+"""The CUDA backend: the Triton kernels (hrnn/ops/gpu_kernels.py) behind autograd Functions, for the
+clock op (`leaky_scan`, `leaky_rnn`) and the event-gated op (`gated_leaky_rnn`).
+
+    supports(*tensors)              None, or why the clock kernels cannot take these tensors
+    gated_supports(...)             the same for the gated kernels
+    leaky_scan(...)                 the op for a precomputed u (contract: hrnn.ops.leaky_scan)
+    leaky_rnn(...)                  the same with x, W_x, b: the projection is one product before
+                                    the loop, its gradients come from torch's linear backward
+    gated_leaky_rnn(...)            the event-gated op (contract: hrnn.ops.gated_leaky_rnn)
+
+Which tensors come here, and the log line that says so, is hrnn/ops/dispatch.py's choice.
+
+The input projection is not fused into the loop (unlike the CPU kernels): on a GPU it is one
+GEMM of (T*B, I) x (I, H), a few microseconds against milliseconds for the serial loop, and the
+kernels then take any I. It runs time-major, so u and du are contiguous (T, B, H) slices and
+dW_x = du^T x, db = sum du are torch's own products.
+
+Precision (`hrnn.ops.set_matmul_precision`, `trainer.matmul_precision`) is the tl.dot input
+precision of the two per-step products (h W_h^T forward, dz W_h backward): ieee, tf32, tf32x3
+or bf16 operands. The state, the candidates, dh and every accumulation stay fp32; dW_h and the
+projection are torch GEMMs under torch's own fp32 setting. float64 tensors always run ieee.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from hrnn.ops.dispatch import Availability
+
+# W_h stays in shared memory for the whole loop: 128 fp32 units (64 fp64) keep the backward
+# under 227 KB per block on an H100 (tests/test_triton.py compiles them for sm_90 to check).
+MAX_HIDDEN = {torch.float32: 128, torch.float64: 64}
+BLOCK_B = 16       # batch rows per program (tl.dot needs at least 16)
+# Launch settings that measurement may change (scripts/bench/bench_cuda.py --sweep sets them):
+# None picks BLOCK_B and 4 warps for HP <= 64, 8 above.
+TUNING: dict = {"block_b": None, "num_warps": None}
+
+try:
+    if os.environ.get("HRNN_DISABLE_TRITON"):
+        raise ImportError("disabled by HRNN_DISABLE_TRITON")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from hrnn.ops import gpu_kernels as _K
+
+    # TRITON_INTERPRET=1 when the kernels were defined: they run on CPU tensors (tests).
+    INTERPRET = isinstance(_K.leaky_forward_kernel, InterpretedFunction)
+    _LOAD_REASON: str | None = None
+except ImportError as err:
+    _K, INTERPRET = None, False
+    _LOAD_REASON = f"the Triton kernels are not available ({err})" + (
+        "; install Triton with `pip install -e '.[gpu]'`" if isinstance(err, ModuleNotFoundError) else "")
+_availability = Availability(_LOAD_REASON)
+unavailable_reason = _availability.unavailable_reason
+hide = _availability.hide
+
+
+def supports(inputs: Tensor, w_h: Tensor, *others: Tensor) -> str | None:
+    """None if the kernels take these tensors (x or u, W_h, then the others), else why not."""
+    if unavailable_reason() is not None:
+        return unavailable_reason()
+    for t in (inputs, w_h, *others):
+        if t.device.type != "cuda" and not INTERPRET:
+            return f"the Triton kernels take CUDA tensors (got a {t.device.type} tensor)"
+        if t.dtype != inputs.dtype or t.dtype not in (torch.float32, torch.float64):
+            return f"the Triton kernels take float32/float64 only (got {t.dtype})"
+        if t.layout != torch.strided:
+            return "the Triton kernels take dense tensors only"
+    batch, steps, hidden = inputs.shape[0], inputs.shape[1], w_h.shape[0]
+    if hidden > MAX_HIDDEN[inputs.dtype]:
+        return (f"hidden size {hidden} > {MAX_HIDDEN[inputs.dtype]} in {inputs.dtype}: "
+                "W_h would not fit in one SM's shared memory")
+    if (steps + 1) * batch * _padded(hidden) >= 2 ** 31:
+        return f"B * T * H = {batch} * {steps} * {hidden} exceeds the kernels' 32-bit offsets"
+    return None
+
+
+def _padded(hidden: int) -> int:
+    return max(16, 1 << (hidden - 1).bit_length())
+
+
+def launch(hidden: int, batch: int) -> tuple[tuple, dict]:
+    """Grid and launch options of the clock kernels for HP = hidden padded."""
+    hp = _padded(hidden)
+    block_b = TUNING["block_b"] or BLOCK_B
+    warps = TUNING["num_warps"] or (4 if hp <= 64 else 8)
+    return ((batch + block_b - 1) // block_b,), {"HP": hp, "BLOCK_B": block_b, "num_warps": warps}
+
+
+def _dot_precision(precision: str, dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float64 else precision
+
+
+def _forward(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, precision: str, keep: bool,
+             last_only: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(buf, cands, last): buf (T + 1, B, H) with h0 at 0 when the states are kept or returned;
+    cands (T, B, H) when keep (for the backward); last (B, H) when last_only."""
+    batch, steps, hidden = u.shape
+    states = keep or not last_only
+    buf = u.new_empty(steps + 1, batch, hidden) if states else h0
+    if states:
+        buf[0] = h0
+    cands = u.new_empty(steps, batch, hidden) if keep else h0
+    last = u.new_empty(batch, hidden) if last_only else h0
+    grid, opts = launch(hidden, batch)
+    _K.leaky_forward_kernel[grid](
+        u, u.stride(0), u.stride(1), w_h, waves, h0, buf, cands, last,
+        batch, hidden, waves.shape[1], hidden // waves.shape[1], T=steps,
+        WRITE_STATES=states, WRITE_CANDS=keep, WRITE_LAST=last_only,
+        PRECISION=_dot_precision(precision, u.dtype), INTERPRET=INTERPRET, **opts)
+    return buf, cands, last
+
+
+class _LeakyScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, w_h, waves, h0, last_only, precision):  # noqa: D102
+        buf, cands, last = _forward(u, w_h, waves, h0, precision, True, last_only)
+        ctx.save_for_backward(buf, cands, w_h, waves)
+        ctx.last_only, ctx.precision = last_only, precision
+        # All states: a (B, T, H) view of the time-major buffer, no copy.
+        return last if last_only else buf[1:].transpose(0, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        buf, cands, w_h, waves = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        steps, batch, hidden = cands.shape
+        n_modules = waves.shape[1]
+        grid, opts = launch(hidden, batch)
+        if ctx.last_only:
+            grad, strides = grad.contiguous(), (0, 0)
+        else:
+            grad = grad if grad.stride(2) == 1 else grad.contiguous()
+            strides = (grad.stride(0), grad.stride(1))
+        dz = torch.empty_like(cands)
+        dh0 = buf.new_empty(batch, hidden)
+        da_part = buf.new_empty(grid[0], steps, hidden) if need[2] else dh0
+        _K.leaky_backward_kernel[grid](
+            grad, *strides, grad, buf, cands, w_h, waves, dz, dh0, da_part,
+            batch, hidden, n_modules, hidden // n_modules, T=steps,
+            GRAD_ALL=not ctx.last_only, NEED_DA=need[2],
+            PRECISION=_dot_precision(ctx.precision, buf.dtype), INTERPRET=INTERPRET, **opts)
+        # dW_h = sum_t dz_t^T h_{t-1}: one GEMM over the time-major slices, no copy.
+        dw = torch.mm(dz.view(-1, hidden).t(), buf[:-1].view(-1, hidden)) if need[1] else None
+        dwaves = da_part.sum(0).view(steps, n_modules, -1).sum(2) if need[2] else None
+        return dz.transpose(0, 1) if need[0] else None, dw, dwaves, dh0 if need[3] else None, None, None
+
+
+def leaky_scan(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, last_only: bool, precision: str) -> Tensor:
+    """All states (B, T, H) or the last (B, H) through the kernels; caller checked shapes and
+    `supports`. u may have any strides with unit stride over H (else it is copied)."""
+    u = u if u.stride(2) == 1 else u.contiguous()
+    w_h, waves, h0 = w_h.contiguous(), waves.contiguous(), h0.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, w_h, waves, h0)):
+        return _LeakyScan.apply(u, w_h, waves, h0, bool(last_only), precision)
+    with torch.no_grad():  # inference: no candidates kept, the states only if returned
+        buf, _, last = _forward(u, w_h, waves, h0, precision, False, last_only)
+        return last if last_only else buf[1:].transpose(0, 1)
+
+
+def leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, waves: Tensor, h0: Tensor,
+              last_only: bool, precision: str) -> Tensor:
+    """`leaky_scan(F.linear(x, w_x, bias), ...)` with the projection computed time-major."""
+    u = torch.nn.functional.linear(x.transpose(0, 1), w_x, bias)  # (T, B, H), contiguous
+    return leaky_scan(u.transpose(0, 1), w_h, waves, h0, last_only, precision)
+
+
+# --- The event-gated op ---------------------------------------------------------------------
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def gated_layout(hidden: int, n_modules: int) -> tuple[int, int, int]:
+    """(MP, UP, NG): modules and units per module padded to powers of two, and the gate product's
+    columns (tl.dot needs at least 16). The kernels work on MP * UP padded units."""
+    mp, up = _pow2(n_modules), _pow2(hidden // n_modules)
+    return mp, up, max(16, mp)
+
+
+def gated_supports(x: Tensor, w_h: Tensor, gate_h: Tensor | None, *others: Tensor) -> str | None:
+    """None if the gated kernels take these tensors, else why not."""
+    if gate_h is None:
+        return "the gated Triton kernels need an event gate (waves alone run the clock op's kernels)"
+    reason = supports(x, w_h, gate_h, *others)
+    if reason is not None:
+        return reason
+    mp, up, _ = gated_layout(w_h.shape[0], gate_h.shape[0])
+    if mp * up > MAX_HIDDEN[x.dtype]:
+        return (f"{gate_h.shape[0]} modules of {w_h.shape[0] // gate_h.shape[0]} units pad to {mp * up} > "
+                f"{MAX_HIDDEN[x.dtype]} in {x.dtype}: W_h would not fit in one SM's shared memory")
+    return None
+
+
+def gated_launch(hidden: int, n_modules: int, batch: int, steps: int, waves: Tensor | None,
+                 thr: Tensor | None, thr_value: float, hard: bool, precision: str, dtype: torch.dtype):
+    """Grid and launch options of the gated kernels."""
+    mp, up, ng = gated_layout(hidden, n_modules)
+    block_b = TUNING["block_b"] or BLOCK_B
+    warps = TUNING["num_warps"] or (4 if mp * up <= 64 else 8)  # 4 spills registers at 128 (ptxas -v)
+    grid = ((batch + block_b - 1) // block_b,)
+    opts = dict(T=steps, MP=mp, UP=up, NG=ng, BLOCK_B=block_b,
+                WAVES=0 if waves is None else waves.dim() - 1, HARD=hard, THR_TENSOR=thr is not None,
+                PRECISION=_dot_precision(precision, dtype), INTERPRET=INTERPRET, num_warps=warps)
+    return grid, opts
+
+
+def _gated_forward(u, gu, w_h, gate_h, waves, h0, thr, thr_value, hard, precision, keep, last_only):
+    """(buf, cands, gates, acts, last): buf (T + 1, B, H) with h0 at 0 when the states are kept or
+    returned; cands (T, B, H) and gates (T, B, M) when keep (for the backward); acts (T, B, M)
+    always; last (B, H) when last_only and the states are not kept."""
+    steps, batch, hidden = u.shape
+    n_modules = gate_h.shape[0]
+    states, write_last = keep or not last_only, last_only and not keep
+    buf = u.new_empty(steps + 1, batch, hidden) if states else h0
+    if states:
+        buf[0] = h0
+    cands = torch.empty_like(u) if keep else h0
+    gates = torch.empty_like(gu) if keep else h0
+    acts = torch.empty_like(gu)
+    last = u.new_empty(batch, hidden) if write_last else h0
+    grid, opts = gated_launch(hidden, n_modules, batch, steps, waves, thr, thr_value, hard, precision, u.dtype)
+    _K.gated_forward_kernel[grid](
+        u, gu, w_h, gate_h, u if waves is None else waves, u if thr is None else thr, thr_value, h0,
+        buf, cands, gates, acts, last, batch, hidden, n_modules, hidden // n_modules,
+        WRITE_STATES=states, WRITE_CANDS=keep, WRITE_LAST=write_last, **opts)
+    return buf, cands, gates, acts, last
+
+
+class _GatedScan(torch.autograd.Function):
+    """u (T, B, H) and gu (T, B, M) time-major, waves None, (T, M) or time-major (T, B, M)."""
+
+    @staticmethod
+    def forward(ctx, u, gu, w_h, gate_h, waves, h0, thr, thr_value, hard, last_only, precision):  # noqa: D102
+        buf, cands, gates, acts, _ = _gated_forward(u, gu, w_h, gate_h, waves, h0, thr, thr_value, hard, precision,
+                                                    True, last_only)
+        ctx.save_for_backward(buf, cands, gates, w_h, gate_h, waves, thr)
+        ctx.thr_value, ctx.hard, ctx.last_only, ctx.precision = thr_value, hard, last_only, precision
+        ctx.set_materialize_grads(False)
+        states = buf[-1].clone() if last_only else buf[1:].transpose(0, 1)
+        return states, acts.transpose(0, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, grad_acts):  # noqa: D102
+        buf, cands, gates, w_h, gate_h, waves, thr = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        steps, batch, hidden = cands.shape
+        n_modules = gate_h.shape[0]
+        grid, opts = gated_launch(hidden, n_modules, batch, steps, waves, thr, ctx.thr_value, ctx.hard,
+                                   ctx.precision, buf.dtype)
+        if grad is None or ctx.last_only:
+            grad = grad.contiguous() if grad is not None else None
+            strides = (0, 0)
+        else:
+            grad = grad if grad.stride(2) == 1 else grad.contiguous()
+            strides = (grad.stride(0), grad.stride(1))
+        if grad_acts is not None:
+            grad_acts = grad_acts.transpose(0, 1).contiguous()  # (T, B, M)
+        dz, dzg = torch.empty_like(cands), torch.empty_like(gates)
+        dwave = torch.empty_like(gates) if need[4] else dzg
+        dh0 = buf.new_empty(batch, hidden)
+        _K.gated_backward_kernel[grid](
+            buf if grad is None else grad, *strides, buf if grad is None else grad,
+            dzg if grad_acts is None else grad_acts, buf, cands, gates, w_h, gate_h,
+            buf if waves is None else waves, buf if thr is None else thr, ctx.thr_value,
+            dz, dzg, dwave, dh0, batch, hidden, n_modules, hidden // n_modules,
+            GRAD_ALL=grad is not None and not ctx.last_only, HAS_GRAD=grad is not None,
+            HAS_GRAD_ACT=grad_acts is not None, NEED_DWAVE=need[4], **opts)
+        prev = buf[:-1].reshape(-1, hidden)
+        dw = torch.mm(dz.view(-1, hidden).t(), prev) if need[2] else None
+        dg = torch.mm(dzg.view(-1, n_modules).t(), prev) if need[3] else None
+        dwaves = None
+        if need[4]:
+            dwaves = dwave.sum(1) if waves.dim() == 2 else dwave
+        return (dz if need[0] else None, dzg if need[1] else None, dw, dg, dwaves,
+                dh0 if need[5] else None, None, None, None, None, None)
+
+
+def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0: Tensor, waves: Tensor | None,
+                    gate_x: Tensor, gate_bias: Tensor, gate_h: Tensor, gate_mode: str, thresholds: Tensor | float,
+                    last_only: bool, precision: str) -> tuple[Tensor, Tensor]:
+    """hrnn.ops.gated_leaky_rnn through the kernels (caller checked shapes and `gated_supports`):
+    the states (B, T, H) or the last (B, H), and the activations (B, T, M). Both projections are
+    one product each before the loop, time-major; their gradients are torch's linear backward."""
+    batch, steps, _ = x.shape
+    xt = x.transpose(0, 1)
+    u = torch.nn.functional.linear(xt, w_x, bias)                # (T, B, H)
+    gu = torch.nn.functional.linear(xt, gate_x, gate_bias)       # (T, B, M)
+    if waves is not None:
+        waves = waves.contiguous() if waves.dim() == 2 else waves.transpose(0, 1).contiguous()
+    hard = gate_mode == "hard"
+    thr, thr_value = None, 0.5
+    if hard:
+        if isinstance(thresholds, Tensor) and thresholds.dim():
+            thr = thresholds.detach().to(x.dtype).expand(batch, steps, gate_h.shape[0]).transpose(0, 1).contiguous()
+        else:
+            thr_value = float(thresholds)
+    args = (u.contiguous(), gu.contiguous(), w_h.contiguous(), gate_h.contiguous(), waves, h0.contiguous(), thr)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
+        # Inference: no candidates or gates kept, the states only if returned.
+        buf, _, _, acts, last = _gated_forward(*args, thr_value, hard, precision, False, bool(last_only))
+        return (last if last_only else buf[1:].transpose(0, 1)), acts.transpose(0, 1)
+    return _GatedScan.apply(*args, thr_value, hard, bool(last_only), precision)

@@ -1,0 +1,385 @@
+"""Triton kernels of the leaky recurrence; host side and autograd in hrnn/ops/gpu.py.
+
+    h_t = lerp(h_{t-1}, tanh(u_t + h_{t-1} W_h^T), a_t)
+
+One persistent program per BLOCK_B batch rows runs all T steps: W_h is loaded once and kept
+on chip, each step is one `tl.dot` (BLOCK_B x HP) @ (HP x HP) with tanh and the blend fused
+after it, and the state never leaves registers. The backward is the mirror loop from T-1 to 0
+carrying dh; it writes dz = du (time-major) so that dW_h is one GEMM after the loop, and, when
+the waves need a gradient, each program's batch-summed da per unit (summed over programs and
+module units on the host: no atomics, deterministic).
+
+Layouts: the states buffer is time-major (T + 1, B, H) with h0 in slot 0, so h_{t-1} for every
+step is the contiguous slice buf[:-1] (the dW_h GEMM needs no copy); candidates and dz are
+(T, B, H); u and the incoming state gradient are read through their strides, in any layout.
+
+HP (H padded to a power of two >= 16) and T are compile-time constants: HP because tile shapes
+must be, T because the interpreter (TRITON_INTERPRET=1, how the tests run these kernels on the
+CPU) cannot loop over a runtime bound. Padded units load 0 for W_h, u and a, so they stay 0 and
+never reach the real units.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from one exp: libdevice's tanh does not run in the interpreter. Absolute error a few
+    ulp of 1; the sign is folded out so exp never overflows."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _lerp(h, c, a):
+    """torch.lerp(h, c, a) the way torch computes it: a = 0 gives h and a = 1 gives c exactly."""
+    return tl.where(a < 0.5, h + a * (c - h), c - (c - h) * (1.0 - a))
+
+
+@triton.jit
+def _operand(x, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """x as a tl.dot operand: bf16 rounds it; everything else stays fp32 (the dot's
+    input_precision then picks ieee, tf32 or tf32x3)."""
+    if PRECISION == "bf16":
+        if INTERPRET:
+            # The interpreter's tl.dot multiplies bf16 bit patterns as integers, and its casts do
+            # not round to nearest: round fp32 to the nearest-even bf16 by hand (what the GPU's
+            # conversion does) and keep it in fp32, where the exact product is the bf16 one.
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        else:
+            x = x.to(tl.bfloat16)
+    return x
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """a @ b accumulated in fp32 (fp64 for double operands)."""
+    if PRECISION == "bf16":
+        out = tl.dot(a, b)
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def leaky_forward_kernel(
+    u, su_b, su_t,          # (B, T, H) input projection, bias included; unit stride over H
+    w_h,                    # (H, H) recurrent weights, contiguous, already masked
+    waves,                  # (T, M) contiguous
+    h0,                     # (B, H) contiguous
+    buf,                    # (T + 1, B, H) states, written at slots 1..T (if WRITE_STATES)
+    cands,                  # (T, B, H) candidates tanh(.) for the backward (if WRITE_CANDS)
+    last,                   # (B, H) final state (if WRITE_LAST)
+    B, H, M, UNITS,
+    T: tl.constexpr, HP: tl.constexpr, BLOCK_B: tl.constexpr,
+    WRITE_STATES: tl.constexpr, WRITE_CANDS: tl.constexpr, WRITE_LAST: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, HP)
+    col_ok = cols < H
+    mask = (rows < B)[:, None] & col_ok[None, :]
+    # W_h^T on chip for the whole loop: wt[k, j] = W_h[j, k], so h @ wt = h W_h^T.
+    wt = tl.load(w_h + cols[None, :] * H + cols[:, None], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+    wt = _operand(wt, PRECISION, INTERPRET)
+    module = cols // UNITS
+    tile = rows[:, None] * H + cols[None, :]  # (B, H) offsets inside one time slice
+    u_tile = u + rows[:, None] * su_b + cols[None, :]
+    h = tl.load(h0 + tile, mask=mask, other=0.0)
+    # Each step's inputs are loaded one step ahead: their latency hides behind the step before.
+    u_next = tl.load(u_tile, mask=mask, other=0.0)
+    a_next = tl.load(waves + module, mask=col_ok, other=0.0)[None, :]
+    for t in range(T):
+        u_t = u_next
+        a = a_next
+        ahead = tl.minimum(t + 1, T - 1)
+        u_next = tl.load(u_tile + ahead * su_t, mask=mask, other=0.0)
+        a_next = tl.load(waves + ahead * M + module, mask=col_ok, other=0.0)[None, :]
+        c = _tanh(_dot(_operand(h, PRECISION, INTERPRET), wt, PRECISION) + u_t)
+        h = _lerp(h, c, a)
+        if WRITE_STATES:
+            tl.store(buf + (t + 1) * B * H + tile, h, mask=mask)
+        if WRITE_CANDS:
+            tl.store(cands + t * B * H + tile, c, mask=mask)
+    if WRITE_LAST:
+        tl.store(last + tile, h, mask=mask)
+
+
+@triton.jit
+def leaky_backward_kernel(
+    grad, sg_b, sg_t,       # (B, T, H) gradient of all states (if GRAD_ALL), any strides, unit over H
+    grad_last,              # (B, H) gradient of the final state (if not GRAD_ALL), contiguous
+    buf,                    # (T + 1, B, H) states from the forward, h0 at slot 0
+    cands,                  # (T, B, H) candidates from the forward
+    w_h, waves,
+    dz,                     # (T, B, H) out: gradient of the pre-activation = gradient of u
+    dh0,                    # (B, H) out
+    da_part,                # (programs, T, H) out: batch-summed da per unit (if NEED_DA)
+    B, H, M, UNITS,
+    T: tl.constexpr, HP: tl.constexpr, BLOCK_B: tl.constexpr,
+    GRAD_ALL: tl.constexpr, NEED_DA: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, HP)
+    col_ok = cols < H
+    mask = (rows < B)[:, None] & col_ok[None, :]
+    # W_h itself on chip: dh_{t-1} += dz_t @ W_h.
+    w = tl.load(w_h + cols[:, None] * H + cols[None, :], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+    w = _operand(w, PRECISION, INTERPRET)
+    module = cols // UNITS
+    tile = rows[:, None] * H + cols[None, :]
+    g_tile = grad + rows[:, None] * sg_b + cols[None, :]
+    if GRAD_ALL:
+        g = tl.zeros((BLOCK_B, HP), dtype=dz.dtype.element_ty)
+    else:
+        g = tl.load(grad_last + tile, mask=mask, other=0.0)
+    # Step T-1's inputs first; each step then loads the one before it ahead of its product.
+    c_next = tl.load(cands + (T - 1) * B * H + tile, mask=mask, other=0.0)
+    a_next = tl.load(waves + (T - 1) * M + module, mask=col_ok, other=0.0)[None, :]
+    if GRAD_ALL:
+        g_next = tl.load(g_tile + (T - 1) * sg_t, mask=mask, other=0.0)
+    if NEED_DA:
+        hp_next = tl.load(buf + (T - 1) * B * H + tile, mask=mask, other=0.0)
+    for s in range(T):
+        t = T - 1 - s
+        ahead = tl.maximum(t - 1, 0)
+        c = c_next
+        a = a_next
+        c_next = tl.load(cands + ahead * B * H + tile, mask=mask, other=0.0)
+        a_next = tl.load(waves + ahead * M + module, mask=col_ok, other=0.0)[None, :]
+        if GRAD_ALL:
+            g += g_next
+            g_next = tl.load(g_tile + ahead * sg_t, mask=mask, other=0.0)
+        if NEED_DA:
+            h_prev = hp_next
+            hp_next = tl.load(buf + ahead * B * H + tile, mask=mask, other=0.0)
+            tl.store(da_part + (pid * T + t) * H + cols, tl.sum(g * (c - h_prev), axis=0), mask=col_ok)
+        dz_t = g * a * (1.0 - c * c)
+        tl.store(dz + t * B * H + tile, dz_t, mask=mask)
+        g = g * (1.0 - a) + _dot(_operand(dz_t, PRECISION, INTERPRET), w, PRECISION)
+    tl.store(dh0 + tile, g, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# The event-gated recurrence (hrnn/ops/reference.py's definition), soft or hard gates:
+#
+#     g_t = sigmoid(gu_t + h_{t-1} G_h^T)     gu_t = x_t G_x^T + g_b, one product before the loop
+#     e_t = g_t, or 1[g_t > threshold_t] (straight-through: the backward passes dL/de to g)
+#     a_t = w_t * e_t                         w_t the clock wave (T, M), per sample (B, T, M), or 1
+#     h_t = lerp(h_{t-1}, tanh(u_t + h_{t-1} W_h^T), a_t)
+#
+# Units live in a padded layout of MP = next_pow2(M) modules x UP = next_pow2(H / M) units, so
+# that a module's quantities (B, MP) and its units' (B, MP * UP) convert by reshape: a module
+# sum is a sum over the last axis of (B, MP, UP), and expanding a module value to its units is
+# a broadcast. Units past H / M and modules past M load zeros and stay zero. The gate's product
+# h G_h^T is one tl.dot of N = NG = max(16, MP) columns (tl.dot's minimum), G_h in the first MP,
+# zeros after, summed back to MP by reshape; its backward dzg G_h reads dzg repeated NG / MP times
+# against the same rows. Both are exact fp32 (FMA) in every precision: they are 1/8 of the main
+# product's work at M = 8, and on tensor cores in tf32x3 the forward's second product made ptxas
+# spill 22 KB per thread (185 ms a step on an H100 against 8.6 ms in tf32; docs/gpu.md).
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _to_units(x, BLOCK_B: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr):
+    """(BLOCK_B, MP) per module -> (BLOCK_B, MP * UP) per unit."""
+    return tl.reshape(tl.broadcast_to(x[:, :, None], (BLOCK_B, MP, UP)), (BLOCK_B, MP * UP))
+
+
+@triton.jit
+def _module_sums(x, BLOCK_B: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr):
+    """(BLOCK_B, MP * UP) per unit -> (BLOCK_B, MP): each module's sum over its units."""
+    return tl.sum(tl.reshape(x, (BLOCK_B, MP, UP)), axis=2)
+
+
+@triton.jit
+def _gate_value(g, thr, thr_value, offsets, mmask, HARD: tl.constexpr, THR_TENSOR: tl.constexpr):
+    """e: g itself (soft), or 1[g > threshold] (hard) with thresholds (T, B, M) or one value."""
+    if HARD:
+        if THR_TENSOR:
+            th = tl.load(thr + offsets, mask=mmask, other=1.0)
+        else:
+            th = thr_value
+        e = (g > th).to(g.dtype)
+    else:
+        e = g
+    return e
+
+
+@triton.jit
+def _wave(waves, t, B, M, mcols, m_ok, mtile, mmask, g, WAVES: tl.constexpr):
+    """w_t in module layout: (1, MP) shared, (BLOCK_B, MP) per sample, or ones."""
+    if WAVES == 1:
+        w = tl.load(waves + t * M + mcols, mask=m_ok, other=0.0)[None, :]
+    elif WAVES == 2:
+        w = tl.load(waves + t * B * M + mtile, mask=mmask, other=0.0)
+    else:
+        w = tl.where(m_ok[None, :], 1.0, 0.0).to(g.dtype)
+    return w
+
+
+@triton.jit
+def _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, HARD: tl.constexpr,
+                THR_TENSOR: tl.constexpr, WAVES: tl.constexpr):
+    """(e, w, a) at step t: the gate's value, the clock wave, and a = w e (0 in padded modules)."""
+    e = _gate_value(g, thr, thr_value, t * B * M + mtile, mmask, HARD, THR_TENSOR)
+    w = _wave(waves, t, B, M, mcols, m_ok, mtile, mmask, g, WAVES)
+    return e, w, tl.where(m_ok[None, :], e * w, 0.0)
+
+
+@triton.jit
+def _saved_step(buf, cands, gates, t, B, H, M, tile, mtile, mask, mmask):
+    """What the forward saved of step t: the candidates, h_{t-1} (buf's slot t) and the gate values."""
+    c = tl.load(cands + t * B * H + tile, mask=mask, other=0.0)
+    h_prev = tl.load(buf + t * B * H + tile, mask=mask, other=0.0)
+    g = tl.load(gates + t * B * M + mtile, mask=mmask, other=0.0)
+    return c, h_prev, g
+
+
+@triton.jit
+def _gate_grad(gh, c, h_prev, g, e, w, grad_act, dwave, t, B, M, mtile, mmask, m_ok, BLOCK_B: tl.constexpr,
+               MP: tl.constexpr, UP: tl.constexpr, HAS_GRAD_ACT: tl.constexpr, NEED_DWAVE: tl.constexpr):
+    """The gradient of one step's gate logits, (BLOCK_B, MP), from dL/dh_t (gh): da = the module sums of
+    gh (c - h_prev) (plus dL/da if given; stored times e as dL/dw if asked), then dz = da w g (1 - g):
+    straight-through, de = dg."""
+    da = _module_sums(gh * (c - h_prev), BLOCK_B, MP, UP)
+    if HAS_GRAD_ACT:
+        da += tl.load(grad_act + t * B * M + mtile, mask=mmask, other=0.0)
+    if NEED_DWAVE:
+        tl.store(dwave + t * B * M + mtile, da * e, mask=mmask)
+    return tl.where(m_ok[None, :], da * w * g * (1.0 - g), 0.0)
+
+
+@triton.jit
+def _gated_layout(B, M, UNITS, MP: tl.constexpr, UP: tl.constexpr, NG: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's rows, and the padded layout: each padded column's unit index in H, which
+    columns and modules are real, the masks of (rows, units) and (rows, modules), the gate
+    product's columns."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    cols = tl.arange(0, MP * UP)
+    unit = (cols // UP) * UNITS + cols % UP
+    col_ok = (cols // UP < M) & (cols % UP < UNITS)
+    mcols = tl.arange(0, MP)
+    m_ok = mcols < M
+    mask = row_ok[:, None] & col_ok[None, :]
+    mmask = row_ok[:, None] & m_ok[None, :]
+    return rows, unit, col_ok, mask, mcols, m_ok, mmask, tl.arange(0, NG)
+
+
+@triton.jit
+def gated_forward_kernel(
+    u,                      # (T, B, H) x W_x^T + b, contiguous
+    gu,                     # (T, B, M) x G_x^T + g_b, contiguous
+    w_h, gate_h,            # (H, H), (M, H) contiguous
+    waves,                  # (T, M) if WAVES == 1, (T, B, M) if WAVES == 2 (time-major), else unused
+    thr, thr_value,         # (T, B, M) thresholds if THR_TENSOR, else the one value (hard gates)
+    h0,                     # (B, H)
+    buf,                    # (T + 1, B, H) states at slots 1..T (if WRITE_STATES)
+    cands,                  # (T, B, H) candidates (if WRITE_CANDS)
+    gates,                  # (T, B, M) g_t (if WRITE_CANDS: the backward reads them)
+    acts,                   # (T, B, M) a_t, always (the op returns them)
+    last,                   # (B, H) final state (if WRITE_LAST)
+    B, H, M, UNITS,
+    T: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr, NG: tl.constexpr, BLOCK_B: tl.constexpr,
+    WAVES: tl.constexpr, HARD: tl.constexpr, THR_TENSOR: tl.constexpr,
+    WRITE_STATES: tl.constexpr, WRITE_CANDS: tl.constexpr, WRITE_LAST: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    rows, unit, col_ok, mask, mcols, m_ok, mmask, ng = _gated_layout(B, M, UNITS, MP, UP, NG, BLOCK_B)
+    wt = tl.load(w_h + unit[None, :] * H + unit[:, None], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+    gt = tl.load(gate_h + ng[None, :] * H + unit[:, None], mask=col_ok[:, None] & (ng < M)[None, :], other=0.0)
+    wt = _operand(wt, PRECISION, INTERPRET)
+    tile = rows[:, None] * H + unit[None, :]
+    mtile = rows[:, None] * M + mcols[None, :]
+    h = tl.load(h0 + tile, mask=mask, other=0.0)
+    # The next step's inputs are loaded one step ahead: their latency hides behind this step's products.
+    u_next = tl.load(u + tile, mask=mask, other=0.0)
+    gu_next = tl.load(gu + mtile, mask=mmask, other=0.0)
+    for t in range(T):
+        u_t = u_next
+        gu_t = gu_next
+        ahead = tl.minimum(t + 1, T - 1)
+        u_next = tl.load(u + ahead * B * H + tile, mask=mask, other=0.0)
+        gu_next = tl.load(gu + ahead * B * M + mtile, mask=mmask, other=0.0)
+        h_op = _operand(h, PRECISION, INTERPRET)
+        pre = _dot(h_op, wt, PRECISION) + u_t
+        z = tl.sum(tl.reshape(_dot(h, gt, "ieee"), (BLOCK_B, NG // MP, MP)), axis=1) + gu_t
+        g = _sigmoid(z)
+        _, _, a = _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, HARD, THR_TENSOR, WAVES)
+        tl.store(acts + t * B * M + mtile, a, mask=mmask)
+        c = _tanh(pre)
+        h = _lerp(h, c, _to_units(a, BLOCK_B, MP, UP))
+        if WRITE_STATES:
+            tl.store(buf + (t + 1) * B * H + tile, h, mask=mask)
+        if WRITE_CANDS:
+            tl.store(cands + t * B * H + tile, c, mask=mask)
+            tl.store(gates + t * B * M + mtile, g, mask=mmask)
+    if WRITE_LAST:
+        tl.store(last + tile, h, mask=mask)
+
+
+@triton.jit
+def gated_backward_kernel(
+    grad, sg_b, sg_t,       # (B, T, H) gradient of all states (if GRAD_ALL), unit stride over H
+    grad_last,              # (B, H) gradient of the final state (if not GRAD_ALL and HAS_GRAD), contiguous
+    grad_act,               # (T, B, M) gradient of the activations (if HAS_GRAD_ACT), contiguous
+    buf, cands, gates,      # from the forward
+    w_h, gate_h, waves, thr, thr_value,
+    dz,                     # (T, B, H) out: gradient of u
+    dzg,                    # (T, B, M) out: gradient of gu (the gate's pre-activation)
+    dwave,                  # (T, B, M) out: dL/dw_t per sample (if NEED_DWAVE)
+    dh0,                    # (B, H) out
+    B, H, M, UNITS,
+    T: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr, NG: tl.constexpr, BLOCK_B: tl.constexpr,
+    WAVES: tl.constexpr, HARD: tl.constexpr, THR_TENSOR: tl.constexpr,
+    GRAD_ALL: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_GRAD_ACT: tl.constexpr, NEED_DWAVE: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    rows, unit, col_ok, mask, mcols, m_ok, mmask, ng = _gated_layout(B, M, UNITS, MP, UP, NG, BLOCK_B)
+    w = tl.load(w_h + unit[:, None] * H + unit[None, :], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+    gr = tl.load(gate_h + ng[:, None] * H + unit[None, :], mask=(ng < M)[:, None] & col_ok[None, :], other=0.0)
+    w = _operand(w, PRECISION, INTERPRET)
+    tile = rows[:, None] * H + unit[None, :]
+    mtile = rows[:, None] * M + mcols[None, :]
+    g_tile = grad + rows[:, None] * sg_b + unit[None, :]
+    if GRAD_ALL or not HAS_GRAD:
+        gh = tl.zeros((BLOCK_B, MP * UP), dtype=dz.dtype.element_ty)
+    else:
+        gh = tl.load(grad_last + tile, mask=mask, other=0.0)
+    # Step T-1's inputs first; each step then loads the one before it ahead of its products.
+    c_next, hp_next, g_next = _saved_step(buf, cands, gates, T - 1, B, H, M, tile, mtile, mask, mmask)
+    if GRAD_ALL:
+        grad_next = tl.load(g_tile + (T - 1) * sg_t, mask=mask, other=0.0)
+    for s in range(T):
+        t = T - 1 - s
+        c = c_next
+        h_prev = hp_next
+        g = g_next
+        ahead = tl.maximum(t - 1, 0)
+        c_next, hp_next, g_next = _saved_step(buf, cands, gates, ahead, B, H, M, tile, mtile, mask, mmask)
+        if GRAD_ALL:
+            gh += grad_next
+            grad_next = tl.load(g_tile + ahead * sg_t, mask=mask, other=0.0)
+        e, w_t, a = _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, HARD, THR_TENSOR, WAVES)
+        dzg_t = _gate_grad(gh, c, h_prev, g, e, w_t, grad_act, dwave, t, B, M, mtile, mmask, m_ok,
+                           BLOCK_B, MP, UP, HAS_GRAD_ACT, NEED_DWAVE)
+        tl.store(dzg + t * B * M + mtile, dzg_t, mask=mmask)
+        a_units = _to_units(a, BLOCK_B, MP, UP)
+        dz_t = gh * a_units * (1.0 - c * c)
+        tl.store(dz + t * B * H + tile, dz_t, mask=mask)
+        dzg_rep = tl.reshape(tl.broadcast_to(dzg_t[:, None, :], (BLOCK_B, NG // MP, MP)), (BLOCK_B, NG))
+        gh = (gh * (1.0 - a_units) + _dot(_operand(dz_t, PRECISION, INTERPRET), w, PRECISION)
+              + _dot(dzg_rep, gr, "ieee"))
+    tl.store(dh0 + tile, gh, mask=mask)

@@ -1,0 +1,210 @@
+"""Time of the fused event-gate core (hrnn.ops.gated_leaky_rnn) against the fraction of updates.
+
+    python scripts/bench/bench_gates.py      # T = 200 and 784 (a few minutes on 2 cores)
+    python scripts/bench/bench_gates.py --quick  # tiny run: checks the script works, numbers meaningless
+    python scripts/bench/bench_gates.py --blocks --steps 784 --threads 1 --capabilities avx512,avx2
+                                             # forward time against the fraction of nonzero W_h blocks
+
+Batch 100, hidden 128, 8 modules, 2 inputs, float32, 2 threads, the capability the extension
+picks (HRNN_CPU_CAPABILITY to force one). Hard gates with the open fraction forced to f: a
+thresholds tensor of -1 where a (b, t, m) is open and 2 where it is closed (g is in (0, 1)), on a
+seeded random pattern. Each row gives the median and the min of the timed calls after a warm-up
+(process CPU time with --threads 1, else wall time):
+
+- "no-grad": forward under torch.no_grad, which skips closed modules' candidates: expect ~f;
+- "hard, one threshold": the model's own evaluation, one threshold compared with the logits (no
+  sigmoid), with the gate bias at +-100 so that every gate is open or every one shut;
+- "train": forward + backward of the last state's sum (as a model's head reads it; the reference
+  loop computes all states and is given the same loss), where the forward computes every candidate (the
+  straight-through gradient reads them) and the backward skips closed blocks: expect ~(1 + 2f)/3.
+
+With --blocks: the no-grad forward of both cores (the clock core hrnn.ops.leaky_rnn with soft
+waves, the event-gate core with every gate open) against the fraction of nonzero blocks of W_h
+(BLOCK_FRACTIONS; a seeded random set of that many blocks, as learned connectivity's hard gates
+leave W_h in evaluation), last state only, under each capability named.
+
+Also the soft gate (dense), the reference loop (hrnn.ops.gated_leaky_rnn_reference) and the
+clock model's fused core (hrnn.ops.leaky_rnn, dense waves) as a yardstick. The machine may be
+shared: compare ratios within one run, not numbers across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
+import torch  # noqa: E402
+from common import timed  # noqa: E402
+
+from hrnn import ops  # noqa: E402
+from hrnn.ops import gated_leaky_rnn, gated_leaky_rnn_reference, last_candidate_blocks, leaky_rnn  # noqa: E402
+
+BATCH, HIDDEN, MODULES, INPUTS = 100, 128, 8, 2
+FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.0)
+BLOCK_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)
+
+
+def inputs(batch: int, steps: int, grad: bool) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen) * scale).requires_grad_(grad)  # noqa: E731
+    return {"x": torch.randn(batch, steps, INPUTS, generator=gen), "w_x": r(HIDDEN, INPUTS),
+            "bias": r(HIDDEN, scale=0.1), "w_h": r(HIDDEN, HIDDEN, scale=HIDDEN ** -0.5),
+            "h0": torch.zeros(batch, HIDDEN), "gate_x": r(MODULES, INPUTS), "gate_bias": r(MODULES),
+            "gate_h": r(MODULES, HIDDEN, scale=HIDDEN ** -0.5)}
+
+
+def forced_thresholds(batch: int, steps: int, f: float) -> torch.Tensor:
+    """-1 (always open) on a seeded random fraction f of (b, t, m), 2 (always closed) elsewhere."""
+    gen = torch.Generator().manual_seed(1)
+    open_ = torch.rand(batch, steps, MODULES, generator=gen) < f
+    return torch.where(open_, -1.0, 2.0)
+
+
+# With one thread, the process's CPU time: on a shared machine it leaves out the time the process
+# waited for a core (wall time there measured the neighbours too). With more, wall time.
+clock = time.perf_counter
+
+
+def times_of(fn, warmup: int, repeat: int) -> tuple[float, float]:
+    """(median, min) seconds of fn by `clock`; on a shared machine the min is the less disturbed one."""
+    times = timed(fn, warmup, repeat, clock=clock)
+    return statistics.median(times), min(times)
+
+
+def gated_call(a: dict, mode: str, thresholds, op=gated_leaky_rnn):
+    """The last state (B, H) and the activations: the models' readout (adding, sequential MNIST)."""
+    args = (a["x"], a["w_x"], a["bias"], a["w_h"], a["h0"], None, a["gate_x"], a["gate_bias"], a["gate_h"], mode,
+            thresholds)
+    if op is gated_leaky_rnn_reference:
+        states, acts = op(*args)
+        return states[:, -1], acts
+    return op(*args, last_only=True)
+
+
+def run(batch: int, steps: int, warmup: int, repeat: int, loop_repeat: int) -> list[tuple]:
+    """(name, mode, f or None, (median, min) seconds, measured open fraction or None) for one T."""
+    rows = []
+    for train in (False, True):
+        a = inputs(batch, steps, train)
+        mode = "train" if train else "no-grad"
+
+        def cell(call, n=repeat):
+            def step():
+                with torch.set_grad_enabled(train):
+                    out = call()
+                    states = out[0] if isinstance(out, tuple) else out
+                    if train:
+                        states.sum().backward()  # the last state's sum (as a head reading it)
+            return times_of(step, warmup, n)
+
+        for f in FRACTIONS:
+            thr = forced_thresholds(batch, steps, f)
+            seconds = cell(lambda: gated_call(a, "hard", thr))
+            with torch.no_grad():
+                measured = float((gated_call(a, "hard", thr)[1] != 0).float().mean())
+            rows.append((f"hard f={f:g}", mode, f, seconds, measured))
+        for opened, bias in (("all open", 100.0), ("all shut", -100.0)):  # the model's evaluation: one threshold
+            b = {**a, "gate_bias": torch.full((MODULES,), bias)}
+            rows.append((f"hard, one threshold, {opened}", mode, None, cell(lambda: gated_call(b, "hard", 0.5)),
+                         None))
+        rows.append(("soft (dense)", mode, None, cell(lambda: gated_call(a, "soft", 0.5)), None))
+        thr = forced_thresholds(batch, steps, 1.0)
+        rows.append(("reference loop, hard f=1", mode, None,
+                     cell(lambda: gated_call(a, "hard", thr, gated_leaky_rnn_reference), loop_repeat), None))
+        waves = torch.ones(steps, MODULES)
+        rows.append(("clock core leaky_rnn (dense)", mode, None,
+                     cell(lambda: leaky_rnn(a["x"], a["w_x"], a["bias"], a["w_h"], waves, a["h0"], False, True)),
+                     None))
+    return rows
+
+
+def block_mask(fraction: float) -> torch.Tensor:
+    """(H, H) 0/1 mask of W_h keeping round(fraction M^2) blocks (module pairs), a seeded random set."""
+    gen = torch.Generator().manual_seed(2)
+    keep = torch.zeros(MODULES * MODULES)
+    keep[torch.randperm(MODULES * MODULES, generator=gen)[:round(fraction * MODULES * MODULES)]] = 1
+    units = HIDDEN // MODULES
+    return keep.view(MODULES, MODULES).repeat_interleave(units, 0).repeat_interleave(units, 1)
+
+
+def run_blocks(batch: int, steps: int, warmup: int, repeat: int) -> list[tuple]:
+    """(core, fraction of nonzero blocks, (median, min) seconds) of the no-grad last-state forward."""
+    a = inputs(batch, steps, False)
+    waves = torch.rand(steps, MODULES, generator=torch.Generator().manual_seed(3))  # soft: no module skipped
+    open_all = forced_thresholds(batch, steps, 1.0)
+    rows = []
+    for fraction in BLOCK_FRACTIONS:
+        b = {**a, "w_h": a["w_h"] * block_mask(fraction)}
+        calls = {"clock core": lambda: leaky_rnn(b["x"], b["w_x"], b["bias"], b["w_h"], waves, b["h0"], False, True),
+                 "event core, all open": lambda: gated_call(b, "hard", open_all)}
+        with torch.no_grad():
+            for core, call in calls.items():
+                rows.append((core, fraction, times_of(call, warmup, repeat)))
+    return rows
+
+
+def print_blocks(batch: int, steps_list: list[int], capabilities: list[str], threads: int, warmup: int,
+                 repeat: int) -> None:
+    print(f"hrnn fused cores, no-grad forward (last state) against the fraction of nonzero W_h blocks: batch {batch}, "
+          f"hidden {HIDDEN}, {MODULES} modules, {INPUTS} inputs, float32, {threads} threads")
+    for steps in steps_list:
+        print(f"\nT = {steps}")
+        print(f"{'capability':10s} {'core':22s} {'blocks':>6s} {'median ms':>10s} {'min ms':>8s} {'/ dense (min)':>13s}")
+        for capability in capabilities:
+            ops.set_cpu_capability(capability)
+            rows = run_blocks(batch, steps, warmup, repeat)
+            dense = {core: s for core, fraction, s in rows if fraction == 1.0}
+            for core, fraction, (median, least) in rows:
+                print(f"{capability:10s} {core:22s} {fraction:6.3f} {median * 1e3:10.2f} {least * 1e3:8.2f} "
+                      f"{least / dense[core][1]:13.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[200, 784])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs")
+    parser.add_argument("--blocks", action="store_true", help="time against the fraction of nonzero W_h blocks")
+    parser.add_argument("--capabilities", default=None,
+                        help="comma-separated CPU capabilities to time with --blocks (default: the one in use)")
+    parser.add_argument("--repeat", type=int, default=7, help="timed calls per cell")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    global clock
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    batch, steps_list = (8, [12]) if args.quick else (BATCH, args.steps)
+    warmup, repeat, loop_repeat = (1, 2, 1) if args.quick else (2, args.repeat, 3)
+    if args.blocks:
+        capabilities = args.capabilities.split(",") if args.capabilities else [ops.cpu_capability()]
+        print_blocks(batch, steps_list, capabilities, args.threads, warmup, repeat)
+        return
+    print(f"hrnn event-gate core: batch {batch}, hidden {HIDDEN}, {MODULES} modules, {INPUTS} inputs, float32, "
+          f"{args.threads} threads, capability {ops.cpu_capability() or 'none (pytorch loop)'}, "
+          f"{'process CPU' if clock is time.process_time else 'wall'} time")
+    for steps in steps_list:
+        print_curve(steps, run(batch, steps, warmup, repeat, loop_repeat))
+    print("\n'/ f=1': time over the hard gate's time at f = 1 in the same mode (median over median, min over "
+          "min). 'expect': that ratio if only the "
+          "candidates' work counted: f for no-grad, (1 + 2f)/3 for train. 'open': the measured fraction.")
+    if ops.fused_available():
+        print(f"candidate blocks in the last fused forward: {last_candidate_blocks()}")
+
+
+def print_curve(steps: int, rows: list[tuple]) -> None:
+    """One T's rows of `run`, each time also over the same mode's time at f = 1."""
+    dense = {mode: s for name, mode, f, s, _ in rows if f == 1.0}
+    print(f"\nT = {steps}")
+    print(f"{'configuration':30s} {'mode':8s} {'median ms':>10s} {'/ f=1':>7s} {'min ms':>8s} {'/ f=1':>7s} "
+          f"{'f':>6s} {'expect':>7s} {'open':>6s}")
+    for name, mode, f, (median, least), measured in rows:
+        expect = "" if f is None else f"{f if mode == 'no-grad' else (1 + 2 * f) / 3:.3f}"
+        print(f"{name:30s} {mode:8s} {median * 1e3:10.2f} {median / dense[mode][0]:7.3f} {least * 1e3:8.2f} "
+              f"{least / dense[mode][1]:7.3f} {'' if f is None else f'{f:.2f}':>6s} {expect:>7s} "
+              f"{'' if measured is None else f'{measured:.3f}':>6s}")
+
+
+if __name__ == "__main__":
+    main()

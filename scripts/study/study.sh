@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# The results study behind docs/results.md: one multirun per table, then
+#   python scripts/study/results.py outputs/study > docs/results.md
+#
+#   scripts/study/study.sh [table ...]  tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines (default: all but smnist)
+#
+# Every command uses resume=auto and a fixed sweep directory, so re-running it skips
+# finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
+# torch thread each (JOBS=1: one job at a time, still one thread). The tables of the clock alone
+# name model.activation=clock: the default activation is clock_event. STUDY=<dir> moves the output (default outputs/study).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+STUDY=${STUDY:-outputs/study}
+TRAIN=${TRAIN:-.venv/bin/hrnn-train}
+COMMON=(-m hydra/launcher=joblib hydra.launcher.n_jobs=${JOBS:-2} trainer.num_threads=1 trainer.progress=false resume=auto)
+PERIOD_SETS='task.periods=[4,12],[3,10],[6,20],[2,7,30]'
+TIMESCALES=(task=timescales trainer.steps=1500 trainer.eval_every=100)
+# The MNIST presets are hrnn's recipes (event gates at hidden 192 for sMNIST, the clock for pMNIST); the
+# rows measured before them pin the settings they ran with, and the baselines take the task alone.
+MNIST_20K="model.hidden_size=128 optim.schedule=constant trainer.steps=20000"
+MNIST_TASK=(basis=binary trainer.batch_size=50 trainer.eval_every=1000)
+
+run() {  # a sweep with a failed job exits 1: report it and go on with the next table
+  echo "+ $TRAIN $*" >&2
+  "$TRAIN" "$@" || echo "sweep exited $?: its failed jobs are listed above" >&2
+}
+
+table() {
+  case "$1" in
+    timescales)  # the learned clocks (and the direct-period ablation), 5 seeds per period set
+      run "${COMMON[@]}" "${TIMESCALES[@]}" "$PERIOD_SETS" model=hrnn model.activation=clock basis=binary,dct,period \
+        trainer.seed=0,1,2,3,4 hydra.sweep.dir="$STUDY/timescales" ;;
+    baselines)   # fixed Clockwork periods 2^i and the plain tanh RNN, 3 seeds per period set
+      run "${COMMON[@]}" "${TIMESCALES[@]}" "$PERIOD_SETS" model=cwrnn,rnn \
+        trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/timescales_baselines" ;;
+    dct_variants)  # the cosine clock with sharper peaks and an entropy penalty, on the harder period sets
+      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[6,20],[2,7,30]' model=hrnn model.activation=clock basis=dct \
+        basis.sharpness=4 regularizer.entropy_weight=0,0.01 trainer.seed=0,1,2,3,4 hydra.sweep.dir="$STUDY/timescales_dct_sharp"
+      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[6,20],[2,7,30]' model=hrnn model.activation=clock basis=dct \
+        regularizer.entropy_weight=0.01 trainer.seed=0,1,2,3,4 hydra.sweep.dir="$STUDY/timescales_dct_entropy" ;;
+    dct_t210)  # [2,7,30] at T = 210 = lcm(2, 7, 30): every true period is N/k for a whole k
+      run "${COMMON[@]}" "${TIMESCALES[@]}" task.seq_len=210 \
+        'task.periods=[2,7,30]' model=hrnn model.activation=clock basis=dct basis.sharpness=1,4 trainer.seed=0,1,2,3,4 \
+        hydra.sweep.dir="$STUDY/timescales_dct_t210" ;;
+    period_variants)  # the direct-period ablation with Phased LSTM's random initial periods and wider windows
+      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[4,12],[6,20]' model=hrnn model.activation=clock basis=period basis.init=random \
+        basis.open_ratio=0.05,0.3 trainer.seed=0,1,2,3,4 hydra.sweep.dir="$STUDY/timescales_period_variants" ;;
+    lstm)        # torch.nn LSTM and GRU: 6x the step time of hrnn here, so fewer runs
+      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[4,12]' model=lstm,gru \
+        trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/timescales_lstm"
+      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[2,7,30]' model=lstm,gru \
+        trainer.seed=0 hydra.sweep.dir="$STUDY/timescales_lstm_2_7_30" ;;
+    adding)      # the adding problem at three lengths, one seed, 1000 steps
+      run "${COMMON[@]}" task=adding task.seq_len=200,400,1000 model=hrnn model.activation=clock basis=binary,dct,period \
+        trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/adding"
+      run "${COMMON[@]}" task=adding task.seq_len=200,400,1000 model=cwrnn,rnn \
+        trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/adding_baselines"
+      run "${COMMON[@]}" task=adding task.seq_len=200,400 model=lstm,gru \
+        trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/adding_lstm" ;;
+    copy)        # the copy task at two lengths, one seed, 1000 steps
+      run "${COMMON[@]}" task=copy task.seq_len=100,200 model=hrnn model.activation=clock basis=binary,dct,period \
+        trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy"
+      run "${COMMON[@]}" task=copy task.seq_len=100,200 model=cwrnn,rnn,lstm,gru \
+        trainer.steps=1000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy_baselines" ;;
+    events_adding)  # adding at T = 200: the learned clock, the same clock frozen at its start, event-driven
+                    # modules and the LSTM, 3 seeds, 2000 steps (docs/models.md, docs/results.md)
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=clock,event \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_adding"
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=clock optim.clock_lr=0 \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_adding_frozen"
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=lstm \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_adding_lstm" ;;
+    events_compare)  # the other activations and learned connectivity on adding T = 200, same budget as events_adding: 3 seeds, 2000 steps
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=clock_event,chunker \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_compare"
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=clock,event model.connectivity=learned \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_connectivity" ;;
+    events_long)  # event-driven modules on long adding (T = 500, 1000), 3 seeds, 3000 steps
+      for seed in 0 1 2; do  # one seed of both lengths first: the answer before the error bars
+        run "${COMMON[@]}" task=adding task.seq_len=1000,500 model=hrnn model.activation=event \
+          trainer.seed=$seed trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_long"
+      done ;;
+    events_bias)  # long adding with the gates starting more closed: b_g = -7 (sigmoid 0.0009, about -ln T at
+                  # T = 1000), so that a closed module's state survives the sequence, one seed first
+      run "${COMMON[@]}" task=adding task.seq_len=1000 model=hrnn model.activation=event model.gate_bias=-7 \
+        trainer.seed=0 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_bias" ;;
+    events_copy)  # event-driven modules on copy (T = 100, 200), one seed first, 3000 steps
+      run "${COMMON[@]}" task=copy task.seq_len=100,200 model=hrnn model.activation=event \
+        trainer.seed=0 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_copy" ;;
+    clock_recipe)  # a recipe search for the clock alone on adding T = 200: one change at a time from
+                   # the default (cosine clock, softmax), seed 0, 3000 steps; 'default' is the unchanged model
+      local base=(task=adding task.seq_len=200 model=hrnn model.activation=clock trainer.seed=0 trainer.steps=3000 trainer.eval_every=250)
+      local R="$STUDY/clock_recipe"
+      run "${COMMON[@]}" "${base[@]}" basis=dct,binary hydra.sweep.dir="$R/basis"
+      run "${COMMON[@]}" "${base[@]}" regularizer=l1,none hydra.sweep.dir="$R/regularizer"
+      run "${COMMON[@]}" "${base[@]}" basis.init=random,uniform hydra.sweep.dir="$R/init"
+      run "${COMMON[@]}" "${base[@]}" optim.clock_lr=0.1,0.001 hydra.sweep.dir="$R/clock_lr"
+      run "${COMMON[@]}" "${base[@]}" basis.sharpness=4 regularizer.temperature=1,0.3 hydra.sweep.dir="$R/sharpness"
+      run "${COMMON[@]}" "${base[@]}" model.n_modules=4,16 hydra.sweep.dir="$R/modules"
+      run "${COMMON[@]}" "${base[@]}" model.connectivity=slow_to_fast hydra.sweep.dir="$R/connectivity"
+      run "${COMMON[@]}" "${base[@]}" optim.lr=0.003 hydra.sweep.dir="$R/lr"
+      run "${COMMON[@]}" "${base[@]}" trainer.batch_size=50 hydra.sweep.dir="$R/batch"
+      run "${COMMON[@]}" "${base[@]}" trainer.grad_clip=null hydra.sweep.dir="$R/clip" ;;
+    default_move)  # where the default experiment can move: LSTM of the event model's size (hidden 64,
+                   # 17.7k parameters) on adding T = 200, 3 seeds, 2000 steps
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=lstm model.hidden_size=64 \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/lstm64_adding"
+      # ... and with the default experiment's whole budget (8000 steps, evaluation every 500)
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=lstm model.hidden_size=64 \
+        trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/lstm64_adding_default_budget" ;;
+    smnist_events)  # sequential MNIST with the default model (clock_event) and event gates alone: one seed each
+      run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock_event,event trainer.seed=0 $MNIST_20K \
+        hydra.sweep.dir="$STUDY/smnist_events" ;;
+    pmnist_events)  # permuted MNIST with event gates, the best sMNIST row's model: one seed
+      run "${COMMON[@]}" experiment=pmnist model=hrnn model.activation=event trainer.seed=0 $MNIST_20K \
+        hydra.sweep.dir="$STUDY/pmnist_events" ;;
+    mnist_long)  # event gates on sequential and permuted MNIST with twice the preset's steps and a cosine
+                 # decay (both were still rising at the end of 20k constant-rate steps): one seed each
+      run "${COMMON[@]}" experiment=smnist,pmnist model=hrnn model.activation=event model.hidden_size=128 optim.schedule=cosine \
+        trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/mnist_long" ;;
+    baselines_long)  # LSTM, GRU and the Clockwork RNN on long adding with more wall time than event gates
+                     # needed to reach 0.01 there (median 151 s at T = 500, 652 s at T = 1000): 3 seeds
+      run "${COMMON[@]}" task=adding task.seq_len=500 model=lstm,gru,cwrnn trainer.max_wall_s=300 \
+        trainer.steps=100000 trainer.eval_every=250 trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/baselines_long_500"
+      run "${COMMON[@]}" task=adding task.seq_len=1000 model=lstm,gru,cwrnn trainer.max_wall_s=900 \
+        trainer.steps=100000 trainer.eval_every=250 trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/baselines_long_1000" ;;
+    connectivity_lr)  # learned connectivity with its own learning rate (optim.connectivity_lr, 0.01) on
+                      # adding T = 200 with event gates, 3 seeds, 2000 steps (events_connectivity's budget)
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.connectivity=learned \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/connectivity_lr"
+      # ... and on the timescales task, where the Clockwork RNN's slow-to-fast mask is the hand-set answer
+      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[2,7,30]' model=hrnn model.activation=clock basis=binary \
+        model.connectivity=learned trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/connectivity_lr_timescales" ;;
+    events_hard)  # hard (straight-through) and stochastic event gates on adding T = 200, 3 seeds, 2000 steps
+                  # (events_adding's budget): in the event model's prototype every hard gate stayed shut
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=hard,stochastic \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_hard"
+      # ... stochastic again, since its evaluation draws too (it used to threshold, which shut every gate)
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=stochastic \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_stochastic" ;;
+    smnist_wide)  # mnist_long's sMNIST row (98.42%, flat from step 31k) with hidden 192 = 8 x 24 (42k
+                  # parameters, under the 128-unit LSTM's 68k): one seed
+      run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=event model.hidden_size=192 \
+        optim.schedule=cosine trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_wide" ;;
+    copy_recipe)  # copy at T = 100, one seed, 3000 steps: a cosine clock under l1 can draw "open while the
+                  # symbols arrive, shut until the delimiter, open for the answer", alone and
+                  # with event gates; and event gates at a 3x learning rate
+      run "${COMMON[@]}" task=copy task.seq_len=100 model=hrnn basis=dct regularizer=l1 model.activation=clock,clock_event \
+        trainer.seed=0 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy_recipe_l1"
+      run "${COMMON[@]}" task=copy task.seq_len=100 model=hrnn model.activation=event optim.lr=0.003 \
+        trainer.seed=0 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/copy_recipe_lr" ;;
+    copy_long)  # event gates at 3x the rate, the first setting to leave copy's baseline (T = 100, 3000
+                # steps: recall 35% and rising), for 20k cosine-decayed steps at T = 100: 3 seeds
+      # (T = 200 ran here with seed 0 first: 74.5% in 20k steps; copy_long200 gives it 40k)
+      run "${COMMON[@]}" task=copy task.seq_len=100 model=hrnn model.activation=event optim.lr=0.003 \
+        optim.schedule=cosine trainer.seed=0,1,2 trainer.steps=20000 trainer.eval_every=500 hydra.sweep.dir="$STUDY/copy_long" ;;
+    pmnist_pilot)  # why pMNIST stops at 92%: event gates update 3.6% of the (step, module) pairs there.
+                   # Without the update penalty, and also with gates that start half open (b_g = -1);
+                   # and the binary clock alone (20% updates). Hidden 128, 6,000 constant-rate steps, one seed
+      run "${COMMON[@]}" experiment=pmnist model=hrnn model.activation=event model.update_weight=0 optim.schedule=constant \
+        model.gate_bias=-3,-1 trainer.steps=6000 trainer.seed=0 hydra.sweep.dir="$STUDY/pmnist_pilot"
+      run "${COMMON[@]}" experiment=pmnist model=hrnn model.activation=clock optim.schedule=constant \
+        trainer.steps=6000 trainer.seed=0 hydra.sweep.dir="$STUDY/pmnist_pilot_clock" ;;
+    copy_long100_40k)  # copy_long at T = 100 reached recall >= 99% on seed 0 only (seeds 1, 2: 95.9%, 98.1% in
+                       # 20k steps): copy_long200's 40k steps at T = 100, 3 seeds
+      run "${COMMON[@]}" task=copy task.seq_len=100 model=hrnn model.activation=event optim.lr=0.003 \
+        optim.schedule=cosine trainer.seed=0,1,2 trainer.steps=40000 trainer.eval_every=1000 hydra.sweep.dir="$STUDY/copy_long100_40k" ;;
+    copy_long200)  # copy_long's T = 200 row (recall 74.5% and rising at 20k steps) with twice the steps: 3 seeds
+      run "${COMMON[@]}" task=copy task.seq_len=200 model=hrnn model.activation=event optim.lr=0.003 \
+        optim.schedule=cosine trainer.seed=0,1,2 trainer.steps=40000 trainer.eval_every=1000 hydra.sweep.dir="$STUDY/copy_long200" ;;
+    events_annealed)  # the annealed gate (soft on sigmoid(s z), s rising 1 -> 25; hard z > 0 in evaluation) on
+                      # events_hard's task and budget: adding T = 200, 3 seeds, 2000 steps
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=annealed \
+        trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_annealed"
+      # ... it evaluated every gate shut on 2 of 3 seeds (z < 0 everywhere): a steeper end (s = 100), and
+      # gates that start half open (b_g = 0, where the straight-through gate first fell to 0.097)
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=annealed \
+        model.gate_slope=100 trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_annealed_steep"
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=annealed \
+        model.gate_bias=0 trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_annealed_open" ;;
+    events_t1000)  # the activations compared at T = 1000, events_long's budget (3 seeds, 3000 steps): the clock
+                   # alone, clock_event, and event gates with learned connectivity (event alone: events_long)
+      run "${COMMON[@]}" task=adding task.seq_len=1000 model=hrnn model.activation=clock,clock_event \
+        trainer.seed=0,1,2 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_t1000"
+      run "${COMMON[@]}" task=adding task.seq_len=1000 model=hrnn model.activation=event model.connectivity=learned \
+        trainer.seed=0,1,2 trainer.steps=3000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/events_t1000_connectivity" ;;
+    events_timescales)  # the activations compared on the timescales task, where the clock alone is the right model:
+                        # event and clock_event on [2, 7, 30] (binary basis), 3 seeds, the timescales budget
+      run "${COMMON[@]}" "${TIMESCALES[@]}" 'task.periods=[2,7,30]' model=hrnn basis=binary \
+        model.activation=event,clock_event trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/events_timescales" ;;
+    pmnist_clock)  # pmnist_pilot's finding: the binary clock alone reached 94.2% validation in 6,000 steps, where
+                   # event gates reached 73%. The clock with mnist_long's budget (cosine lr, 40k steps), and
+                   # the Clockwork RNN (the same periods 2^i, hard, slow-to-fast) in the same budget: one seed
+      run "${COMMON[@]}" experiment=pmnist model=hrnn model.activation=clock optim.schedule=cosine \
+        trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/pmnist_clock"
+      run "${COMMON[@]}" "${MNIST_TASK[@]}" task=pmnist model=cwrnn optim.schedule=cosine \
+        trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/pmnist_cwrnn" ;;
+    smnist_baselines)  # the LSTM, GRU and Clockwork RNN (hidden 128) on sequential MNIST, in the wall time
+                       # mnist_long's hrnn rows took (2,600 s, one thread beside another job), at the preset's
+                       # constant rate (a cosine decay needs a known step count): one seed
+      run "${COMMON[@]}" "${MNIST_TASK[@]}" task=smnist model=lstm,gru,cwrnn \
+        trainer.max_wall_s=2600 trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/mnist_baselines_smnist" ;;
+    pmnist_baselines)  # the same for permuted MNIST: the LSTM and the GRU (pmnist_clock has the Clockwork RNN)
+      run "${COMMON[@]}" "${MNIST_TASK[@]}" task=pmnist model=lstm,gru \
+        trainer.max_wall_s=2600 trainer.steps=40000 trainer.seed=0 hydra.sweep.dir="$STUDY/mnist_baselines_pmnist" ;;
+    mnist_baselines) table smnist_baselines; table pmnist_baselines ;;
+    events_annealed_hard)  # events_annealed's runs with their last half trained hard (straight-through at the
+                           # current slope, model.gate_hard_from=0.5): b_g -3 and 0, 3 seeds, 2000 steps
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=annealed \
+        model.gate_hard_from=0.5 model.gate_bias=-3,0 trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 \
+        hydra.sweep.dir="$STUDY/events_annealed_hard" ;;
+    adding200_baselines)  # the GRU and the Clockwork RNN (hidden 128) beside events_adding's LSTM rows: adding
+                          # T = 200, 3 seeds, the same 2,000 steps
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=gru,cwrnn trainer.seed=0,1,2 trainer.steps=2000 \
+        trainer.eval_every=250 hydra.sweep.dir="$STUDY/adding200_baselines"
+      # ... the GRU of 128 solved it (3/3): the GRU of hrnn's size (hidden 75: 17,851 parameters against 17,945)
+      run "${COMMON[@]}" task=adding task.seq_len=200 model=gru model.hidden_size=75 trainer.seed=0,1,2 \
+        trainer.steps=2000 trainer.eval_every=250 hydra.sweep.dir="$STUDY/adding200_gru75" ;;
+    copy_baselines)  # the LSTM, GRU and Clockwork RNN (hidden 128) on copy at T = 100 and 200, in about the wall
+                     # time hrnn's copy_long rows took to finish (T = 100: 715-1,069 s; T = 200: 1,244-2,287 s),
+                     # at their default rate (a cosine decay needs a known step count): one seed
+      run "${COMMON[@]}" task=copy task.seq_len=100 model=lstm,gru,cwrnn trainer.max_wall_s=900 \
+        trainer.steps=100000 trainer.eval_every=500 trainer.seed=0 hydra.sweep.dir="$STUDY/copy_baselines_100"
+      run "${COMMON[@]}" task=copy task.seq_len=200 model=lstm,gru,cwrnn trainer.max_wall_s=1800 \
+        trainer.steps=100000 trainer.eval_every=500 trainer.seed=0 hydra.sweep.dir="$STUDY/copy_baselines_200" ;;
+    smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
+      run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 $MNIST_20K hydra.sweep.dir="$STUDY/smnist_clock"
+      run "${COMMON[@]}" "${MNIST_TASK[@]}" task=smnist model=lstm trainer.steps=20000 trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines" >&2; exit 2 ;;
+  esac
+}
+
+tables=("$@")
+[ ${#tables[@]} -eq 0 ] && tables=(timescales baselines adding copy dct_variants dct_t210 period_variants lstm events_adding)
+for name in "${tables[@]}"; do table "$name"; done
