@@ -13,8 +13,8 @@ from hrnn.ops import MATMUL_PRECISIONS
 # option name -> the schema of its keys (a dataclass in hrnn.config.schema)
 TASKS = {"copy": "SyntheticTaskSchema", "adding": "SyntheticTaskSchema", "timescales": "TimescalesTaskSchema",
          "smnist": "MnistTaskSchema", "pmnist": "MnistTaskSchema", "text": "TextTaskSchema"}
-MODELS = {"hrnn": "ClockedModelSchema", "cwrnn": "CwrnnModelSchema", "lstm": "TorchModelSchema",
-          "gru": "TorchModelSchema", "rnn": "TorchModelSchema"}
+MODELS = {"hrnn": "ClockedModelSchema", "cwrnn": "CwrnnModelSchema", "lstm": "GatedTorchModelSchema",
+          "gru": "GatedTorchModelSchema", "rnn": "TorchModelSchema", "lem": "LemModelSchema", "cornn": "CornnModelSchema"}
 BASES = {"binary": "BasisSchema", "dct": "BasisSchema", "period": "PeriodBasisSchema"}
 REGULARIZERS = {"softmax": "SoftmaxSchema", "l1": "L1Schema", "none": "NoRegularizerSchema"}
 # option name -> its class in torch.optim; every optimizer takes the keys of schema.OptimSchema
@@ -42,5 +42,6 @@ CONNECTIVITY = ("full", "slow_to_fast", "learned")  # model.connectivity
 ACTIVATIONS = ("clock", "event", "clock_event", "chunker")  # model.activation
 GATES = ("hard", "stochastic", "soft", "annealed")  # model.gate
 CLOCK_STARTS = ("spread", "random", "uniform")  # basis.init
+GATE_BIAS_INITS = {"lstm": ("chrono", "forget1", "default"), "gru": ("chrono", "default")}  # model.init
 # The models that take an initial state and return their final one, so task=text can carry it across windows.
 STREAM_MODELS = ("hrnn", "cwrnn", "lstm", "gru", "rnn")

@@ -88,6 +88,26 @@ class TorchModelSchema:
 
 
 @dataclass
+class GatedTorchModelSchema(TorchModelSchema):
+    init: str
+    chrono_t_max: Optional[float]
+
+
+@dataclass
+class LemModelSchema:
+    name: str
+    hidden_size: int
+    n_modules: int  # unused, as for TorchModelSchema
+    dt: float
+
+
+@dataclass
+class CornnModelSchema(LemModelSchema):
+    gamma: float
+    epsilon: float
+
+
+@dataclass
 class BasisSchema:
     name: str
     size: Optional[int]
@@ -284,6 +304,13 @@ def _check_model(cfg: DictConfig) -> None:
     model = cfg.model
     if "num_layers" in model:
         _positive(cfg, "model.num_layers")
+    if model.name in registry.GATE_BIAS_INITS:
+        _one_of(cfg, "model.init", registry.GATE_BIAS_INITS[model.name])
+        _require(model.chrono_t_max is None or model.chrono_t_max > 2,
+                 f"model.chrono_t_max={model.chrono_t_max} must be above 2 (chrono draws log U[1, T_max - 1]) or null")
+    for key in ("dt", "gamma", "epsilon"):
+        if key in model:
+            _positive(cfg, f"model.{key}")
     if model.name in ("hrnn", "cwrnn"):
         _positive(cfg, "model.n_modules")
         _require(

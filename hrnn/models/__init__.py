@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from hrnn.models.baselines import LEM, CoRNN, authors_head_init, chrono_init, forget_bias_init
 from hrnn.models.clock import BasisClock, Clock, FixedClock, PeriodClock
 from hrnn.models.recurrent import ChunkerGate, ClockedRNN, ConnectivityGates, EventGate, SequenceModel, TorchRNN
 from hrnn.tasks.base import TaskSpec
@@ -66,9 +67,27 @@ def build_model(cfg: DictConfig, spec: TaskSpec) -> SequenceModel:
             event = ChunkerGate(spec.input_size, hidden, n_modules, model_cfg.gate, model_cfg.chunker_threshold,
                                 model_cfg.gate_threshold, model_cfg.update_weight, model_cfg.prediction_weight)
         backbone = ClockedRNN(spec.input_size, hidden, clock, model_cfg.connectivity, gates, event)
+    elif model_cfg.name == "lem":
+        backbone = LEM(spec.input_size, hidden, model_cfg.dt)
+    elif model_cfg.name == "cornn":
+        backbone = CoRNN(spec.input_size, hidden, model_cfg.dt, model_cfg.gamma, model_cfg.epsilon)
     else:
-        backbone = TorchRNN(model_cfg.name, spec.input_size, hidden, model_cfg.num_layers)
-    return SequenceModel(backbone, hidden, spec.output_size, spec.readout)
+        backbone = build_torch_rnn(model_cfg, spec)
+    model = SequenceModel(backbone, hidden, spec.output_size, spec.readout)
+    if model_cfg.name == "lem":
+        authors_head_init(model.head)  # the authors' kaiming_normal_ classifier weight
+    return model
+
+
+def build_torch_rnn(model_cfg: DictConfig, spec: TaskSpec) -> TorchRNN:
+    """torch.nn's LSTM, GRU or RNN with the gate-bias initialisation model.init names (lstm, gru)."""
+    backbone = TorchRNN(model_cfg.name, spec.input_size, model_cfg.hidden_size, model_cfg.num_layers)
+    init = model_cfg.get("init", "default")
+    if init == "chrono":
+        chrono_init(backbone, model_cfg.chrono_t_max or spec.seq_len)
+    elif init == "forget1":
+        forget_bias_init(backbone, 1.0)
+    return backbone
 
 
 def count_parameters(model) -> int:
