@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from conftest import load_script
@@ -146,3 +147,117 @@ def test_first_step_below_and_missing_study_dir(tmp_path, capsys):
     assert first_step_below(history, "val_mse", 0.0001) is None
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "run scripts/study/study.sh first" in capsys.readouterr().err
+
+
+# The summary table and the figures (docs/results.md): numbers against their definitions, on metrics.json
+# files written here.
+
+def adding_job(sweep: Path, name: str, activation: str, seed: int, metrics: dict | None, steps: int = 4000) -> Path:
+    """A job of `hrnn-train -m trainer.seed=... model.activation=... task=adding` as Hydra leaves it."""
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    config = {"model": {"name": "hrnn", "activation": activation}, "basis": {"name": "dct"},
+              "task": {"name": "adding", "seq_len": 200}, "trainer": {"seed": seed, "steps": steps}}
+    OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
+    overrides = [f"trainer.seed={seed}", "task=adding", f"model.activation={activation}"]
+    OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
+    if metrics is not None:
+        (job / "metrics.json").write_text(json.dumps({"status": "finished", **metrics}))
+    return job
+
+
+def adding_metrics(seed: int, test: float, curve: list[float], fraction: float, wall: float, periods: bool = False) -> dict:
+    history = [{"step": 500 * (i + 1), "wall_s": wall * (i + 1) / len(curve), "val_mse": v,
+                "val_update_fraction": fraction, **({"periods": [1.0 + i, 4.0]} if periods else {})}
+               for i, v in enumerate(curve)]
+    return {"metric": "mse", "higher_is_better": False, "val_metric": min(curve), "test_metric": test,
+            "baseline": 1 / 6, "seed": seed, "test": {"mse": test, "update_fraction": fraction}, "params": 1234,
+            "steps": 500 * len(curve), "wall_s": wall, "train_step_s": 0.01, "history": history}
+
+
+def write_multirun(sweep: Path, overrides: list[str]) -> None:
+    OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"task": overrides}}}), sweep / "multirun.yaml")
+
+
+def test_sweep_values_split_outside_brackets_and_expand_to_every_job():
+    assert results.split_sweep("clock_event,event,clock") == ["clock_event", "event", "clock"]
+    assert results.split_sweep("[2,7,30]") == ["[2,7,30]"]
+    jobs = results.expand(["trainer.seed=0,1,2", "task.periods=[2,7,30]", "model.activation=event,clock"])
+    assert len(jobs) == 6 and all(j["task.periods"] == "[2,7,30]" for j in jobs)
+    assert {(j["trainer.seed"], j["model.activation"]) for j in jobs} == {(s, a) for s in "012" for a in ("event", "clock")}
+    command = results.commands({"ablation_timescales": results.ABLATION["ablation_timescales"]}, out="outputs/ablation")[0]
+    assert command.startswith("hrnn-train -m hydra/launcher=joblib") and "'task.periods=[2,7,30]'" in command
+    assert command.endswith("hydra.sweep.dir=outputs/ablation/ablation_timescales")
+
+
+def test_summary_rows_pool_finished_seeds_and_count_the_rest(tmp_path):
+    """Mean ± std over the finished seeds only, n their count; an unfinished job is running or stopped
+    by how recently its files changed, a job the sweep has not begun is counted as not started, and a
+    planned sweep with no directory is not run."""
+    import statistics
+
+    sweep = tmp_path / "ablation" / "adding200"
+    tests = {0: 0.0008, 1: 0.0004, 2: 0.0012}
+    for seed, test in tests.items():
+        adding_job(sweep, f"{2 * seed}_event_{seed}", "event", seed,
+                   adding_metrics(seed, test, [0.15, 0.01 * (seed + 1), test], 0.03 + 0.01 * seed, 400.0 + 10 * seed))
+    adding_job(sweep, "1_clock_0", "clock", 0, adding_metrics(0, 0.156, [0.167, 0.167, 0.167], 0.5, 300.0))
+    unfinished = adding_job(sweep, "3_clock_1", "clock", 1, None)
+    (unfinished / "run.log").write_text("step 500/4000\n")
+    write_multirun(sweep, ["trainer.seed=0,1,2", "task=adding", "model.activation=event,clock"])  # clock seed 2: not begun
+    plan = {"adding200": ["trainer.seed=0,1,2", "task=adding", "model.activation=event,clock"],
+            "adding1000": ["trainer.seed=0,1,2", "task=adding", "task.seq_len=1000", "model.activation=event"]}
+
+    now = unfinished.joinpath("run.log").stat().st_mtime + 60
+    rows = {(r["T"], r["model"]): r for r in results.summary_rows(results.planned_jobs(tmp_path / "ablation", plan, now=now))}
+    event = rows[(200, "hrnn event")]
+    assert event["n"] == 3 and event["seeds"] == [0, 1, 2] and event["jobs"] == 3
+    assert event["test"] == (statistics.fmean(tests.values()), statistics.stdev(tests.values()))
+    assert abs(event["update_fraction"][0] - 0.04) < 1e-12 and abs(event["wall_s"][0] - 410.0) < 1e-9
+    assert event["solved"] == 3 and event["params"] == [1234] and event["steps"] == [1500]
+    clock = rows[(200, "hrnn-dct clock")]
+    assert (clock["n"], clock["jobs"], clock["running"], clock["not started"]) == (1, 3, 1, 1)
+    assert clock["test"] == (0.156, None) and clock["solved"] == 0  # one seed: no std
+    not_run = rows[(1000, "hrnn event")]
+    assert (not_run["n"], not_run["jobs"], not_run["not started"]) == (0, 3, 3)
+
+    table = results.format_summary(list(rows.values()))
+    assert "| adding T = 200 | hrnn event | mse 0.0008 ± 0.0004 |" in table
+    assert "| 3/3 (mse < 0.01) | 3 | 1,234 | 1,500 | 410 ± 10 | 0.040 ± 0.010 | 3/3 finished |" in table
+    assert "| 1 (single seed) |" in table and "1/3 finished, 1 running, 1 not started |" in table
+    assert table.rstrip().endswith("| not run |")
+
+    later = results.planned_jobs(tmp_path / "ablation", plan, now=now + 2 * results.RUNNING_WITHIN_S)
+    assert [j["status"] for j in later if j["name"] == "3_clock_1"] == ["stopped"]
+
+
+def test_curves_are_the_mean_and_std_over_seeds_at_the_evaluations_every_seed_has():
+    a = adding_metrics(0, 0.001, [0.15, 0.02, 0.001], 0.03, 300.0)
+    b = adding_metrics(1, 0.003, [0.16, 0.04, 0.003, 0.002], 0.05, 400.0)  # one more evaluation than a
+    c = results.curve([a, b], "val_mse")
+    assert c["n"] == 2 and c["steps"] == [500, 1000, 1500]
+    assert c["mean"] == [0.155, 0.03, 0.002]
+    assert abs(c["std"][1] - 0.02 / 2 ** 0.5) < 1e-12
+    assert c["wall_s"] == [(100.0 + 100.0) / 2, (200.0 + 200.0) / 2, (300.0 + 300.0) / 2]
+    assert results.curve([a], "val_mse")["std"] == [None, None, None]
+    assert results.series_label("hrnn event", 3) == "hrnn event (n = 3 seeds)"
+    assert results.series_label("lstm", 1) == "lstm (n = 1 seed)"
+
+
+def test_figures_are_written_as_png_for_each_task(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # the `figures` extra
+    sweep = tmp_path / "ablation" / "adding200"
+    for seed in (0, 1):
+        adding_job(sweep, f"{seed}_clock_event_{seed}", "clock_event", seed,
+                   adding_metrics(seed, 0.001, [0.15, 0.01, 0.001], 0.03, 300.0, periods=True))
+        adding_job(sweep, f"{seed + 2}_event_{seed}", "event", seed, adding_metrics(seed, 0.002, [0.15, 0.02, 0.002], 0.05, 280.0))
+    written = results.render_figures(results.planned_jobs(tmp_path / "ablation"), tmp_path / "figures")
+    assert sorted(p.name for p in written) == ["curves_adding_T200.png", "periods_adding_T200.png",
+                                              "update_fraction_adding_T200.png"]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert main([str(tmp_path / "ablation"), "--summary", "--figures", str(tmp_path / "again")]) == 0
+    out = capsys.readouterr()
+    assert "| adding T = 200 | hrnn event | mse 0.0020 |" not in out.out  # two seeds: a std is shown
+    assert "| adding T = 200 | hrnn event | mse 0.0020 ± 0.0000 |" in out.out and "| 2 (two seeds) |" in out.out
+    assert (tmp_path / "again" / "curves_adding_T200.png").exists()

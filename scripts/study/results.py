@@ -1,11 +1,18 @@
 #!/usr/bin/env python3
-"""The results study's tables, built from the metrics.json files of its sweep directories.
+"""The results study's tables and figures, built from the metrics.json files of its sweep directories.
 
-`python scripts/study/results.py outputs/study` prints markdown (pasted into docs/results.md): one
+`python scripts/study/results.py outputs/study` prints markdown (docs/results_appendix.md): one
 table for the timescales task (seeds pooled per model and period set: how many seeds reached
 the MSE threshold, recovered every true period, and both) and one for the other tasks (one
-row per job). Failed and unfinished jobs are listed, never dropped. Imports torch only to read
+row per configuration). Failed and unfinished jobs are listed, never dropped. Imports torch only to read
 the wave periods of runs written before metrics.json carried them (from their best.pt).
+
+`python scripts/study/results.py outputs/ablation --summary --plan ablation --figures docs/figures`
+prints the summary table of docs/results.md (task x model: mean ± std over the finished seeds, their
+count, parameters, steps, wall time, update fraction; jobs still running or not run say so) and
+writes its figures as PNG (learning curves against steps and against wall time, update fractions
+and each module's period over training; mean ± std over seeds, the seed count in every legend).
+`--commands` prints the plan's hrnn-train commands.
 
 It lives here, next to study.sh, because it serves that study alone; what every sweep
 needs (reading job directories, mean ± std) is hrnn.sweep.summary.
@@ -16,11 +23,13 @@ import argparse
 import functools
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
+import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -298,13 +307,374 @@ def format_problems(jobs: list[dict[str, Any]]) -> str:
     return "\n".join(f"- {j['sweep']}/{j['name']}: {j['status']}: {j['error']}" for j in problems)
 
 
+# The clock ablation (3 seeds of each): the default model with its clock learned and frozen, its event gates
+# alone and its clock alone, on four tasks. One multirun per sweep directory; `commands()` prints them.
+ABLATION_LAUNCH = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=1", "trainer.num_threads=1",
+                   "trainer.progress=false", "resume=auto"]
+ABLATION_TASKS = {"adding200": ["task=adding"],
+                  "timescales": ["task=timescales", "task.periods=[2,7,30]", "trainer.steps=1500", "trainer.eval_every=100"],
+                  "adding1000": ["task=adding", "task.seq_len=1000", "trainer.steps=3000", "trainer.eval_every=250"],
+                  "copy100": ["experiment=copy_long", "trainer.steps=5000", "trainer.eval_every=500"]}
+ABLATION: dict[str, list[str]] = {}
+for _name, _task in ABLATION_TASKS.items():
+    ABLATION[f"ablation_{_name}"] = ["trainer.seed=0,1,2", *_task, "model.activation=clock_event,event,clock"]
+    ABLATION[f"ablation_{_name}_frozen"] = ["trainer.seed=0,1,2", *_task, "model.activation=clock_event", "optim.clock_lr=0"]
+PLANS = {"ablation": ABLATION}
+RUNNING_WITHIN_S = 1800.0  # an unfinished job whose files changed this recently counts as running
+
+
+def commands(plan: dict[str, list[str]], out: str = "outputs/ablation") -> list[str]:
+    """The hrnn-train command of each sweep of a plan, in order."""
+    return [" ".join(["hrnn-train", *ABLATION_LAUNCH, *(f"'{o}'" if "[" in o else o for o in overrides),
+                      f"hydra.sweep.dir={out}/{name}"]) for name, overrides in plan.items()]
+
+
+def split_sweep(value: str) -> list[str]:
+    """A sweep override's values: split at the commas outside brackets ('[2,7,30]' is one value)."""
+    values, depth, current = [], 0, ""
+    for char in value:
+        depth += 1 if char in "[({" else -1 if char in "])}" else 0
+        if char == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += char
+    return values + [current]
+
+
+def expand(overrides: list[str]) -> list[dict[str, str]]:
+    """Every job of a multirun: one key -> value dict per combination of the swept values."""
+    combos: list[dict[str, str]] = [{}]
+    for item in overrides:
+        key, _, value = str(item).partition("=")
+        combos = [{**combo, key: v} for combo in combos for v in split_sweep(value)]
+    return combos
+
+
+@functools.lru_cache(maxsize=None)
+def composed_config(overrides: tuple[str, ...]) -> dict[str, Any]:
+    """conf/ composed with a job's overrides: the config of a job that has not started."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)), resolve=False)
+
+
+def _recently_changed(path: Path, now: float, within_s: float) -> bool:
+    return any(now - p.stat().st_mtime < within_s for p in path.rglob("*") if p.is_file())
+
+
+def planned_jobs(study_dir: Path | str, plan: dict[str, list[str]] | None = None, now: float | None = None,
+                 running_within_s: float = RUNNING_WITHIN_S) -> list[dict[str, Any]]:
+    """read_study's jobs, each unfinished one marked running (its files changed in the last
+    running_within_s seconds) or stopped, plus one record (status "not started") for each job a sweep
+    will run and has not begun: from its multirun.yaml, or from the plan where the sweep has no directory."""
+    study_dir = Path(study_dir)
+    now = time.time() if now is None else now
+    jobs = read_study(study_dir) if study_dir.is_dir() else []
+    for job in jobs:
+        if job["status"] == "unfinished":
+            job["status"] = "running" if _recently_changed(Path(job["dir"]), now, running_within_s) else "stopped"
+    sweeps: dict[str, list[str]] = {}
+    for multirun in sorted(study_dir.rglob("multirun.yaml")) if study_dir.is_dir() else []:
+        task = OmegaConf.select(OmegaConf.load(multirun), "hydra.overrides.task", default=[]) or []
+        sweeps[str(multirun.parent.relative_to(study_dir))] = [str(item) for item in task]
+    for name, overrides in (plan or {}).items():
+        sweeps.setdefault(name, list(overrides))
+    for sweep, overrides in sweeps.items():
+        combos = expand(overrides)
+        varied = [key for key in combos[0] if len({c[key] for c in combos}) > 1]
+        started = [{k: j["overrides"].get(k) for k in varied} for j in jobs if j["sweep"] == sweep]
+        for combo in combos:
+            if {k: combo[k] for k in varied} in started:
+                continue
+            config = composed_config(tuple(f"{k}={v}" for k, v in combo.items() if not k.startswith("hydra")))
+            jobs.append({"name": ",".join(f"{k}={combo[k]}" for k in varied), "dir": None, "sweep": sweep,
+                         "overrides": combo, "config": config, "seed": config.get("trainer", {}).get("seed"),
+                         "status": "not started", "metrics": None, "error": None})
+    return jobs
+
+
+def group_key(config: dict[str, Any]) -> tuple:
+    """(task, T, periods, model label, steps, wall budget): the jobs one summary row pools."""
+    task, trainer = config.get("task", {}), config.get("trainer", {})
+    periods = task.get("periods") if task.get("name") == "timescales" else None
+    return (task.get("name"), task.get("seq_len"), None if periods is None else str(list(periods)),
+            model_label(config), trainer.get("steps"), trainer.get("max_wall_s"))
+
+
+def solved_step(metrics: dict[str, Any], task: str) -> int | None:
+    """The first evaluation at the task's bar (THRESHOLDS; timescales: val MSE < THRESHOLD), None: never."""
+    key, threshold, below = THRESHOLDS.get(task, ("val_mse", THRESHOLD, True))
+    entry = next((e for e in metrics.get("history", []) if key in e
+                  and (e[key] < threshold if below else e[key] >= threshold)), None)
+    return None if entry is None else entry["step"]
+
+
+def summary_rows(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per task x model (group_key): mean ± std over the finished seeds and how many there are, with
+    the jobs of the group that are running, stopped, failed or not started counted beside them."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for job in jobs:
+        if job.get("config", {}).get("task", {}).get("name") is None:
+            continue
+        groups.setdefault(group_key(job["config"]), []).append(job)
+    rows = []
+    for key in sorted(groups, key=lambda k: (k[0], k[1] or 0, k[2] or "", k[3], k[4] or 0, k[5] or 0)):
+        name, seq_len, periods, label, steps, budget = key
+        members = groups[key]
+        done = sorted((j for j in members if j["status"] == "finished"), key=lambda j: j["metrics"].get("seed") or 0)
+        metrics = [j["metrics"] for j in done]
+        counts = {status: sum(j["status"] == status for j in members)
+                  for status in ("running", "stopped", "failed", "not started")}
+        first = metrics[0] if metrics else {}
+        rows.append({
+            "task": name, "T": seq_len, "periods": periods, "model": label, "planned_steps": steps, "budget": budget,
+            "jobs": len(members), "n": len(metrics), "seeds": [m.get("seed") for m in metrics], **counts,
+            "metric": first.get("metric"), "higher_is_better": first.get("higher_is_better", False),
+            "val": mean_std([m["val_metric"] for m in metrics]), "test": mean_std([m["test_metric"] for m in metrics]),
+            "baseline": first.get("baseline"),
+            "solved": sum(solved_step(m, name) is not None for m in metrics),
+            "recall_acc": mean_std([m.get("test", {}).get("recall_acc") for m in metrics]),
+            "update_fraction": mean_std([m.get("test", {}).get("update_fraction") for m in metrics]),
+            "params": sorted({m["params"] for m in metrics}),
+            "steps": sorted({m["steps"] for m in metrics}),
+            "wall_s": mean_std([m["wall_s"] for m in metrics]),
+        })
+    return rows
+
+
+def _status(row: dict[str, Any]) -> str:
+    if row["n"] == 0 and row["not started"] == row["jobs"]:
+        return "not run"
+    parts = [f"{row['n']}/{row['jobs']} finished"]
+    parts += [f"{row[s]} {s}" for s in ("running", "stopped", "failed", "not started") if row[s]]
+    return ", ".join(parts)
+
+
+def _seeds(n: int) -> str:
+    return {0: "0", 1: "1 (single seed)", 2: "2 (two seeds)"}.get(n, str(n))
+
+
+def _range(values: list[Any], fmt: str = "{:,}") -> str:
+    if not values:
+        return "-"
+    return fmt.format(values[0]) if len(values) == 1 else f"{fmt.format(values[0])}-{fmt.format(values[-1])}"
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    """The summary table, task x model: every cell's seed count beside it; a group with no finished seed says
+    whether it is running or was not run."""
+    head = ["task", "model", "test (mean ± std)", "val (mean ± std)", "solved", "n seeds", "params", "steps",
+            "wall s (mean ± std)", "update fraction (test)", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        task = f"{r['task']} T = {r['T']}" + (f" periods {r['periods']}" if r["periods"] else "")
+        digits = 4 if not r["higher_is_better"] else 4
+        test = plus_minus(*r["test"], digits=digits)
+        if r["recall_acc"][0] is not None:
+            test += f" (recall {plus_minus(*r['recall_acc'], digits=3)})"
+        key, threshold, below = THRESHOLDS.get(r["task"], ("val_mse", THRESHOLD, True))
+        bar = f"{key[4:]} {'<' if below else '>='} {threshold:g}"
+        planned = "-" if r["planned_steps"] is None else f"{r['planned_steps']:,}"
+        steps = (f"budget {r['budget']:g} s: {_range(r['steps'])}" if r["budget"] is not None
+                 else _range(r["steps"]) if r["steps"] else planned)
+        metric = f"{r['metric']} " if r["metric"] else ""
+        cells = [task, r["model"], f"{metric}{test}" if r["n"] else "-", plus_minus(*r["val"], digits=digits),
+                 f"{r['solved']}/{r['n']} ({bar})" if r["n"] else "-", _seeds(r["n"]), _range(r["params"]), steps,
+                 plus_minus(*r["wall_s"], digits=0), plus_minus(*r["update_fraction"], digits=3), _status(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Figures: learning curves (against steps and against wall time), update fractions and periods over training.
+
+def curve(metrics: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The seeds' mean ± std of one history key at the evaluations every seed has (std None for one seed),
+    with the seeds' mean wall time to each (recorded, or wall_to's estimate)."""
+    per_seed = [{e["step"]: e for e in m.get("history", []) if e.get(key) is not None} for m in metrics]
+    steps = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+    out: dict[str, Any] = {"n": len(metrics), "steps": steps, "mean": [], "std": [], "wall_s": []}
+    for step in steps:
+        mean, std = mean_std([s[step][key] for s in per_seed])
+        out["mean"].append(mean)
+        out["std"].append(std)
+        out["wall_s"].append(statistics.fmean(wall_to(s[step], m) for s, m in zip(per_seed, metrics)))
+    return out
+
+
+def series_label(label: str, n: int) -> str:
+    return f"{label} (n = {n} seed{'s' if n != 1 else ''})"
+
+
+def _slug(*parts: Any) -> str:
+    text = "_".join(str(p) for p in parts if p is not None)
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_").replace("__", "_")
+
+
+def _task_title(name: str, seq_len: Any, periods: str | None) -> str:
+    return f"{name}, T = {seq_len}" + (f", periods {periods}" if periods else "")
+
+
+def figure_groups(jobs: list[dict[str, Any]]) -> dict[tuple, dict[str, list[dict[str, Any]]]]:
+    """Finished jobs by (task, T, periods), then by series label (model label; its steps appended where one
+    label ran with different budgets): the metrics of each series' seeds."""
+    tasks: dict[tuple, dict[tuple, list[dict[str, Any]]]] = {}
+    for job in jobs:
+        if job["status"] != "finished":
+            continue
+        name, seq_len, periods, label, steps, budget = group_key(job["config"])
+        tasks.setdefault((name, seq_len, periods), {}).setdefault((label, steps, budget), []).append(job["metrics"])
+    out: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
+    for task, series in tasks.items():
+        labels = [label for label, _, _ in series]
+        out[task] = {}
+        for (label, steps, budget), metrics in sorted(series.items(), key=lambda kv: str(kv[0])):
+            if labels.count(label) > 1:
+                label += f", budget {budget:g} s" if budget is not None else f", {steps:,} steps"
+            out[task][label] = sorted(metrics, key=lambda m: m.get("seed") or 0)
+    return out
+
+
+def _band(ax, x, c, color, log: bool) -> None:
+    mean = np.asarray(c["mean"], dtype=float)
+    std = np.asarray([0.0 if s is None else s for s in c["std"]], dtype=float)
+    low = mean - std
+    if log:
+        low = np.maximum(low, mean / 10)  # a band below zero cannot be drawn on a log axis
+    ax.fill_between(x, low, mean + std, color=color, alpha=0.2, linewidth=0)
+
+
+def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str) -> list[Path]:
+    """PNG figures of every task with finished jobs, into out_dir; returns the paths written:
+    curves_<task>.png (validation metric against step and against wall time, every series; also recall on copy),
+    update_fraction_<task>.png (mean activation against step), periods_<task>.png (each module's dominant
+    period against step, one panel per clocked model and seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
+              "tab:olive", "tab:cyan"]
+    written = []
+    for (name, seq_len, periods), series in sorted(figure_groups(jobs).items(), key=lambda kv: str(kv[0])):
+        title = _task_title(name, seq_len, periods)
+        stem = _slug(name, f"T{seq_len}", periods)
+        first = next(iter(series.values()))[0]
+        metric, higher = first["metric"], first.get("higher_is_better", False)
+        keys = [f"val_{metric}"] + (["val_recall_acc"] if any("val_recall_acc" in e for e in first.get("history", []))
+                                    and metric != "recall_acc" else [])
+        height = 3.3 * len(keys) + 1.3
+        fig = Figure(figsize=(11, height))
+        fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.55 / height, bottom=1.15 / height, wspace=0.22, hspace=0.5)
+        for row, key in enumerate(keys):
+            log = not higher and key != "val_recall_acc"
+            for col, x_name in enumerate(("steps", "wall_s")):
+                ax = fig.add_subplot(len(keys), 2, 2 * row + col + 1)
+                for i, (label, metrics) in enumerate(series.items()):
+                    c = curve(metrics, key)
+                    if not c["steps"]:
+                        continue
+                    color = colors[i % len(colors)]
+                    x = np.asarray(c[x_name], dtype=float)
+                    ax.plot(x, c["mean"], color=color, marker="o", markersize=3, label=series_label(label, c["n"]))
+                    _band(ax, x, c, color, log)
+                baseline = first.get("baseline")
+                if baseline and key == f"val_{metric}" and not higher:
+                    ax.axhline(baseline, color="black", linestyle=":", linewidth=1, label="memoryless baseline")
+                if log:
+                    ax.set_yscale("log")
+                ax.set_xlabel("training step" if x_name == "steps" else "wall time, s (mean over seeds; one thread each)")
+                ax.set_ylabel(f"validation {key[4:]}")
+                ax.set_title("at equal steps" if x_name == "steps" else "at equal wall time", fontsize=9)
+                ax.grid(True, alpha=0.3)
+                if row == 0 and col == 0:
+                    handles, labels = ax.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        fig.suptitle(f"{title}: validation {metric} (mean ± std over seeds)", fontsize=10)
+        written.append(_save(fig, out_dir / f"curves_{stem}.png"))
+
+        with_fraction = {label: m for label, m in series.items() if curve(m, "val_update_fraction")["steps"]}
+        if with_fraction:
+            fig = Figure(figsize=(7, 4.4))
+            fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.3)
+            ax = fig.add_subplot()
+            for i, (label, metrics) in enumerate(series.items()):
+                if label not in with_fraction:
+                    continue
+                c = curve(metrics, "val_update_fraction")
+                color = colors[i % len(colors)]
+                ax.plot(c["steps"], c["mean"], color=color, marker="o", markersize=3, label=series_label(label, c["n"]))
+                _band(ax, np.asarray(c["steps"], dtype=float), c, color, False)
+            ax.set_xlabel("training step")
+            ax.set_ylabel("update fraction (validation)")
+            ax.set_ylim(bottom=0)
+            ax.grid(True, alpha=0.3)
+            fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+            ax.set_title(f"{title}: how often the modules update (mean ± std over seeds)", fontsize=10)
+            written.append(_save(fig, out_dir / f"update_fraction_{stem}.png"))
+
+        clocked = {label: m for label, m in series.items() if any("periods" in e for e in m[0].get("history", []))}
+        if clocked:
+            n_cols = max(len(m) for m in clocked.values())
+            fig = Figure(figsize=(3.6 * n_cols + 1.6, 2.8 * len(clocked) + 0.6))
+            fig.subplots_adjust(left=0.08, right=0.85, top=1 - 0.55 / (2.8 * len(clocked) + 0.6), bottom=0.1,
+                                wspace=0.25, hspace=0.55)
+            for row, (label, metrics) in enumerate(clocked.items()):
+                for col, m in enumerate(metrics):
+                    ax = fig.add_subplot(len(clocked), n_cols, row * n_cols + col + 1)
+                    history = [e for e in m.get("history", []) if "periods" in e]
+                    n_modules = len(history[0]["periods"])
+                    for module in range(n_modules):
+                        ax.plot([e["step"] for e in history], [e["periods"][module] for e in history],
+                                marker="o", markersize=2, color=matplotlib.colormaps["viridis"](module / max(1, n_modules - 1)),
+                                label=f"module {module}")
+                    ax.set_yscale("log", base=2)
+                    ax.set_title(f"{label}, seed {m.get('seed')}", fontsize=8)
+                    ax.set_xlabel("training step", fontsize=8)
+                    if col == 0:
+                        ax.set_ylabel("dominant period (steps)", fontsize=8)
+                    ax.tick_params(labelsize=7)
+                    ax.grid(True, alpha=0.3)
+                    if row == 0 and col == len(metrics) - 1:
+                        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+            fig.suptitle(f"{title}: each module's dominant period over training (one panel per seed)", fontsize=10)
+            written.append(_save(fig, out_dir / f"periods_{stem}.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Markdown tables of the results study (scripts/study/study.sh).")
+    parser = argparse.ArgumentParser(description="Markdown tables and figures of the results study (scripts/study/study.sh).")
     parser.add_argument("study_dir", type=Path, help="the directory holding the study's sweep directories")
+    parser.add_argument("--summary", action="store_true", help="print the summary table (task x model) instead of the study's tables")
+    parser.add_argument("--figures", type=Path, metavar="DIR", help="write the figures (PNG) into DIR")
+    parser.add_argument("--plan", choices=sorted(PLANS), help="count the plan's sweeps that have not started as not run")
+    parser.add_argument("--commands", action="store_true", help="print the plan's hrnn-train commands and stop")
     args = parser.parse_args(argv)
-    if not args.study_dir.is_dir():
+    plan = PLANS.get(args.plan) if args.plan else None
+    if args.commands:
+        print("\n".join(commands(plan or ABLATION, out=str(args.study_dir))))
+        return 0
+    if not args.study_dir.is_dir() and plan is None:
         print(f"error: {args.study_dir} is not a directory; run scripts/study/study.sh first", file=sys.stderr)
         return 2
+    if args.summary or args.figures:
+        jobs = planned_jobs(args.study_dir, plan)
+        if not jobs:
+            print(f"error: no job directories under {args.study_dir}", file=sys.stderr)
+            return 1
+        if args.summary:
+            print(format_summary(summary_rows(jobs)))
+        if args.figures:
+            for path in render_figures(jobs, args.figures):
+                print(f"wrote {path}", file=sys.stderr)
+        return 0
     jobs = read_study(args.study_dir)
     if not jobs:
         print(f"error: no job directories under {args.study_dir}; run scripts/study/study.sh first", file=sys.stderr)

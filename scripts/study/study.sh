@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The results study behind docs/results.md: one multirun per table, then
-#   python scripts/study/results.py outputs/study > docs/results.md
+# The results study behind docs/results.md: one multirun per table, then (the generated tables)
+#   python scripts/study/results.py outputs/study > docs/results_appendix.md   # and --summary --figures docs/figures
 #
 #   scripts/study/study.sh [table ...]  tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines (default: all but smnist)
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation (default: all but smnist)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -24,6 +24,13 @@ MNIST_TASK=(basis=binary trainer.batch_size=50 trainer.eval_every=1000)
 run() {  # a sweep with a failed job exits 1: report it and go on with the next table
   echo "+ $TRAIN $*" >&2
   "$TRAIN" "$@" || echo "sweep exited $?: its failed jobs are listed above" >&2
+}
+
+ablation() {  # name, task arguments: the four clock variants of the default model on one task, 3 seeds
+  local name=$1; shift
+  run "${COMMON[@]}" "$@" trainer.seed=0,1,2 model.activation=clock_event,event,clock hydra.sweep.dir="$STUDY/ablation_$name"
+  run "${COMMON[@]}" "$@" trainer.seed=0,1,2 model.activation=clock_event optim.clock_lr=0 \
+    hydra.sweep.dir="$STUDY/ablation_${name}_frozen"
 }
 
 table() {
@@ -210,6 +217,12 @@ table() {
       run "${COMMON[@]}" task=adding task.seq_len=200 model=hrnn model.activation=event model.gate=annealed \
         model.gate_hard_from=0.5 model.gate_bias=-3,0 trainer.seed=0,1,2 trainer.steps=2000 trainer.eval_every=250 \
         hydra.sweep.dir="$STUDY/events_annealed_hard" ;;
+    clock_ablation)  # the clock in the default model, 3 seeds each: clock_event with the clock learned and
+                     # frozen at its start (optim.clock_lr=0), event gates alone, the clock alone
+      ablation adding200 task=adding
+      ablation timescales task=timescales 'task.periods=[2,7,30]' trainer.steps=1500 trainer.eval_every=100
+      ablation adding1000 task=adding task.seq_len=1000 trainer.steps=3000 trainer.eval_every=250
+      ablation copy100 experiment=copy_long trainer.steps=5000 trainer.eval_every=500 ;;
     adding200_baselines)  # the GRU and the Clockwork RNN (hidden 128) beside events_adding's LSTM rows: adding
                           # T = 200, 3 seeds, the same 2,000 steps
       run "${COMMON[@]}" task=adding task.seq_len=200 model=gru,cwrnn trainer.seed=0,1,2 trainer.steps=2000 \
@@ -227,7 +240,7 @@ table() {
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 $MNIST_20K hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" "${MNIST_TASK[@]}" task=smnist model=lstm trainer.steps=20000 trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation" >&2; exit 2 ;;
   esac
 }
 
