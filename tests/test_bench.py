@@ -103,6 +103,23 @@ def test_ratios_are_one_capabilitys_row_over_a_shared_baseline(bench):
     assert bench.ratios({"lstm": rows["lstm"]}, "avx2", 0.5) == []  # no ratio without both of its rows
 
 
+def test_bench_text_table_prints_each_rows_step_and_characters_per_second(tmp_path):
+    """The text rows alone: the same columns as the T tables and chars/s = batch x T / the median step."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench.py"), "--quick", "--only", "text-hrnn,text-lstm",
+                           "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split("\ntext: ", 1)[1].splitlines()
+    assert lines[0].startswith("batch 32, T = 30, 74 symbols, the state carried") and "T = 30   FLOP" not in proc.stdout
+    assert lines[1].split("  description")[0].split() == [
+        "config", "median", "s", "min", "s", "max", "s", "x", "floor", "peak", "MB", "chars/s"]
+    rows = {line.split()[0]: line.split()[1:7] for line in lines[2:4]}
+    for r in json.loads(out.read_text())["results"]:
+        assert (r["batch"], r["steps"]) == (32, 30) and r["chars_per_s"] == pytest.approx(32 * 30 / r["median"])
+        assert float(rows[r["config"]][0]) == round(r["median"], 4)
+        assert float(rows[r["config"]][5]) == round(r["chars_per_s"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--only", "hrnn-dct,nosuch"], "argument --only: unknown configs ['nosuch']; choose from hrnn-dct, "),
     (["--repeat", "0"], "argument --repeat: '0' is not a whole number >= 1"),

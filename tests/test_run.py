@@ -41,9 +41,8 @@ def values_set_by(group: str, option: str) -> dict:
         if isinstance(entry, dict):  # override /task: adding
             ((target, name),) = entry.items()
             values[f"{target.removeprefix('override /')}.name"] = name
-        elif entry != "_self_":  # common/size@_here_
-            shared = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{entry.split('@')[0]}.yaml"))
-            values.update(_leaves(shared, prefix))
+        elif entry != "_self_":  # common/size@_here_, or an option it builds on (experiment text_lstm: text)
+            values.update(values_set_by(group, entry.split("@")[0]))
     values.update(_leaves(raw, prefix))
     return values
 
@@ -177,7 +176,7 @@ BAD_INPUTS = [
     (["task=timescales", "task.periods=[4,0]"], "non-positive period 0"),
     (["trainer.steps=abc"], "trainer.steps"),
     (["resume=/nonexistent/run"], "resume=/nonexistent/run holds no run"),
-    (["model=transformer"], "unknown model 'transformer'; allowed: cwrnn, gru, hrnn, lstm, rnn"),
+    (["model=transformer"], "unknown model 'transformer'; allowed: cornn, cwrnn, gru, hrnn, lem, lstm, rnn"),
     (["basis=wavelet"], "unknown basis 'wavelet'; allowed: binary, dct, period"),
     (["regularizer=l2"], "unknown regularizer 'l2'; allowed: l1, none, softmax"),
     (["model.n_modules=-2"], "model.n_modules=-2 must be positive"),

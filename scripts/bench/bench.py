@@ -154,7 +154,8 @@ def config_names(value: str) -> list[str]:
     names = [n for n in value.split(",") if n]
     unknown = [n for n in names if n not in CONFIGS and n not in TEXT_CONFIGS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown configs {unknown}; choose from {', '.join([*CONFIGS, *TEXT_CONFIGS])}")
+        known = ", ".join([*CONFIGS, *TEXT_CONFIGS])
+        raise argparse.ArgumentTypeError(f"unknown configs {unknown}; choose from {known}")
     return names
 
 
@@ -172,7 +173,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=at_least(1), nargs="+", default=[200, 784, 2000], help="sequence lengths T")
     parser.add_argument("--only", type=config_names, default=config_names(DEFAULT_ONLY),
                         help=f"comma-separated configs (default: all but the variants {', '.join(VARIANTS)}): "
-                        + ", ".join(CONFIGS))
+                        + ", ".join([*CONFIGS, *TEXT_CONFIGS]))
     parser.add_argument("--warmup", type=at_least(0), default=2)
     parser.add_argument("--repeat", type=at_least(1), default=7, help="timed steps (median of these)")
     parser.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's default)")
