@@ -7,9 +7,9 @@ It rebuilds the model and task from the configuration stored in the checkpoint, 
 weights (onto the CPU first, so a checkpoint written on CUDA reads anywhere), evaluates the
 split as training did, prints the metrics, and only then writes eval_<split>_<checkpoint>.json into the run
 directory, or the file out=FILE names (for a run directory that is read-only or not yours; the figures then
-go to figures/ next to it). With --figures it also writes the clock's figures as PNG and PDF into <run dir>/figures/, and for
-a text run the excerpt figure (excerpt.png) and the modules' update rates at word and verse boundaries over
-the split (boundary_rates.json; hrnn/report/text.py) there too.
+go to figures/ next to it). With --figures it also writes the clock's figures as PNG and PDF into
+<run dir>/figures/, and for a text run the excerpt figure (excerpt.png) and the modules' update rates at
+word and verse boundaries over the split (boundary_rates.json; hrnn/report/text.py) there too.
 The runtime (and the recurrence op, whose CPU capability may be refused) is imported inside the
 error wrapper, so that every mistake is one line.
 """

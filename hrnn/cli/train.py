@@ -16,7 +16,7 @@ from typing import Callable
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import hrnn.config  # noqa: F401 - registers the run_name resolver conf/config.yaml uses
 from hrnn.cli.wrapper import user_errors
@@ -98,7 +98,6 @@ def preflight(args: list[str], multirun: bool = False) -> None:
         return  # the stored config of the run is validated when it is loaded
     # Hydra's settings that preflight reads: where the runs go, and which launcher takes them
     dir_overrides = [a for a in args if a.startswith(("hydra.run.dir=", "hydra.sweep.dir=", "hydra/launcher="))]
-    data_checked: set[tuple] = set()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for index, combination in enumerate(itertools.islice(itertools.product(*choices), 256)):
             try:
@@ -112,7 +111,9 @@ def preflight(args: list[str], multirun: bool = False) -> None:
                 if multirun:
                     check_cluster(cfg.hydra.launcher)  # a SLURM sweep: sbatch and sacct answer
                 del cfg.hydra
-            _check_data(validate(cfg), data_checked)
+            cfg = validate(cfg)
+            if not multirun:  # a sweep's job without its data fails alone, kept in its error.txt
+                _check_data(cfg)
 
 
 def check_run_dir(path: Path, resume: str | None) -> None:
@@ -132,26 +133,26 @@ def check_run_dir(path: Path, resume: str | None) -> None:
 
 
 def _check_sweep_dir(sweep: Path, resume: str | None) -> None:
-    """check_run_dir for each job directory an earlier sweep left; without resume=auto there must be none."""
+    """check_run_dir for each job directory an earlier sweep left; without resume=auto there must be none
+    (a search says so itself, naming its study)."""
     from hrnn.sweep.callbacks import has_run
+    from hrnn.sweep.search import STUDY_FILE
 
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) if sweep.is_dir() else []
     for job in jobs:
-        if resume is None and has_run(job):
+        if resume is None and has_run(job) and not (sweep / STUDY_FILE).exists():
             raise UserError(f"{sweep} already holds the runs of a sweep ({job.name}, ...); continue that sweep with "
                             f"resume=auto, or choose another directory with hydra.sweep.dir=<dir>")
         check_run_dir(job, "auto")
 
 
-def _check_data(cfg: DictConfig, checked: set[tuple]) -> None:
+def _check_data(cfg: DictConfig) -> None:
     """A task that reads files is built once here, so that missing or damaged data fail before Hydra
     makes a run directory."""
     from hrnn.config import registry
     from hrnn.tasks import build_task
 
-    key = (OmegaConf.to_yaml(cfg.task), cfg.data_dir, cfg.trainer.batch_size)
-    if cfg.task.name in registry.DATA_TASKS and key not in checked:
-        checked.add(key)
+    if cfg.task.name in registry.DATA_TASKS:
         build_task(cfg.task, cfg.data_dir, cfg.trainer.seed, cfg.trainer.batch_size)
 
 
