@@ -5,7 +5,7 @@ The compiled kernels must agree with `leaky_scan_reference` in values and in eve
 `leaky_rnn_reference` in x, W_x and b too, and pass gradcheck in float64 (the kernels
 themselves run in double for that, not a fallback). Every test here runs once per CPU
 capability this machine executes (default, avx2, avx512: tests/test_cpu_dispatch.py checks
-that none was left out). No timing assertions here: see scripts/bench.py.
+that none was left out). No timing assertions here: see scripts/bench/bench.py.
 """
 import logging
 

@@ -45,7 +45,7 @@ def load_study(sweep: Path) -> optuna.Study:
     return study
 
 
-# ----------------------------------------------------------------------------- the done-when search (joblib)
+# ----------------------------------------------------------------------------- the search of many trials (joblib)
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ NAMES = ["hrnn-dct", "hrnn-binary", "hrnn-clock_event", "hrnn-event", "cwrnn", "
          "hrnn-dct-loop"]
 DEFAULT_PRECISION = OmegaConf.load(Path(ROOT) / "conf" / "trainer" / "default.yaml").matmul_precision
 DEVICE = "cuda"  # --device cpu: a dry run of the script's logic (C++ kernels, not Triton)
-# The done-when bars: hrnn-dct's speed-up over cuDNN's LSTM at T = 784, by batch.
+# The speed-up bars: hrnn-dct's speed-up over cuDNN's LSTM at T = 784, by batch.
 BARS = {100: 2.0, 1000: 4.0}
 
 
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
 
 
 def print_rows(steps: int, batch: int, rows: dict) -> None:
-    """One (T, batch)'s table, the speed-ups over cuDNN and, at T = 784, the done-when line."""
+    """One (T, batch)'s table, the speed-ups over cuDNN and, at T = 784, the bar line."""
     print(f"\nT = {steps}, batch {batch}")
     print(f"  {'config':<24} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'peak MB':>9}  description")
     for label, r in rows.items():
@@ -303,7 +303,7 @@ def print_rows(steps: int, batch: int, rows: dict) -> None:
     print("  speed-ups (medians): " + "; ".join(ratios), flush=True)
     if "lstm" in rows and "hrnn-dct" in rows and steps == 784 and batch in BARS:
         got = rows["lstm"]["median"] / rows["hrnn-dct"]["median"]
-        print(f"  done-when: hrnn-dct {got:.2f}x faster than cuDNN LSTM at B={batch} "
+        print(f"  bar: hrnn-dct {got:.2f}x faster than cuDNN LSTM at B={batch} "
               f"(needs {BARS[batch]:.0f}x): {'MET' if got >= BARS[batch] else 'NOT MET'}")
 
 

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU measurement and check the CUDA path needs, from one GPU session of under 9 minutes.
+# Every GPU measurement and check the CUDA path needs, in one call of under 9 minutes on a GPU machine.
 #
 # Here, on the development machine (once per checkout: the GPU image has torch and Triton but
 # not hydra/omegaconf, and nothing can be fetched there):
 #     scripts/gpu/gpu_check.sh prepare    # wheels into .whl/ (git-ignored through .git/info/exclude)
 # Then, on the GPU machine, with .whl/ beside the checkout, in one run of at most 520 s:
 #     bash scripts/gpu/gpu_check.sh
-# It prints, in this order (each step time-capped so a stall cannot eat the lease):
+# It prints, in this order (each step time-capped so a stall cannot use up the time on the GPU):
 #   1. gradients of hrnn-dct and of the default model (clock_event: the gated kernels), B=100,
 #      T=784, in each precision against float64 (bars: the default < 1e-2, ieee < 1e-5);
 #   2. at T = 784, batch 100 and 1000: the recurrence alone against cuDNN's LSTM, steps captured
 #      in one CUDA graph, then the bench: every config, each precision, peak GPU memory, the
-#      speed-ups over cuDNN LSTM and the done-when lines (2x at B=100, 4x at B=1000);
+#      speed-ups over cuDNN LSTM and the bar lines (2x at B=100, 4x at B=1000);
 #   3. scripts/gpu/cuda_check.py: four models from the CLI on CUDA, resume, numerics of both kernel
 #      families and of the loop, the default experiment's train_step_s;
 #   4. the bench at T = 200 and 2000 (default precision);
