@@ -25,6 +25,8 @@ train: install
 	$(BIN)/hrnn-train $(ARGS)
 
 # A developer's test run fails when the C++ core did not build (HRNN_REQUIRE_FUSED=0 to allow it).
+# The SLURM tests run on the local cluster (`scripts/slurm_local.sh up`, as root; .ci/run does it)
+# and skip, saying why, without one; ARGS='-m "not slow and not slurm"' leaves them out.
 test: install
 	HRNN_REQUIRE_FUSED=$(HRNN_REQUIRE_FUSED) $(BIN)/python -m pytest -q $(ARGS)
 
