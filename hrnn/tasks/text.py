@@ -78,9 +78,7 @@ Baseline
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -92,6 +90,7 @@ from torch import Tensor
 
 from hrnn.errors import UserError
 from hrnn.tasks.base import Task, TaskSpec
+from hrnn.tasks.checksums import verified_bytes
 
 FETCH_COMMAND = "make data"
 DEFAULT_FILE = "kjv.txt"
@@ -106,24 +105,12 @@ def checksum_path(path: str | Path) -> Path:
 
 
 def load_text(path: str | Path) -> bytes:
-    """The file's bytes, verified against the SHA-256 recorded next to it."""
+    """The file's bytes, verified against the SHA-256 recorded next to it (hrnn.tasks.checksums)."""
     path = Path(path)
-    sums = checksum_path(path)
     fix = f"run `{FETCH_COMMAND}` (or scripts/data/fetch_text.py --text FILE for your own text)"
     if not path.is_file():
         raise UserError(f"text corpus {path} not found; {fix}")
-    if not sums.is_file():
-        raise UserError(f"checksum file {sums} for {path} not found, so the text cannot be verified; {fix}")
-    fields = sums.read_bytes().split()
-    recorded = fields[0].decode("ascii", errors="replace").lower() if fields else ""
-    if not re.fullmatch(r"[0-9a-f]{64}", recorded):
-        raise UserError(f"{sums} holds no SHA-256 checksum; delete it and {path}, then {fix}")
-    data = path.read_bytes()
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != recorded:
-        raise UserError(f"{path} has sha256 {actual[:16]}..., but {sums} records {recorded[:16]}...: "
-                        f"the file is damaged or was replaced; delete both and {fix}")
-    return data
+    return verified_bytes(path, checksum_path(path), fix)
 
 
 def split_bounds(n: int) -> dict[str, tuple[int, int]]:
