@@ -2,6 +2,8 @@
 pruning fed from the evaluations, the stored study and resume=auto. Every trial is a tiny run."""
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import json
 import math
@@ -17,6 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, without_wall_times
+from hrnn.config import registry
 from hrnn.sweep import search
 from hrnn.config.schema import validate
 from hrnn.errors import UserError
@@ -309,7 +312,9 @@ def test_the_slurm_launcher_composes_with_a_search_preset() -> None:
 
 
 def test_preset_names_and_the_missing_dash_m_are_one_line() -> None:
-    with pytest.raises(UserError, match=r"^unknown hparams_search 'nosuch'; allowed: adding, smnist$"):
+    allowed = ("adding, adding_cornn, adding_gru, adding_lem, adding_lstm, "
+               "smnist, smnist_cornn, smnist_gru, smnist_lem, smnist_lstm")
+    with pytest.raises(UserError, match=rf"^unknown hparams_search 'nosuch'; allowed: {allowed}$"):
         preflight(["hparams_search=nosuch"], multirun=True)
     with pytest.raises(UserError, match=r"^hparams_search=adding is a search of many runs: add -m "):
         preflight(["hparams_search=adding"], multirun=False)
@@ -347,3 +352,142 @@ def test_a_job_reports_to_its_trial_and_is_pruned_through_the_storage(tmp_path, 
     stored = search.open_storage(url).get_trial(running._trial_id)
     assert stored.intermediate_values == {3: 0.28, 6: 0.9} and stored.user_attrs[search.PRUNED_AT] == 6
     assert stored.state == optuna.trial.TrialState.RUNNING  # the sweeper tells the study, once the job has ended
+
+
+# ----------------------------------------------------------------------------- the baselines' searches
+
+BASELINES = ("lstm", "gru", "lem", "cornn")
+SEARCH_PRESETS = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml"))
+# <task>_<model>: a baseline's search on the budget of hrnn's own search for that task (named by the task)
+BASELINE_SEARCHES = [p for p in SEARCH_PRESETS if "_" in p]
+BASELINE_EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
+                              if p.stem.rsplit("_", 1)[-1] in BASELINES)
+# On sMNIST every baseline but the GRU is held at LEM-128's 68k parameters (the GRU at the 128 units of
+# its rows); on adding each runs at the task's default 128 units.
+PARAMETERS = {"smnist": {"lstm": 68_362, "gru": 51_594, "lem": 68_362, "cornn": 68_442},
+              "adding": {"lstm": 67_713, "gru": 50_817, "lem": 67_713, "cornn": 33_281}}
+
+
+def compose_preset(overrides: list[str]):
+    return copy.deepcopy(_composed(tuple(overrides)))  # each test its own, from one composition
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(overrides: tuple[str, ...]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def run_config(cfg):
+    """What a trial's job validates: the composed config without Hydra's own settings."""
+    cfg = cfg.copy()
+    del cfg.hydra
+    return validate(cfg)
+
+
+def search_space(cfg) -> dict:
+    return {k: search.distribution(k, parse(f"{k}={v}")[1]) for k, v in cfg.hydra.sweeper.params.items()}
+
+
+def test_every_baseline_has_a_search_on_each_task_of_hrnns() -> None:
+    assert BASELINE_SEARCHES == sorted(f"{task}_{model}" for task in ("adding", "smnist") for model in BASELINES)
+    assert {p.split("_")[0] for p in BASELINE_SEARCHES} <= set(SEARCH_PRESETS)
+
+
+@pytest.mark.parametrize("preset", SEARCH_PRESETS)
+def test_every_search_preset_composes_and_validates(preset: str) -> None:
+    cfg = compose_preset([f"hparams_search={preset}"])
+    checked = run_config(cfg)
+    task, _, model = preset.partition("_")
+    assert checked.task.name == task and checked.model.name == (model or "hrnn")
+
+
+@pytest.mark.parametrize("preset", BASELINE_EXPERIMENTS)
+def test_every_baseline_experiment_preset_composes_and_validates(preset: str) -> None:
+    task, model = preset.rsplit("_", 1)
+    checked = run_config(compose_preset([f"experiment={preset}"]))
+    assert checked.task.name == task and checked.model.name == model
+
+
+def experiment(preset: str):
+    """conf/experiment/<preset>.yaml composed, without Hydra's own settings (not validated)."""
+    cfg = compose_preset([f"experiment={preset}"])
+    del cfg.hydra
+    return cfg
+
+
+@pytest.mark.parametrize("preset", BASELINE_SEARCHES)
+def test_a_baseline_search_has_the_budget_of_hrnns_search_for_its_task(preset: str) -> None:
+    """Trials, sampler, pruner, launcher, steps, batch and evaluations all equal hrnn's preset's: only the
+    model and what is searched differ."""
+    task = preset.split("_")[0]
+    ours, hrnn = compose_preset([f"hparams_search={preset}"]), compose_preset([f"hparams_search={task}"])
+    settings = [OmegaConf.to_container(c.hydra, resolve=False) for c in (ours, hrnn)]
+    for s in settings:
+        s["sweeper"].pop("params")
+    for key in ("sweeper", "launcher", "sweep"):
+        assert settings[0][key] == settings[1][key], key
+    assert ours.hydra.sweeper.n_trials == {"adding": 40, "smnist": 30}[task]
+    assert ours.task == hrnn.task and ours.data_dir == hrnn.data_dir
+    for key in ("steps", "max_wall_s", "batch_size", "eval_every", "eval_batch_size", "seed", "progress"):
+        assert ours.trainer[key] == hrnn.trainer[key], key
+
+
+@pytest.mark.parametrize("preset", BASELINE_SEARCHES)
+def test_every_value_a_baseline_search_can_draw_is_a_valid_config(preset: str) -> None:
+    """Each searched key exists (a typo fails here, not in the first trial), each choice and each end of
+    each interval composes as the sweeper passes it to a job and validates; the space covers what the
+    baseline's users tune, and the clip the task uses today."""
+    from optuna.distributions import CategoricalDistribution
+
+    model = preset.split("_")[1]
+    cfg = compose_preset([f"hparams_search={preset}"])
+    space = search_space(cfg)
+    expected = {"optim.lr", "optim.schedule", "trainer.grad_clip"} | ({"model.init"} if model in ("lstm", "gru") else set())
+    assert set(space) == expected
+    missing = object()
+    values = {}
+    for key, dist in space.items():
+        assert OmegaConf.select(cfg, key, default=missing) is not missing, f"{preset} searches {key}, not in the config"
+        values[key] = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
+    for row in range(max(map(len, values.values()))):  # every value of every key in some trial, keys cycled together
+        point = {key: vs[row % len(vs)] for key, vs in values.items()}
+        trial = run_config(compose_preset([f"hparams_search={preset}", *(search.as_override(k, v) for k, v in point.items())]))
+        assert {key: OmegaConf.select(trial, key) for key in point} == point
+    assert space["optim.lr"].log and space["optim.lr"].low == 1e-4 and space["optim.lr"].high >= 1e-2
+    assert set(space["optim.schedule"].choices) == set(registry.SCHEDULES)
+    clips = space["trainer.grad_clip"].choices
+    assert None in clips and cfg.trainer.grad_clip in clips
+    row = CONF_DIR / "experiment" / f"{preset}.yaml"
+    if row.exists():  # the clip of the row the best setting goes to
+        assert experiment(preset).trainer.grad_clip in clips
+    if "model.init" in space:
+        assert set(space["model.init"].choices) == set(registry.GATE_BIAS_INITS[model])
+
+
+@pytest.mark.parametrize("preset", BASELINE_SEARCHES)
+def test_a_baseline_search_holds_the_models_size(preset: str) -> None:
+    from hrnn.models import build_model, count_parameters
+    from hrnn.tasks.base import TaskSpec
+
+    task, model = preset.split("_")
+    composed = compose_preset([f"hparams_search={preset}"])
+    assert not any(k.startswith("model.") and k != "model.init" for k in search_space(composed))
+    cfg = run_config(composed)
+    spec = {"smnist": TaskSpec(1, 10, 784, "last"), "adding": TaskSpec(2, 1, cfg.task.seq_len, "last")}[task]
+    assert count_parameters(build_model(cfg, spec)) == PARAMETERS[task][model]
+
+
+@pytest.mark.parametrize("task", ["smnist", "pmnist", "adding"])
+@pytest.mark.parametrize("model,init", [("lstm", "chrono"), ("gru", "default")])
+def test_the_lstm_and_gru_rows_hold_the_authors_recipe_on_the_rows_budget(task: str, model: str, init: str) -> None:
+    """Adam 1e-3, constant, clip 1, hidden 128 and the model's init; MNIST on the LEM row's budget,
+    adding on the budget of hrnn's adding search."""
+    cfg = validate(experiment(f"{task}_{model}"))
+    assert (cfg.model.init, cfg.model.hidden_size, cfg.model.num_layers) == (init, 128, 1)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule, cfg.trainer.grad_clip) == ("adam", 0.001, "constant", 1.0)
+    budget = experiment(f"{task}_lem") if task != "adding" else compose_preset(["hparams_search=adding"])
+    for key in ("steps", "batch_size", "eval_every"):
+        assert cfg.trainer[key] == budget.trainer[key], key
