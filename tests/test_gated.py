@@ -50,6 +50,30 @@ def test_hard_gate_zero_holds_state_bit_for_bit_and_one_takes_the_candidate():
                     torch.testing.assert_close(states[b, t, block], candidate[b, t, block], rtol=0, atol=1e-14)
 
 
+def test_truncated_gate_is_the_gate_above_its_threshold_and_a_shut_module_holds():
+    """e_t = g_t where g_t > tau, exactly 0 elsewhere: a shut module keeps its state bit for bit, an open
+    one moves by g toward its candidate; the gradient reaching the gate is 0 wherever it is shut."""
+    args = {k: v.clone().requires_grad_() for k, v in inputs(4).items()}
+    states, a = run(args, mode="truncated", thresholds=0.45)
+    gate = gate_values(args, states).detach()
+    assert torch.equal(a.detach() == 0, gate <= 0.45)  # (the gate read back equals the op's to ulps)
+    torch.testing.assert_close(a.detach(), torch.where(gate > 0.45, gate, torch.zeros_like(gate)), rtol=0, atol=1e-15)
+    assert 0 < (a == 0).float().mean() < 1
+    previous = torch.cat([args["h0"].unsqueeze(1), states[:, :-1]], dim=1).detach()
+    candidate = torch.tanh(args["x"] @ args["w_x"].t() + args["bias"] + previous @ args["w_h"].t()).detach()
+    units = a.detach().repeat_interleave(H // M, dim=2)
+    assert torch.equal(states.detach()[units == 0], previous[units == 0])
+    torch.testing.assert_close(states.detach(), previous + units * (candidate - previous), rtol=0, atol=1e-14)
+    # The gate's logit gets dL/de g (1 - g) where open and nothing where shut: with the loss reading the
+    # activations alone, the bias gradient is the sum of g (1 - g) over the open entries of each module.
+    grad_bias, = torch.autograd.grad(a.sum(), args["gate_bias"], retain_graph=True)
+    # The states also carry gradient to the gate through h; read the activations at t = 0 only, where h = h0.
+    grad_bias0, = torch.autograd.grad(a[:, 0].sum(), args["gate_bias"])
+    g0 = gate[:, 0]
+    torch.testing.assert_close(grad_bias0, (torch.where(g0 > 0.45, g0 * (1 - g0), torch.zeros_like(g0))).sum(0))
+    assert grad_bias.abs().sum() > 0
+
+
 def test_stochastic_thresholds_are_read_per_sample_step_and_module():
     args = inputs(2)
     thresholds = torch.rand(B, T, M, generator=torch.Generator().manual_seed(3), dtype=F64)
@@ -139,7 +163,7 @@ def make_model(mode: str, clock=True, update_weight=0.1, slope=5.0) -> ClockedRN
     return ClockedRNN(I, H, FixedClock([1, 2, 4, 8]) if clock else None, "full", event=event)
 
 
-@pytest.mark.parametrize("mode", ["hard", "stochastic", "soft", "annealed"])
+@pytest.mark.parametrize("mode", ["hard", "stochastic", "soft", "annealed", "truncated"])
 def test_model_penalty_is_update_weight_times_mean_activation(mode):
     model = make_model(mode)
     x = torch.randn(B, T, I)
@@ -147,7 +171,7 @@ def test_model_penalty_is_update_weight_times_mean_activation(mode):
     fraction = model.activations.mean()
     assert model.penalty().item() == pytest.approx(0.1 * fraction.item())
     assert model.update_fraction() == pytest.approx(fraction.item())
-    if mode not in ("soft", "annealed"):  # annealed trains soft
+    if mode not in ("soft", "annealed", "truncated"):  # annealed trains soft; truncated keeps g where open
         assert set(model.activations.unique().tolist()) <= {0.0, 1.0}
     assert make_model(mode, update_weight=0.0)(x) is not None and make_model(mode, update_weight=0.0).penalty() == 0
 

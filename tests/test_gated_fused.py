@@ -1,7 +1,7 @@
 """The fused event-gate core (hrnn/ops/csrc/gated_kernels.cpp) against `gated_leaky_rnn_reference`.
 
 Values and every gradient (x, W_x and b, whose projection the kernels form per step; W_h, h0, G_x,
-g_b, G_h, and shared or per-sample waves), soft and hard gates, with thresholds as a float or a
+g_b, G_h, and shared or per-sample waves), soft, hard and truncated gates, with thresholds as a float or a
 per-(b, t, m) tensor, with and without the bias, for 1, 2, 3 and 5 inputs, under every
 CPU capability this machine executes (test_fused's autouse fixture). Float64 agrees to 1e-12;
 float32 to 2e-5 relative: the kernels' tanh is a rational approximation (3.4e-7 relative), their
@@ -86,7 +86,8 @@ SHAPES = [(5, 13, 5, 32, 4, True), (4, 9, 1, 24, 3, False), (3, 7, 2, 12, 4, Tru
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
-@pytest.mark.parametrize("mode,thresholds", [("soft", 0.5), ("hard", 0.5), ("hard", "tensor")])
+@pytest.mark.parametrize("mode,thresholds", [("soft", 0.5), ("hard", 0.5), ("hard", "tensor"), ("truncated", 0.5),
+                                             ("truncated", "tensor")])
 @pytest.mark.parametrize("waves", [None, "shared", "per_sample"])
 @pytest.mark.parametrize("shape", range(len(SHAPES)))
 def test_values_and_every_gradient_match_the_reference(dtype, mode, thresholds, waves, shape):
@@ -94,15 +95,19 @@ def test_values_and_every_gradient_match_the_reference(dtype, mode, thresholds, 
     args = make(*sizes, dtype, waves, seed=shape, bias=bias)
     thr = args["thresholds"] if thresholds == "tensor" else thresholds
     got = values_and_grads(gated_leaky_rnn, args, mode, thr)
-    assert last_candidate_blocks() == args["x"].shape[0] * args["x"].shape[1] * args["gate_x"].shape[0]  # fused ran
+    # The fused core ran: every candidate, except a truncated gate's shut ones when no waves need a gradient.
+    dense = args["x"].shape[0] * args["x"].shape[1] * args["gate_x"].shape[0]
+    assert last_candidate_blocks() == (int((got[1] != 0).sum()) if mode == "truncated" and waves is None else dense)
     want = values_and_grads(gated_leaky_rnn_reference, args, mode, thr)
-    if mode == "hard":
+    if mode != "soft":
         assert 0 < (got[1] != 0).float().mean() < 1
     assert ("waves" in got[2]) == (waves is not None)
     assert_matches(got, want, TOL[dtype], exact_activations=mode == "hard")  # hard: the same gates open
+    if mode == "truncated":  # the same entries shut, and shut entries are exact zeros
+        assert torch.equal(got[1] == 0, want[1] == 0)
 
 
-@pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.parametrize("mode", ["soft", "hard", "truncated"])
 def test_last_only_values_and_gradients(mode):
     args = make(5, 11, 3, 32, 4, F64, "per_sample", seed=3)
     got = values_and_grads(gated_leaky_rnn, args, mode, args["thresholds"], last_only=True)
@@ -139,7 +144,7 @@ def test_closed_modules_hold_the_state_bit_for_bit_and_open_ones_take_the_candid
     assert torch.equal(states[a == 0], previous[a == 0])  # hold, bit for bit
     torch.testing.assert_close(states[a == 1], candidate[a == 1], rtol=0, atol=1e-14)
     # At a = 1 the state is the kernel's own candidate exactly (torch.lerp's formula).
-    hs, cs, _, _ = cpu.extension().gated_forward(*kernel_inputs(args), True, True, False)
+    hs, cs, _, _ = cpu.extension().gated_forward(*kernel_inputs(args), False, True, True, False)
     assert torch.equal(hs[a == 1], cs[a == 1])
 
 
@@ -183,6 +188,38 @@ def test_gradcheck_soft_every_input_float64(waves, inputs, bias):
     assert last_candidate_blocks() == 3 * 5 * 2
 
 
+def test_gradcheck_truncated_every_input_float64():
+    """The truncated gate's exact gradient (0 where shut) against finite differences: no input sits within
+    eps of a threshold, so the cut never moves under a perturbation."""
+    args = make(3, 6, 2, 8, 2, F64, None, seed=9)
+    names = list(NAMES)
+
+    def f(*tensors):
+        a = {**args, **dict(zip(names, tensors))}
+        return gated_leaky_rnn(a["x"], a["w_x"], a["bias"], a["w_h"], a["h0"], None, a["gate_x"], a["gate_bias"],
+                               a["gate_h"], "truncated", 0.45)
+
+    inputs = tuple(args[n].clone().requires_grad_() for n in names)
+    acts = f(*inputs)[1]
+    assert 0 < (acts == 0).float().mean() < 1  # both open and shut entries
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8)
+    assert last_candidate_blocks() == int((acts != 0).sum())  # only the open ones
+
+
+def test_training_under_a_truncated_gate_computes_only_the_open_candidates():
+    """With a gradient, a shut (sample, step, module) costs no candidate, forward or backward, and a shut
+    module passes dL/dh_t through unchanged: W_h's rows of a module shut at every step get no gradient."""
+    args = make(6, 12, 3, 32, 4, F64, None, seed=10)
+    args["gate_bias"] = torch.tensor([-40.0, 0.0, 0.0, 0.0], dtype=F64)  # module 0: g ~ 4e-18, always shut
+    got = values_and_grads(gated_leaky_rnn, args, "truncated", 0.3)
+    acts = got[1]
+    assert last_candidate_blocks() == int((acts != 0).sum()) < acts.numel()
+    assert torch.equal(acts[..., 0], torch.zeros_like(acts[..., 0]))
+    assert torch.equal(got[2]["w_h"][:8], torch.zeros(8, 32, dtype=F64))  # module 0's candidate never formed
+    want = values_and_grads(gated_leaky_rnn_reference, args, "truncated", 0.3)
+    assert_matches(got, want, TOL[F64])
+
+
 NO_GATE = {"gate_x": None, "gate_bias": None, "gate_h": None}
 
 
@@ -203,7 +240,7 @@ def test_bad_input_is_one_clear_line(change, message, cpu_capability):  # noqa: 
     args = make(5, 13, 3, 32, 4, F32, "shared")
     change(args)
     with pytest.raises(RuntimeError, match=message) as err:
-        cpu.extension().gated_forward(*kernel_inputs(args), False, False, False)
+        cpu.extension().gated_forward(*kernel_inputs(args), False, False, False, False)
     assert "\n" not in str(err.value)
 
 

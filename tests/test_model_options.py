@@ -83,7 +83,7 @@ def test_in_process_learned_connectivity_history_follows_the_checkpoints(tmp_pat
 
 BAD = [
     (["model.activation=sometimes"], "model.activation='sometimes' is not allowed; allowed: clock, event, clock_event, chunker"),
-    (["model.gate=maybe"], "model.gate='maybe' is not allowed; allowed: hard, stochastic, soft, annealed"),
+    (["model.gate=maybe"], "model.gate='maybe' is not allowed; allowed: hard, stochastic, soft, annealed, truncated"),
     (["model.gate_slope=0.5"], "model.gate_slope=0.5 must be at least 1"),
     (["model.activation=chunker", "model.gate=annealed"], "model.gate=annealed is for activation=event or clock_event"),
     (["model.gate_hard_from=1.5"], "model.gate_hard_from=1.5 must be in [0, 1]: the fraction of training after which"),

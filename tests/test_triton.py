@@ -318,7 +318,7 @@ for precision, dtype in (("tf32", torch.float32), ("tf32x3", torch.float32), ("b
                    dict(WRITE_STATES=True, WRITE_CANDS=True, WRITE_LAST=True, **common), warps)
     bwd = compile_(K.leaky_backward_kernel, {"grad", "grad_last", "buf", "cands", "w_h", "waves", "dz", "dh0",
                    "da_part"}, ty, dict(GRAD_ALL=True, NEED_DA=True, **common), warps)
-    _, gated = gpu.gated_launch(hidden, 8, 100, 784, torch.zeros(784, 8), None, 0.5, False, precision, dtype)
+    _, gated = gpu.gated_launch(hidden, 8, 100, 784, torch.zeros(784, 8), None, 0.5, 0, precision, dtype)
     gated["INTERPRET"], warps = False, gated.pop("num_warps")
     gfwd = compile_(K.gated_forward_kernel, {"u", "gu", "w_h", "gate_h", "waves", "thr", "h0", "buf", "cands", "gates",
                     "acts", "last"}, ty, dict(WRITE_STATES=True, WRITE_CANDS=True, WRITE_LAST=False, **gated), warps)
@@ -386,6 +386,8 @@ GATED_CASES = [
     (4, 9, 2, 32, 4, "shared", "hard", F64),        # hard in float64: no threshold ties between
     (3, 7, 1, 16, 2, "per_sample", "hard", F64),    # the kernel's gate and the reference's
     (4, 8, 2, 24, 4, None, "hard", F64),
+    (4, 9, 2, 32, 4, "shared", "truncated", F64),   # truncated: the gate where open, its exact gradient,
+    (5, 8, 1, 24, 3, None, "truncated", F64),       # 0 where shut
 ]
 
 
@@ -405,14 +407,16 @@ def test_gated_matches_reference(case, last_only):
     1e-10 in float64, where hard activations are equal."""
     batch, steps, inputs, hidden, modules, waves, mode, dtype = case
     args = make_gated(batch, steps, inputs, hidden, modules, dtype, waves)
-    thresholds = args["thresholds"] if mode == "hard" else 0.5
+    thresholds = args["thresholds"] if mode != "soft" else 0.5
     assert gpu.gated_supports(args["x"], args["w_h"], args["gate_h"]) is None
     want = gated_values_and_grads(gated_leaky_rnn_reference, args, mode, thresholds, last_only)
     got = gated_values_and_grads(gated_kernels(), args, mode, thresholds, last_only)
     tol = 1e-5 if dtype == F32 else 1e-10
+    if mode != "soft":
+        assert torch.equal(got[1] == 0, want[1] == 0)
+        assert 0 < (want[1] == 0).float().mean() < 1  # some gates open, some shut
     if mode == "hard":
         assert torch.equal(got[1], want[1])
-        assert 0 < want[1].mean() < 1  # some gates open, some shut
     for g, w in ((got[0], want[0]), (got[1], want[1])):
         assert_close_rel(g, w, tol)
     assert got[2].keys() == want[2].keys()

@@ -104,6 +104,8 @@ class UpdateGate(nn.Module):
     "annealed" (the event gate only) trains soft on sigmoid(s z), the slope s rising over training
     (`set_progress`), and evaluates hard at z > 0, which is sigmoid(s z) > 1/2 for every s: no
     straight-through estimate, and an evaluation that skips closed modules (HM-RNN's slope annealing).
+    "truncated" uses g where g > threshold and exactly 0 elsewhere, with its true gradient (0 where
+    shut): no estimator, and training as well as evaluation skips the shut modules' candidates.
     `update_weight` * the mean activation is added to the loss (Skip RNN's budget).
     """
 
@@ -117,6 +119,8 @@ class UpdateGate(nn.Module):
         """The fraction of training done; only the annealed event gate reads it."""
 
     def op_mode(self) -> str:
+        if self.mode == "truncated":
+            return "truncated"
         return "soft" if self.mode == "soft" or (self.mode == "annealed" and self.training) else "hard"
 
     def thresholds(self, batch: int, steps: int, n_gates: int, like: Tensor) -> Tensor | float:

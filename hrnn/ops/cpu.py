@@ -209,12 +209,12 @@ class _GatedLeakyRNN(torch.autograd.Function):
     loop, so no (B, T, H) u or du exists (at f = 0 those cost more than the skipping saved)."""
 
     @staticmethod
-    def forward(ctx, x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thr, all_candidates,
+    def forward(ctx, x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thr, truncated, all_candidates,
                 last_only):  # noqa: D102
         inputs = (x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thr)
-        states, cands, activations, gates = _C.gated_forward(*inputs, all_candidates, True, False)
+        states, cands, activations, gates = _C.gated_forward(*inputs, truncated, all_candidates, True, False)
         ctx.save_for_backward(states, cands, activations, gates, *inputs)
-        ctx.all_candidates = all_candidates
+        ctx.truncated, ctx.all_candidates = truncated, all_candidates
         ctx.set_materialize_grads(False)
         return _trimmed(states, last_only), activations
 
@@ -226,8 +226,8 @@ class _GatedLeakyRNN(torch.autograd.Function):
         if grad_states is None:
             grad_states = torch.zeros_like(states)
         grads = _C.gated_backward(grad_states, grad_activations, states, cands, activations, gates, *inputs,
-                                  need[0], ctx.all_candidates, need[7])
-        return (*(g if n else None for g, n in zip(grads, need)), None, None, None)
+                                  ctx.truncated, need[0], ctx.all_candidates, need[7])
+        return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None)
 
 
 def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0: Tensor, waves: Tensor | None,
@@ -236,22 +236,25 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
     """hrnn.ops.gated_leaky_rnn through the kernels (caller checked shapes and `supports`). Under
     torch.no_grad the closed (sample, module) pairs' candidates are skipped, and with last_only no
     (B, T, H) tensor is written; with a gradient every candidate is computed (the straight-through
-    gradient reads them) and the backward skips the closed pairs."""
+    gradient reads them) and the backward skips the closed pairs, except under a truncated gate, whose
+    shut pairs need no candidate: forward and backward then compute the open pairs only."""
     gated = gate_x is not None
     thr = None
-    if gated and gate_mode == "hard":  # the reference's cast; broadcast only when it varies
+    if gated and gate_mode != "soft":  # the reference's cast; broadcast only when it varies
         thr = torch.as_tensor(thresholds, dtype=x.dtype, device=x.device)
         if thr.dim():
             thr = thr.expand(x.shape[0], x.shape[1], gate_x.shape[0]).contiguous()
+    truncated = gated and gate_mode == "truncated"
     inputs = (x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0)
     args = [None if t is None else t.contiguous() for t in inputs]
     if not _needs_graph(inputs):  # forward only: closed modules' candidates are skipped
         with torch.no_grad():
-            states, _, activations, _ = _C.gated_forward(*args, thr, False, False, bool(last_only))
+            states, _, activations, _ = _C.gated_forward(*args, thr, truncated, False, False, bool(last_only))
         return states, activations
-    # The straight-through gradient (and a waves gradient) at a = 0 reads the candidate.
-    all_candidates = gated or (waves is not None and waves.requires_grad)
-    return _GatedLeakyRNN.apply(*args, thr, all_candidates, bool(last_only))
+    # The straight-through gradient (and a waves gradient) at a = 0 reads the candidate; a truncated
+    # gate's gradient is 0 where shut.
+    all_candidates = (gated and not truncated) or (waves is not None and waves.requires_grad)
+    return _GatedLeakyRNN.apply(*args, thr, truncated, all_candidates, bool(last_only))
 
 
 def last_candidate_blocks() -> int:

@@ -33,6 +33,7 @@ from hrnn.ops.dispatch import Availability
 # under 227 KB per block on an H100 (tests/test_triton.py compiles them for sm_90 to check).
 MAX_HIDDEN = {torch.float32: 128, torch.float64: 64}
 BLOCK_B = 16       # batch rows per program (tl.dot needs at least 16)
+GATE_CODES = {"soft": 0, "hard": 1, "truncated": 2}  # the gated kernels' GATE: e = g, 1[g > thr], g 1[g > thr]
 # Launch settings that measurement may change (scripts/bench/bench_cuda.py --sweep sets them):
 # None picks BLOCK_B and 4 warps for HP <= 64, 8 above.
 TUNING: dict = {"block_b": None, "num_warps": None}
@@ -195,19 +196,19 @@ def gated_supports(x: Tensor, w_h: Tensor, gate_h: Tensor | None, *others: Tenso
 
 
 def gated_launch(hidden: int, n_modules: int, batch: int, steps: int, waves: Tensor | None,
-                 thr: Tensor | None, thr_value: float, hard: bool, precision: str, dtype: torch.dtype):
+                 thr: Tensor | None, thr_value: float, gate: int, precision: str, dtype: torch.dtype):
     """Grid and launch options of the gated kernels."""
     mp, up, ng = gated_layout(hidden, n_modules)
     block_b = TUNING["block_b"] or BLOCK_B
     warps = TUNING["num_warps"] or (4 if mp * up <= 64 else 8)  # 4 spills registers at 128 (ptxas -v)
     grid = ((batch + block_b - 1) // block_b,)
     opts = dict(T=steps, MP=mp, UP=up, NG=ng, BLOCK_B=block_b,
-                WAVES=0 if waves is None else waves.dim() - 1, HARD=hard, THR_TENSOR=thr is not None,
+                WAVES=0 if waves is None else waves.dim() - 1, GATE=gate, THR_TENSOR=thr is not None,
                 PRECISION=_dot_precision(precision, dtype), INTERPRET=INTERPRET, num_warps=warps)
     return grid, opts
 
 
-def _gated_forward(u, gu, w_h, gate_h, waves, h0, thr, thr_value, hard, precision, keep, last_only):
+def _gated_forward(u, gu, w_h, gate_h, waves, h0, thr, thr_value, gate, precision, keep, last_only):
     """(buf, cands, gates, acts, last): buf (T + 1, B, H) with h0 at 0 when the states are kept or
     returned; cands (T, B, H) and gates (T, B, M) when keep (for the backward); acts (T, B, M)
     always; last (B, H) when last_only and the states are not kept."""
@@ -221,7 +222,7 @@ def _gated_forward(u, gu, w_h, gate_h, waves, h0, thr, thr_value, hard, precisio
     gates = torch.empty_like(gu) if keep else h0
     acts = torch.empty_like(gu)
     last = u.new_empty(batch, hidden) if write_last else h0
-    grid, opts = gated_launch(hidden, n_modules, batch, steps, waves, thr, thr_value, hard, precision, u.dtype)
+    grid, opts = gated_launch(hidden, n_modules, batch, steps, waves, thr, thr_value, gate, precision, u.dtype)
     _K.gated_forward_kernel[grid](
         u, gu, w_h, gate_h, u if waves is None else waves, u if thr is None else thr, thr_value, h0,
         buf, cands, gates, acts, last, batch, hidden, n_modules, hidden // n_modules,
@@ -233,11 +234,11 @@ class _GatedScan(torch.autograd.Function):
     """u (T, B, H) and gu (T, B, M) time-major, waves None, (T, M) or time-major (T, B, M)."""
 
     @staticmethod
-    def forward(ctx, u, gu, w_h, gate_h, waves, h0, thr, thr_value, hard, last_only, precision):  # noqa: D102
-        buf, cands, gates, acts, _ = _gated_forward(u, gu, w_h, gate_h, waves, h0, thr, thr_value, hard, precision,
+    def forward(ctx, u, gu, w_h, gate_h, waves, h0, thr, thr_value, gate, last_only, precision):  # noqa: D102
+        buf, cands, gates, acts, _ = _gated_forward(u, gu, w_h, gate_h, waves, h0, thr, thr_value, gate, precision,
                                                     True, last_only)
         ctx.save_for_backward(buf, cands, gates, w_h, gate_h, waves, thr)
-        ctx.thr_value, ctx.hard, ctx.last_only, ctx.precision = thr_value, hard, last_only, precision
+        ctx.thr_value, ctx.gate, ctx.last_only, ctx.precision = thr_value, gate, last_only, precision
         ctx.set_materialize_grads(False)
         states = buf[-1].clone() if last_only else buf[1:].transpose(0, 1)
         return states, acts.transpose(0, 1)
@@ -249,7 +250,7 @@ class _GatedScan(torch.autograd.Function):
         need = ctx.needs_input_grad
         steps, batch, hidden = cands.shape
         n_modules = gate_h.shape[0]
-        grid, opts = gated_launch(hidden, n_modules, batch, steps, waves, thr, ctx.thr_value, ctx.hard,
+        grid, opts = gated_launch(hidden, n_modules, batch, steps, waves, thr, ctx.thr_value, ctx.gate,
                                    ctx.precision, buf.dtype)
         if grad is None or ctx.last_only:
             grad = grad.contiguous() if grad is not None else None
@@ -291,9 +292,9 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
     gu = torch.nn.functional.linear(xt, gate_x, gate_bias)       # (T, B, M)
     if waves is not None:
         waves = waves.contiguous() if waves.dim() == 2 else waves.transpose(0, 1).contiguous()
-    hard = gate_mode == "hard"
+    gate = GATE_CODES[gate_mode]
     thr, thr_value = None, 0.5
-    if hard:
+    if gate:
         if isinstance(thresholds, Tensor) and thresholds.dim():
             thr = thresholds.detach().to(x.dtype).expand(batch, steps, gate_h.shape[0]).transpose(0, 1).contiguous()
         else:
@@ -301,6 +302,6 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
     args = (u.contiguous(), gu.contiguous(), w_h.contiguous(), gate_h.contiguous(), waves, h0.contiguous(), thr)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
         # Inference: no candidates or gates kept, the states only if returned.
-        buf, _, _, acts, last = _gated_forward(*args, thr_value, hard, precision, False, bool(last_only))
+        buf, _, _, acts, last = _gated_forward(*args, thr_value, gate, precision, False, bool(last_only))
         return (last if last_only else buf[1:].transpose(0, 1)), acts.transpose(0, 1)
-    return _GatedScan.apply(*args, thr_value, hard, bool(last_only), precision)
+    return _GatedScan.apply(*args, thr_value, gate, bool(last_only), precision)

@@ -168,7 +168,7 @@ def leaky_backward_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# The event-gated recurrence (hrnn/ops/reference.py's definition), soft or hard gates:
+# The event-gated recurrence (hrnn/ops/reference.py's definition), soft, hard or truncated gates (GATE 0, 1, 2):
 #
 #     g_t = sigmoid(gu_t + h_{t-1} G_h^T)     gu_t = x_t G_x^T + g_b, one product before the loop
 #     e_t = g_t, or 1[g_t > threshold_t] (straight-through: the backward passes dL/de to g)
@@ -204,14 +204,18 @@ def _module_sums(x, BLOCK_B: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr):
 
 
 @triton.jit
-def _gate_value(g, thr, thr_value, offsets, mmask, HARD: tl.constexpr, THR_TENSOR: tl.constexpr):
-    """e: g itself (soft), or 1[g > threshold] (hard) with thresholds (T, B, M) or one value."""
-    if HARD:
+def _gate_value(g, thr, thr_value, offsets, mmask, GATE: tl.constexpr, THR_TENSOR: tl.constexpr):
+    """e: g itself (soft), 1[g > threshold] (hard) or g where g > threshold, else 0 (truncated), with
+    thresholds (T, B, M) or one value."""
+    if GATE != 0:
         if THR_TENSOR:
             th = tl.load(thr + offsets, mask=mmask, other=1.0)
         else:
             th = thr_value
-        e = (g > th).to(g.dtype)
+        if GATE == 2:
+            e = tl.where(g > th, g, 0.0)
+        else:
+            e = (g > th).to(g.dtype)
     else:
         e = g
     return e
@@ -230,10 +234,10 @@ def _wave(waves, t, B, M, mcols, m_ok, mtile, mmask, g, WAVES: tl.constexpr):
 
 
 @triton.jit
-def _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, HARD: tl.constexpr,
+def _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, GATE: tl.constexpr,
                 THR_TENSOR: tl.constexpr, WAVES: tl.constexpr):
     """(e, w, a) at step t: the gate's value, the clock wave, and a = w e (0 in padded modules)."""
-    e = _gate_value(g, thr, thr_value, t * B * M + mtile, mmask, HARD, THR_TENSOR)
+    e = _gate_value(g, thr, thr_value, t * B * M + mtile, mmask, GATE, THR_TENSOR)
     w = _wave(waves, t, B, M, mcols, m_ok, mtile, mmask, g, WAVES)
     return e, w, tl.where(m_ok[None, :], e * w, 0.0)
 
@@ -249,16 +253,20 @@ def _saved_step(buf, cands, gates, t, B, H, M, tile, mtile, mask, mmask):
 
 @triton.jit
 def _gate_grad(gh, c, h_prev, g, e, w, grad_act, dwave, t, B, M, mtile, mmask, m_ok, BLOCK_B: tl.constexpr,
-               MP: tl.constexpr, UP: tl.constexpr, HAS_GRAD_ACT: tl.constexpr, NEED_DWAVE: tl.constexpr):
+               MP: tl.constexpr, UP: tl.constexpr, HAS_GRAD_ACT: tl.constexpr, NEED_DWAVE: tl.constexpr,
+               GATE: tl.constexpr):
     """The gradient of one step's gate logits, (BLOCK_B, MP), from dL/dh_t (gh): da = the module sums of
     gh (c - h_prev) (plus dL/da if given; stored times e as dL/dw if asked), then dz = da w g (1 - g):
-    straight-through, de = dg."""
+    straight-through when hard (de = dg), and 0 where a truncated gate is shut."""
     da = _module_sums(gh * (c - h_prev), BLOCK_B, MP, UP)
     if HAS_GRAD_ACT:
         da += tl.load(grad_act + t * B * M + mtile, mask=mmask, other=0.0)
     if NEED_DWAVE:
         tl.store(dwave + t * B * M + mtile, da * e, mask=mmask)
-    return tl.where(m_ok[None, :], da * w * g * (1.0 - g), 0.0)
+    dz = da * w * g * (1.0 - g)
+    if GATE == 2:
+        dz = tl.where(e != 0.0, dz, 0.0)
+    return tl.where(m_ok[None, :], dz, 0.0)
 
 
 @triton.jit
@@ -284,7 +292,7 @@ def gated_forward_kernel(
     gu,                     # (T, B, M) x G_x^T + g_b, contiguous
     w_h, gate_h,            # (H, H), (M, H) contiguous
     waves,                  # (T, M) if WAVES == 1, (T, B, M) if WAVES == 2 (time-major), else unused
-    thr, thr_value,         # (T, B, M) thresholds if THR_TENSOR, else the one value (hard gates)
+    thr, thr_value,         # (T, B, M) thresholds if THR_TENSOR, else the one value (hard and truncated gates)
     h0,                     # (B, H)
     buf,                    # (T + 1, B, H) states at slots 1..T (if WRITE_STATES)
     cands,                  # (T, B, H) candidates (if WRITE_CANDS)
@@ -293,7 +301,7 @@ def gated_forward_kernel(
     last,                   # (B, H) final state (if WRITE_LAST)
     B, H, M, UNITS,
     T: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr, NG: tl.constexpr, BLOCK_B: tl.constexpr,
-    WAVES: tl.constexpr, HARD: tl.constexpr, THR_TENSOR: tl.constexpr,
+    WAVES: tl.constexpr, GATE: tl.constexpr, THR_TENSOR: tl.constexpr,
     WRITE_STATES: tl.constexpr, WRITE_CANDS: tl.constexpr, WRITE_LAST: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -317,7 +325,7 @@ def gated_forward_kernel(
         pre = _dot(h_op, wt, PRECISION) + u_t
         z = tl.sum(tl.reshape(_dot(h, gt, "ieee"), (BLOCK_B, NG // MP, MP)), axis=1) + gu_t
         g = _sigmoid(z)
-        _, _, a = _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, HARD, THR_TENSOR, WAVES)
+        _, _, a = _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, GATE, THR_TENSOR, WAVES)
         tl.store(acts + t * B * M + mtile, a, mask=mmask)
         c = _tanh(pre)
         h = _lerp(h, c, _to_units(a, BLOCK_B, MP, UP))
@@ -343,7 +351,7 @@ def gated_backward_kernel(
     dh0,                    # (B, H) out
     B, H, M, UNITS,
     T: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr, NG: tl.constexpr, BLOCK_B: tl.constexpr,
-    WAVES: tl.constexpr, HARD: tl.constexpr, THR_TENSOR: tl.constexpr,
+    WAVES: tl.constexpr, GATE: tl.constexpr, THR_TENSOR: tl.constexpr,
     GRAD_ALL: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_GRAD_ACT: tl.constexpr, NEED_DWAVE: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -372,9 +380,9 @@ def gated_backward_kernel(
         if GRAD_ALL:
             gh += grad_next
             grad_next = tl.load(g_tile + ahead * sg_t, mask=mask, other=0.0)
-        e, w_t, a = _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, HARD, THR_TENSOR, WAVES)
+        e, w_t, a = _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, GATE, THR_TENSOR, WAVES)
         dzg_t = _gate_grad(gh, c, h_prev, g, e, w_t, grad_act, dwave, t, B, M, mtile, mmask, m_ok,
-                           BLOCK_B, MP, UP, HAS_GRAD_ACT, NEED_DWAVE)
+                           BLOCK_B, MP, UP, HAS_GRAD_ACT, NEED_DWAVE, GATE)
         tl.store(dzg + t * B * M + mtile, dzg_t, mask=mmask)
         a_units = _to_units(a, BLOCK_B, MP, UP)
         dz_t = gh * a_units * (1.0 - c * c)

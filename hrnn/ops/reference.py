@@ -14,6 +14,7 @@ activations differ and are only known step by step:
     g_t = sigmoid(x_t G_x^T + h_{t-1} G_h^T + g_b)            (B, M)   event gate
     e_t = g_t                                  gate_mode "soft"
         = 1[g_t > thresholds_t]                gate_mode "hard" (straight-through gradient)
+        = g_t 1[g_t > thresholds_t]            gate_mode "truncated" (exact gradient, 0 where shut)
     a_t = w_t * e_t                            w_t: clock wave, (M,) or per sample (B, M); 1 if none
     c_t = tanh(x_t W_x^T + b + h_{t-1} W_h^T)  (B, H)   candidate
     h_t = h_{t-1} + a_t * (c_t - h_{t-1})      a_t repeated over each module's H / M units
@@ -25,6 +26,13 @@ a_t = 0 in the forward (the backward still needs their candidates for dL/dg, as 
 op's kernels do for waves that require grad). Stochastic binarisation is the same op
 with thresholds drawn uniform in [0, 1) by the caller: no random numbers are drawn in here,
 so a kernel is deterministic given its inputs.
+
+The truncated gate is the soft gate cut to exactly 0 at or below a threshold tau: an open entry
+updates by g itself, a shut one holds h bit-for-bit. Its gradient is the true one, g(1 - g) where
+open and 0 where shut (no estimator), so a shut (sample, step, module) needs no candidate in the
+forward and passes dL/dh_t through unchanged in the backward: training costs what the open
+entries cost. Since dg/dz = g(1 - g) is already small where g is small, cutting there loses
+little gradient.
 
 `chunker_leaky_rnn` is the same loop with the Chunker's gate (a module wakes when the one
 below mispredicts the input); see its reference's docstring.
@@ -39,7 +47,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-GATE_MODES = ("soft", "hard")
+GATE_MODES = ("soft", "hard", "truncated")
 
 
 def check_scan(u_shape: tuple, w_h: Tensor, waves: Tensor, h0: Tensor) -> None:
@@ -109,7 +117,8 @@ def gated_leaky_rnn_reference(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: 
     connectivity; h0: (B, H).
     waves: (T, M) shared or (B, T, M) per-sample clock activations in [0, 1], or None (all 1).
     gate_x: (M, I), gate_bias: (M,), gate_h: (M, H): the event gate, or all three None (a_t = w_t).
-    gate_mode: "soft" or "hard"; thresholds: a float or a tensor broadcastable to (B, T, M), read by "hard".
+    gate_mode: "soft", "hard" or "truncated"; thresholds: a float or a tensor broadcastable to (B, T, M),
+    read by "hard" and "truncated".
     Returns all states (B, T, H), or with last_only the final one (B, H), and the activations a (B, T, M).
     """
     batch, steps, _ = x.shape
@@ -181,13 +190,18 @@ def chunker_leaky_rnn_reference(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h
 
 
 def _binarise(gate: Tensor, gate_mode: str, thresholds: Tensor | tuple, t: int) -> Tensor:
-    """e_t: the gate itself ("soft"), or 1[gate > thresholds_t] with a straight-through gradient ("hard")."""
-    return StraightThrough.apply(gate, thresholds[t]) if gate_mode == "hard" else gate
+    """e_t: the gate itself ("soft"), 1[gate > thresholds_t] with a straight-through gradient ("hard"), or
+    the gate where it exceeds thresholds_t and exactly 0 elsewhere, gradient included ("truncated")."""
+    if gate_mode == "hard":
+        return StraightThrough.apply(gate, thresholds[t])
+    if gate_mode == "truncated":
+        return torch.where(gate > thresholds[t], gate, torch.zeros_like(gate))
+    return gate
 
 
 def _per_step(thresholds: Tensor | float, gate_mode: str, shape: tuple[int, int, int], like: Tensor):
-    """thresholds as one (B, M) tensor per step (hard gates only)."""
-    if gate_mode != "hard":
+    """thresholds as one (B, M) tensor per step (hard and truncated gates only)."""
+    if gate_mode == "soft":
         return None
     return torch.as_tensor(thresholds, dtype=like.dtype, device=like.device).expand(shape).unbind(1)
 

@@ -4,6 +4,8 @@
     python scripts/bench/bench_gates.py --quick  # tiny run: checks the script works, numbers meaningless
     python scripts/bench/bench_gates.py --blocks --steps 784 --threads 1 --capabilities avx512,avx2
                                              # forward time against the fraction of nonzero W_h blocks
+    python scripts/bench/bench_gates.py --truncated --steps 784 --threads 1 --capabilities avx2,default
+                                             # the truncated gate's training step against its open fraction
 
 Batch 100, hidden 128, 8 modules, 2 inputs, float32, 2 threads, the capability the extension
 picks (HRNN_CPU_CAPABILITY to force one). Hard gates with the open fraction forced to f: a
@@ -17,6 +19,15 @@ seeded random pattern. Each row gives the median and the min of the timed calls 
 - "train": forward + backward of the last state's sum (as a model's head reads it; the reference
   loop computes all states and is given the same loss), where the forward computes every candidate (the
   straight-through gradient reads them) and the backward skips closed blocks: expect ~(1 + 2f)/3.
+
+With --truncated: the truncated gate (model.gate=truncated: g where g > threshold, exactly 0
+elsewhere, with its true gradient) with the open fraction forced to f as above (a threshold of -1
+opens, 2 shuts), training step (forward + backward, the states of every step read by the loss, as a
+per-step head does, and the last state only, as adding and sequential MNIST do) and no-grad
+evaluation, over the soft gate's dense step of the same inputs, under each capability named. A
+truncated gate's gradient is nonzero exactly where it is open, so the fraction inside the
+gradient's support is the open fraction; the training step should cost about f of the dense one
+plus what stays dense (the gate's M logits, dG_h and the pass-through of dL/dh at shut modules).
 
 With --blocks: the no-grad forward of both cores (the clock core hrnn.ops.leaky_rnn with soft
 waves, the event-gate core with every gate open) against the fraction of nonzero blocks of W_h
@@ -44,6 +55,7 @@ from hrnn.ops import gated_leaky_rnn, gated_leaky_rnn_reference, last_candidate_
 
 BATCH, HIDDEN, MODULES, INPUTS = 100, 128, 8, 2
 FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.0)
+TRUNCATED_FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.05, 0.02, 0.0)
 BLOCK_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)
 
 
@@ -162,14 +174,68 @@ def print_blocks(batch: int, steps_list: list[int], capabilities: list[str], thr
                       f"{least / dense[core][1]:13.3f}")
 
 
+def run_truncated(batch: int, steps: int, warmup: int, repeat: int) -> dict:
+    """{(mode, readout, f or "soft"): (median, min) seconds} and the measured open fractions {f: open}."""
+    a = inputs(batch, steps, True)
+    times, opened = {}, {}
+    for readout in ("last", "all"):
+        def cell(mode, thresholds, train):
+            def step():
+                with torch.set_grad_enabled(train):
+                    args = (a["x"], a["w_x"], a["bias"], a["w_h"], a["h0"], None, a["gate_x"], a["gate_bias"],
+                            a["gate_h"], mode, thresholds)
+                    states, _ = gated_leaky_rnn(*args, last_only=readout == "last")
+                    if train:
+                        states.sum().backward()
+            return times_of(step, warmup, repeat)
+
+        for train in (True, False):
+            key = "train" if train else "no-grad"
+            times[key, readout, "soft"] = cell("soft", 0.5, train)
+            for f in TRUNCATED_FRACTIONS:
+                thr = forced_thresholds(batch, steps, f)
+                times[key, readout, f] = cell("truncated", thr, train)
+                with torch.no_grad():
+                    opened[f] = float((gated_call(a, "truncated", thr)[1] != 0).float().mean())
+    return {"times": times, "open": opened}
+
+
+def print_truncated(batch: int, steps_list: list[int], capabilities: list[str], threads: int, warmup: int,
+                    repeat: int) -> None:
+    print(f"hrnn event-gate core, truncated gate against its open fraction f: batch {batch}, hidden {HIDDEN}, "
+          f"{MODULES} modules, {INPUTS} inputs, float32, {threads} threads, "
+          f"{'process CPU' if clock is time.process_time else 'wall'} time, min of {repeat} calls")
+    for steps in steps_list:
+        print(f"\nT = {steps}")
+        print(f"{'capability':10s} {'readout':7s} {'f':>5s} {'open':>6s} {'support':>7s} {'train ms':>9s} "
+              f"{'/ soft':>7s} {'eval ms':>8s} {'/ soft':>7s}")
+        for capability in capabilities:
+            ops.set_cpu_capability(capability)
+            result = run_truncated(batch, steps, warmup, repeat)
+            t = result["times"]
+            for readout in ("last", "all"):
+                soft_train, soft_eval = t["train", readout, "soft"][1], t["no-grad", readout, "soft"][1]
+                print(f"{capability:10s} {readout:7s} {'soft':>5s} {1.0:6.3f} {1.0:7.3f} {soft_train * 1e3:9.2f} "
+                      f"{1.0:7.3f} {soft_eval * 1e3:8.2f} {1.0:7.3f}")
+                for f in TRUNCATED_FRACTIONS:
+                    train, evaluation, share = t["train", readout, f][1], t["no-grad", readout, f][1], result["open"][f]
+                    print(f"{capability:10s} {readout:7s} {f:5.2f} {share:6.3f} {share:7.3f} {train * 1e3:9.2f} "
+                          f"{train / soft_train:7.3f} {evaluation * 1e3:8.2f} {evaluation / soft_eval:7.3f}")
+    print("\n'/ soft': over the soft gate's dense step, same readout, same mode (train: forward + backward; eval: "
+          "forward under torch.no_grad). 'open': measured fraction of (b, t, m) with a != 0; 'support': the "
+          "fraction where the gate's gradient may be nonzero (the open one, for a truncated gate).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[200, 784])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs")
     parser.add_argument("--blocks", action="store_true", help="time against the fraction of nonzero W_h blocks")
+    parser.add_argument("--truncated", action="store_true", help="the truncated gate's steps against its open fraction")
     parser.add_argument("--capabilities", default=None,
-                        help="comma-separated CPU capabilities to time with --blocks (default: the one in use)")
+                        help="comma-separated CPU capabilities to time with --blocks or --truncated "
+                             "(default: the one in use)")
     parser.add_argument("--repeat", type=int, default=7, help="timed calls per cell")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -177,9 +243,12 @@ def main() -> None:
     clock = time.process_time if args.threads == 1 else time.perf_counter
     batch, steps_list = (8, [12]) if args.quick else (BATCH, args.steps)
     warmup, repeat, loop_repeat = (1, 2, 1) if args.quick else (2, args.repeat, 3)
+    capabilities = args.capabilities.split(",") if args.capabilities else [ops.cpu_capability()]
     if args.blocks:
-        capabilities = args.capabilities.split(",") if args.capabilities else [ops.cpu_capability()]
         print_blocks(batch, steps_list, capabilities, args.threads, warmup, repeat)
+        return
+    if args.truncated:
+        print_truncated(batch, steps_list, capabilities, args.threads, warmup, repeat)
         return
     print(f"hrnn event-gate core: batch {batch}, hidden {HIDDEN}, {MODULES} modules, {INPUTS} inputs, float32, "
           f"{args.threads} threads, capability {ops.cpu_capability() or 'none (pytorch loop)'}, "

@@ -40,6 +40,11 @@
 //        there: dL/dh_{t-1} += dz W_h, dW_h += dz^T h_{t-1}, dW_x^T += x_t^T dz, db += dz and
 //        dx_t += dz W_x), so forward + backward
 //        costs about (1 + 2f) / 3 of dense (three equal products per step, one of them dense).
+//    The truncated gate (e = g where g > thr, exactly 0 elsewhere) has the true gradient, 0 where shut:
+//    a shut module needs no candidate and no dL/da, so with a gradient too the forward computes the
+//    open blocks only and the backward touches a shut block only to pass dL/dh_t through. What stays
+//    dense is the gate: its M logits per row (M / H of a candidate product) forward, and dG_h and
+//    dL/dh_{t-1} += dl G_h backward (where dl = 0 for every shut module).
 //    A soft gate never gives exact zeros (unless the sigmoid underflows): it runs dense, through
 //    the same kernels.
 //  * Evaluation of a last-state readout (P.last): the state runs in place in a (rows, H) buffer of
@@ -548,7 +553,7 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
   const StateRows<T> St{P, b0, run, run ? run + n * H : nullptr};
   // A hard gate whose value is not kept compares the logit with logit(threshold) instead of
   // g = sigmoid(logit) with the threshold (the same test, monotone): no exp per (row, module).
-  const bool on_logits = P.gx && P.hard && !P.gs && !P.thr;
+  const bool on_logits = P.gx && P.hard && !P.truncated && !P.gs && !P.thr;
   // (A threshold below 0 opens every gate: -inf, where the log would give NaN; above 1, NaN shuts them all.)
   const T logit_thr = !on_logits ? T(0)
                       : P.thr_value < T(0) ? -INFINITY
@@ -600,6 +605,10 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
         for (int64_t m = 0; m < M; ++m) ar[m] = T(1);
       else if (!P.hard)
         for (int64_t m = 0; m < M; ++m) ar[m] = gr[m];
+      else if (P.truncated && thr)
+        for (int64_t m = 0; m < M; ++m) ar[m] = gr[m] > thr[m] ? gr[m] : T(0);
+      else if (P.truncated)
+        for (int64_t m = 0; m < M; ++m) ar[m] = gr[m] > P.thr_value ? gr[m] : T(0);
       else if (thr)
         for (int64_t m = 0; m < M; ++m) ar[m] = gr[m] > thr[m] ? T(1) : T(0);
       else
@@ -785,6 +794,31 @@ void gate_products(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, 
   });
 }
 
+// gate_products for a step where few dL/dlogits are nonzero (a truncated gate's shut modules give exact
+// zeros): each nonzero dl[b, m] adds dl G_h[m] to row b's carry and dl h_{t-1} to dG_h[m], two rows of H,
+// so the step costs its open (b, m) and not M of them per row (at f = 0.1 the dense blocks were a
+// quarter of the backward).
+template <typename T, int VL>
+void gate_products_sparse(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, const T* dls, T* dgh) {
+  using VT = typename VecOf<T, VL>::type;
+  const int64_t H = P.H, TT = P.T_, M = P.M;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* dl = dls + (b - b0) * M;
+    const T* hp = t ? P.hs + (b * TT + t - 1) * H : P.h0 + b * H;
+    T* carry = P.dh0 + b * H;
+    for (int64_t m = 0; m < M; ++m) {
+      if (dl[m] == T(0)) continue;
+      const VT d = vset<VT>(dl[m]);
+      const T* gm = P.gh + m * H;
+      T* dg = dgh + m * H;
+      for (int64_t k = 0; k < H; k += VL) {
+        vstore(carry + k, vload<VT>(carry + k) + d * vload<VT>(gm + k));
+        vstore(dg + k, vload<VT>(dg + k) + d * vload<VT>(hp + k));
+      }
+    }
+  }
+}
+
 // sum_k a[k] (c[k] - h[k]), or sum_k a[k] c[k] without h, over n, a multiple of VL.
 template <typename T, int VL>
 inline T dot(const T* a, const T* c, const T* h, int64_t n) {
@@ -846,7 +880,8 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
         const T a = ar[m];
         T* cm = carry + m * S;
         T da = P.ga ? P.ga[row * M + m] : T(0);
-        if (P.need_da) da += dot<T, VL>(cm, c + m * S, hp + m * S, S);
+        // A truncated gate's open module (a != 0) has its candidate and needs dL/da; a shut one has neither.
+        if (P.need_da || (P.truncated && a != T(0))) da += dot<T, VL>(cm, c + m * S, hp + m * S, S);
         if (a != T(0)) {
           for (int64_t j = 0; j < S; ++j) {
             const T cj = c[m * S + j];
@@ -863,8 +898,10 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
         T e = T(1);
         if (gated) {
           const T g = P.gs[row * M + m];
-          e = P.hard ? T(g > (P.thr ? P.thr[row * M + m] : P.thr_value)) : g;
-          dls[(b - b0) * M + m] = da * w * g * (T(1) - g);  // straight-through when hard: dL/dg = dL/de
+          const bool open = g > (P.thr ? P.thr[row * M + m] : P.thr_value);
+          e = !P.hard ? g : P.truncated ? (open ? g : T(0)) : T(open);
+          // Straight-through when hard: dL/dg = dL/de; truncated: the exact gradient, 0 where shut.
+          dls[(b - b0) * M + m] = P.truncated && !open ? T(0) : da * w * g * (T(1) - g);
         }
         if (P.dwaves) P.dwaves[row * M + m] = da * e;
       }
@@ -879,7 +916,13 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
             for (int64_t i = 0; i < I; ++i) dxr[i] += dl[m] * P.gx[m * I + i];
       }
     }
-    if (gated) gate_products<T, VL>(P, t, b0, b1, dls, dgh, dl_ptr, hp_ptr);
+    if (gated) {  // dense blocks unless most dL/dlogits are exact zeros (a truncated gate's shut modules)
+      int64_t nonzero = 0;
+      if (P.truncated)
+        for (int64_t i = 0; i < n * M; ++i) nonzero += dls[i] != T(0);
+      if (P.truncated && 4 * nonzero < n * M) gate_products_sparse<T, VL>(P, t, b0, b1, dls, dgh);
+      else gate_products<T, VL>(P, t, b0, b1, dls, dgh, dl_ptr, hp_ptr);
+    }
     if (every) {
       dz_products<T, VL>(P, t, lists.rows, int(n), 0, H, b0, dz_rows, dw, dwx, dz_ptr, hp_ptr, x_ptr);
     } else {

@@ -32,6 +32,8 @@ struct GatedProblem {
   bool hard = false;          // hard gate: e = 1[g > threshold]; else soft, e = g
   const T* thr = nullptr;     // (B, T, M) thresholds of a hard gate, or nullptr: ...
   T thr_value = T(0);         // ... one threshold for every (b, t, m)
+  bool truncated = false;     // with hard's thresholds: e = g where g > thr, else exactly 0, and the exact
+                              // gradient (0 where shut): no candidate of a shut module is ever needed
   const T* h0 = nullptr;      // (B, H)
   bool all_candidates = false;  // forward: also the candidates of closed (a = 0) modules
   // Block connectivity of W_h, read by the forward's candidates (the gate's G_h is dense): reads[i]
@@ -47,7 +49,8 @@ struct GatedProblem {
   const T* g = nullptr;       // (B, T, H) gradient of the states, or nullptr when ...
   const T* g_last = nullptr;  // ... the loss read the last state only: (B, H)
   const T* ga = nullptr;      // (B, T, M) gradient of the activations, or nullptr
-  bool need_da = false;       // dL/da of closed modules too (every candidate was computed)
+  bool need_da = false;       // dL/da of closed modules too (every candidate was computed); a truncated
+                              // gate reads dL/da of its open modules whatever this says
   T* dx = nullptr;            // (B, T, I), or nullptr (x needs no gradient)
   T* dwaves = nullptr;        // (B, T, M) per sample, or nullptr
   T* dh0 = nullptr;           // (B, H); also the running dL/dh_t ("carry")
