@@ -79,10 +79,11 @@ def assert_matches(got, want, tol, exact_activations=False):
         assert_close_rel(got[2][name], want[2][name], tol)
 
 
-# (B, T, I, H, M, bias): module widths 8, 8, 3 (scalar tiles) and 16 (the default model's: on
+# (B, T, I, H, M, bias): module widths 8, 8, 3 (scalar tiles), 16 (the default model's: on
 # AVX-512 one float vector, run in grouped-k blocks, with the gate's 8 logits in k-pairs); 5 inputs
-# (the backward's dW_x blocks of 4 input rows and a remainder), 1 and 2.
-SHAPES = [(5, 13, 5, 32, 4, True), (4, 9, 1, 24, 3, False), (3, 7, 2, 12, 4, True), (9, 7, 2, 128, 8, True)]
+# (the backward's dW_x blocks of 4 input rows and a remainder), 1 and 2; and 24 (hidden 192, 8 modules).
+SHAPES = [(5, 13, 5, 32, 4, True), (4, 9, 1, 24, 3, False), (3, 7, 2, 12, 4, True), (9, 7, 2, 128, 8, True),
+          (4, 6, 1, 192, 8, True)]  # modules of 24 units (experiment=smnist): tiles of 2 and 1 vectors on AVX2
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])

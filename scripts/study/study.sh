@@ -221,8 +221,8 @@ table() {
                      # frozen at its start (optim.clock_lr=0), event gates alone, the clock alone
       ablation adding200 task=adding
       ablation timescales task=timescales 'task.periods=[2,7,30]' trainer.steps=1500 trainer.eval_every=100
-      ablation adding1000 task=adding task.seq_len=1000 trainer.steps=3000 trainer.eval_every=250
-      ablation copy100 experiment=copy_long trainer.steps=5000 trainer.eval_every=500 ;;
+      ablation copy100 experiment=copy_long trainer.steps=5000 trainer.eval_every=500
+      ablation adding1000 task=adding task.seq_len=1000 trainer.steps=3000 trainer.eval_every=250 ;;
     adding200_baselines)  # the GRU and the Clockwork RNN (hidden 128) beside events_adding's LSTM rows: adding
                           # T = 200, 3 seeds, the same 2,000 steps
       run "${COMMON[@]}" task=adding task.seq_len=200 model=gru,cwrnn trainer.seed=0,1,2 trainer.steps=2000 \
