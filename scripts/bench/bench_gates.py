@@ -234,8 +234,8 @@ def main() -> None:
     parser.add_argument("--blocks", action="store_true", help="time against the fraction of nonzero W_h blocks")
     parser.add_argument("--truncated", action="store_true", help="the truncated gate's steps against its open fraction")
     parser.add_argument("--capabilities", default=None,
-                        help="comma-separated CPU capabilities to time with --blocks or --truncated "
-                             "(default: the one in use)")
+                        help="comma-separated CPU capabilities to time with --blocks (default: the one in use) "
+                             "or --truncated (default: every one this CPU runs)")
     parser.add_argument("--repeat", type=int, default=7, help="timed calls per cell")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -247,8 +247,9 @@ def main() -> None:
     if args.blocks:
         print_blocks(batch, steps_list, capabilities, args.threads, warmup, repeat)
         return
-    if args.truncated:
-        print_truncated(batch, steps_list, capabilities, args.threads, warmup, repeat)
+    if args.truncated:  # every capability this CPU runs unless told
+        print_truncated(batch, steps_list, args.capabilities.split(",") if args.capabilities else
+                        list(reversed(ops.cpu_capabilities())), args.threads, warmup, repeat)
         return
     print(f"hrnn event-gate core: batch {batch}, hidden {HIDDEN}, {MODULES} modules, {INPUTS} inputs, float32, "
           f"{args.threads} threads, capability {ops.cpu_capability() or 'none (pytorch loop)'}, "
