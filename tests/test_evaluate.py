@@ -77,6 +77,27 @@ def test_a_checkpoint_written_on_cuda_reads_on_the_cpu(finished_run: Path, tmp_p
     assert evaluate_run(run, "test", "best", {})["value"] == read_metrics(run)["test_metric"]
 
 
+def test_a_checkpoint_from_before_num_layers_and_init_evaluates_as_it_trained(tmp_path: Path) -> None:
+    """An LSTM run written before model.num_layers, model.init and model.chrono_t_max existed (its stored config
+    lacks them) evaluates, read as one layer with torch's initialisation, to its recorded test metric."""
+    from omegaconf import OmegaConf
+
+    from hrnn.train.resume import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "old_lstm"
+    run_cli(["task=adding", "task.seq_len=12", "model=lstm", "model.hidden_size=8", "model.init=default",
+             "trainer.steps=3", "trainer.eval_every=3", *TINY[2:], f"hydra.run.dir={run}"], tmp_path)
+    for name in ("best.pt", "last.pt"):
+        state = load_checkpoint(run / "checkpoints" / name)
+        config = OmegaConf.create(state["config"])
+        for key in ("num_layers", "init", "chrono_t_max"):
+            config.model.pop(key)
+        state["config"] = OmegaConf.to_container(config) if isinstance(state["config"], dict) else OmegaConf.to_yaml(config)
+        save_checkpoint(run / "checkpoints" / name, state)
+    assert "init" not in OmegaConf.create(load_checkpoint(run / "checkpoints" / "best.pt")["config"]).model
+    assert evaluate_run(run, "test", "best", {})["value"] == read_metrics(run)["test_metric"]
+
+
 def test_hrnn_eval_val_and_last_checkpoint_and_batch_size(finished_run: Path) -> None:
     metrics = read_metrics(finished_run)
     best_val = evaluate_run(finished_run, "val", "best", {"trainer.eval_batch_size": "7"})

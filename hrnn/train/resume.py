@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from hrnn.config import registry
@@ -35,6 +35,11 @@ FORMAT_VERSION = 1
 RESUMABLE_OVERRIDES = ("trainer.steps", "trainer.max_wall_s", "trainer.device", "trainer.num_threads",
                        "trainer.progress", "trainer.log_every")
 say = tqdm.write  # print without breaking the progress bar
+# Keys a later hrnn added to a model's config, with the value that reproduces what a run written before
+# them did (one layer; torch's own initialisation), so that its checkpoint still evaluates and resumes.
+ADDED_MODEL_KEYS = {"lstm": {"num_layers": 1, "init": "default", "chrono_t_max": None},
+                    "gru": {"num_layers": 1, "init": "default", "chrono_t_max": None},
+                    "rnn": {"num_layers": 1}}
 
 
 # ----------------------------------------------------------------------------- writing and reading
@@ -314,6 +319,11 @@ def stored_config(state: dict[str, Any], path: Path) -> DictConfig:
         check_groups(cfg)
     except UserError as exc:
         raise UserError(f"checkpoint {path} holds a config this hrnn cannot run: {exc}") from None
+    added = {key: value for key, value in ADDED_MODEL_KEYS.get(cfg.model.get("name"), {}).items() if key not in cfg.model}
+    if added:
+        with open_dict(cfg.model):
+            for key, value in added.items():
+                cfg.model[key] = value
     return cfg
 
 
