@@ -2,6 +2,7 @@
 single-component waves, against the loss computed here from the same checkpoint."""
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import TINY, load_script, run_cli
 
@@ -47,6 +48,8 @@ def test_a_run_without_a_basis_clock_is_one_line(tmp_path, capsys):
     run_dir = tmp_path / "lstm"
     run_cli(["task=adding", "task.seq_len=12", "model=lstm", "model.hidden_size=8", "trainer.steps=2",
              "trainer.eval_every=2", *TINY[2:], f"hydra.run.dir={run_dir}"], tmp_path)
-    assert surface.main([str(run_dir)]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        surface.main([str(run_dir)])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model=lstm" in err and "basis clock" in err

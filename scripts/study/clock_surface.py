@@ -27,22 +27,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # diagnose_adding.py beside this file
+
+from diagnose_adding import validation_sample  # noqa: E402
 
 from hrnn.cli import eval as evaluate  # noqa: E402
+from hrnn.cli.wrapper import user_errors  # noqa: E402
 from hrnn.errors import UserError  # noqa: E402
 
 SPAN = 6.0  # softmax temperatures either side of the coefficient's value
-
-
-def validation_sample(task, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys, count = [], [], 0
-    for x, y in task.eval_batches("val", min(samples, 500)):
-        xs.append(x)
-        ys.append(y)
-        count += len(x)
-        if count >= samples:
-            break
-    return torch.cat(xs)[:samples], torch.cat(ys)[:samples]
 
 
 def loss_of(model, task, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -94,7 +87,6 @@ def report(run_dir: Path, modules: list[int] | None, points: int, samples: int) 
                         "under the softmax regularizer")
     model = model.double().eval()
     x, y = validation_sample(task, samples)
-    x, y = x.double(), y if y.dtype == torch.long else y.double()
     with torch.no_grad():
         base = float(loss_of(model, task, x, y))
     print(f"## {run_dir.name}\n\ntask={cfg.task.name} T={task.spec.seq_len} activation={cfg.model.activation} "
@@ -118,6 +110,7 @@ def report(run_dir: Path, modules: list[int] | None, points: int, samples: int) 
     print()
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -126,12 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1000)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    try:
-        for run_dir in args.runs:
-            report(run_dir, args.module, args.points, args.samples)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    for run_dir in args.runs:
+        report(run_dir, args.module, args.points, args.samples)
     return 0
 
 

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from hrnn.cli import eval as evaluate
-from hrnn.errors import UserError
+from hrnn.cli.wrapper import user_errors
 
 
 def load_run(run_dir: Path, checkpoint: str):
@@ -37,6 +36,7 @@ def load_run(run_dir: Path, checkpoint: str):
 
 
 def validation_sample(task, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n validation sequences and targets in float64 (class labels stay integers)."""
     xs, ys, count = [], [], 0
     for x, y in task.eval_batches("val", 500):
         xs.append(x)
@@ -44,7 +44,8 @@ def validation_sample(task, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         count += len(x)
         if count >= n:
             break
-    return torch.cat(xs)[:n].double(), torch.cat(ys)[:n].double()
+    y = torch.cat(ys)[:n]
+    return torch.cat(xs)[:n].double(), y if not y.is_floating_point() else y.double()
 
 
 def marked_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,6 +135,7 @@ def diagnose(run_dir: Path, checkpoint: str, samples: int) -> None:
     print()
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -141,12 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1000)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    try:
-        for run_dir in args.runs:
-            diagnose(run_dir, args.checkpoint, args.samples)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    for run_dir in args.runs:
+        diagnose(run_dir, args.checkpoint, args.samples)
     return 0
 
 
