@@ -177,7 +177,10 @@ def print_blocks(batch: int, steps_list: list[int], capabilities: list[str], thr
 def run_truncated(batch: int, steps: int, warmup: int, repeat: int) -> dict:
     """{(mode, readout, f or "soft"): (median, min) seconds} and the measured open fractions {f: open}."""
     a = inputs(batch, steps, True)
-    times, opened = {}, {}
+    thresholds = {f: forced_thresholds(batch, steps, f) for f in TRUNCATED_FRACTIONS}
+    with torch.no_grad():
+        opened = {f: float((gated_call(a, "truncated", thr)[1] != 0).float().mean()) for f, thr in thresholds.items()}
+    times = {}
     for readout in ("last", "all"):
         def cell(mode, thresholds, train):
             def step():
@@ -192,11 +195,8 @@ def run_truncated(batch: int, steps: int, warmup: int, repeat: int) -> dict:
         for train in (True, False):
             key = "train" if train else "no-grad"
             times[key, readout, "soft"] = cell("soft", 0.5, train)
-            for f in TRUNCATED_FRACTIONS:
-                thr = forced_thresholds(batch, steps, f)
+            for f, thr in thresholds.items():
                 times[key, readout, f] = cell("truncated", thr, train)
-                with torch.no_grad():
-                    opened[f] = float((gated_call(a, "truncated", thr)[1] != 0).float().mean())
     return {"times": times, "open": opened}
 
 
