@@ -12,7 +12,8 @@ from hrnn.models.recurrent import ClockedRNN, slow_to_fast_mask
 from hrnn.ops import leaky_scan, leaky_scan_reference
 
 # Explicit settings for clocks built by hand (the runner takes them from conf/); a test overrides what it studies.
-SETTINGS = dict(init="spread", init_weight=0.8, sharpness=1.0, temperature=1.0, entropy_weight=0.0, l1_weight=0.01)
+SETTINGS = dict(init="spread", init_weight=0.8, sharpness=1.0, temperature=1.0, entropy_weight=0.0, l1_weight=0.01,
+                learn_phase=False)
 
 
 def basis_clock(basis: str, size: int, n_modules: int, seq_len: int, regularizer: str, **settings) -> BasisClock:
@@ -252,3 +253,77 @@ def test_period_clock_wave_period_is_its_learned_period():
     assert clock.wave_periods() == pytest.approx([3.0, 7.5, 40.0])
     waves = clock.waves(120).detach()
     assert all(torch.allclose(waves[p_int:, m], waves[:-p_int, m], atol=1e-4) for m, p_int in [(0, 3), (2, 40)])
+
+
+def test_logcos_columns_are_cosines_half_an_octave_apart():
+    T = 64
+    clock = basis_clock("logcos", size=11, n_modules=2, seq_len=T, regularizer="softmax")
+    periods = [1.0] + [2 ** ((j + 1) / 2) for j in range(1, 11)]  # 1 (the constant), 2, 2.83, 4, ..., 64
+    assert clock.component_periods.tolist() == pytest.approx(periods)
+    t = torch.arange(T, dtype=torch.float64)
+    for j, period in enumerate(periods):
+        expected = torch.ones(T, dtype=torch.float64) if j == 0 else torch.cos(2 * math.pi * t / period)
+        assert torch.allclose(clock.matrix[:, j].double(), expected, atol=1e-6)
+    # The spread start is the Clockwork hierarchy on columns that hold it exactly: 1, 2, 4, ...
+    assert basis_clock("logcos", 15, 8, 200, "softmax").periods() == pytest.approx([1, 2, 4, 8, 16, 32, 64, 128])
+
+
+def test_logcos_default_size_is_every_half_octave_up_to_the_length():
+    from hrnn.models import default_basis_size
+    assert [default_basis_size("logcos", T) for T in (2, 3, 4, 200, 784, 1024)] == [2, 3, 4, 15, 19, 20]
+
+
+@pytest.mark.parametrize("basis", ["dct", "logcos"])
+def test_learned_phase_shifts_the_wave_by_that_many_steps(basis):
+    """cos(2 pi f (t - s)): a shift of s steps is the unshifted wave s steps later; a zero shift changes nothing."""
+    torch.manual_seed(0)
+    T = 48
+    size = T // 2 + 1 if basis == "dct" else 11
+    plain = basis_clock(basis, size, 3, T, "softmax", init="random")
+    shifted = basis_clock(basis, size, 3, T, "softmax", init="random", learn_phase=True)
+    with torch.no_grad():
+        shifted.coefficients.copy_(plain.coefficients)
+    assert torch.allclose(shifted.waves(T), plain.waves(T), atol=1e-6)  # a phase starts at 0
+    with torch.no_grad():
+        shifted.phase.copy_(torch.tensor([0.0, 5.0, 13.0]))
+    reference = plain.waves(2 * T)  # the unshifted wave on a longer axis, read s steps back
+    waves = shifted.waves(2 * T)
+    for module, s in enumerate([0, 5, 13]):
+        assert torch.allclose(waves[s:, module], reference[: 2 * T - s, module], atol=1e-5)
+    assert shifted.phases() == [0.0, 5.0, 13.0] and plain.phases() is None
+
+
+def test_learned_phase_gets_a_gradient_that_gradcheck_confirms_float64():
+    torch.manual_seed(0)
+    T = 12
+    clock = basis_clock("logcos", 6, 2, T, "softmax", init="random", learn_phase=True).double()
+    with torch.no_grad():
+        clock.phase.copy_(torch.tensor([0.3, 1.7], dtype=torch.float64))
+    coefficients, phase = clock.coefficients.detach().clone(), clock.phase.detach().clone()
+    del clock.coefficients, clock.phase
+
+    def waves(c, p):
+        clock.coefficients, clock.phase = c, p
+        return clock.waves(T)
+
+    assert torch.autograd.gradcheck(waves, (coefficients.requires_grad_(), phase.requires_grad_()))
+    waves(coefficients, phase).sum().backward()
+    assert phase.grad.abs().min() > 0
+
+
+def test_a_frozen_clock_freezes_its_phase_too():
+    from omegaconf import OmegaConf
+
+    from hrnn.train.optim import build_optimizer
+    clock = basis_clock("dct", 13, 2, 24, "softmax", learn_phase=True)
+    model = ClockedRNN(1, 4, clock, connectivity="full")
+    settings = OmegaConf.create({"name": "adam", "lr": 1e-3, "clock_lr": 0, "connectivity_lr": None, "weight_decay": 0.0})
+    optimizer = build_optimizer(settings, model)
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert id(clock.phase) not in trained and id(clock.coefficients) not in trained
+    assert not clock.phase.requires_grad
+
+
+def test_a_binary_clock_refuses_a_phase():
+    with pytest.raises(ValueError, match="cosine basis"):
+        basis_clock("binary", 8, 2, 8, "softmax", learn_phase=True)

@@ -77,25 +77,38 @@ def test_a_checkpoint_written_on_cuda_reads_on_the_cpu(finished_run: Path, tmp_p
     assert evaluate_run(run, "test", "best", {})["value"] == read_metrics(run)["test_metric"]
 
 
-def test_a_checkpoint_from_before_num_layers_and_init_evaluates_as_it_trained(tmp_path: Path) -> None:
-    """An LSTM run written before model.num_layers, model.init and model.chrono_t_max existed (its stored config
-    lacks them) evaluates, read as one layer with torch's initialisation, to its recorded test metric."""
+OLDER_RUNS = {  # a run written before keys a later hrnn added: its arguments, and the keys its stored config lacks
+    "lstm": (["model=lstm", "model.hidden_size=8", "model.init=default", *TINY[2:]],
+             "model", ("num_layers", "init", "chrono_t_max")),
+    "dct": (["basis=dct", *TINY], "basis", ("learn_phase",)),
+}
+
+
+@pytest.mark.parametrize("name", list(OLDER_RUNS))
+def test_a_checkpoint_from_before_a_key_existed_evaluates_and_resumes_as_it_trained(tmp_path: Path, name: str) -> None:
+    """A run whose stored config lacks keys added since (an LSTM before model.num_layers, model.init and
+    model.chrono_t_max; a cosine clock before basis.learn_phase) is read with the values that reproduce what
+    it ran (one layer, torch's initialisation; no learned phase): it evaluates to its recorded test metric
+    and resumes."""
     from omegaconf import OmegaConf
 
     from hrnn.train.resume import load_checkpoint, save_checkpoint
 
-    run = tmp_path / "old_lstm"
-    run_cli(["task=adding", "task.seq_len=12", "model=lstm", "model.hidden_size=8", "model.init=default",
-             "trainer.steps=3", "trainer.eval_every=3", *TINY[2:], f"hydra.run.dir={run}"], tmp_path)
-    for name in ("best.pt", "last.pt"):
-        state = load_checkpoint(run / "checkpoints" / name)
+    args, group, keys = OLDER_RUNS[name]
+    run = tmp_path / f"old_{name}"
+    run_cli(["task=adding", "task.seq_len=12", *args, "trainer.steps=3", "trainer.eval_every=3",
+             f"hydra.run.dir={run}"], tmp_path)
+    for checkpoint in ("best.pt", "last.pt"):
+        state = load_checkpoint(run / "checkpoints" / checkpoint)
         config = OmegaConf.create(state["config"])
-        for key in ("num_layers", "init", "chrono_t_max"):
-            config.model.pop(key)
+        for key in keys:
+            config[group].pop(key)
         state["config"] = OmegaConf.to_container(config) if isinstance(state["config"], dict) else OmegaConf.to_yaml(config)
-        save_checkpoint(run / "checkpoints" / name, state)
-    assert "init" not in OmegaConf.create(load_checkpoint(run / "checkpoints" / "best.pt")["config"]).model
+        save_checkpoint(run / "checkpoints" / checkpoint, state)
+    assert keys[0] not in OmegaConf.create(load_checkpoint(run / "checkpoints" / "best.pt")["config"])[group]
     assert evaluate_run(run, "test", "best", {})["value"] == read_metrics(run)["test_metric"]
+    run_cli([f"resume={run}", "trainer.steps=4"], tmp_path)
+    assert read_metrics(run)["steps"] == 4
 
 
 def test_hrnn_eval_val_and_last_checkpoint_and_batch_size(finished_run: Path) -> None:

@@ -129,3 +129,15 @@ def test_annealed_gate_trains_on_the_slope_the_runner_sets_and_evaluates_hard(tm
     assert seen == pytest.approx([1 + 8 * k / 4 for k in (1, 2, 3, 4)])
     history = read_metrics(tmp_path)["history"]
     assert all(0 <= entry["val_update_fraction"] <= 1 for entry in history)
+
+
+def test_a_learned_phase_on_the_coarse_basis_trains_and_is_reported(tmp_path):
+    """basis=logcos basis.learn_phase=true through the runner: the shifts move from 0 and metrics.json holds them."""
+    run_dir = tmp_path / "run"
+    train(compose_config(["task=timescales", "task.periods=[2,6]", "task.seq_len=24", "basis=logcos",
+                          "basis.learn_phase=true", "model.activation=clock", "trainer.steps=3",
+                          "trainer.eval_every=3", *TINY]), run_dir)
+    metrics = read_metrics(run_dir)
+    assert metrics["basis"] == "logcos" and len(metrics["phases"]) == 4
+    assert any(shift != 0 for shift in metrics["phases"])
+    assert len(metrics["periods"]) == 4 and set(metrics["periods"]) <= {1.0, *(2 ** ((j + 1) / 2) for j in range(1, 8))}

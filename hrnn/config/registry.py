@@ -15,7 +15,7 @@ TASKS = {"copy": "SyntheticTaskSchema", "adding": "SyntheticTaskSchema", "timesc
          "smnist": "MnistTaskSchema", "pmnist": "MnistTaskSchema", "text": "TextTaskSchema"}
 MODELS = {"hrnn": "ClockedModelSchema", "cwrnn": "CwrnnModelSchema", "lstm": "GatedTorchModelSchema",
           "gru": "GatedTorchModelSchema", "rnn": "TorchModelSchema", "lem": "LemModelSchema", "cornn": "CornnModelSchema"}
-BASES = {"binary": "BasisSchema", "dct": "BasisSchema", "period": "PeriodBasisSchema"}
+BASES = {"binary": "BasisSchema", "dct": "BasisSchema", "logcos": "BasisSchema", "period": "PeriodBasisSchema"}
 REGULARIZERS = {"softmax": "SoftmaxSchema", "l1": "L1Schema", "none": "NoRegularizerSchema"}
 # option name -> its class in torch.optim; every optimizer takes the keys of schema.OptimSchema
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}

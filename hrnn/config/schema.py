@@ -114,6 +114,7 @@ class BasisSchema:
     init: str
     init_weight: float
     sharpness: float
+    learn_phase: bool
 
 
 @dataclass
@@ -355,6 +356,8 @@ def _check_clock(cfg: DictConfig) -> None:
         return
     _require(0 < basis.init_weight < 1, f"basis.init_weight={basis.init_weight} must be in (0, 1)")
     _require(basis.sharpness >= 1, f"basis.sharpness={basis.sharpness} must be at least 1")
+    _require(not (basis.learn_phase and basis.name == "binary"),
+             "basis.learn_phase=true needs a cosine basis: basis=dct or basis=logcos (a binary column has no phase to shift)")
     if basis.size is not None:
         _check_basis_size(basis, sequence_length(cfg.task))
     _check_regularizer(cfg)
@@ -366,6 +369,9 @@ def _check_basis_size(basis: DictConfig, steps: int) -> None:
     if basis.name == "binary":
         _require(basis.size <= whole, f"basis.size={basis.size} exceeds the sequence length {steps}: "
                  f"periods beyond it tick only at t=0 and are indistinguishable; use at most {whole} or null")
+    elif basis.name == "logcos":
+        _require(basis.size <= whole, f"basis.size={basis.size} exceeds the {whole} columns (the constant and every half octave) up to the "
+                 f"sequence length {steps}; use at most {whole} or null")
     else:
         _require(basis.size <= whole, f"basis.size={basis.size} exceeds the {whole} cosine frequencies a "
                  f"sequence of length {steps} can tell apart (Nyquist); use at most {whole} or null")

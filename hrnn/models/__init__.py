@@ -4,13 +4,15 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from hrnn.models.baselines import LEM, CoRNN, authors_head_init, chrono_init, forget_bias_init
-from hrnn.models.clock import BasisClock, Clock, FixedClock, PeriodClock
+from hrnn.models.clock import BasisClock, Clock, FixedClock, PeriodClock, log_cosine_size
 from hrnn.models.recurrent import ChunkerGate, ClockedRNN, ConnectivityGates, EventGate, SequenceModel, TorchRNN
 from hrnn.tasks.base import TaskSpec
 
 
 def default_basis_size(basis: str, seq_len: int) -> int:
-    """Binary: every period up to T. Cosine: every frequency up to Nyquist."""
+    """Binary: every period up to T. Cosine: every frequency up to Nyquist. logcos: every half octave up to T."""
+    if basis == "logcos":
+        return log_cosine_size(seq_len)
     return seq_len if basis == "binary" else seq_len // 2 + 1
 
 
@@ -30,6 +32,7 @@ def build_clock(model_cfg: DictConfig, basis_cfg: DictConfig, reg_cfg: DictConfi
         init=basis_cfg.init,
         init_weight=basis_cfg.init_weight,
         sharpness=basis_cfg.sharpness,
+        learn_phase=basis_cfg.learn_phase,
         **_regularizer_settings(reg_cfg),
     )
 

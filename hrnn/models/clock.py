@@ -14,6 +14,12 @@ Bases
           orthogonal on t = 0..N-1 (squared norm N for k = 0 and k = N/2, else N/2).
           Column k has period N/k steps; k = 0 is the constant wave, active at every
           step, so its period is reported as 1. Beyond N the waves repeat (period N).
+  logcos  column 0 is the constant; column j >= 1 is cos(2 pi t / 2^((j + 1) / 2)): periods 2, 2.83,
+          4, 5.66, ... half an octave apart up to T. A coarse grid: about 2 log2 T columns where dct has
+          T/2 + 1, each a distinct timescale rather than one of many neighbouring harmonics.
+
+A cosine basis can also learn each module's phase (learn_phase): column k of module m becomes
+cos(2 pi f_k (t - shift_m)), so the module's ticks move to t = shift_m + n * period.
 
 Maps into [0, 1] (softmax weights w are non-negative and sum to 1)
   binary + softmax  a = B @ w           a convex mix of 0/1 columns
@@ -42,6 +48,14 @@ def cosine_basis(steps: int, size: int, length: int) -> Tensor:
     t = torch.arange(steps, dtype=torch.float64).unsqueeze(1)
     k = torch.arange(size, dtype=torch.float64).unsqueeze(0)
     return torch.cos(2 * math.pi * k * t / length).float()
+
+
+def log_cosine_size(steps: int) -> int:
+    """The logcos columns up to period `steps`: the constant and every 2^((j + 1) / 2) <= steps, j >= 1."""
+    j = 1
+    while 2 ** ((j + 2) / 2) <= steps * (1 + 1e-12):
+        j += 1
+    return j + 1 if steps >= 2 else 1
 
 
 def spread_periods(n_modules: int, max_period: float) -> list[float]:
@@ -103,6 +117,7 @@ class BasisClock(Clock):
         init: str,
         init_weight: float,
         sharpness: float,
+        learn_phase: bool,
         temperature: float | None = None,
         entropy_weight: float | None = None,
         l1_weight: float | None = None,
@@ -113,6 +128,8 @@ class BasisClock(Clock):
             raise ValueError("the softmax regularizer needs temperature and entropy_weight")
         if regularizer == "l1" and l1_weight is None:
             raise ValueError("the l1 regularizer needs l1_weight")
+        if learn_phase and basis == "binary":
+            raise ValueError("a learned phase needs a cosine basis (dct or logcos)")
         super().__init__()
         self.basis, self.size, self.n_modules, self.length = basis, size, n_modules, seq_len
         self.sharpness = sharpness
@@ -121,17 +138,32 @@ class BasisClock(Clock):
         self.register_buffer("component_periods", self._component_periods(), persistent=False)
         self.register_buffer("matrix", self._matrix(seq_len), persistent=False)
         self.coefficients = nn.Parameter(self._init_coefficients(init, init_weight))
+        # Each module's shift in time steps; trained with the coefficients (optim.clock_lr).
+        self.phase = nn.Parameter(torch.zeros(n_modules)) if learn_phase else None
+        if learn_phase:
+            self.register_buffer("sine_matrix", self._matrix(seq_len, sine=True), persistent=False)
 
-    def _matrix(self, steps: int) -> Tensor:
+    def _frequencies(self) -> Tensor:
+        """(K,) float64 cycles per step of the cosine columns (0 for the constant)."""
+        k = torch.arange(self.size, dtype=torch.float64)
+        if self.basis == "dct":
+            return k / self.length
+        return torch.where(k == 0, torch.zeros_like(k), 2 ** (-(k + 1) / 2))
+
+    def _matrix(self, steps: int, sine: bool = False) -> Tensor:
         if self.basis == "binary":
             return binary_basis(steps, self.size)
-        return cosine_basis(steps, self.size, self.length)
+        angle = 2 * math.pi * torch.arange(steps, dtype=torch.float64).unsqueeze(1) * self._frequencies().unsqueeze(0)
+        if self.basis == "dct" and not sine:
+            return cosine_basis(steps, self.size, self.length)  # the same columns, bit for bit as before
+        return (torch.sin(angle) if sine else torch.cos(angle)).float()
 
     def _component_periods(self) -> Tensor:
         k = torch.arange(self.size, dtype=torch.float64)
         if self.basis == "binary":
             return k + 1
-        return torch.where(k == 0, torch.ones_like(k), self.length / k.clamp_min(1))
+        frequencies = self._frequencies()
+        return torch.where(k == 0, torch.ones_like(k), 1 / frequencies.clamp_min(1e-300))
 
     def _component_for_period(self, period: float) -> int:
         """The basis component whose period is nearest (in log scale) to `period`."""
@@ -163,8 +195,14 @@ class BasisClock(Clock):
 
     def waves(self, steps: int) -> Tensor:
         matrix = self.matrix if steps == self.matrix.shape[0] else self._matrix(steps).to(self.matrix)
-        mixed = matrix @ self.weights()
-        if self.regularizer == "softmax" and self.basis == "dct":
+        weights = self.weights()
+        if self.phase is None:
+            mixed = matrix @ weights
+        else:  # cos(a - b) = cos a cos b + sin a sin b, with a = 2 pi f t and b = 2 pi f shift
+            shift = 2 * math.pi * self._frequencies().to(weights).unsqueeze(1) * self.phase.unsqueeze(0)  # (K, M)
+            sine = self.sine_matrix if steps == self.sine_matrix.shape[0] else self._matrix(steps, sine=True).to(matrix)
+            mixed = matrix @ (weights * torch.cos(shift)) + sine @ (weights * torch.sin(shift))
+        if self.regularizer == "softmax" and self.basis != "binary":
             mixed = (1 + mixed) / 2
         # Softmax mixes are in [0, 1] already, up to rounding; the clamp makes it exact.
         wave = mixed.clamp(0.0, 1.0)
@@ -177,6 +215,10 @@ class BasisClock(Clock):
             p = self.weights()
             return self.entropy_weight * -(p * torch.log(p.clamp_min(1e-30))).sum(dim=0).mean()
         return torch.zeros((), device=self.coefficients.device)
+
+    def phases(self) -> list[float] | None:
+        """Each module's learned shift in time steps; None without a learned phase."""
+        return None if self.phase is None else self.phase.detach().tolist()
 
     def spectrum(self) -> Tensor:
         w = self.weights().detach()

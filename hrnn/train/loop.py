@@ -270,6 +270,8 @@ def final_metrics(run: Run, val: dict[str, float], test: dict[str, float]) -> di
     if model.clock is not None:
         metrics["periods"] = model.clock.periods()
         metrics["wave_periods"] = [float(p) for p in model.clock.wave_periods()]
+        if getattr(model.clock, "phase", None) is not None:
+            metrics["phases"] = model.clock.phases()
         if hasattr(task, "recovered"):
             found, found_wave = log_recovery(run.writer, task, metrics["periods"], metrics["wave_periods"], run.step)
             metrics.update(true_periods=task.periods, recovered=len(found), recovered_periods=found,

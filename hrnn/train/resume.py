@@ -35,11 +35,15 @@ FORMAT_VERSION = 1
 RESUMABLE_OVERRIDES = ("trainer.steps", "trainer.max_wall_s", "trainer.device", "trainer.num_threads",
                        "trainer.progress", "trainer.log_every")
 say = tqdm.write  # print without breaking the progress bar
-# Keys a later hrnn added to a model's config, with the value that reproduces what a run written before
-# them did (one layer; torch's own initialisation), so that its checkpoint still evaluates and resumes.
-ADDED_MODEL_KEYS = {"lstm": {"num_layers": 1, "init": "default", "chrono_t_max": None},
-                    "gru": {"num_layers": 1, "init": "default", "chrono_t_max": None},
-                    "rnn": {"num_layers": 1}}
+# Keys a later hrnn added to a group's option, with the value that reproduces what a run written before
+# them did (one layer; torch's own initialisation; no learned phase), so that its checkpoint still
+# evaluates and resumes. group -> option name -> key -> value.
+ADDED_KEYS = {
+    "model": {"lstm": {"num_layers": 1, "init": "default", "chrono_t_max": None},
+              "gru": {"num_layers": 1, "init": "default", "chrono_t_max": None},
+              "rnn": {"num_layers": 1}},
+    "basis": {"binary": {"learn_phase": False}, "dct": {"learn_phase": False}},
+}
 
 
 # ----------------------------------------------------------------------------- writing and reading
@@ -319,11 +323,14 @@ def stored_config(state: dict[str, Any], path: Path) -> DictConfig:
         check_groups(cfg)
     except UserError as exc:
         raise UserError(f"checkpoint {path} holds a config this hrnn cannot run: {exc}") from None
-    added = {key: value for key, value in ADDED_MODEL_KEYS.get(cfg.model.get("name"), {}).items() if key not in cfg.model}
-    if added:
-        with open_dict(cfg.model):
+    for group, options in ADDED_KEYS.items():
+        section = cfg.get(group)
+        if section is None:
+            continue
+        added = {key: value for key, value in options.get(section.get("name"), {}).items() if key not in section}
+        with open_dict(section):
             for key, value in added.items():
-                cfg.model[key] = value
+                section[key] = value
     return cfg
 
 

@@ -132,7 +132,8 @@ def wave_recovered(job: dict[str, Any]) -> int | None:
     from hrnn.models import build_clock
     from hrnn.tasks.synthetic import recovered_periods
 
-    clock = build_clock(cfg.model, cfg.basis, cfg.regularizer, cfg.task.seq_len)
+    basis = OmegaConf.merge({"learn_phase": False}, cfg.basis)  # runs made before the option learned no phase
+    clock = build_clock(cfg.model, basis, cfg.regularizer, cfg.task.seq_len)
     state = torch.load(Path(job["dir"]) / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)["model"]
     with torch.no_grad():
         clock.coefficients.copy_(state["backbone.clock.coefficients"])
