@@ -94,6 +94,9 @@ BAD = [
     (["model.gate_bias=closed"], "bad value 'closed' for model.gate_bias"),
     (["model.chunker_threshold=0"], "model.chunker_threshold=0.0 must be positive"),
     (["model.activation=chunker", "model.n_modules=1"], "model.n_modules=1 is too few for activation=chunker"),
+    (["model.gate=truncated", "model.gate_threshold_warmup=2"], "model.gate_threshold_warmup=2.0 must be in [0, 1]"),
+    (["model.gate_threshold_warmup=0.5"], "model.gate_threshold_warmup=0.5 is for model.gate=truncated with activation=event "
+                                          "or clock_event (here gate=soft, activation=clock_event)"),
 ]
 
 
@@ -141,3 +144,35 @@ def test_a_learned_phase_on_the_coarse_basis_trains_and_is_reported(tmp_path):
     assert metrics["basis"] == "logcos" and len(metrics["phases"]) == 4
     assert any(shift != 0 for shift in metrics["phases"])
     assert len(metrics["periods"]) == 4 and set(metrics["periods"]) <= {1.0, *(2 ** ((j + 1) / 2) for j in range(1, 8))}
+
+
+def test_the_truncated_threshold_warms_up_from_zero_in_training_and_evaluates_at_its_value():
+    gate = EventGate(2, 8, 2, "truncated", bias=-0.5, threshold=0.3, update_weight=0.1, slope=1.0, threshold_warmup=0.5)
+    like = torch.zeros(1)
+    seen = []
+    for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
+        gate.set_progress(fraction)
+        seen.append(gate.thresholds(1, 1, 2, like))
+    assert seen == pytest.approx([0.0, 0.15, 0.3, 0.3, 0.3])
+    gate.set_progress(0.25)
+    gate.eval()
+    assert gate.thresholds(1, 1, 2, like) == 0.3  # a checkpoint evaluates the same wherever it is read
+
+
+def test_at_the_start_of_its_warm_up_the_truncated_gate_trains_as_the_soft_gate():
+    """Threshold 0: every gate is open (g > 0), so values and gradients are the soft gate's."""
+    nets, grads = [], []
+    for gate in (["model.gate=truncated", "model.gate_threshold_warmup=0.5"], ["model.gate=soft"]):
+        cfg = validate(compose_config(["task=adding", "task.seq_len=30", "model.activation=event", *gate, *TINY]))
+        torch.manual_seed(0)
+        task = build_task(cfg.task, cfg.data_dir, seed=0)
+        net = build_model(cfg, task.spec)
+        net.set_progress(0.0)
+        x, y = task.train_batch(4)
+        output = net(x)
+        (task.loss(output, y) + net.penalty()).backward()
+        nets.append(output.detach())
+        grads.append({name: p.grad.clone() for name, p in net.named_parameters()})
+    torch.testing.assert_close(nets[0], nets[1], rtol=1e-6, atol=1e-7)
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)

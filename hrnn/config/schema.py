@@ -67,6 +67,7 @@ class ClockedModelSchema:
     gate_threshold: float
     gate_slope: float
     gate_hard_from: float
+    gate_threshold_warmup: float
     update_weight: float
     chunker_threshold: float
     prediction_weight: float
@@ -339,6 +340,12 @@ def _check_events(cfg: DictConfig) -> None:
                                     f"slope rises from 1 to it")
     _require(0 <= model.gate_hard_from <= 1, f"model.gate_hard_from={model.gate_hard_from} must be in [0, 1]: the "
                                              f"fraction of training after which the annealed gate trains hard (1: never)")
+    _require(0 <= model.gate_threshold_warmup <= 1,
+             f"model.gate_threshold_warmup={model.gate_threshold_warmup} must be in [0, 1]: the fraction of training over "
+             f"which the truncated gate's threshold rises from 0 (0: no warm-up)")
+    _require(model.gate_threshold_warmup == 0 or (model.gate == "truncated" and model.activation in ("event", "clock_event")),
+             f"model.gate_threshold_warmup={model.gate_threshold_warmup} is for model.gate=truncated with activation=event "
+             f"or clock_event (here gate={model.gate}, activation={model.activation}); set it to 0 or change those")
     _require(not (model.gate == "annealed" and model.activation == "chunker"),
              "model.gate=annealed is for activation=event or clock_event; activation=chunker takes soft, hard or stochastic")
     _require(model.chunker_threshold > 0, f"model.chunker_threshold={model.chunker_threshold} must be positive")

@@ -116,7 +116,7 @@ class UpdateGate(nn.Module):
         self.n_modules, self.mode, self.threshold, self.update_weight = n_modules, mode, threshold, update_weight
 
     def set_progress(self, fraction: float) -> None:
-        """The fraction of training done; only the annealed event gate reads it."""
+        """The fraction of training done; the annealed gate's slope and the truncated gate's warm-up read it."""
 
     def op_mode(self) -> str:
         if self.mode == "truncated":
@@ -145,11 +145,16 @@ class EventGate(UpdateGate):
     negative, so that modules start mostly closed and hold their memory. Annealed, training uses
     sigmoid(s z_t) with s = 1 + (slope - 1) * the fraction of training done, soft until the
     fraction `hard_from`, then hard (z > 0) with the straight-through gradient of sigmoid(s z):
-    HM-RNN's slope annealing, so that the last part of training sees the gate it is evaluated with."""
+    HM-RNN's slope annealing, so that the last part of training sees the gate it is evaluated with.
+    Truncated, the threshold can rise linearly from 0 over the first `threshold_warmup` of training: a gate
+    shut from the start gets no gradient and stays shut, so the gates first learn where to open as soft
+    gates. Evaluation always uses the threshold itself, so a checkpoint evaluates the same wherever it is read."""
 
     def __init__(self, input_size: int, hidden_size: int, n_modules: int, mode: str, bias: float,
-                 threshold: float, update_weight: float, slope: float, hard_from: float = 1.0) -> None:
+                 threshold: float, update_weight: float, slope: float, hard_from: float = 1.0,
+                 threshold_warmup: float = 0.0) -> None:
         super().__init__(n_modules, mode, threshold, update_weight)
+        self.threshold_warmup = threshold_warmup
         self.input = nn.Linear(input_size, n_modules)  # W_g and b_g
         self.recurrent = nn.Linear(hidden_size, n_modules, bias=False)  # U_g
         nn.init.constant_(self.input.bias, bias)
@@ -165,6 +170,11 @@ class EventGate(UpdateGate):
         if self.mode == "annealed" and self.training:
             return "hard" if self.hard_from < 1 and self.progress >= self.hard_from else "soft"
         return super().op_mode()
+
+    def thresholds(self, batch: int, steps: int, n_gates: int, like: Tensor) -> Tensor | float:
+        if self.mode == "truncated" and self.training and self.progress < self.threshold_warmup:
+            return self.threshold * self.progress / self.threshold_warmup
+        return super().thresholds(batch, steps, n_gates, like)
 
     def run(self, rnn, x, waves, h0, last_only):
         batch, steps, _ = x.shape

@@ -41,7 +41,8 @@ say = tqdm.write  # print without breaking the progress bar
 ADDED_KEYS = {
     "model": {"lstm": {"num_layers": 1, "init": "default", "chrono_t_max": None},
               "gru": {"num_layers": 1, "init": "default", "chrono_t_max": None},
-              "rnn": {"num_layers": 1}},
+              "rnn": {"num_layers": 1},
+              "hrnn": {"gate_threshold_warmup": 0.0}},
     "basis": {"binary": {"learn_phase": False}, "dct": {"learn_phase": False}},
 }
 
