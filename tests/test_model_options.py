@@ -176,3 +176,26 @@ def test_at_the_start_of_its_warm_up_the_truncated_gate_trains_as_the_soft_gate(
     torch.testing.assert_close(nets[0], nets[1], rtol=1e-6, atol=1e-7)
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_open_fraction_counts_the_updates_a_kernel_computes():
+    """update_fraction is the mean activation; open_fraction the share of (sample, step, module) with a > 0.
+    A truncated gate's open activations all exceed its threshold, so open <= update / threshold; a soft gate's is 1."""
+    fractions = {}
+    for gate in ("truncated", "soft"):
+        cfg = validate(compose_config(["task=adding", "task.seq_len=40", "model.activation=event", f"model.gate={gate}",
+                                       "model.gate_threshold=0.3", "model.gate_bias=-0.8", *TINY]))
+        torch.manual_seed(0)
+        task = build_task(cfg.task, cfg.data_dir, seed=0)
+        net = build_model(cfg, task.spec).eval()
+        x, _ = task.train_batch(16)
+        with torch.no_grad():
+            net(x)
+        a = net.backbone.activations
+        stats = net.statistics()
+        assert stats["update_fraction"] == pytest.approx(float(a.mean()))
+        assert stats["open_fraction"] == pytest.approx(float((a > 0).float().mean()))
+        fractions[gate] = stats
+    truncated = fractions["truncated"]
+    assert 0 < truncated["open_fraction"] < 1 and truncated["open_fraction"] <= truncated["update_fraction"] / 0.3
+    assert fractions["soft"]["open_fraction"] == 1.0

@@ -57,6 +57,11 @@ class Backbone(nn.Module):
         fraction of module updates when a is 0/1); None if the model has no activations."""
         return None
 
+    def open_fraction(self) -> float | None:
+        """The fraction of (sample, step, module) with a > 0: the updates a kernel must compute (a soft
+        gate's is 1; a truncated gate's at most its update fraction / threshold); None without activations."""
+        return None
+
     def set_progress(self, fraction: float) -> None:
         """The fraction of training done, before each training step: for schedules inside the model."""
 
@@ -297,6 +302,9 @@ class ClockedRNN(Backbone):
     def update_fraction(self) -> float | None:
         return None if self.activations is None else float(self.activations.detach().mean())
 
+    def open_fraction(self) -> float | None:
+        return None if self.activations is None else float((self.activations.detach() > 0).float().mean())
+
     def set_progress(self, fraction: float) -> None:
         if self.event is not None:
             self.event.set_progress(fraction)
@@ -376,4 +384,6 @@ class SequenceModel(nn.Module):
     def statistics(self) -> dict[str, float]:
         """Numbers about the last forward pass the runner averages like a task's metrics."""
         fraction = self.backbone.update_fraction()
-        return {} if fraction is None else {"update_fraction": fraction}
+        if fraction is None:
+            return {}
+        return {"update_fraction": fraction, "open_fraction": self.backbone.open_fraction()}
