@@ -198,3 +198,12 @@ def test_help_prints_the_usage_and_exits_0(flag: str, capsys) -> None:
     assert main([flag]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: hrnn-eval <run dir> [split=val|test] [checkpoint=best|last]")
+
+
+def test_a_sweep_job_directory_whose_name_holds_equals_signs_evaluates(finished_run: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    job = tmp_path / "0_model.activation=event,trainer.seed=0"
+    shutil.copytree(finished_run, job)
+    assert exit_status([str(job), "split=test"]) == 0
+    assert json.loads((job / "eval_test_best.json").read_text())["value"] == read_metrics(job)["test_metric"]

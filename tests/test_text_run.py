@@ -261,3 +261,15 @@ def test_a_model_that_cannot_carry_its_state_is_refused_for_text_in_one_line(mod
     with pytest.raises(UserError, match=f"^model={model} cannot carry its state from one window of the text to the "
                                         f"next; task=text takes model=hrnn, cwrnn, lstm, gru, rnn$"):
         validate(compose_config(["task=text", f"model={model}"]))
+
+
+def test_hrnn_sample_takes_a_sweep_job_directory_whose_name_holds_equals_signs(tmp_path):
+    from hrnn.cli.sample import parse_args
+    from hrnn.errors import UserError
+
+    job = tmp_path / "0_experiment=text,trainer.seed=0"
+    job.mkdir()
+    run_dir, settings = parse_args([str(job), "length=20"])
+    assert run_dir == job and settings["length"] == 20
+    with pytest.raises(UserError, match="give the run directory first"):
+        parse_args([str(tmp_path / "missing=1")])

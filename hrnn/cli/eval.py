@@ -41,7 +41,7 @@ def parse_args(argv: list[str]) -> tuple[Path, dict[str, str], dict[str, str], b
     flags = [a for a in args if a.startswith("-")]
     if flags:
         raise UserError(f"unknown option {flags[0]!r}; {USAGE}")
-    if not args or "=" in args[0]:
+    if not args or ("=" in args[0] and not Path(args[0]).is_dir()):  # a sweep's job directory holds "=" in its name
         raise UserError(f"give the run directory first; {USAGE}")
     run_dir, choices, overrides = Path(args[0]), {"split": "test", "checkpoint": "best"}, {}
     for arg in args[1:]:

@@ -48,7 +48,7 @@ def _number(key: str, value: str, kind: type, low: float | None) -> Any:
 
 def parse_args(argv: list[str]) -> tuple[Path, dict[str, Any]]:
     """(run dir, settings: DEFAULTS with the arguments given, data_dir if given); UserError on the first bad one."""
-    if not argv or "=" in argv[0] or argv[0].startswith("-"):
+    if not argv or ("=" in argv[0] and not Path(argv[0]).is_dir()) or argv[0].startswith("-"):  # job dirs hold "="
         raise UserError(f"give the run directory first; {USAGE}")
     settings = dict(DEFAULTS)
     for arg in argv[1:]:
