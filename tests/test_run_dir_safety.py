@@ -323,6 +323,8 @@ CHECKPOINT_FAULTS = {
     "no optimizer": (lambda p: _set(p, optimizer=None), "is incomplete: it has no 'optimizer'"),
     "older format": (lambda p: _set(p, format_version=0), "is a checkpoint of format 0, written by another hrnn; this hrnn reads format 1"),
     "newer format": (lambda p: _set(p, format_version=2), "is a checkpoint of format 2, written by a newer hrnn"),
+    "format as a tensor": (lambda p: _set(p, format_version=torch.ones(3)), "its 'format_version' is a Tensor, not int"),
+    "format as a bool": (lambda p: _set(p, format_version=True), "its 'format_version' is True, not int"),
     "threads of a bigger machine": (lambda p: edit_checkpoint(p, threads=100000), "this run used 100000 threads"),
 }
 

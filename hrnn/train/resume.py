@@ -138,8 +138,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not an hrnn checkpoint (it has no format_version; hrnn-train writes "
                         f"format {FORMAT_VERSION})")
     version = state["format_version"]
-    if version != FORMAT_VERSION or isinstance(version, bool):
-        newer = isinstance(version, int) and version > FORMAT_VERSION
+    if not isinstance(version, int) or isinstance(version, bool):  # compared before its type is known, a tensor raises
+        raise UserError(f"checkpoint {path} is damaged: its 'format_version' is {_shown(version)}, not int")
+    if version != FORMAT_VERSION:
+        newer = version > FORMAT_VERSION
         raise UserError(f"{path} is a checkpoint of format {version!r}, written by {'a newer' if newer else 'another'} "
                         f"hrnn; this hrnn reads format {FORMAT_VERSION}: continue or evaluate it with the hrnn that wrote it")
     check_state(state, path)
