@@ -52,10 +52,7 @@ def cosine_basis(steps: int, size: int, length: int) -> Tensor:
 
 def log_cosine_size(steps: int) -> int:
     """The logcos columns up to period `steps`: the constant and every 2^((j + 1) / 2) <= steps, j >= 1."""
-    j = 1
-    while 2 ** ((j + 2) / 2) <= steps * (1 + 1e-12):
-        j += 1
-    return j + 1 if steps >= 2 else 1
+    return max(1, math.floor(2 * math.log2(steps) + 1e-9))
 
 
 def spread_periods(n_modules: int, max_period: float) -> list[float]:
@@ -85,6 +82,10 @@ class Clock(nn.Module):
     def wave_periods(self) -> list[float]:
         """Each module's wave's own period: differs from `periods` only where a wave is a mix of harmonics."""
         return self.periods()
+
+    def phases(self) -> list[float] | None:
+        """Each module's learned shift in time steps; None for a clock without a learned phase."""
+        return None
 
     def penalty(self) -> Tensor:
         """Regularization added to the training loss."""
@@ -135,6 +136,7 @@ class BasisClock(Clock):
         self.sharpness = sharpness
         self.regularizer, self.temperature = regularizer, temperature
         self.entropy_weight, self.l1_weight = entropy_weight, l1_weight
+        self.register_buffer("frequencies", self._frequencies(), persistent=False)  # unused by binary
         self.register_buffer("component_periods", self._component_periods(), persistent=False)
         self.register_buffer("matrix", self._matrix(seq_len), persistent=False)
         self.coefficients = nn.Parameter(self._init_coefficients(init, init_weight))
@@ -153,17 +155,18 @@ class BasisClock(Clock):
     def _matrix(self, steps: int, sine: bool = False) -> Tensor:
         if self.basis == "binary":
             return binary_basis(steps, self.size)
-        angle = 2 * math.pi * torch.arange(steps, dtype=torch.float64).unsqueeze(1) * self._frequencies().unsqueeze(0)
         if self.basis == "dct" and not sine:
-            return cosine_basis(steps, self.size, self.length)  # the same columns, bit for bit as before
+            return cosine_basis(steps, self.size, self.length)
+        angle = 2 * math.pi * torch.arange(steps, dtype=torch.float64).unsqueeze(1) * self.frequencies.double().cpu().unsqueeze(0)
         return (torch.sin(angle) if sine else torch.cos(angle)).float()
 
     def _component_periods(self) -> Tensor:
         k = torch.arange(self.size, dtype=torch.float64)
         if self.basis == "binary":
             return k + 1
-        frequencies = self._frequencies()
-        return torch.where(k == 0, torch.ones_like(k), 1 / frequencies.clamp_min(1e-300))
+        if self.basis == "dct":
+            return torch.where(k == 0, torch.ones_like(k), self.length / k.clamp_min(1))
+        return torch.where(k == 0, torch.ones_like(k), 2 ** ((k + 1) / 2))
 
     def _component_for_period(self, period: float) -> int:
         """The basis component whose period is nearest (in log scale) to `period`."""
@@ -199,7 +202,7 @@ class BasisClock(Clock):
         if self.phase is None:
             mixed = matrix @ weights
         else:  # cos(a - b) = cos a cos b + sin a sin b, with a = 2 pi f t and b = 2 pi f shift
-            shift = 2 * math.pi * self._frequencies().to(weights).unsqueeze(1) * self.phase.unsqueeze(0)  # (K, M)
+            shift = 2 * math.pi * self.frequencies.to(weights).unsqueeze(1) * self.phase.unsqueeze(0)  # (K, M)
             sine = self.sine_matrix if steps == self.sine_matrix.shape[0] else self._matrix(steps, sine=True).to(matrix)
             mixed = matrix @ (weights * torch.cos(shift)) + sine @ (weights * torch.sin(shift))
         if self.regularizer == "softmax" and self.basis != "binary":
@@ -217,7 +220,6 @@ class BasisClock(Clock):
         return torch.zeros((), device=self.coefficients.device)
 
     def phases(self) -> list[float] | None:
-        """Each module's learned shift in time steps; None without a learned phase."""
         return None if self.phase is None else self.phase.detach().tolist()
 
     def spectrum(self) -> Tensor:

@@ -270,7 +270,7 @@ def final_metrics(run: Run, val: dict[str, float], test: dict[str, float]) -> di
     if model.clock is not None:
         metrics["periods"] = model.clock.periods()
         metrics["wave_periods"] = [float(p) for p in model.clock.wave_periods()]
-        if getattr(model.clock, "phase", None) is not None:
+        if model.clock.phases() is not None:
             metrics["phases"] = model.clock.phases()
         if hasattr(task, "recovered"):
             found, found_wave = log_recovery(run.writer, task, metrics["periods"], metrics["wave_periods"], run.step)
