@@ -160,21 +160,24 @@ def test_bench_gates_opens_the_fraction_it_forces():
 @needs_ext
 def test_bench_gates_truncated_times_every_capability_and_opens_the_fraction_it_forces():
     """--truncated --quick: one block per capability this CPU runs (best first), a soft row at ratio 1
-    and a row per forced f whose measured open fraction, and gradient support, is f (exactly at 0 and 1)."""
+    and a row per forced (f, w) whose measured open fraction is f and whose gradient support (the candidates
+    computed in training) is f + w (exactly at 0 and 1)."""
     proc = subprocess.run([sys.executable, str(BENCH / "bench_gates.py"), "--truncated", "--quick", "--threads", "1"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in
             ops.cpu_capabilities()]
     gates = load_script("bench_gates", "bench")
-    per_block = 2 * (1 + len(gates.TRUNCATED_FRACTIONS))  # two readouts, a soft row and each f
+    per_block = 2 * (1 + len(gates.TRUNCATED_ROWS))  # two readouts, a soft row and each (f, w)
     assert [r[0] for r in rows[::per_block]] == ops.cpu_capabilities()[::-1]
     for r in rows:
         if r[2] == "soft":
-            assert r[6] == "1.000" and r[8] == "1.000"
+            assert r[7] == "1.000" and r[9] == "1.000"
             continue
-        forced, opened, support = float(r[2]), float(r[3]), float(r[4])
-        assert opened == support == pytest.approx(forced, abs=0 if forced in (0, 1) else 0.1)
+        forced, within, opened, support = float(r[2]), float(r[3]), float(r[4]), float(r[5])
+        assert opened == pytest.approx(forced, abs=0 if forced in (0, 1) else 0.1)
+        assert support == pytest.approx(forced + within, abs=0 if forced + within in (0, 1) else 0.1)
+    assert {(float(r[2]), float(r[3])) for r in rows if r[2] != "soft"} == set(gates.TRUNCATED_ROWS)
 
 
 def test_bench_gates_ratios_are_over_the_same_modes_dense_row(capsys):

@@ -74,6 +74,54 @@ def test_truncated_gate_is_the_gate_above_its_threshold_and_a_shut_module_holds(
     assert grad_bias.abs().sum() > 0
 
 
+def test_truncated_support_gives_a_shut_gate_near_its_threshold_the_open_gates_gradient():
+    """Within `support` below tau a shut entry keeps the value 0 and its state, but its logit gets the
+    gradient an open gate would: dL/de g (1 - g) with dL/de = sum over its units of dL/dh_t (c_t - h_{t-1}).
+    At t = 0 with a loss linear in h_0's successor, dL/dh_1 does not depend on the forward, so each logit's
+    gradient is the soft gate's where open or within the support, and 0 further below (a plain loop here)."""
+    args = {k: v.clone().requires_grad_() for k, v in inputs(4).items()}
+    tau, support = 0.45, 0.2
+    first = {**args, "x": args["x"][:, :1]}
+    readout = torch.randn(B, 1, H, generator=torch.Generator().manual_seed(3), dtype=F64)
+    states, a = run(first, mode="truncated", thresholds=tau)
+    grad_exact, = torch.autograd.grad((states * readout).sum(), args["gate_bias"])
+    states_s, a_s = gated_leaky_rnn_reference(first["x"], first["w_x"], first["bias"], first["w_h"], first["h0"], None,
+                                              first["gate_x"], first["gate_bias"], first["gate_h"], "truncated", tau,
+                                              support=support)
+    assert torch.equal(states_s, states) and torch.equal(a_s, a)  # the values are the truncated gate's
+    grad_support, = torch.autograd.grad((states_s * readout).sum(), args["gate_bias"])
+    # The plain loop: the open gate's dL/dlogit per (sample, module), kept where g > tau - support.
+    h0 = args["h0"].detach()
+    g = torch.sigmoid(first["x"][:, 0].detach() @ args["gate_x"].detach().t() + h0 @ args["gate_h"].detach().t()
+                      + args["gate_bias"].detach())
+    candidate = torch.tanh(first["x"][:, 0].detach() @ args["w_x"].detach().t() + args["bias"].detach()
+                           + h0 @ args["w_h"].detach().t())
+    want = torch.zeros(M, dtype=F64)
+    want_exact = torch.zeros(M, dtype=F64)
+    for b in range(B):
+        for m in range(M):
+            units = slice(m * (H // M), (m + 1) * (H // M))
+            de = (readout[b, 0, units] * (candidate[b, units] - h0[b, units])).sum()
+            dlogit = de * g[b, m] * (1 - g[b, m])
+            if g[b, m] > tau - support:
+                want[m] += dlogit
+            if g[b, m] > tau:
+                want_exact[m] += dlogit
+    within = (g <= tau) & (g > tau - support)
+    assert within.any() and (g <= tau - support).any() and (g > tau).any()
+    torch.testing.assert_close(grad_support, want, rtol=0, atol=1e-14)
+    torch.testing.assert_close(grad_exact, want_exact, rtol=0, atol=1e-14)
+    assert not torch.allclose(grad_support, grad_exact)
+
+
+@pytest.mark.parametrize("mode,support", [("soft", 0.1), ("truncated", -0.1), ("truncated", 1.5)])
+def test_a_support_outside_the_truncated_gate_or_its_range_is_refused(mode, support):
+    args = inputs(0)
+    with pytest.raises(ValueError, match=f"support={support}; allowed: 0, or in \\(0, 1\\] with the truncated gate"):
+        gated_leaky_rnn(args["x"], args["w_x"], args["bias"], args["w_h"], args["h0"], None, args["gate_x"],
+                        args["gate_bias"], args["gate_h"], mode, 0.5, support=support)
+
+
 def test_stochastic_thresholds_are_read_per_sample_step_and_module():
     args = inputs(2)
     thresholds = torch.rand(B, T, M, generator=torch.Generator().manual_seed(3), dtype=F64)

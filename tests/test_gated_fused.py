@@ -44,24 +44,25 @@ def make(batch, steps, inputs, hidden, n_modules, dtype, waves, seed=0, bias=Tru
     return args
 
 
-def call(fn, args, mode, thresholds, last_only=False, gated=True):
+def call(fn, args, mode, thresholds, last_only=False, gated=True, support=0.0):
     """(states or the last state, activations) of `fn` (the op or its reference) on `args`."""
     a = args
     gate = (a["gate_x"], a["gate_bias"], a["gate_h"]) if gated else (None, None, None)
     inputs = (a["x"], a["w_x"], a["bias"], a["w_h"], a["h0"], a["waves"], *gate, mode, thresholds)
+    extra = {"support": support} if support else {}
     if fn is gated_leaky_rnn_reference:
-        states, acts = fn(*inputs)
+        states, acts = fn(*inputs, **extra)
         return (states[:, -1] if last_only else states), acts
-    return fn(*inputs, last_only)
+    return fn(*inputs, last_only, **extra)
 
 
-def values_and_grads(fn, args, mode, thresholds, last_only=False, gated=True):
+def values_and_grads(fn, args, mode, thresholds, last_only=False, gated=True, support=0.0):
     """States, activations and the gradient of every tensor input, for a loss that reads both
     outputs (the model's update penalty reads the activations)."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items()
               if v is not None and k != "thresholds" and (gated or not k.startswith("gate"))}
     full = {**args, **leaves}
-    states, acts = call(fn, full, mode, thresholds, last_only, gated)
+    states, acts = call(fn, full, mode, thresholds, last_only, gated, support)
     gen = torch.Generator().manual_seed(7)
     loss = (states * torch.randn(states.shape, generator=gen, dtype=states.dtype)).sum() + 0.3 * acts.square().sum()
     grads = torch.autograd.grad(loss, list(leaves.values()))
@@ -145,7 +146,7 @@ def test_closed_modules_hold_the_state_bit_for_bit_and_open_ones_take_the_candid
     assert torch.equal(states[a == 0], previous[a == 0])  # hold, bit for bit
     torch.testing.assert_close(states[a == 1], candidate[a == 1], rtol=0, atol=1e-14)
     # At a = 1 the state is the kernel's own candidate exactly (torch.lerp's formula).
-    hs, cs, _, _ = cpu.extension().gated_forward(*kernel_inputs(args), False, True, True, False)
+    hs, cs, _, _ = cpu.extension().gated_forward(*kernel_inputs(args), False, 0.0, True, True, False)
     assert torch.equal(hs[a == 1], cs[a == 1])
 
 
@@ -207,6 +208,42 @@ def test_gradcheck_truncated_every_input_float64():
     assert last_candidate_blocks() == int((acts != 0).sum())  # only the open ones
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("thresholds", [0.6, "tensor"])
+@pytest.mark.parametrize("waves", [None, "shared", "per_sample"])
+@pytest.mark.parametrize("shape", [0, 3])
+def test_truncated_support_matches_the_reference(dtype, thresholds, waves, shape):
+    """With a support, values are the truncated gate's and every gradient the reference's: the shut
+    entries within the support pass their gate the open gradient. The forward computes the candidates
+    of the open entries and of the shut ones within the support, and no others (waves without a
+    gradient; with one, every candidate)."""
+    *sizes, bias = SHAPES[shape]
+    args = make(*sizes, dtype, waves, seed=20 + shape, bias=bias)
+    thr = args["thresholds"] if thresholds == "tensor" else thresholds
+    support = 0.25
+    got = values_and_grads(gated_leaky_rnn, args, "truncated", thr, support=support)
+    want = values_and_grads(gated_leaky_rnn_reference, args, "truncated", thr, support=support)
+    assert_matches(got, want, TOL[dtype])
+    assert torch.equal(got[1] == 0, want[1] == 0)
+    g = gate_values(args, want[0])
+    cut = torch.as_tensor(thr, dtype=dtype).expand_as(g)
+    within = (g <= cut) & (g > cut - support)
+    assert within.any() and (g <= cut - support).any() and (g > cut).any()  # every kind of entry occurs
+    if waves is None:
+        assert last_candidate_blocks() == int(((got[1] != 0) | within).sum())
+    exact = values_and_grads(gated_leaky_rnn, args, "truncated", thr)
+    assert not torch.allclose(got[2]["gate_bias"], exact[2]["gate_bias"])  # the support changes the gate's gradient
+    assert torch.equal(got[1] == 0, exact[1] == 0)  # and nothing of the values
+    assert_close_rel(got[0], exact[0], TOL[dtype])
+    assert_close_rel(got[1], exact[1], TOL[dtype])
+
+
+def gate_values(args, states):
+    """g_t = sigmoid(x_t G_x^T + g_b + h_{t-1} G_h^T) along the run whose states these are."""
+    previous = torch.cat([args["h0"][:, None], states[:, :-1]], dim=1)
+    return torch.sigmoid(args["x"] @ args["gate_x"].T + args["gate_bias"] + previous @ args["gate_h"].T)
+
+
 def test_training_under_a_truncated_gate_computes_only_the_open_candidates():
     """With a gradient, a shut (sample, step, module) costs no candidate, forward or backward, and a shut
     module passes dL/dh_t through unchanged: W_h's rows of a module shut at every step get no gradient."""
@@ -241,7 +278,7 @@ def test_bad_input_is_one_clear_line(change, message, cpu_capability):  # noqa: 
     args = make(5, 13, 3, 32, 4, F32, "shared")
     change(args)
     with pytest.raises(RuntimeError, match=message) as err:
-        cpu.extension().gated_forward(*kernel_inputs(args), False, False, False, False)
+        cpu.extension().gated_forward(*kernel_inputs(args), False, 0.0, False, False, False)
     assert "\n" not in str(err.value)
 
 

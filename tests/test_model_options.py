@@ -97,6 +97,10 @@ BAD = [
     (["model.gate=truncated", "model.gate_threshold_warmup=2"], "model.gate_threshold_warmup=2.0 must be in [0, 1]"),
     (["model.gate_threshold_warmup=0.5"], "model.gate_threshold_warmup=0.5 is for model.gate=truncated with activation=event "
                                           "or clock_event (here gate=soft, activation=clock_event)"),
+    (["model.gate=truncated", "model.gate_threshold=0.3", "model.gate_support=0.4"],
+     "model.gate_support=0.4 must be in [0, model.gate_threshold=0.3]"),
+    (["model.gate_support=0.1"], "model.gate_support=0.1 is for model.gate=truncated with activation=event "
+                                 "or clock_event (here gate=soft, activation=clock_event)"),
 ]
 
 

@@ -292,7 +292,8 @@ from triton.compiler import ASTSource
 from hrnn.ops import gpu, gpu_kernels as K
 
 def compile_(kernel, ptrs, dtype, constexprs, warps):
-    sig = {n: ("*" + dtype if n in ptrs else "constexpr" if n in constexprs else "fp32" if n == "thr_value" else "i32")
+    floats = ("thr_value", "support")
+    sig = {n: ("*" + dtype if n in ptrs else "constexpr" if n in constexprs else "fp32" if n in floats else "i32")
            for n in kernel.arg_names}
     return triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": warps})
@@ -392,7 +393,7 @@ GATED_CASES = [
 
 
 def gated_kernels(precision="ieee"):
-    return lambda *a: gpu.gated_leaky_rnn(*a, precision)
+    return lambda *a, **k: gpu.gated_leaky_rnn(*a, precision, **k)
 
 
 def gated_id(c):
@@ -422,6 +423,22 @@ def test_gated_matches_reference(case, last_only):
     assert got[2].keys() == want[2].keys()
     for name in want[2]:
         assert_close_rel(got[2][name], want[2][name], tol)
+
+
+@pytest.mark.parametrize("waves", [None, "shared"])
+def test_gated_truncated_support_matches_reference(waves):
+    """A truncated gate with a support: the values are the truncated gate's and the gate's gradient is the
+    open gate's at the shut entries within the support, as in the reference loop (float64)."""
+    args = make_gated(5, 8, 2, 24, 3, F64, waves, seed=5)
+    want = gated_values_and_grads(gated_leaky_rnn_reference, args, "truncated", 0.6, support=0.3)
+    got = gated_values_and_grads(gated_kernels(), args, "truncated", 0.6, support=0.3)
+    exact = gated_values_and_grads(gated_kernels(), args, "truncated", 0.6)
+    assert torch.equal(got[1] == 0, want[1] == 0) and 0 < (want[1] == 0).float().mean() < 1
+    for g, w in ((got[0], want[0]), (got[1], want[1])):
+        assert_close_rel(g, w, 1e-10)
+    for name in want[2]:
+        assert_close_rel(got[2][name], want[2][name], 1e-10)
+    assert not torch.allclose(got[2]["gate_bias"], exact[2]["gate_bias"])  # the support reached the gate
 
 
 def test_gated_hard_gate_with_one_threshold():

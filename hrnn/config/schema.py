@@ -68,6 +68,7 @@ class ClockedModelSchema:
     gate_slope: float
     gate_hard_from: float
     gate_threshold_warmup: float
+    gate_support: float
     update_weight: float
     chunker_threshold: float
     prediction_weight: float
@@ -345,6 +346,12 @@ def _check_events(cfg: DictConfig) -> None:
              f"which the truncated gate's threshold rises from 0 (0: no warm-up)")
     _require(model.gate_threshold_warmup == 0 or (model.gate == "truncated" and model.activation in ("event", "clock_event")),
              f"model.gate_threshold_warmup={model.gate_threshold_warmup} is for model.gate=truncated with activation=event "
+             f"or clock_event (here gate={model.gate}, activation={model.activation}); set it to 0 or change those")
+    _require(0 <= model.gate_support <= model.gate_threshold,
+             f"model.gate_support={model.gate_support} must be in [0, model.gate_threshold={model.gate_threshold}]: the "
+             f"width below the truncated gate's threshold where a shut gate still gets a gradient (0: none)")
+    _require(model.gate_support == 0 or (model.gate == "truncated" and model.activation in ("event", "clock_event")),
+             f"model.gate_support={model.gate_support} is for model.gate=truncated with activation=event "
              f"or clock_event (here gate={model.gate}, activation={model.activation}); set it to 0 or change those")
     _require(not (model.gate == "annealed" and model.activation == "chunker"),
              "model.gate=annealed is for activation=event or clock_event; activation=chunker takes soft, hard or stochastic")

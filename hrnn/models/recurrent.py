@@ -153,13 +153,16 @@ class EventGate(UpdateGate):
     HM-RNN's slope annealing, so that the last part of training sees the gate it is evaluated with.
     Truncated, the threshold can rise linearly from 0 over the first `threshold_warmup` of training: a gate
     shut from the start gets no gradient and stays shut, so the gates first learn where to open as soft
-    gates. Evaluation always uses the threshold itself, so a checkpoint evaluates the same wherever it is read."""
+    gates. Evaluation always uses the threshold itself, so a checkpoint evaluates the same wherever it is read.
+    Truncated with `support` > 0, a shut gate within `support` below the threshold still gets the open
+    gate's gradient in training (a pseudo-derivative of bounded support, as EGRU's), so a gate pushed just
+    below its threshold can learn to open again; only those shut modules' candidates are computed."""
 
     def __init__(self, input_size: int, hidden_size: int, n_modules: int, mode: str, bias: float,
                  threshold: float, update_weight: float, slope: float, hard_from: float = 1.0,
-                 threshold_warmup: float = 0.0) -> None:
+                 threshold_warmup: float = 0.0, support: float = 0.0) -> None:
         super().__init__(n_modules, mode, threshold, update_weight)
-        self.threshold_warmup = threshold_warmup
+        self.threshold_warmup, self.support = threshold_warmup, support
         self.input = nn.Linear(input_size, n_modules)  # W_g and b_g
         self.recurrent = nn.Linear(hidden_size, n_modules, bias=False)  # U_g
         nn.init.constant_(self.input.bias, bias)
@@ -188,7 +191,8 @@ class EventGate(UpdateGate):
             gate_x, gate_bias, gate_h = self.slope * gate_x, self.slope * gate_bias, self.slope * gate_h
         return gated_leaky_rnn(x, rnn.input.weight, rnn.input.bias, rnn.recurrent_weight(), h0, waves,
                                gate_x, gate_bias, gate_h, self.op_mode(),
-                               self.thresholds(batch, steps, self.n_modules, x), last_only=last_only)
+                               self.thresholds(batch, steps, self.n_modules, x), last_only=last_only,
+                               support=self.support if self.mode == "truncated" else 0.0)
 
 
 class ChunkerGate(UpdateGate):

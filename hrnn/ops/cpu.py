@@ -209,12 +209,12 @@ class _GatedLeakyRNN(torch.autograd.Function):
     loop, so no (B, T, H) u or du exists (at f = 0 those cost more than the skipping saved)."""
 
     @staticmethod
-    def forward(ctx, x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thr, truncated, all_candidates,
-                last_only):  # noqa: D102
+    def forward(ctx, x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thr, truncated, support,
+                all_candidates, last_only):  # noqa: D102
         inputs = (x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thr)
-        states, cands, activations, gates = _C.gated_forward(*inputs, truncated, all_candidates, True, False)
+        states, cands, activations, gates = _C.gated_forward(*inputs, truncated, support, all_candidates, True, False)
         ctx.save_for_backward(states, cands, activations, gates, *inputs)
-        ctx.truncated, ctx.all_candidates = truncated, all_candidates
+        ctx.truncated, ctx.support, ctx.all_candidates = truncated, support, all_candidates
         ctx.set_materialize_grads(False)
         return _trimmed(states, last_only), activations
 
@@ -226,18 +226,19 @@ class _GatedLeakyRNN(torch.autograd.Function):
         if grad_states is None:
             grad_states = torch.zeros_like(states)
         grads = _C.gated_backward(grad_states, grad_activations, states, cands, activations, gates, *inputs,
-                                  ctx.truncated, need[0], ctx.all_candidates, need[7])
-        return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None)
+                                  ctx.truncated, ctx.support, need[0], ctx.all_candidates, need[7])
+        return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None, None)
 
 
 def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0: Tensor, waves: Tensor | None,
                     gate_x: Tensor | None, gate_bias: Tensor | None, gate_h: Tensor | None, gate_mode: str,
-                    thresholds: Tensor | float, last_only: bool = False) -> tuple[Tensor, Tensor]:
+                    thresholds: Tensor | float, last_only: bool = False, support: float = 0.0) -> tuple[Tensor, Tensor]:
     """hrnn.ops.gated_leaky_rnn through the kernels (caller checked shapes and `supports`). Under
     torch.no_grad the closed (sample, module) pairs' candidates are skipped, and with last_only no
     (B, T, H) tensor is written; with a gradient every candidate is computed (the straight-through
     gradient reads them) and the backward skips the closed pairs, except under a truncated gate, whose
-    shut pairs need no candidate: forward and backward then compute the open pairs only."""
+    shut pairs need no candidate: forward and backward then compute the open pairs only (and those
+    within `support` below the threshold, whose gate gradient reads their candidate)."""
     gated = gate_x is not None
     thr = None
     if gated and gate_mode != "soft":  # the reference's cast; broadcast only when it varies
@@ -249,12 +250,13 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
     args = [None if t is None else t.contiguous() for t in inputs]
     if not _needs_graph(inputs):  # forward only: closed modules' candidates are skipped
         with torch.no_grad():
-            states, _, activations, _ = _C.gated_forward(*args, thr, truncated, False, False, bool(last_only))
+            states, _, activations, _ = _C.gated_forward(*args, thr, truncated, 0.0, False, False, bool(last_only))
         return states, activations
     # The straight-through gradient (and a waves gradient) at a = 0 reads the candidate; a truncated
     # gate's gradient is 0 where shut.
     all_candidates = (gated and not truncated) or (waves is not None and waves.requires_grad)
-    return _GatedLeakyRNN.apply(*args, thr, truncated, all_candidates, bool(last_only))
+    return _GatedLeakyRNN.apply(*args, thr, truncated, float(support) if truncated else 0.0, all_candidates,
+                                bool(last_only))
 
 
 def last_candidate_blocks() -> int:

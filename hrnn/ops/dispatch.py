@@ -193,7 +193,7 @@ def leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, waves: T
 
 def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0: Tensor, waves: Tensor | None,
                     gate_x: Tensor | None, gate_bias: Tensor | None, gate_h: Tensor | None, gate_mode: str,
-                    thresholds: Tensor | float, last_only: bool = False) -> tuple[Tensor, Tensor]:
+                    thresholds: Tensor | float, last_only: bool = False, support: float = 0.0) -> tuple[Tensor, Tensor]:
     """States (B, T, H), or the last (B, H) with last_only, and the activations (B, T, M) of the
     event-gated op; the arguments are reference.gated_leaky_rnn_reference's.
 
@@ -202,14 +202,14 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
     connectivity's hard gates in evaluation, the slow-to-fast mask) are skipped in the forward's
     candidate products. The CUDA kernels need an event gate (waves alone run the clock op's).
     """
-    reference.check_gated(x, w_h, h0, waves, gate_x, gate_bias, gate_h, gate_mode)
+    reference.check_gated(x, w_h, h0, waves, gate_x, gate_bias, gate_h, gate_mode, support)
     args = (x, w_x, bias, w_h, h0, waves, gate_x, gate_bias, gate_h, gate_mode, thresholds, last_only)
     path = choose("gated", x, w_h, w_x, bias, h0, waves, gate_x, gate_bias, gate_h, gate_h=gate_h)
     if path == GPU:
-        return _backend("cuda").gated_leaky_rnn(*args, _kernel_precision())
+        return _backend("cuda").gated_leaky_rnn(*args, _kernel_precision(), support=support)
     if path == CPU:
-        return _backend("cpu").gated_leaky_rnn(*args)
-    return reference.gated_leaky_rnn_reference(*args)
+        return _backend("cpu").gated_leaky_rnn(*args, support=support)
+    return reference.gated_leaky_rnn_reference(*args, support=support)
 
 
 def chunker_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0: Tensor, predict_w: Tensor,

@@ -234,11 +234,12 @@ class _GatedScan(torch.autograd.Function):
     """u (T, B, H) and gu (T, B, M) time-major, waves None, (T, M) or time-major (T, B, M)."""
 
     @staticmethod
-    def forward(ctx, u, gu, w_h, gate_h, waves, h0, thr, thr_value, gate, last_only, precision):  # noqa: D102
+    def forward(ctx, u, gu, w_h, gate_h, waves, h0, thr, thr_value, gate, last_only, precision, support):  # noqa: D102
         buf, cands, gates, acts, _ = _gated_forward(u, gu, w_h, gate_h, waves, h0, thr, thr_value, gate, precision,
                                                     True, last_only)
         ctx.save_for_backward(buf, cands, gates, w_h, gate_h, waves, thr)
         ctx.thr_value, ctx.gate, ctx.last_only, ctx.precision = thr_value, gate, last_only, precision
+        ctx.support = support
         ctx.set_materialize_grads(False)
         states = buf[-1].clone() if last_only else buf[1:].transpose(0, 1)
         return states, acts.transpose(0, 1)
@@ -266,7 +267,7 @@ class _GatedScan(torch.autograd.Function):
         _K.gated_backward_kernel[grid](
             buf if grad is None else grad, *strides, buf if grad is None else grad,
             dzg if grad_acts is None else grad_acts, buf, cands, gates, w_h, gate_h,
-            buf if waves is None else waves, buf if thr is None else thr, ctx.thr_value,
+            buf if waves is None else waves, buf if thr is None else thr, ctx.thr_value, ctx.support,
             dz, dzg, dwave, dh0, batch, hidden, n_modules, hidden // n_modules,
             GRAD_ALL=grad is not None and not ctx.last_only, HAS_GRAD=grad is not None,
             HAS_GRAD_ACT=grad_acts is not None, NEED_DWAVE=need[4], **opts)
@@ -277,15 +278,16 @@ class _GatedScan(torch.autograd.Function):
         if need[4]:
             dwaves = dwave.sum(1) if waves.dim() == 2 else dwave
         return (dz if need[0] else None, dzg if need[1] else None, dw, dg, dwaves,
-                dh0 if need[5] else None, None, None, None, None, None)
+                dh0 if need[5] else None, None, None, None, None, None, None)
 
 
 def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0: Tensor, waves: Tensor | None,
                     gate_x: Tensor, gate_bias: Tensor, gate_h: Tensor, gate_mode: str, thresholds: Tensor | float,
-                    last_only: bool, precision: str) -> tuple[Tensor, Tensor]:
+                    last_only: bool, precision: str, support: float = 0.0) -> tuple[Tensor, Tensor]:
     """hrnn.ops.gated_leaky_rnn through the kernels (caller checked shapes and `gated_supports`):
     the states (B, T, H) or the last (B, H), and the activations (B, T, M). Both projections are
-    one product each before the loop, time-major; their gradients are torch's linear backward."""
+    one product each before the loop, time-major; their gradients are torch's linear backward. Every
+    candidate is computed, so a truncated gate's `support` costs nothing more here."""
     batch, steps, _ = x.shape
     xt = x.transpose(0, 1)
     u = torch.nn.functional.linear(xt, w_x, bias)                # (T, B, H)
@@ -304,4 +306,4 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
         # Inference: no candidates or gates kept, the states only if returned.
         buf, _, _, acts, last = _gated_forward(*args, thr_value, gate, precision, False, bool(last_only))
         return (last if last_only else buf[1:].transpose(0, 1)), acts.transpose(0, 1)
-    return _GatedScan.apply(*args, thr_value, gate, bool(last_only), precision)
+    return _GatedScan.apply(*args, thr_value, gate, bool(last_only), precision, float(support))

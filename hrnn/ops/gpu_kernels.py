@@ -204,14 +204,21 @@ def _module_sums(x, BLOCK_B: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr):
 
 
 @triton.jit
+def _threshold(thr, thr_value, offsets, mmask, THR_TENSOR: tl.constexpr):
+    """The thresholds at these offsets of (T, B, M), or the one value."""
+    if THR_TENSOR:
+        th = tl.load(thr + offsets, mask=mmask, other=1.0)
+    else:
+        th = thr_value
+    return th
+
+
+@triton.jit
 def _gate_value(g, thr, thr_value, offsets, mmask, GATE: tl.constexpr, THR_TENSOR: tl.constexpr):
     """e: g itself (soft), 1[g > threshold] (hard) or g where g > threshold, else 0 (truncated), with
     thresholds (T, B, M) or one value."""
     if GATE != 0:
-        if THR_TENSOR:
-            th = tl.load(thr + offsets, mask=mmask, other=1.0)
-        else:
-            th = thr_value
+        th = _threshold(thr, thr_value, offsets, mmask, THR_TENSOR)
         if GATE == 2:
             e = tl.where(g > th, g, 0.0)
         else:
@@ -252,12 +259,13 @@ def _saved_step(buf, cands, gates, t, B, H, M, tile, mtile, mask, mmask):
 
 
 @triton.jit
-def _gate_grad(gh, c, h_prev, g, e, w, grad_act, dwave, t, B, M, mtile, mmask, m_ok, BLOCK_B: tl.constexpr,
-               MP: tl.constexpr, UP: tl.constexpr, HAS_GRAD_ACT: tl.constexpr, NEED_DWAVE: tl.constexpr,
-               GATE: tl.constexpr):
+def _gate_grad(gh, c, h_prev, g, e, w, grad_act, dwave, t, B, M, mtile, mmask, m_ok, thr, thr_value, support,
+               BLOCK_B: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr, HAS_GRAD_ACT: tl.constexpr,
+               NEED_DWAVE: tl.constexpr, GATE: tl.constexpr, THR_TENSOR: tl.constexpr):
     """The gradient of one step's gate logits, (BLOCK_B, MP), from dL/dh_t (gh): da = the module sums of
     gh (c - h_prev) (plus dL/da if given; stored times e as dL/dw if asked), then dz = da w g (1 - g):
-    straight-through when hard (de = dg), and 0 where a truncated gate is shut."""
+    straight-through when hard (de = dg), and 0 where a truncated gate is shut, except within `support`
+    below its threshold (the pseudo-derivative: the open gate's gradient there)."""
     da = _module_sums(gh * (c - h_prev), BLOCK_B, MP, UP)
     if HAS_GRAD_ACT:
         da += tl.load(grad_act + t * B * M + mtile, mask=mmask, other=0.0)
@@ -265,7 +273,8 @@ def _gate_grad(gh, c, h_prev, g, e, w, grad_act, dwave, t, B, M, mtile, mmask, m
         tl.store(dwave + t * B * M + mtile, da * e, mask=mmask)
     dz = da * w * g * (1.0 - g)
     if GATE == 2:
-        dz = tl.where(e != 0.0, dz, 0.0)
+        th = _threshold(thr, thr_value, t * B * M + mtile, mmask, THR_TENSOR)
+        dz = tl.where(g > th - support, dz, 0.0)
     return tl.where(m_ok[None, :], dz, 0.0)
 
 
@@ -345,6 +354,7 @@ def gated_backward_kernel(
     grad_act,               # (T, B, M) gradient of the activations (if HAS_GRAD_ACT), contiguous
     buf, cands, gates,      # from the forward
     w_h, gate_h, waves, thr, thr_value,
+    support,                # truncated: the shut gates with g > threshold - support get the open gate's gradient
     dz,                     # (T, B, H) out: gradient of u
     dzg,                    # (T, B, M) out: gradient of gu (the gate's pre-activation)
     dwave,                  # (T, B, M) out: dL/dw_t per sample (if NEED_DWAVE)
@@ -381,8 +391,8 @@ def gated_backward_kernel(
             gh += grad_next
             grad_next = tl.load(g_tile + ahead * sg_t, mask=mask, other=0.0)
         e, w_t, a = _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, GATE, THR_TENSOR, WAVES)
-        dzg_t = _gate_grad(gh, c, h_prev, g, e, w_t, grad_act, dwave, t, B, M, mtile, mmask, m_ok,
-                           BLOCK_B, MP, UP, HAS_GRAD_ACT, NEED_DWAVE, GATE)
+        dzg_t = _gate_grad(gh, c, h_prev, g, e, w_t, grad_act, dwave, t, B, M, mtile, mmask, m_ok, thr, thr_value,
+                           support, BLOCK_B, MP, UP, HAS_GRAD_ACT, NEED_DWAVE, GATE, THR_TENSOR)
         tl.store(dzg + t * B * M + mtile, dzg_t, mask=mmask)
         a_units = _to_units(a, BLOCK_B, MP, UP)
         dz_t = gh * a_units * (1.0 - c * c)

@@ -14,7 +14,8 @@ activations differ and are only known step by step:
     g_t = sigmoid(x_t G_x^T + h_{t-1} G_h^T + g_b)            (B, M)   event gate
     e_t = g_t                                  gate_mode "soft"
         = 1[g_t > thresholds_t]                gate_mode "hard" (straight-through gradient)
-        = g_t 1[g_t > thresholds_t]            gate_mode "truncated" (exact gradient, 0 where shut)
+        = g_t 1[g_t > thresholds_t]            gate_mode "truncated" (exact gradient, 0 where shut,
+                                               except within `support` below the threshold)
     a_t = w_t * e_t                            w_t: clock wave, (M,) or per sample (B, M); 1 if none
     c_t = tanh(x_t W_x^T + b + h_{t-1} W_h^T)  (B, H)   candidate
     h_t = h_{t-1} + a_t * (c_t - h_{t-1})      a_t repeated over each module's H / M units
@@ -32,7 +33,11 @@ updates by g itself, a shut one holds h bit-for-bit. Its gradient is the true on
 open and 0 where shut (no estimator), so a shut (sample, step, module) needs no candidate in the
 forward and passes dL/dh_t through unchanged in the backward: training costs what the open
 entries cost. Since dg/dz = g(1 - g) is already small where g is small, cutting there loses
-little gradient.
+little gradient. But a gate that falls below its threshold everywhere gets no gradient at all and
+stays shut for good; `support` > 0 gives a shut entry with thresholds_t - support < g_t the gradient
+it would have if open (a pseudo-derivative of bounded support, as EGRU's): dL/de = w sum over the
+module's units of dL/dh_t (c_t - h_{t-1}), times g(1 - g). Its value stays exactly 0 and its state
+is held; only its candidate is needed, so the cost follows the entries open or within the support.
 
 `chunker_leaky_rnn` is the same loop with the Chunker's gate (a module wakes when the one
 below mispredicts the input); see its reference's docstring.
@@ -110,7 +115,7 @@ class StraightThrough(torch.autograd.Function):
 def gated_leaky_rnn_reference(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0: Tensor,
                               waves: Tensor | None, gate_x: Tensor | None, gate_bias: Tensor | None,
                               gate_h: Tensor | None, gate_mode: str, thresholds: Tensor | float,
-                              last_only: bool = False) -> tuple[Tensor, Tensor]:
+                              last_only: bool = False, support: float = 0.0) -> tuple[Tensor, Tensor]:
     """The event-gated op's definition (module docstring), a plain autograd loop over time.
 
     x: (B, T, I); w_x: (H, I); bias: (H,) or None; w_h: (H, H), already masked or gated for the
@@ -118,12 +123,13 @@ def gated_leaky_rnn_reference(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: 
     waves: (T, M) shared or (B, T, M) per-sample clock activations in [0, 1], or None (all 1).
     gate_x: (M, I), gate_bias: (M,), gate_h: (M, H): the event gate, or all three None (a_t = w_t).
     gate_mode: "soft", "hard" or "truncated"; thresholds: a float or a tensor broadcastable to (B, T, M),
-    read by "hard" and "truncated".
+    read by "hard" and "truncated"; support (truncated only): the width below the threshold where a shut
+    entry still gets the open gate's gradient (module docstring).
     Returns all states (B, T, H), or with last_only the final one (B, H), and the activations a (B, T, M).
     """
     batch, steps, _ = x.shape
     hidden = w_h.shape[0]
-    n_modules = check_gated(x, w_h, h0, waves, gate_x, gate_bias, gate_h, gate_mode)
+    n_modules = check_gated(x, w_h, h0, waves, gate_x, gate_bias, gate_h, gate_mode, support)
     units = hidden // n_modules
     u = torch.nn.functional.linear(x, w_x, bias).unbind(1)  # unbind, not u[:, t]: module docstring
     gated = gate_x is not None
@@ -143,7 +149,7 @@ def gated_leaky_rnn_reference(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: 
         candidate = torch.tanh(u[t] + product[:, :hidden])
         a = x.new_ones(batch, n_modules) if waves is None else waves[:, t]
         if gated:
-            a = a * _binarise(torch.sigmoid(gate_u[t] + product[:, hidden:]), gate_mode, thresholds, t)
+            a = a * _binarise(torch.sigmoid(gate_u[t] + product[:, hidden:]), gate_mode, thresholds, t, support)
         h = torch.lerp(h, candidate, a.repeat_interleave(units, dim=1))
         states.append(h)
         activations.append(a)
@@ -189,13 +195,19 @@ def chunker_leaky_rnn_reference(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h
             torch.stack(errors, dim=1))
 
 
-def _binarise(gate: Tensor, gate_mode: str, thresholds: Tensor | tuple, t: int) -> Tensor:
+def _binarise(gate: Tensor, gate_mode: str, thresholds: Tensor | tuple, t: int, support: float = 0.0) -> Tensor:
     """e_t: the gate itself ("soft"), 1[gate > thresholds_t] with a straight-through gradient ("hard"), or
-    the gate where it exceeds thresholds_t and exactly 0 elsewhere, gradient included ("truncated")."""
+    the gate where it exceeds thresholds_t and exactly 0 elsewhere, gradient included ("truncated"); a
+    shut entry within `support` below the threshold has the value 0 and the open gate's gradient."""
     if gate_mode == "hard":
         return StraightThrough.apply(gate, thresholds[t])
     if gate_mode == "truncated":
-        return torch.where(gate > thresholds[t], gate, torch.zeros_like(gate))
+        open_ = gate > thresholds[t]
+        e = torch.where(open_, gate, torch.zeros_like(gate))
+        if support > 0:  # gate - gate.detach() is exactly 0, with gradient 1
+            within = ~open_ & (gate > thresholds[t] - support)
+            e = e + torch.where(within, gate - gate.detach(), torch.zeros_like(gate))
+        return e
     return gate
 
 
@@ -207,7 +219,7 @@ def _per_step(thresholds: Tensor | float, gate_mode: str, shape: tuple[int, int,
 
 
 def check_gated(x: Tensor, w_h: Tensor, h0: Tensor, waves: Tensor | None, gate_x: Tensor | None,
-                gate_bias: Tensor | None, gate_h: Tensor | None, gate_mode: str) -> int:
+                gate_bias: Tensor | None, gate_h: Tensor | None, gate_mode: str, support: float = 0.0) -> int:
     """The number of modules M, after checking every shape of the event-gated op against x (B, T, I) and w_h (H, H)."""
     batch, steps, inputs = x.shape
     hidden = w_h.shape[0]
@@ -228,6 +240,8 @@ def check_gated(x: Tensor, w_h: Tensor, h0: Tensor, waves: Tensor | None, gate_x
                          f"{tuple(gate_bias.shape)} do not fit ({n_modules}, {inputs}), ({n_modules}, {hidden}), "
                          f"({n_modules},)")
     check_gate_mode(gate_mode)
+    if not (support == 0 or (gate_mode == "truncated" and 0 < support <= 1)):
+        raise ValueError(f"support={support!r}; allowed: 0, or in (0, 1] with the truncated gate")
     return n_modules
 
 

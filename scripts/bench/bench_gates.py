@@ -28,6 +28,9 @@ evaluation, over the soft gate's dense step of the same inputs, under each capab
 truncated gate's gradient is nonzero exactly where it is open, so the fraction inside the
 gradient's support is the open fraction; the training step should cost about f of the dense one
 plus what stays dense (the gate's M logits, dG_h and the pass-through of dL/dh at shut modules).
+Rows with w > 0 also force a fraction w shut within the support (model.gate_support, a
+pseudo-derivative below the threshold): their candidates are computed and their dL/da read, so the
+step should cost about f + w of the dense one's candidate work, forward and the gate's backward.
 
 With --blocks: the no-grad forward of both cores (the clock core hrnn.ops.leaky_rnn with soft
 waves, the event-gate core with every gate open) against the fraction of nonzero blocks of W_h
@@ -55,7 +58,9 @@ from hrnn.ops import gated_leaky_rnn, gated_leaky_rnn_reference, last_candidate_
 
 BATCH, HIDDEN, MODULES, INPUTS = 100, 128, 8, 2
 FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.0)
-TRUNCATED_FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.05, 0.02, 0.0)
+# (open fraction f, fraction shut within the support w): w > 0 runs with the widest support (1).
+TRUNCATED_ROWS = ((1.0, 0.0), (0.5, 0.0), (0.25, 0.0), (0.1, 0.0), (0.05, 0.0), (0.05, 0.05), (0.05, 0.15),
+                  (0.02, 0.0), (0.0, 0.0), (0.0, 0.1))
 BLOCK_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)
 
 
@@ -68,11 +73,12 @@ def inputs(batch: int, steps: int, grad: bool) -> dict:
             "gate_h": r(MODULES, HIDDEN, scale=HIDDEN ** -0.5)}
 
 
-def forced_thresholds(batch: int, steps: int, f: float) -> torch.Tensor:
-    """-1 (always open) on a seeded random fraction f of (b, t, m), 2 (always closed) elsewhere."""
+def forced_thresholds(batch: int, steps: int, f: float, within: float = 0.0) -> torch.Tensor:
+    """-1 (always open) on a seeded random fraction f of (b, t, m), 1 on a further fraction `within` (shut,
+    since g < 1, but within a support of 1, since g > 0), 2 (shut, outside any support) elsewhere."""
     gen = torch.Generator().manual_seed(1)
-    open_ = torch.rand(batch, steps, MODULES, generator=gen) < f
-    return torch.where(open_, -1.0, 2.0)
+    draw = torch.rand(batch, steps, MODULES, generator=gen)
+    return torch.where(draw < f, -1.0, torch.where(draw < f + within, 1.0, 2.0))
 
 
 # With one thread, the process's CPU time: on a shared machine it leaves out the time the process
@@ -175,29 +181,35 @@ def print_blocks(batch: int, steps_list: list[int], capabilities: list[str], thr
 
 
 def run_truncated(batch: int, steps: int, warmup: int, repeat: int) -> dict:
-    """{(mode, readout, f or "soft"): (median, min) seconds} and the measured open fractions {f: open}."""
+    """{(mode, readout, (f, w) or "soft"): (median, min) seconds}, and per row (f, w) the measured open
+    fraction and the fraction whose candidate a training step computed (open or within the support)."""
     a = inputs(batch, steps, True)
-    thresholds = {f: forced_thresholds(batch, steps, f) for f in TRUNCATED_FRACTIONS}
-    with torch.no_grad():
-        opened = {f: float((gated_call(a, "truncated", thr)[1] != 0).float().mean()) for f, thr in thresholds.items()}
-    times = {}
+    thresholds = {row: forced_thresholds(batch, steps, *row) for row in TRUNCATED_ROWS}
+    support = {row: 1.0 if row[1] else 0.0 for row in TRUNCATED_ROWS}
+    times, opened, computed = {}, {}, {}
     for readout in ("last", "all"):
-        def cell(mode, thresholds, train):
+        def cell(mode, thresholds, train, support=0.0):
             def step():
                 with torch.set_grad_enabled(train):
                     args = (a["x"], a["w_x"], a["bias"], a["w_h"], a["h0"], None, a["gate_x"], a["gate_bias"],
                             a["gate_h"], mode, thresholds)
-                    states, _ = gated_leaky_rnn(*args, last_only=readout == "last")
+                    states, acts = gated_leaky_rnn(*args, last_only=readout == "last", support=support)
                     if train:
                         states.sum().backward()
+                return acts
             return times_of(step, warmup, repeat)
 
         for train in (True, False):
             key = "train" if train else "no-grad"
             times[key, readout, "soft"] = cell("soft", 0.5, train)
-            for f, thr in thresholds.items():
-                times[key, readout, f] = cell("truncated", thr, train)
-    return {"times": times, "open": opened}
+            for row, thr in thresholds.items():
+                times[key, readout, row] = cell("truncated", thr, train, support[row])
+                if train:
+                    computed[row] = last_candidate_blocks() / (batch * steps * MODULES)
+    with torch.no_grad():
+        for row, thr in thresholds.items():
+            opened[row] = float((gated_call(a, "truncated", thr)[1] != 0).float().mean())
+    return {"times": times, "open": opened, "computed": computed}
 
 
 def print_truncated(batch: int, steps_list: list[int], capabilities: list[str], threads: int, warmup: int,
@@ -207,7 +219,7 @@ def print_truncated(batch: int, steps_list: list[int], capabilities: list[str], 
           f"{'process CPU' if clock is time.process_time else 'wall'} time, min of {repeat} calls")
     for steps in steps_list:
         print(f"\nT = {steps}")
-        print(f"{'capability':10s} {'readout':7s} {'f':>5s} {'open':>6s} {'support':>7s} {'train ms':>9s} "
+        print(f"{'capability':10s} {'readout':7s} {'f':>5s} {'w':>5s} {'open':>6s} {'support':>7s} {'train ms':>9s} "
               f"{'/ soft':>7s} {'eval ms':>8s} {'/ soft':>7s}")
         for capability in capabilities:
             ops.set_cpu_capability(capability)
@@ -215,15 +227,18 @@ def print_truncated(batch: int, steps_list: list[int], capabilities: list[str], 
             t = result["times"]
             for readout in ("last", "all"):
                 soft_train, soft_eval = t["train", readout, "soft"][1], t["no-grad", readout, "soft"][1]
-                print(f"{capability:10s} {readout:7s} {'soft':>5s} {1.0:6.3f} {1.0:7.3f} {soft_train * 1e3:9.2f} "
-                      f"{1.0:7.3f} {soft_eval * 1e3:8.2f} {1.0:7.3f}")
-                for f in TRUNCATED_FRACTIONS:
-                    train, evaluation, share = t["train", readout, f][1], t["no-grad", readout, f][1], result["open"][f]
-                    print(f"{capability:10s} {readout:7s} {f:5.2f} {share:6.3f} {share:7.3f} {train * 1e3:9.2f} "
-                          f"{train / soft_train:7.3f} {evaluation * 1e3:8.2f} {evaluation / soft_eval:7.3f}")
+                print(f"{capability:10s} {readout:7s} {'soft':>5s} {'-':>5s} {1.0:6.3f} {1.0:7.3f} "
+                      f"{soft_train * 1e3:9.2f} {1.0:7.3f} {soft_eval * 1e3:8.2f} {1.0:7.3f}")
+                for row in TRUNCATED_ROWS:
+                    train, evaluation = t["train", readout, row][1], t["no-grad", readout, row][1]
+                    print(f"{capability:10s} {readout:7s} {row[0]:5.2f} {row[1]:5.2f} {result['open'][row]:6.3f} "
+                          f"{result['computed'][row]:7.3f} {train * 1e3:9.2f} {train / soft_train:7.3f} "
+                          f"{evaluation * 1e3:8.2f} {evaluation / soft_eval:7.3f}")
     print("\n'/ soft': over the soft gate's dense step, same readout, same mode (train: forward + backward; eval: "
-          "forward under torch.no_grad). 'open': measured fraction of (b, t, m) with a != 0; 'support': the "
-          "fraction where the gate's gradient may be nonzero (the open one, for a truncated gate).")
+          "forward under torch.no_grad). f, w: the forced fractions open and shut within the support (w > 0 runs "
+          "with model.gate_support's widest, 1). 'open': measured fraction of (b, t, m) with a != 0; 'support': "
+          "measured fraction whose candidate the training step computed, where the gate's gradient may be "
+          "nonzero (open, or shut within the support).")
 
 
 def main() -> None:

@@ -45,6 +45,9 @@
 //    open blocks only and the backward touches a shut block only to pass dL/dh_t through. What stays
 //    dense is the gate: its M logits per row (M / H of a candidate product) forward, and dG_h and
 //    dL/dh_{t-1} += dl G_h backward (where dl = 0 for every shut module).
+//    With a support (a pseudo-derivative below the threshold, reference.py), a shut module within it
+//    has its candidate computed in the forward (a = 0 holds its state through the lerp) and its dL/da
+//    read in the backward, for its gate's gradient; it adds no dz work (a = 0).
 //    A soft gate never gives exact zeros (unless the sigmoid underflows): it runs dense, through
 //    the same kernels.
 //  * Evaluation of a last-state readout (P.last): the state runs in place in a (rows, H) buffer of
@@ -617,6 +620,8 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
         for (int64_t m = 0; m < M; ++m) ar[m] *= wr[m];
       uint64_t open = 0;  // bit m: module m computes its candidate
       for (int64_t m = 0; m < M; ++m) open |= uint64_t(ar[m] != T(0)) << m;
+      if (P.support > T(0))  // shut within the support (a = 0, held by the lerp): the backward reads the candidate
+        for (int64_t m = 0; m < M; ++m) open |= uint64_t(gr[m] > (thr ? thr[m] : P.thr_value) - P.support) << m;
       if (P.all_candidates) open = all_open;
       if (P.gs) std::memcpy(P.gs + row * M, gr, sizeof(T) * M);
       // The row goes to every module's list and counts where open: whether a module is open is a
@@ -880,8 +885,17 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
         const T a = ar[m];
         T* cm = carry + m * S;
         T da = P.ga ? P.ga[row * M + m] : T(0);
-        // A truncated gate's open module (a != 0) has its candidate and needs dL/da; a shut one has neither.
-        if (P.need_da || (P.truncated && a != T(0))) da += dot<T, VL>(cm, c + m * S, hp + m * S, S);
+        // A truncated gate's open module (a != 0) has its candidate and needs dL/da; a shut one has neither,
+        // unless it is within the support below the threshold (the pseudo-derivative's).
+        T g = T(0), thr_m = T(0);
+        bool open = true, within = false;
+        if (gated) {
+          g = P.gs[row * M + m];
+          thr_m = P.thr ? P.thr[row * M + m] : P.thr_value;
+          open = g > thr_m;
+          within = P.truncated && !open && P.support > T(0) && g > thr_m - P.support;
+        }
+        if (P.need_da || (P.truncated && (a != T(0) || within))) da += dot<T, VL>(cm, c + m * S, hp + m * S, S);
         if (a != T(0)) {
           for (int64_t j = 0; j < S; ++j) {
             const T cj = c[m * S + j];
@@ -897,11 +911,10 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
         const T w = P.waves ? P.waves[b * P.waves_stride + t * M + m] : T(1);
         T e = T(1);
         if (gated) {
-          const T g = P.gs[row * M + m];
-          const bool open = g > (P.thr ? P.thr[row * M + m] : P.thr_value);
           e = !P.hard ? g : P.truncated ? (open ? g : T(0)) : T(open);
-          // Straight-through when hard: dL/dg = dL/de; truncated: the exact gradient, 0 where shut.
-          dls[(b - b0) * M + m] = P.truncated && !open ? T(0) : da * w * g * (T(1) - g);
+          // Straight-through when hard: dL/dg = dL/de; truncated: the exact gradient, 0 where shut
+          // (the open gate's within the support).
+          dls[(b - b0) * M + m] = P.truncated && !open && !within ? T(0) : da * w * g * (T(1) - g);
         }
         if (P.dwaves) P.dwaves[row * M + m] = da * e;
       }

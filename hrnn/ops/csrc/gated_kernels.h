@@ -33,7 +33,9 @@ struct GatedProblem {
   const T* thr = nullptr;     // (B, T, M) thresholds of a hard gate, or nullptr: ...
   T thr_value = T(0);         // ... one threshold for every (b, t, m)
   bool truncated = false;     // with hard's thresholds: e = g where g > thr, else exactly 0, and the exact
-                              // gradient (0 where shut): no candidate of a shut module is ever needed
+                              // gradient (0 where shut): no candidate of a shut module is ever needed, ...
+  T support = T(0);           // ... except within `support` below the threshold, where a shut module gets the
+                              // open gate's gradient (a pseudo-derivative): its candidate is computed, a = 0
   const T* h0 = nullptr;      // (B, H)
   bool all_candidates = false;  // forward: also the candidates of closed (a = 0) modules
   // Block connectivity of W_h, read by the forward's candidates (the gate's G_h is dense): reads[i]

@@ -68,6 +68,7 @@ struct Inputs {
   const at::Tensor& h0;
   const at::Tensor* thr;  // (B, T, M), or one value (0-dim), for a hard or truncated gate; nullptr: soft
   bool truncated;         // with thr: e = g where g > thr, else 0 (the exact gradient)
+  double support;         // truncated: shut entries with g > thr - support get the open gate's gradient
 };
 
 struct Shapes {
@@ -104,6 +105,8 @@ Shapes check_inputs(const Inputs& in) {
     else check_tensor(*in.waves, "waves", {B, T, M}, x);
   }
   TORCH_CHECK(!in.truncated || in.thr, "hrnn gated: a truncated gate needs its thresholds");
+  TORCH_CHECK(in.support == 0 || (in.truncated && in.support > 0 && in.support <= 1),
+              "hrnn gated: support=", in.support, "; allowed: 0, or in (0, 1] with a truncated gate");
   if (in.thr) {
     TORCH_CHECK(in.gate_x, "hrnn gated: thresholds without an event gate");
     if (in.thr->dim() == 0) check_tensor(*in.thr, "thresholds", {}, x);
@@ -132,6 +135,7 @@ GatedProblem<T> problem(const Shapes& s, const Inputs& in, const at::Tensor& wxT
   P.waves_stride = in.waves && in.waves->dim() == 3 ? s.T * s.M : 0;
   P.hard = in.thr != nullptr;
   P.truncated = in.truncated;
+  P.support = T(in.support);
   P.thr = in.thr && in.thr->dim() ? in.thr->data_ptr<T>() : nullptr;
   P.thr_value = in.thr && !in.thr->dim() ? in.thr->item<T>() : T(0);
   P.h0 = in.h0.data_ptr<T>();
@@ -140,12 +144,14 @@ GatedProblem<T> problem(const Shapes& s, const Inputs& in, const at::Tensor& wxT
 
 at::Tensor transposed(const at::Tensor* t) { return t ? t->t().contiguous() : at::Tensor(); }
 
-// gated_forward(x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thresholds, truncated, all_candidates,
-//               save, last_only)
+// gated_forward(x, w_x, bias, gate_x, gate_bias, w_h, gate_h, waves, h0, thresholds, truncated, support,
+//               all_candidates, save, last_only)
 //   -> (states, candidates or empty, activations, gates (with save) or empty).
 // bias: (H) or None; gate_x (M, I), gate_bias (M), gate_h (M, H): the event gate, or all None;
 // waves: (T, M), (B, T, M) or None; thresholds: (B, T, M) or one value (0-dim) for a hard or
-// truncated gate, None for a soft one; truncated (with thresholds): e = g where g > threshold, else 0.
+// truncated gate, None for a soft one; truncated (with thresholds): e = g where g > threshold, else 0;
+// support (truncated, with save): the shut entries with g > threshold - support get their candidates too,
+// which the backward's pseudo-derivative reads.
 // all_candidates: also compute the candidates of closed modules (a gradient needs them); save: keep the candidates for the backward; last_only (not with save): the states
 // are the last one, (B, H), and no (B, T, H) tensor is written.
 std::vector<at::Tensor> gated_forward(const at::Tensor& x, const at::Tensor& w_x, const c10::optional<at::Tensor>& bias,
@@ -153,10 +159,10 @@ std::vector<at::Tensor> gated_forward(const at::Tensor& x, const at::Tensor& w_x
                                       const c10::optional<at::Tensor>& gate_bias, const at::Tensor& w_h,
                                       const c10::optional<at::Tensor>& gate_h,
                                       const c10::optional<at::Tensor>& waves, const at::Tensor& h0,
-                                      const c10::optional<at::Tensor>& thresholds, bool truncated,
+                                      const c10::optional<at::Tensor>& thresholds, bool truncated, double support,
                                       bool all_candidates, bool save, bool last_only) {
   const Inputs in{x, w_x, opt(bias), opt(gate_x), opt(gate_bias), w_h, opt(gate_h), opt(waves), h0, opt(thresholds),
-                  truncated};
+                  truncated, save ? support : 0.0};
   const Shapes s = check_inputs(in);
   TORCH_CHECK(!(save && last_only), "hrnn gated: last_only is a forward-only mode (save=False)");
   at::NoGradGuard no_grad;
@@ -200,13 +206,15 @@ std::vector<at::Tensor> gated_forward(const at::Tensor& x, const at::Tensor& w_x
 }
 
 // gated_backward(grad_states, grad_activations, states, candidates, activations, gates, x, w_x, bias,
-//                gate_x, gate_bias, w_h, gate_h, waves, h0, thresholds, truncated, need_dx, need_da, need_dwaves)
+//                gate_x, gate_bias, w_h, gate_h, waves, h0, thresholds, truncated, support, need_dx, need_da,
+//                need_dwaves)
 //   -> (dx or empty, dw_x, db, dgate_x or empty, dgate_bias or empty, dw_h, dgate_h or empty,
 //       dwaves (waves' shape) or empty, dh0).
 // The inputs are the forward's. grad_states is (B, T, H), or (B, H) when the output was the last
 // state only; grad_activations (B, T, M) or None. need_da must be true when the forward ran with
 // all_candidates (it computes dL/da of closed modules from their candidates), and is required by
-// a hard or soft gate or need_dwaves (a truncated gate reads dL/da of its open modules only). dW_x,
+// a hard or soft gate or need_dwaves (a truncated gate reads dL/da of its open modules only, and of those
+// within `support`, whose candidates a forward with the same support computed). dW_x,
 // db, dG_x and dg_b are accumulated in the loop: no (B, T, H) du.
 std::vector<at::Tensor> gated_backward(const at::Tensor& grad_states, const c10::optional<at::Tensor>& grad_acts,
                                        const at::Tensor& hs, const at::Tensor& cs, const at::Tensor& as,
@@ -215,10 +223,10 @@ std::vector<at::Tensor> gated_backward(const at::Tensor& grad_states, const c10:
                                        const c10::optional<at::Tensor>& gate_bias, const at::Tensor& w_h,
                                        const c10::optional<at::Tensor>& gate_h,
                                        const c10::optional<at::Tensor>& waves, const at::Tensor& h0,
-                                       const c10::optional<at::Tensor>& thresholds, bool truncated, bool need_dx,
-                                       bool need_da, bool need_dwaves) {
+                                       const c10::optional<at::Tensor>& thresholds, bool truncated, double support,
+                                       bool need_dx, bool need_da, bool need_dwaves) {
   const Inputs in{x, w_x, opt(bias), opt(gate_x), opt(gate_bias), w_h, opt(gate_h), opt(waves), h0, opt(thresholds),
-                  truncated};
+                  truncated, support};
   const Shapes s = check_inputs(in);
   const bool gated = gate_x.has_value();
   TORCH_CHECK(need_da || !((gated && !truncated) || need_dwaves),
