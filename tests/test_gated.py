@@ -78,18 +78,22 @@ def test_truncated_support_gives_a_shut_gate_near_its_threshold_the_open_gates_g
     """Within `support` below tau a shut entry keeps the value 0 and its state, but its logit gets the
     gradient an open gate would: dL/de g (1 - g) with dL/de = sum over its units of dL/dh_t (c_t - h_{t-1}).
     At t = 0 with a loss linear in h_0's successor, dL/dh_1 does not depend on the forward, so each logit's
-    gradient is the soft gate's where open or within the support, and 0 further below (a plain loop here)."""
+    gradient is the soft gate's where open or within the support, and 0 further below (a plain loop here).
+    That gradient reaches the gate's weights only: h0's and x's gradients are the exact gate's."""
     args = {k: v.clone().requires_grad_() for k, v in inputs(4).items()}
     tau, support = 0.45, 0.2
     first = {**args, "x": args["x"][:, :1]}
     readout = torch.randn(B, 1, H, generator=torch.Generator().manual_seed(3), dtype=F64)
     states, a = run(first, mode="truncated", thresholds=tau)
-    grad_exact, = torch.autograd.grad((states * readout).sum(), args["gate_bias"])
+    grad_exact, state_exact, x_exact = torch.autograd.grad((states * readout).sum(),
+                                                           [args["gate_bias"], args["h0"], args["x"]])
     states_s, a_s = gated_leaky_rnn_reference(first["x"], first["w_x"], first["bias"], first["w_h"], first["h0"], None,
                                               first["gate_x"], first["gate_bias"], first["gate_h"], "truncated", tau,
                                               support=support)
     assert torch.equal(states_s, states) and torch.equal(a_s, a)  # the values are the truncated gate's
-    grad_support, = torch.autograd.grad((states_s * readout).sum(), args["gate_bias"])
+    grad_support, state_support, x_support = torch.autograd.grad((states_s * readout).sum(),
+                                                                 [args["gate_bias"], args["h0"], args["x"]])
+    assert torch.equal(state_support, state_exact) and torch.equal(x_support, x_exact)
     # The plain loop: the open gate's dL/dlogit per (sample, module), kept where g > tau - support.
     h0 = args["h0"].detach()
     g = torch.sigmoid(first["x"][:, 0].detach() @ args["gate_x"].detach().t() + h0 @ args["gate_h"].detach().t()

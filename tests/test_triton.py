@@ -324,8 +324,8 @@ for precision, dtype in (("tf32", torch.float32), ("tf32x3", torch.float32), ("b
     gfwd = compile_(K.gated_forward_kernel, {"u", "gu", "w_h", "gate_h", "waves", "thr", "h0", "buf", "cands", "gates",
                     "acts", "last"}, ty, dict(WRITE_STATES=True, WRITE_CANDS=True, WRITE_LAST=False, **gated), warps)
     gbwd = compile_(K.gated_backward_kernel, {"grad", "grad_last", "grad_act", "buf", "cands", "gates", "w_h", "gate_h",
-                    "waves", "thr", "dz", "dzg", "dwave", "dh0"}, ty,
-                    dict(GRAD_ALL=True, HAS_GRAD=True, HAS_GRAD_ACT=True, NEED_DWAVE=True, **gated), warps)
+                    "waves", "thr", "dz", "dzg", "dzl", "dwave", "dh0"}, ty,
+                    dict(GRAD_ALL=True, HAS_GRAD=True, HAS_GRAD_ACT=True, NEED_DWAVE=True, SUPPORT=True, **gated), warps)
     kernels = {"clock_forward": fwd, "clock_backward": bwd, "gated_forward": gfwd, "gated_backward": gbwd}
     out[precision] = {"shared": {k: v.metadata.shared for k, v in kernels.items()},
                       "spill_bytes": {k: spill_bytes(v) for k, v in kernels.items()},

@@ -234,10 +234,11 @@ class _GatedScan(torch.autograd.Function):
     """u (T, B, H) and gu (T, B, M) time-major, waves None, (T, M) or time-major (T, B, M)."""
 
     @staticmethod
-    def forward(ctx, u, gu, w_h, gate_h, waves, h0, thr, thr_value, gate, last_only, precision, support):  # noqa: D102
+    def forward(ctx, u, gu, w_h, gate_h, waves, h0, thr, thr_value, gate, last_only, precision, support,
+                x, gate_x, gate_bias):  # noqa: D102
         buf, cands, gates, acts, _ = _gated_forward(u, gu, w_h, gate_h, waves, h0, thr, thr_value, gate, precision,
                                                     True, last_only)
-        ctx.save_for_backward(buf, cands, gates, w_h, gate_h, waves, thr)
+        ctx.save_for_backward(buf, cands, gates, w_h, gate_h, waves, thr, x if support else None)
         ctx.thr_value, ctx.gate, ctx.last_only, ctx.precision = thr_value, gate, last_only, precision
         ctx.support = support
         ctx.set_materialize_grads(False)
@@ -247,7 +248,7 @@ class _GatedScan(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, grad_acts):  # noqa: D102
-        buf, cands, gates, w_h, gate_h, waves, thr = ctx.saved_tensors
+        buf, cands, gates, w_h, gate_h, waves, thr, x = ctx.saved_tensors
         need = ctx.needs_input_grad
         steps, batch, hidden = cands.shape
         n_modules = gate_h.shape[0]
@@ -262,23 +263,31 @@ class _GatedScan(torch.autograd.Function):
         if grad_acts is not None:
             grad_acts = grad_acts.transpose(0, 1).contiguous()  # (T, B, M)
         dz, dzg = torch.empty_like(cands), torch.empty_like(gates)
+        dzl = torch.empty_like(gates) if ctx.support else dzg
         dwave = torch.empty_like(gates) if need[4] else dzg
         dh0 = buf.new_empty(batch, hidden)
         _K.gated_backward_kernel[grid](
             buf if grad is None else grad, *strides, buf if grad is None else grad,
             dzg if grad_acts is None else grad_acts, buf, cands, gates, w_h, gate_h,
             buf if waves is None else waves, buf if thr is None else thr, ctx.thr_value, ctx.support,
-            dz, dzg, dwave, dh0, batch, hidden, n_modules, hidden // n_modules,
+            dz, dzg, dzl, dwave, dh0, batch, hidden, n_modules, hidden // n_modules,
             GRAD_ALL=grad is not None and not ctx.last_only, HAS_GRAD=grad is not None,
-            HAS_GRAD_ACT=grad_acts is not None, NEED_DWAVE=need[4], **opts)
+            HAS_GRAD_ACT=grad_acts is not None, NEED_DWAVE=need[4], SUPPORT=bool(ctx.support), **opts)
         prev = buf[:-1].reshape(-1, hidden)
         dw = torch.mm(dz.view(-1, hidden).t(), prev) if need[2] else None
-        dg = torch.mm(dzg.view(-1, n_modules).t(), prev) if need[3] else None
+        dg = torch.mm((dzg + dzl if ctx.support else dzg).view(-1, n_modules).t(), prev) if need[3] else None
+        # Within the support the logits' gradient reaches the gate's weights only: G_x and g_b here
+        # (gu's gradient, dzg, carries the rest to them and to x).
+        dgx = dgb = None
+        if ctx.support:
+            within = dzl.transpose(0, 1).reshape(-1, n_modules)                     # (B T, M)
+            dgx = torch.mm(within.t(), x.reshape(-1, x.shape[-1])) if need[13] else None
+            dgb = within.sum(0) if need[14] else None
         dwaves = None
         if need[4]:
             dwaves = dwave.sum(1) if waves.dim() == 2 else dwave
         return (dz if need[0] else None, dzg if need[1] else None, dw, dg, dwaves,
-                dh0 if need[5] else None, None, None, None, None, None, None)
+                dh0 if need[5] else None, None, None, None, None, None, None, None, dgx, dgb)
 
 
 def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0: Tensor, waves: Tensor | None,
@@ -287,7 +296,8 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
     """hrnn.ops.gated_leaky_rnn through the kernels (caller checked shapes and `gated_supports`):
     the states (B, T, H) or the last (B, H), and the activations (B, T, M). Both projections are
     one product each before the loop, time-major; their gradients are torch's linear backward. Every
-    candidate is computed, so a truncated gate's `support` costs nothing more here."""
+    candidate is computed, so a truncated gate's `support` costs nothing more here; its shut entries'
+    gradient (dzl) reaches G_x, g_b and G_h only, and is added to theirs below."""
     batch, steps, _ = x.shape
     xt = x.transpose(0, 1)
     u = torch.nn.functional.linear(xt, w_x, bias)                # (T, B, H)
@@ -306,4 +316,5 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
         # Inference: no candidates or gates kept, the states only if returned.
         buf, _, _, acts, last = _gated_forward(*args, thr_value, gate, precision, False, bool(last_only))
         return (last if last_only else buf[1:].transpose(0, 1)), acts.transpose(0, 1)
-    return _GatedScan.apply(*args, thr_value, gate, bool(last_only), precision, float(support))
+    return _GatedScan.apply(*args, thr_value, gate, bool(last_only), precision, float(support),
+                            x.detach() if support else None, gate_x, gate_bias)

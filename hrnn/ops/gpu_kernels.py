@@ -265,7 +265,8 @@ def _gate_grad(gh, c, h_prev, g, e, w, grad_act, dwave, t, B, M, mtile, mmask, m
     """The gradient of one step's gate logits, (BLOCK_B, MP), from dL/dh_t (gh): da = the module sums of
     gh (c - h_prev) (plus dL/da if given; stored times e as dL/dw if asked), then dz = da w g (1 - g):
     straight-through when hard (de = dg), and 0 where a truncated gate is shut, except within `support`
-    below its threshold (the pseudo-derivative: the open gate's gradient there)."""
+    below its threshold (the pseudo-derivative: the open gate's gradient there, which the kernel then
+    keeps apart from the carry: it reaches the gate's weights only)."""
     da = _module_sums(gh * (c - h_prev), BLOCK_B, MP, UP)
     if HAS_GRAD_ACT:
         da += tl.load(grad_act + t * B * M + mtile, mask=mmask, other=0.0)
@@ -357,13 +358,15 @@ def gated_backward_kernel(
     support,                # truncated: the shut gates with g > threshold - support get the open gate's gradient
     dz,                     # (T, B, H) out: gradient of u
     dzg,                    # (T, B, M) out: gradient of gu (the gate's pre-activation)
+    dzl,                    # (T, B, M) out (if SUPPORT): the logits' gradient at the shut entries within the
+                            # support, for the gate's weights only (dzg is 0 there: nothing reaches x or h)
     dwave,                  # (T, B, M) out: dL/dw_t per sample (if NEED_DWAVE)
     dh0,                    # (B, H) out
     B, H, M, UNITS,
     T: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr, NG: tl.constexpr, BLOCK_B: tl.constexpr,
     WAVES: tl.constexpr, GATE: tl.constexpr, THR_TENSOR: tl.constexpr,
     GRAD_ALL: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_GRAD_ACT: tl.constexpr, NEED_DWAVE: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    SUPPORT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     rows, unit, col_ok, mask, mcols, m_ok, mmask, ng = _gated_layout(B, M, UNITS, MP, UP, NG, BLOCK_B)
     w = tl.load(w_h + unit[:, None] * H + unit[None, :], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
@@ -393,6 +396,10 @@ def gated_backward_kernel(
         e, w_t, a = _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, GATE, THR_TENSOR, WAVES)
         dzg_t = _gate_grad(gh, c, h_prev, g, e, w_t, grad_act, dwave, t, B, M, mtile, mmask, m_ok, thr, thr_value,
                            support, BLOCK_B, MP, UP, HAS_GRAD_ACT, NEED_DWAVE, GATE, THR_TENSOR)
+        if SUPPORT:  # the shut entries within the support: their gradient goes to dzl, not on to x or h
+            shut = (g <= _threshold(thr, thr_value, t * B * M + mtile, mmask, THR_TENSOR))
+            tl.store(dzl + t * B * M + mtile, tl.where(shut, dzg_t, 0.0), mask=mmask)
+            dzg_t = tl.where(shut, 0.0, dzg_t)
         tl.store(dzg + t * B * M + mtile, dzg_t, mask=mmask)
         a_units = _to_units(a, BLOCK_B, MP, UP)
         dz_t = gh * a_units * (1.0 - c * c)

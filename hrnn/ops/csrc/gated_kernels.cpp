@@ -47,7 +47,8 @@
 //    dL/dh_{t-1} += dl G_h backward (where dl = 0 for every shut module).
 //    With a support (a pseudo-derivative below the threshold, reference.py), a shut module within it
 //    has its candidate computed in the forward (a = 0 holds its state through the lerp) and its dL/da
-//    read in the backward, for its gate's gradient; it adds no dz work (a = 0).
+//    read in the backward, for its gate's weights' gradient only (not dL/dh_{t-1} or dx_t); it adds no
+//    dz work (a = 0).
 //    A soft gate never gives exact zeros (unless the sigmoid underflows): it runs dense, through
 //    the same kernels.
 //  * Evaluation of a last-state readout (P.last): the state runs in place in a (rows, H) buffer of
@@ -772,15 +773,18 @@ void dz_products(const GatedProblem<T>& P, int64_t t, const int32_t* rows, int n
 // The gate's share of step t for every row of the slice, with dL/dlogits in dls (row b at
 // dls + (b - b0) M): carry += dl G_h (dL/dh_{t-1}) and dG_h += dl^T h_{t-1}, the dz kernels with
 // the M logits in the place of dz. A loop per row (load, FMA and store of carry and of dG_h for
-// each of M x H) was about a fifth of the backward at f = 0 (AVX-512, T = 784).
+// each of M x H) was about a fifth of the backward at f = 0 (AVX-512, T = 784). The carry reads
+// dls_carry, which is dls without the shut entries within a truncated gate's support (their
+// pseudo-gradient reaches the gate's weights only); the same pointer without a support.
 template <typename T, int VL>
-void gate_products(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, const T* dls, T* dgh,
-                   const T** dl_ptr, const T** hp_ptr) {
+void gate_products(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, const T* dls, const T* dls_carry,
+                   T* dgh, const T** dl_ptr, const T** dlc_ptr, const T** hp_ptr) {
   const int64_t H = P.H, TT = P.T_, M = P.M;
   const int n = int(b1 - b0);
   for (int i = 0; i < n; ++i) {
     const int64_t b = b0 + i, row = b * TT + t;
     dl_ptr[i] = dls + i * M;
+    dlc_ptr[i] = dls_carry + i * M;
     hp_ptr[i] = t ? P.hs + (row - 1) * H : P.h0 + b * H;
   }
   for_tiles<kTiles>(int(H / VL), [&](auto nv, int tile) {
@@ -790,7 +794,7 @@ void gate_products(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, 
       constexpr int R = decltype(r_)::value;
       T* carry[R];
       for (int r = 0; r < R; ++r) carry[r] = P.dh0 + (b0 + i + r) * H;
-      carry_block<T, VL, R, NV>(carry, dl_ptr + i, P.gh, H, kcol, 0, M);
+      carry_block<T, VL, R, NV>(carry, dlc_ptr + i, P.gh, H, kcol, 0, M);
     };
     for_rows<rows_for(NV)>(n, 0, block);
     int64_t m = 0;
@@ -804,20 +808,22 @@ void gate_products(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, 
 // so the step costs its open (b, m) and not M of them per row (at f = 0.1 the dense blocks were a
 // quarter of the backward).
 template <typename T, int VL>
-void gate_products_sparse(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, const T* dls, T* dgh) {
+void gate_products_sparse(const GatedProblem<T>& P, int64_t t, int64_t b0, int64_t b1, const T* dls,
+                          const T* dls_carry, T* dgh) {
   using VT = typename VecOf<T, VL>::type;
   const int64_t H = P.H, TT = P.T_, M = P.M;
   for (int64_t b = b0; b < b1; ++b) {
     const T* dl = dls + (b - b0) * M;
+    const T* dlc = dls_carry + (b - b0) * M;
     const T* hp = t ? P.hs + (b * TT + t - 1) * H : P.h0 + b * H;
     T* carry = P.dh0 + b * H;
     for (int64_t m = 0; m < M; ++m) {
       if (dl[m] == T(0)) continue;
-      const VT d = vset<VT>(dl[m]);
+      const VT d = vset<VT>(dl[m]), dc = vset<VT>(dlc[m]);
       const T* gm = P.gh + m * H;
       T* dg = dgh + m * H;
       for (int64_t k = 0; k < H; k += VL) {
-        vstore(carry + k, vload<VT>(carry + k) + d * vload<VT>(gm + k));
+        vstore(carry + k, vload<VT>(carry + k) + dc * vload<VT>(gm + k));
         vstore(dg + k, vload<VT>(dg + k) + d * vload<VT>(hp + k));
       }
     }
@@ -850,7 +856,11 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
   const T** hp_ptr = new const T*[n];
   const T** x_ptr = new const T*[n];
   T* dls = gated ? new T[n * M] : nullptr;  // this step's dL/dlogits, row b at (b - b0) M
+  // ... and those that pass on to h_{t-1} and x_t: without the shut entries within a support.
+  const bool local = gated && P.truncated && P.support > T(0);
+  T* dls_carry = local ? new T[n * M] : dls;
   const T** dl_ptr = new const T*[n];
+  const T** dlc_ptr = new const T*[n];
   for (int64_t b = b0; b < b1; ++b) {
     if (P.g) std::memset(P.dh0 + b * H, 0, sizeof(T) * H);
     else std::memcpy(P.dh0 + b * H, P.g_last + b * H, sizeof(T) * H);
@@ -914,27 +924,30 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
           e = !P.hard ? g : P.truncated ? (open ? g : T(0)) : T(open);
           // Straight-through when hard: dL/dg = dL/de; truncated: the exact gradient, 0 where shut
           // (the open gate's within the support).
-          dls[(b - b0) * M + m] = P.truncated && !open && !within ? T(0) : da * w * g * (T(1) - g);
+          const T dl = P.truncated && !open && !within ? T(0) : da * w * g * (T(1) - g);
+          dls[(b - b0) * M + m] = dl;
+          if (local) dls_carry[(b - b0) * M + m] = within ? T(0) : dl;
         }
         if (P.dwaves) P.dwaves[row * M + m] = da * e;
       }
       if (gated) {  // logits l = g_b + x_t G_x^T + h_{t-1} G_h^T; the h_{t-1} part: gate_products
         const T* dl = dls + (b - b0) * M;
+        const T* dlc = dls_carry + (b - b0) * M;
         for (int64_t i = 0; i <= I; ++i) {
           const T xi = i < I ? xr[i] : T(1);  // row I: dg_b
           for (int64_t m = 0; m < M; ++m) dgx[i * M + m] += xi * dl[m];
         }
         if (dxr)
           for (int64_t m = 0; m < M; ++m)
-            for (int64_t i = 0; i < I; ++i) dxr[i] += dl[m] * P.gx[m * I + i];
+            for (int64_t i = 0; i < I; ++i) dxr[i] += dlc[m] * P.gx[m * I + i];
       }
     }
     if (gated) {  // dense blocks unless most dL/dlogits are exact zeros (a truncated gate's shut modules)
       int64_t nonzero = 0;
       if (P.truncated)
         for (int64_t i = 0; i < n * M; ++i) nonzero += dls[i] != T(0);
-      if (P.truncated && 4 * nonzero < n * M) gate_products_sparse<T, VL>(P, t, b0, b1, dls, dgh);
-      else gate_products<T, VL>(P, t, b0, b1, dls, dgh, dl_ptr, hp_ptr);
+      if (P.truncated && 4 * nonzero < n * M) gate_products_sparse<T, VL>(P, t, b0, b1, dls, dls_carry, dgh);
+      else gate_products<T, VL>(P, t, b0, b1, dls, dls_carry, dgh, dl_ptr, dlc_ptr, hp_ptr);
     }
     if (every) {
       dz_products<T, VL>(P, t, lists.rows, int(n), 0, H, b0, dz_rows, dw, dwx, dz_ptr, hp_ptr, x_ptr);
@@ -950,6 +963,8 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
   delete[] hp_ptr;
   delete[] x_ptr;
   delete[] dl_ptr;
+  delete[] dlc_ptr;
+  if (local) delete[] dls_carry;
   delete[] dls;
 }
 
