@@ -27,8 +27,11 @@ train: install
 # A developer's test run fails when the C++ core did not build (HRNN_REQUIRE_FUSED=0 to allow it).
 # The SLURM tests run on the local cluster (`scripts/slurm_local.sh up`, as root; .ci/run does it)
 # and skip, saying why, without one; ARGS='-m "not slow and not slurm"' leaves them out.
+# One pytest worker per core (pytest-xdist), each test file on one worker, so that a file's
+# module fixtures (a trained run, a sweep) are built once; TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= auto
 test: install
-	HRNN_REQUIRE_FUSED=$(HRNN_REQUIRE_FUSED) $(BIN)/python -m pytest -q $(ARGS)
+	HRNN_REQUIRE_FUSED=$(HRNN_REQUIRE_FUSED) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
