@@ -115,6 +115,19 @@ def test_nested_sweeps_are_read(tmp_path):
     assert [(j["sweep"], j["name"]) for j in jobs] == [("clock_recipe/basis", "0_binary")]
 
 
+def test_a_run_copied_into_a_second_sweep_is_read_once(tmp_path):
+    """The same finished run in two sweep directories (copied so that a sweep skips it) is one seed, not two;
+    a run with other metrics is not a copy."""
+    metrics = {"metric": "mse", "val_metric": 0.1, "test_metric": 0.1, "baseline": 1 / 6, "seed": 0, "test": {},
+               "steps": 10, "train_step_s": 0.01, "wall_s": 1.0, "params": 10}
+    cfg = config("hrnn", "binary", {"name": "adding", "seq_len": 200}, 0)
+    write_job(tmp_path / "study" / "a", "0_x", cfg, metrics)
+    write_job(tmp_path / "study" / "b", "0_x", {**cfg, "extra": {"added_key": 0}}, metrics)  # a key added since
+    write_job(tmp_path / "study" / "b", "1_x", cfg, {**metrics, "wall_s": 2.0})
+    jobs = read_study(tmp_path / "study")
+    assert [(j["sweep"], j["name"]) for j in jobs] == [("a", "0_x"), ("b", "1_x")]
+
+
 def test_labels_name_the_clock_and_its_settings_off_default():
     assert model_label({"model": {"name": "lstm"}, "basis": {"name": "dct"}}) == "lstm"
     assert model_label({"model": {"name": "hrnn", "activation": "clock"}, "basis": {"name": "dct", "sharpness": 1.0},
@@ -139,6 +152,14 @@ def test_labels_name_the_clock_and_its_settings_off_default():
                         "basis": {"name": "dct"}}) == "hrnn event gate annealed slope 100"
     assert model_label({"model": {"name": "hrnn", "activation": "event", "gate": "annealed", "gate_slope": 25.0},
                         "basis": {"name": "dct"}}) == "hrnn event gate annealed"  # the default slope
+    # a learned phase and a truncated gate's settings are named, so their runs do not pool with the default's
+    assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "dct", "learn_phase": True}}) == \
+        "hrnn-dct learned phase clock_event"
+    assert model_label({"model": {"name": "hrnn"}, "basis": {"name": "logcos", "learn_phase": False}}) == \
+        "hrnn-logcos clock_event"
+    assert model_label({"model": {"name": "hrnn", "activation": "event", "gate": "truncated", "gate_threshold": 0.3,
+                                  "gate_support": 0.25}, "basis": {"name": "binary"}}) == \
+        "hrnn event gate truncated threshold 0.3 support 0.25"
 
 
 def test_first_step_below_and_missing_study_dir(tmp_path, capsys):

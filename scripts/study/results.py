@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import statistics
 import sys
 import time
@@ -42,11 +43,13 @@ THRESHOLD = 0.01  # the validation MSE a timescales run must reach
 # The settings a label names when a job changed them from conf/'s defaults, as (group, key, word).
 LABELLED = {"coefficients": [("regularizer", "name", ""), ("basis", "sharpness", "sharpness"),
                              ("regularizer", "entropy_weight", "entropy"), ("regularizer", "temperature", "temperature"),
-                             ("basis", "init", "init")],
+                             ("basis", "init", "init"), ("basis", "learn_phase", "learned phase")],
             "period": [("basis", "init", "init"), ("basis", "open_ratio", "open")]}
 # Settings of any model (the clock recipe search's and the activations' options), named the same way.
 LABELLED_ANY = [("model", "activation", ""), ("model", "gate", "gate"), ("model", "gate_bias", "gate_bias"),
                 ("model", "gate_slope", "slope"), ("model", "gate_hard_from", "hard from"),
+                ("model", "gate_threshold", "threshold"), ("model", "gate_threshold_warmup", "threshold warm-up"),
+                ("model", "gate_support", "support"),
                 ("model", "update_weight", "update_weight"),
                 ("model", "connectivity", "connectivity"),
                 ("model", "hidden_size", "hidden"), ("model", "n_modules", "modules"), ("optim", "lr", "lr"),
@@ -67,6 +70,8 @@ def default_config(basis: str) -> dict[str, Any]:
 
 
 def _word(word: str, value: Any) -> str:
+    if isinstance(value, bool):  # a switch: its name when on, "no <name>" when off
+        return word if value else f"no {word}"
     return (f"{word} {value:g}" if isinstance(value, float) else f"{word} {value}").strip()
 
 
@@ -102,12 +107,19 @@ def model_label(config: dict[str, Any]) -> str:
 
 def read_study(study_dir: Path | str) -> list[dict[str, Any]]:
     """Every job of every sweep directory under study_dir (read_jobs records, config included): its
-    subdirectories, and deeper ones holding a multirun.yaml (e.g. clock_recipe/basis)."""
+    subdirectories, and deeper ones holding a multirun.yaml (e.g. clock_recipe/basis). A finished run
+    copied into a second sweep (the same metrics.json, to its wall times; its config may have gained keys
+    added since, at their old values) is read once, so it is not counted twice."""
     study_dir = Path(study_dir)
     sweeps = {p for p in study_dir.iterdir() if p.is_dir()} | {p.parent for p in study_dir.rglob("multirun.yaml")}
-    jobs = []
+    jobs, seen = [], set()
     for sweep in sorted(sweeps):
         for job in read_jobs(sweep):
+            if job["metrics"] is not None:
+                run = json.dumps(job["metrics"], sort_keys=True, default=str)  # its history's wall times: one run
+                if run in seen:
+                    continue
+                seen.add(run)
             job["sweep"] = str(sweep.relative_to(study_dir))
             jobs.append(job)
     return jobs
