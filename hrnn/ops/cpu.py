@@ -255,8 +255,7 @@ def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0
     # The straight-through gradient (and a waves gradient) at a = 0 reads the candidate; a truncated
     # gate's gradient is 0 where shut.
     all_candidates = (gated and not truncated) or (waves is not None and waves.requires_grad)
-    return _GatedLeakyRNN.apply(*args, thr, truncated, float(support) if truncated else 0.0, all_candidates,
-                                bool(last_only))
+    return _GatedLeakyRNN.apply(*args, thr, truncated, float(support), all_candidates, bool(last_only))
 
 
 def last_candidate_blocks() -> int:

@@ -259,9 +259,9 @@ def _saved_step(buf, cands, gates, t, B, H, M, tile, mtile, mask, mmask):
 
 
 @triton.jit
-def _gate_grad(gh, c, h_prev, g, e, w, grad_act, dwave, t, B, M, mtile, mmask, m_ok, thr, thr_value, support,
+def _gate_grad(gh, c, h_prev, g, e, w, grad_act, dwave, t, B, M, mtile, mmask, m_ok, th, support,
                BLOCK_B: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr, HAS_GRAD_ACT: tl.constexpr,
-               NEED_DWAVE: tl.constexpr, GATE: tl.constexpr, THR_TENSOR: tl.constexpr):
+               NEED_DWAVE: tl.constexpr, GATE: tl.constexpr):
     """The gradient of one step's gate logits, (BLOCK_B, MP), from dL/dh_t (gh): da = the module sums of
     gh (c - h_prev) (plus dL/da if given; stored times e as dL/dw if asked), then dz = da w g (1 - g):
     straight-through when hard (de = dg), and 0 where a truncated gate is shut, except within `support`
@@ -273,8 +273,7 @@ def _gate_grad(gh, c, h_prev, g, e, w, grad_act, dwave, t, B, M, mtile, mmask, m
     if NEED_DWAVE:
         tl.store(dwave + t * B * M + mtile, da * e, mask=mmask)
     dz = da * w * g * (1.0 - g)
-    if GATE == 2:
-        th = _threshold(thr, thr_value, t * B * M + mtile, mmask, THR_TENSOR)
+    if GATE == 2:  # th: the step's thresholds, read once by the caller
         dz = tl.where(g > th - support, dz, 0.0)
     return tl.where(m_ok[None, :], dz, 0.0)
 
@@ -394,10 +393,11 @@ def gated_backward_kernel(
             gh += grad_next
             grad_next = tl.load(g_tile + ahead * sg_t, mask=mask, other=0.0)
         e, w_t, a = _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, GATE, THR_TENSOR, WAVES)
-        dzg_t = _gate_grad(gh, c, h_prev, g, e, w_t, grad_act, dwave, t, B, M, mtile, mmask, m_ok, thr, thr_value,
-                           support, BLOCK_B, MP, UP, HAS_GRAD_ACT, NEED_DWAVE, GATE, THR_TENSOR)
+        th = _threshold(thr, thr_value, t * B * M + mtile, mmask, THR_TENSOR) if GATE == 2 else thr_value
+        dzg_t = _gate_grad(gh, c, h_prev, g, e, w_t, grad_act, dwave, t, B, M, mtile, mmask, m_ok, th, support,
+                           BLOCK_B, MP, UP, HAS_GRAD_ACT, NEED_DWAVE, GATE)
         if SUPPORT:  # the shut entries within the support: their gradient goes to dzl, not on to x or h
-            shut = (g <= _threshold(thr, thr_value, t * B * M + mtile, mmask, THR_TENSOR))
+            shut = g <= th
             tl.store(dzl + t * B * M + mtile, tl.where(shut, dzg_t, 0.0), mask=mmask)
             dzg_t = tl.where(shut, 0.0, dzg_t)
         tl.store(dzg + t * B * M + mtile, dzg_t, mask=mmask)
