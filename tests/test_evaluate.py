@@ -80,16 +80,17 @@ def test_a_checkpoint_written_on_cuda_reads_on_the_cpu(finished_run: Path, tmp_p
 OLDER_RUNS = {  # a run written before keys a later hrnn added: its arguments, and the keys its stored config lacks
     "lstm": (["model=lstm", "model.hidden_size=8", "model.init=default", *TINY[2:]],
              ["model.num_layers", "model.init", "model.chrono_t_max"]),
-    "hrnn": (["basis=dct", *TINY], ["basis.learn_phase", "model.gate_threshold_warmup", "model.gate_support"]),
+    "hrnn": (["basis=dct", *TINY], ["basis.learn_phase", "model.gate_threshold_warmup", "model.gate_support",
+                                      "model.gate_open_target", "model.gate_open_rate"]),
 }
 
 
 @pytest.mark.parametrize("name", list(OLDER_RUNS))
 def test_a_checkpoint_from_before_a_key_existed_evaluates_and_resumes_as_it_trained(tmp_path: Path, name: str) -> None:
     """A run whose stored config lacks keys added since (an LSTM before model.num_layers, model.init and
-    model.chrono_t_max; hrnn before basis.learn_phase, model.gate_threshold_warmup and model.gate_support) is read
+    model.chrono_t_max; hrnn before basis.learn_phase and the truncated gate's keys) is read
     with the values that reproduce what it ran (one layer, torch's initialisation; no learned phase, no warm-up,
-    no support): it evaluates to its recorded test metric and resumes."""
+    no support, a fixed threshold): it evaluates to its recorded test metric and resumes."""
     from omegaconf import OmegaConf
 
     from hrnn.train.resume import load_checkpoint, save_checkpoint

@@ -101,6 +101,13 @@ BAD = [
      "model.gate_support=0.4 must be in [0, model.gate_threshold=0.3]"),
     (["model.gate_support=0.1"], "model.gate_support=0.1 is for model.gate=truncated with activation=event "
                                  "or clock_event (here gate=soft, activation=clock_event)"),
+    (["model.gate=truncated", "model.gate_open_target=1"], "model.gate_open_target=1.0 must be in [0, 1)"),
+    (["model.gate_open_target=0.1"], "model.gate_open_target=0.1 is for model.gate=truncated with activation=event "
+                                     "or clock_event (here gate=soft, activation=clock_event)"),
+    (["model.gate=truncated", "model.gate_open_target=0.1", "model.gate_threshold_warmup=0.5"],
+     "model.gate_open_target=0.1 and model.gate_threshold_warmup=0.5 both move the threshold; set one of them to 0"),
+    (["model.gate=truncated", "model.gate_open_target=0.1", "model.gate_open_rate=0"],
+     "model.gate_open_rate=0.0 must be positive"),
 ]
 
 
@@ -203,3 +210,72 @@ def test_the_open_fraction_counts_the_updates_a_kernel_computes():
     truncated = fractions["truncated"]
     assert 0 < truncated["open_fraction"] < 1 and truncated["open_fraction"] <= truncated["update_fraction"] / 0.3
     assert fractions["soft"]["open_fraction"] == 1.0
+
+
+def test_a_module_threshold_moves_by_the_rate_times_its_open_share_minus_the_target():
+    """One training pass: tau_m' = tau_m + rate (mean over (b, t) of 1[a_btm > 0] - target), each module its
+    own; evaluation and passes without a gradient leave the thresholds as they are and read them."""
+    cfg = validate(compose_config(["task=adding", "task.seq_len=20", "model.activation=event", "model.gate=truncated",
+                                   "model.gate_bias=0", "model.gate_threshold=0.5", "model.gate_open_target=0.2",
+                                   "model.gate_open_rate=0.1", *TINY]))
+    torch.manual_seed(0)
+    task = build_task(cfg.task, cfg.data_dir, seed=0)
+    backbone = build_model(cfg, task.spec).backbone
+    gate = backbone.event
+    x, _ = task.train_batch(6)
+    before = gate.module_thresholds.clone()
+    backbone(x)
+    open_share = (backbone.activations > 0).float().mean(dim=(0, 1))
+    assert 0 < open_share.min() and open_share.max() < 1  # some open, some shut in every module
+    torch.testing.assert_close(gate.module_thresholds, before + 0.1 * (open_share - 0.2))
+    moved = gate.module_thresholds.clone()
+    with torch.no_grad():
+        backbone(x)
+    backbone.eval()
+    backbone(x)
+    torch.testing.assert_close(gate.module_thresholds, moved)
+    with torch.no_grad():
+        first_gates = torch.sigmoid(gate.input(x[:, 0]))  # step 0: h0 = 0, so g = sigmoid(W_g x_0 + b_g)
+    assert torch.equal(backbone.activations[:, 0] > 0, first_gates > moved)  # each module at its own threshold
+
+
+def test_the_thresholds_settle_where_the_open_share_is_the_target():
+    """Training passes over one batch without an optimizer step: each module's threshold climbs from 0.05
+    (nearly every gate open) until about the target share of its updates is open, and stays there."""
+    cfg = validate(compose_config(["task=adding", "task.seq_len=30", "model.activation=event", "model.gate=truncated",
+                                   "model.gate_threshold=0.05", "model.gate_open_target=0.1",
+                                   "model.gate_open_rate=0.02", *TINY]))
+    torch.manual_seed(0)
+    task = build_task(cfg.task, cfg.data_dir, seed=0)
+    backbone = build_model(cfg, task.spec).backbone
+    with torch.no_grad():  # gates spread over (0, 1), so that a threshold meets them one by one
+        backbone.event.input.weight.normal_(0.0, 2.0)
+        backbone.event.input.bias.zero_()
+    x, _ = task.train_batch(32)
+    shares = []
+    for _ in range(400):
+        backbone(x)
+        shares.append((backbone.activations > 0).float().mean(dim=(0, 1)))
+    assert float(shares[0].min()) > 0.8
+    late = torch.stack(shares[-100:])
+    torch.testing.assert_close(late.mean(dim=0), torch.full((4,), 0.1), atol=0.02, rtol=0)
+    assert float((late - 0.1).abs().max()) < 0.05
+
+
+def test_the_module_thresholds_travel_with_the_checkpoint(tmp_path):
+    """Trained with gate_open_target, the thresholds the run ended with are in its checkpoint, and
+    evaluating the checkpoint reproduces the recorded validation metric and open fraction."""
+    from hrnn.cli.eval import evaluate_run
+    from hrnn.train.resume import load_checkpoint
+
+    run = tmp_path / "run"
+    cfg = validate(compose_config(["task=adding", "task.seq_len=30", "model.activation=event", "model.gate=truncated",
+                                   "model.gate_bias=0", "model.gate_threshold=0.5", "model.gate_open_target=0.1",
+                                   "model.gate_open_rate=0.02", *TINY, "trainer.steps=20", "trainer.eval_every=20"]))
+    train(cfg, run)
+    thresholds = load_checkpoint(run / "checkpoints" / "best.pt")["model"]["backbone.event.module_thresholds"]
+    assert thresholds.shape == (4,) and float((thresholds - 0.5).abs().min()) > 0
+    metrics = read_metrics(run)
+    evaluated = evaluate_run(run, "val", "best", {})
+    assert evaluated["value"] == metrics["val_metric"]
+    assert evaluated["metrics"]["open_fraction"] == metrics["val"]["open_fraction"] < 0.5

@@ -69,6 +69,8 @@ class ClockedModelSchema:
     gate_hard_from: float
     gate_threshold_warmup: float
     gate_support: float
+    gate_open_target: float
+    gate_open_rate: float
     update_weight: float
     chunker_threshold: float
     prediction_weight: float
@@ -353,6 +355,17 @@ def _check_events(cfg: DictConfig) -> None:
     _require(model.gate_support == 0 or (model.gate == "truncated" and model.activation in ("event", "clock_event")),
              f"model.gate_support={model.gate_support} is for model.gate=truncated with activation=event "
              f"or clock_event (here gate={model.gate}, activation={model.activation}); set it to 0 or change those")
+    _require(0 <= model.gate_open_target < 1,
+             f"model.gate_open_target={model.gate_open_target} must be in [0, 1): the share of (sample, step, module) "
+             f"updates open that each module's truncated-gate threshold follows (0: a fixed threshold)")
+    _require(model.gate_open_target == 0 or (model.gate == "truncated" and model.activation in ("event", "clock_event")),
+             f"model.gate_open_target={model.gate_open_target} is for model.gate=truncated with activation=event "
+             f"or clock_event (here gate={model.gate}, activation={model.activation}); set it to 0 or change those")
+    _require(model.gate_open_target == 0 or model.gate_threshold_warmup == 0,
+             f"model.gate_open_target={model.gate_open_target} and model.gate_threshold_warmup="
+             f"{model.gate_threshold_warmup} both move the threshold; set one of them to 0")
+    _require(model.gate_open_rate > 0, f"model.gate_open_rate={model.gate_open_rate} must be positive: how far a "
+                                       f"module's threshold moves per training pass per unit of open-share error")
     _require(not (model.gate == "annealed" and model.activation == "chunker"),
              "model.gate=annealed is for activation=event or clock_event; activation=chunker takes soft, hard or stochastic")
     _require(model.chunker_threshold > 0, f"model.chunker_threshold={model.chunker_threshold} must be positive")

@@ -14,6 +14,7 @@ from hrnn.models.clock import Clock
 from hrnn.ops import chunker_leaky_rnn, gated_leaky_rnn, leaky_rnn
 
 EVALUATION_DRAWS_SEED = 0  # a stochastic gate's draws in evaluation: the same every evaluation
+MAX_THRESHOLD = 0.999  # the highest a module's threshold follows its open target to: a sigmoid reaches 1 in float32
 
 
 def slow_to_fast_modules(periods: list[float]) -> Tensor:
@@ -156,13 +157,21 @@ class EventGate(UpdateGate):
     gates. Evaluation always uses the threshold itself, so a checkpoint evaluates the same wherever it is read.
     Truncated with `support` > 0, a shut gate within `support` below the threshold still gets the open
     gate's gradient in training (a pseudo-derivative of bounded support, as EGRU's), so a gate pushed just
-    below its threshold can learn to open again; only those shut modules' candidates are computed."""
+    below its threshold can learn to open again; only those shut modules' candidates are computed.
+    Truncated with `open_target` > 0, each module has its own threshold (a buffer, saved with the model),
+    which starts at `threshold` and after every training pass moves by `open_rate` times the module's
+    open fraction in that pass minus the target: the share of open updates is set, not learned, and a
+    module whose gates all fell below its threshold opens again as the threshold comes down to them."""
 
     def __init__(self, input_size: int, hidden_size: int, n_modules: int, mode: str, bias: float,
                  threshold: float, update_weight: float, slope: float, hard_from: float = 1.0,
-                 threshold_warmup: float = 0.0, support: float = 0.0) -> None:
+                 threshold_warmup: float = 0.0, support: float = 0.0, open_target: float = 0.0,
+                 open_rate: float = 0.0) -> None:
         super().__init__(n_modules, mode, threshold, update_weight)
         self.threshold_warmup, self.support = threshold_warmup, support
+        self.open_target, self.open_rate = open_target, open_rate
+        if open_target > 0:  # only then, so that a model without it has the state_dict it always had
+            self.register_buffer("module_thresholds", torch.full((n_modules,), float(threshold)))
         self.input = nn.Linear(input_size, n_modules)  # W_g and b_g
         self.recurrent = nn.Linear(hidden_size, n_modules, bias=False)  # U_g
         nn.init.constant_(self.input.bias, bias)
@@ -180,6 +189,8 @@ class EventGate(UpdateGate):
         return super().op_mode()
 
     def thresholds(self, batch: int, steps: int, n_gates: int, like: Tensor) -> Tensor | float:
+        if self.open_target > 0:
+            return self.module_thresholds.to(like.dtype)
         if self.mode == "truncated" and self.training and self.progress < self.threshold_warmup:
             return self.threshold * self.progress / self.threshold_warmup
         return super().thresholds(batch, steps, n_gates, like)
@@ -189,10 +200,20 @@ class EventGate(UpdateGate):
         gate_x, gate_bias, gate_h = self.input.weight, self.input.bias, self.recurrent.weight
         if self.mode == "annealed" and self.training:  # sigmoid(s z): z's weights scaled by s
             gate_x, gate_bias, gate_h = self.slope * gate_x, self.slope * gate_bias, self.slope * gate_h
-        return gated_leaky_rnn(x, rnn.input.weight, rnn.input.bias, rnn.recurrent_weight(), h0, waves,
-                               gate_x, gate_bias, gate_h, self.op_mode(),
-                               self.thresholds(batch, steps, self.n_modules, x), last_only=last_only,
-                               support=self.support if self.mode == "truncated" else 0.0)
+        states, activations = gated_leaky_rnn(x, rnn.input.weight, rnn.input.bias, rnn.recurrent_weight(), h0, waves,
+                                              gate_x, gate_bias, gate_h, self.op_mode(),
+                                              self.thresholds(batch, steps, self.n_modules, x), last_only=last_only,
+                                              support=self.support if self.mode == "truncated" else 0.0)
+        if self.open_target > 0 and self.training and torch.is_grad_enabled():
+            self.follow_open_target(activations)
+        return states, activations
+
+    @torch.no_grad()
+    def follow_open_target(self, activations: Tensor) -> None:
+        """tau_m += open_rate * (open fraction of module m in this pass - open_target), kept in [0, 1)."""
+        open_fraction = (activations > 0).to(self.module_thresholds.dtype).mean(dim=(0, 1))
+        moved = self.module_thresholds + self.open_rate * (open_fraction - self.open_target)
+        self.module_thresholds.copy_(moved.clamp(0.0, MAX_THRESHOLD))
 
 
 class ChunkerGate(UpdateGate):
