@@ -104,8 +104,6 @@ BAD = [
     (["model.gate=truncated", "model.gate_open_target=1"], "model.gate_open_target=1.0 must be in [0, 1)"),
     (["model.gate_open_target=0.1"], "model.gate_open_target=0.1 is for model.gate=truncated with activation=event "
                                      "or clock_event (here gate=soft, activation=clock_event)"),
-    (["model.gate=truncated", "model.gate_open_target=0.1", "model.gate_threshold_warmup=0.5"],
-     "model.gate_open_target=0.1 and model.gate_threshold_warmup=0.5 both move the threshold; set one of them to 0"),
     (["model.gate=truncated", "model.gate_open_target=0.1", "model.gate_open_rate=0"],
      "model.gate_open_rate=0.0 must be positive"),
 ]
@@ -260,6 +258,17 @@ def test_the_thresholds_settle_where_the_open_share_is_the_target():
     late = torch.stack(shares[-100:])
     torch.testing.assert_close(late.mean(dim=0), torch.full((4,), 0.1), atol=0.02, rtol=0)
     assert float((late - 0.1).abs().max()) < 0.05
+
+
+def test_with_a_warm_up_the_open_target_falls_from_one_and_then_holds():
+    gate = EventGate(2, 8, 2, "truncated", bias=-0.5, threshold=0.3, update_weight=0.0, slope=1.0,
+                     threshold_warmup=0.5, open_target=0.1, open_rate=0.01)
+    seen = []
+    for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
+        gate.set_progress(fraction)
+        seen.append(gate.current_open_target())
+    assert seen == pytest.approx([1.0, 0.55, 0.1, 0.1, 0.1])
+    assert gate.thresholds(1, 1, 2, torch.zeros(1)) is gate.module_thresholds  # the warm-up moves the target only
 
 
 def test_the_module_thresholds_travel_with_the_checkpoint(tmp_path):

@@ -361,9 +361,6 @@ def _check_events(cfg: DictConfig) -> None:
     _require(model.gate_open_target == 0 or (model.gate == "truncated" and model.activation in ("event", "clock_event")),
              f"model.gate_open_target={model.gate_open_target} is for model.gate=truncated with activation=event "
              f"or clock_event (here gate={model.gate}, activation={model.activation}); set it to 0 or change those")
-    _require(model.gate_open_target == 0 or model.gate_threshold_warmup == 0,
-             f"model.gate_open_target={model.gate_open_target} and model.gate_threshold_warmup="
-             f"{model.gate_threshold_warmup} both move the threshold; set one of them to 0")
     _require(model.gate_open_rate > 0, f"model.gate_open_rate={model.gate_open_rate} must be positive: how far a "
                                        f"module's threshold moves per training pass per unit of open-share error")
     _require(not (model.gate == "annealed" and model.activation == "chunker"),

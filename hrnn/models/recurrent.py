@@ -161,7 +161,9 @@ class EventGate(UpdateGate):
     Truncated with `open_target` > 0, each module has its own threshold (a buffer, saved with the model),
     which starts at `threshold` and after every training pass moves by `open_rate` times the module's
     open fraction in that pass minus the target: the share of open updates is set, not learned, and a
-    module whose gates all fell below its threshold opens again as the threshold comes down to them."""
+    module whose gates all fell below its threshold opens again as the threshold comes down to them. With
+    `threshold_warmup` too, the target falls linearly from 1 (every gate open) over that fraction of
+    training: a budget that tightens, so that the gates learn where to open before most must shut."""
 
     def __init__(self, input_size: int, hidden_size: int, n_modules: int, mode: str, bias: float,
                  threshold: float, update_weight: float, slope: float, hard_from: float = 1.0,
@@ -208,11 +210,17 @@ class EventGate(UpdateGate):
             self.follow_open_target(activations)
         return states, activations
 
+    def current_open_target(self) -> float:
+        """open_target, or during the warm-up the value on the line from 1 down to it."""
+        if self.progress < self.threshold_warmup:
+            return 1.0 - (1.0 - self.open_target) * self.progress / self.threshold_warmup
+        return self.open_target
+
     @torch.no_grad()
     def follow_open_target(self, activations: Tensor) -> None:
-        """tau_m += open_rate * (open fraction of module m in this pass - open_target), kept in [0, 1)."""
+        """tau_m += open_rate * (open fraction of module m in this pass - the target), kept in [0, 1)."""
         open_fraction = (activations > 0).to(self.module_thresholds.dtype).mean(dim=(0, 1))
-        moved = self.module_thresholds + self.open_rate * (open_fraction - self.open_target)
+        moved = self.module_thresholds + self.open_rate * (open_fraction - self.current_open_target())
         self.module_thresholds.copy_(moved.clamp(0.0, MAX_THRESHOLD))
 
 
