@@ -285,6 +285,9 @@ def test_the_module_thresholds_travel_with_the_checkpoint(tmp_path):
     thresholds = load_checkpoint(run / "checkpoints" / "best.pt")["model"]["backbone.event.module_thresholds"]
     assert thresholds.shape == (4,) and float((thresholds - 0.5).abs().min()) > 0
     metrics = read_metrics(run)
+    assert metrics["history"][-1]["gate_thresholds"] == pytest.approx(thresholds.tolist())  # also in TensorBoard
+    events = EventAccumulator(str(run)).Reload()
+    assert [e.value for e in events.Scalars("gate/threshold/0")] == pytest.approx([float(thresholds[0])])
     evaluated = evaluate_run(run, "val", "best", {})
     assert evaluated["value"] == metrics["val_metric"]
     assert evaluated["metrics"]["open_fraction"] == metrics["val"]["open_fraction"] < 0.5

@@ -382,6 +382,11 @@ class SequenceModel(nn.Module):
     def clock(self) -> Clock | None:
         return getattr(self.backbone, "clock", None)
 
+    def gate_thresholds(self) -> list[float] | None:
+        """Each module's truncated-gate threshold where it follows an open target (gate_open_target), else None."""
+        thresholds = getattr(getattr(self.backbone, "event", None), "module_thresholds", None)
+        return None if thresholds is None else [float(t) for t in thresholds]
+
     @property
     def connectivity_logits(self) -> nn.Parameter | None:
         """Learned connectivity's (M, M) block-gate logits, which train at their own rate."""

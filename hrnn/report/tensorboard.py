@@ -112,6 +112,11 @@ def log_structure(writer: SummaryWriter, model: Any, task: Any, step: int, histo
     if connectivity is not None:  # (M, M), row i reads column j: a square image and a matrix
         writer.add_image("model/connectivity", heatmap(connectivity, row_height=max(1, 256 // len(connectivity))), step)
         entry["connectivity"] = connectivity.tolist()
+    thresholds = model.gate_thresholds()
+    if thresholds is not None:
+        for module, threshold in enumerate(thresholds):
+            writer.add_scalar(f"gate/threshold/{module}", threshold, step)
+        entry["gate_thresholds"] = thresholds
     if task.streams and text.has_modules(model):
         log_excerpt(writer, model, task, step)
     return line
