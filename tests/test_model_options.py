@@ -291,3 +291,23 @@ def test_the_module_thresholds_travel_with_the_checkpoint(tmp_path):
     evaluated = evaluate_run(run, "val", "best", {})
     assert evaluated["value"] == metrics["val_metric"]
     assert evaluated["metrics"]["open_fraction"] == metrics["val"]["open_fraction"] < 0.5
+
+
+def test_a_run_with_an_open_target_resumes_to_the_uninterrupted_thresholds_and_metrics(tmp_path):
+    """The thresholds move every training step, so resuming must restore them (they are in the model's
+    state): stopped at step 6 and resumed to 12, the run ends as the uninterrupted one, bit for bit."""
+    from hrnn.train.resume import load_checkpoint
+
+    common = ["task=adding", "task.seq_len=20", "model.activation=event", "model.gate=truncated",
+              "model.gate_bias=0", "model.gate_threshold=0.5", "model.gate_open_target=0.1",
+              "model.gate_open_rate=0.05", "trainer.eval_every=3", *TINY]
+    run_cli([*common, "trainer.steps=12", f"hydra.run.dir={tmp_path / 'full'}"], cwd=tmp_path)
+    run_cli([*common, "trainer.steps=6", f"hydra.run.dir={tmp_path / 'part'}"], cwd=tmp_path)
+    assert "resuming after step 6" in run_cli([f"resume={tmp_path / 'part'}", "trainer.steps=12"], cwd=tmp_path).stdout
+    full, part = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    for key in ("val_metric", "test_metric", "best_step", "val", "test"):
+        assert part[key] == full[key], key
+    assert [e["gate_thresholds"] for e in part["history"]] == [e["gate_thresholds"] for e in full["history"]]
+    key = "backbone.event.module_thresholds"
+    assert torch.equal(load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["model"][key],
+                       load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"][key])
