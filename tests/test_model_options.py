@@ -106,6 +106,8 @@ BAD = [
                                      "or clock_event (here gate=soft, activation=clock_event)"),
     (["model.gate=truncated", "model.gate_open_target=0.1", "model.gate_open_rate=0"],
      "model.gate_open_rate=0.0 must be positive"),
+    (["model.gate=truncated", "model.gate_open_per_module=true"],
+     "model.gate_open_per_module=true is for a truncated gate with model.gate_open_target > 0 (here 0.0)"),
 ]
 
 
@@ -210,12 +212,14 @@ def test_the_open_fraction_counts_the_updates_a_kernel_computes():
     assert fractions["soft"]["open_fraction"] == 1.0
 
 
-def test_a_module_threshold_moves_by_the_rate_times_its_open_share_minus_the_target():
-    """One training pass: tau_m' = tau_m + rate (mean over (b, t) of 1[a_btm > 0] - target), each module its
-    own; evaluation and passes without a gradient leave the thresholds as they are and read them."""
+@pytest.mark.parametrize("per_module", [False, True])
+def test_the_threshold_moves_by_the_rate_times_the_open_share_minus_the_target(per_module):
+    """One training pass: tau' = tau + rate (the share of (b, t, m) with a > 0 - target), one share over all
+    modules, or per module each module's own (mean over (b, t) of 1[a_btm > 0]); evaluation and passes
+    without a gradient leave the thresholds as they are and read them."""
     cfg = validate(compose_config(["task=adding", "task.seq_len=20", "model.activation=event", "model.gate=truncated",
                                    "model.gate_bias=0", "model.gate_threshold=0.5", "model.gate_open_target=0.2",
-                                   "model.gate_open_rate=0.1", *TINY]))
+                                   "model.gate_open_rate=0.1", f"model.gate_open_per_module={per_module}", *TINY]))
     torch.manual_seed(0)
     task = build_task(cfg.task, cfg.data_dir, seed=0)
     backbone = build_model(cfg, task.spec).backbone
@@ -223,9 +227,11 @@ def test_a_module_threshold_moves_by_the_rate_times_its_open_share_minus_the_tar
     x, _ = task.train_batch(6)
     before = gate.module_thresholds.clone()
     backbone(x)
-    open_share = (backbone.activations > 0).float().mean(dim=(0, 1))
-    assert 0 < open_share.min() and open_share.max() < 1  # some open, some shut in every module
+    opened = (backbone.activations > 0).float()
+    assert 0 < opened.mean(dim=(0, 1)).min() and opened.mean(dim=(0, 1)).max() < 1  # some open, some shut in each
+    open_share = opened.mean(dim=(0, 1)) if per_module else opened.mean().expand(4)
     torch.testing.assert_close(gate.module_thresholds, before + 0.1 * (open_share - 0.2))
+    assert (len(set(gate.module_thresholds.tolist())) > 1) == per_module
     moved = gate.module_thresholds.clone()
     with torch.no_grad():
         backbone(x)
@@ -237,12 +243,14 @@ def test_a_module_threshold_moves_by_the_rate_times_its_open_share_minus_the_tar
     assert torch.equal(backbone.activations[:, 0] > 0, first_gates > moved)  # each module at its own threshold
 
 
-def test_the_thresholds_settle_where_the_open_share_is_the_target():
-    """Training passes over one batch without an optimizer step: each module's threshold climbs from 0.05
-    (nearly every gate open) until about the target share of its updates is open, and stays there."""
+@pytest.mark.parametrize("per_module", [False, True])
+def test_the_thresholds_settle_where_the_open_share_is_the_target(per_module):
+    """Training passes over one batch without an optimizer step: the threshold climbs from 0.05 (nearly
+    every gate open) until about the target share of the updates is open (per module: of each module's),
+    and stays there."""
     cfg = validate(compose_config(["task=adding", "task.seq_len=30", "model.activation=event", "model.gate=truncated",
                                    "model.gate_threshold=0.05", "model.gate_open_target=0.1",
-                                   "model.gate_open_rate=0.02", *TINY]))
+                                   "model.gate_open_rate=0.02", f"model.gate_open_per_module={per_module}", *TINY]))
     torch.manual_seed(0)
     task = build_task(cfg.task, cfg.data_dir, seed=0)
     backbone = build_model(cfg, task.spec).backbone
@@ -256,7 +264,9 @@ def test_the_thresholds_settle_where_the_open_share_is_the_target():
         shares.append((backbone.activations > 0).float().mean(dim=(0, 1)))
     assert float(shares[0].min()) > 0.8
     late = torch.stack(shares[-100:])
-    torch.testing.assert_close(late.mean(dim=0), torch.full((4,), 0.1), atol=0.02, rtol=0)
+    if not per_module:  # one share over the modules; each module's may differ
+        late = late.mean(dim=1, keepdim=True)
+    torch.testing.assert_close(late.mean(dim=0), torch.full((late.shape[1],), 0.1), atol=0.02, rtol=0)
     assert float((late - 0.1).abs().max()) < 0.05
 
 

@@ -71,6 +71,7 @@ class ClockedModelSchema:
     gate_support: float
     gate_open_target: float
     gate_open_rate: float
+    gate_open_per_module: bool
     update_weight: float
     chunker_threshold: float
     prediction_weight: float
@@ -361,6 +362,9 @@ def _check_events(cfg: DictConfig) -> None:
     _require(model.gate_open_target == 0 or (model.gate == "truncated" and model.activation in ("event", "clock_event")),
              f"model.gate_open_target={model.gate_open_target} is for model.gate=truncated with activation=event "
              f"or clock_event (here gate={model.gate}, activation={model.activation}); set it to 0 or change those")
+    _require(not model.gate_open_per_module or model.gate_open_target > 0,
+             f"model.gate_open_per_module=true is for a truncated gate with model.gate_open_target > 0 (here "
+             f"{model.gate_open_target}); set it to false or give the target")
     _require(model.gate_open_rate > 0, f"model.gate_open_rate={model.gate_open_rate} must be positive: how far a "
                                        f"module's threshold moves per training pass per unit of open-share error")
     _require(not (model.gate == "annealed" and model.activation == "chunker"),

@@ -158,20 +158,22 @@ class EventGate(UpdateGate):
     Truncated with `support` > 0, a shut gate within `support` below the threshold still gets the open
     gate's gradient in training (a pseudo-derivative of bounded support, as EGRU's), so a gate pushed just
     below its threshold can learn to open again; only those shut modules' candidates are computed.
-    Truncated with `open_target` > 0, each module has its own threshold (a buffer, saved with the model),
-    which starts at `threshold` and after every training pass moves by `open_rate` times the module's
-    open fraction in that pass minus the target: the share of open updates is set, not learned, and a
-    module whose gates all fell below its threshold opens again as the threshold comes down to them. With
+    Truncated with `open_target` > 0, the threshold follows a set share of open updates: it starts at
+    `threshold` and after every training pass moves by `open_rate` times the share of (sample, step,
+    module) open in that pass minus the target, so the share is set, not learned, and gates that all
+    fell below the threshold open again as it comes down to them. The share is over all modules
+    together, so that modules can differ in how often they open (one module per threshold with
+    `open_per_module`, which measured worse). The thresholds are a buffer, saved with the model. With
     `threshold_warmup` too, the target falls linearly from 1 (every gate open) over that fraction of
     training: a budget that tightens, so that the gates learn where to open before most must shut."""
 
     def __init__(self, input_size: int, hidden_size: int, n_modules: int, mode: str, bias: float,
                  threshold: float, update_weight: float, slope: float, hard_from: float = 1.0,
                  threshold_warmup: float = 0.0, support: float = 0.0, open_target: float = 0.0,
-                 open_rate: float = 0.0) -> None:
+                 open_rate: float = 0.0, open_per_module: bool = False) -> None:
         super().__init__(n_modules, mode, threshold, update_weight)
         self.threshold_warmup, self.support = threshold_warmup, support
-        self.open_target, self.open_rate = open_target, open_rate
+        self.open_target, self.open_rate, self.open_per_module = open_target, open_rate, open_per_module
         if open_target > 0:  # only then, so that a model without it has the state_dict it always had
             self.register_buffer("module_thresholds", torch.full((n_modules,), float(threshold)))
         self.input = nn.Linear(input_size, n_modules)  # W_g and b_g
@@ -218,8 +220,10 @@ class EventGate(UpdateGate):
 
     @torch.no_grad()
     def follow_open_target(self, activations: Tensor) -> None:
-        """tau_m += open_rate * (open fraction of module m in this pass - the target), kept in [0, 1)."""
-        open_fraction = (activations > 0).to(self.module_thresholds.dtype).mean(dim=(0, 1))
+        """tau += open_rate * (open share in this pass - the target), kept in [0, 1); per module, each
+        module's threshold by its own share."""
+        opened = (activations > 0).to(self.module_thresholds.dtype)
+        open_fraction = opened.mean(dim=(0, 1)) if self.open_per_module else opened.mean()
         moved = self.module_thresholds + self.open_rate * (open_fraction - self.current_open_target())
         self.module_thresholds.copy_(moved.clamp(0.0, MAX_THRESHOLD))
 

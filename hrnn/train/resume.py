@@ -36,14 +36,15 @@ RESUMABLE_OVERRIDES = ("trainer.steps", "trainer.max_wall_s", "trainer.device", 
                        "trainer.progress", "trainer.log_every")
 say = tqdm.write  # print without breaking the progress bar
 # Keys a later hrnn added to a group's option, with the value that reproduces what a run written before
-# them did (one layer; torch's own initialisation; no learned phase), so that its checkpoint still
+# them did (one layer; torch's own initialisation; no learned phase; a truncated gate's open target per
+# module, as it was first written), so that its checkpoint still
 # evaluates and resumes. group -> option name -> key -> value.
 ADDED_KEYS = {
     "model": {"lstm": {"num_layers": 1, "init": "default", "chrono_t_max": None},
               "gru": {"num_layers": 1, "init": "default", "chrono_t_max": None},
               "rnn": {"num_layers": 1},
               "hrnn": {"gate_threshold_warmup": 0.0, "gate_support": 0.0, "gate_open_target": 0.0,
-                       "gate_open_rate": 0.01}},
+                       "gate_open_rate": 0.01, "gate_open_per_module": True}},
     "basis": {"binary": {"learn_phase": False}, "dct": {"learn_phase": False}},
 }
 
