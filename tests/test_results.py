@@ -282,3 +282,36 @@ def test_figures_are_written_as_png_for_each_task(tmp_path, capsys):
     assert "| adding T = 200 | hrnn event | mse 0.0020 |" not in out.out  # two seeds: a std is shown
     assert "| adding T = 200 | hrnn event | mse 0.0020 ± 0.0000 |" in out.out and "| 2 (two seeds) |" in out.out
     assert (tmp_path / "again" / "curves_adding_T200.png").exists()
+
+
+keep_records = load_script("keep_records", "study")
+
+
+def test_kept_records_are_the_done_runs_small_files_and_read_back_as_the_sweep(tmp_path, capsys):
+    """Finished and failed runs are copied without checkpoints or events; a run still going is left out;
+    results.py reads the copy as it read the sweep."""
+    sweep = tmp_path / "study" / "ablation_adding200"
+    metrics = adding_metrics(0, 0.001, [0.1, 0.001], 0.03, 10.0)
+    adding_job(sweep, "0_a", "clock_event", 0, metrics)
+    adding_job(sweep, "1_a", "clock_event", 1, None)  # still going: no metrics.json
+    failed = adding_job(sweep, "2_a", "clock_event", 2, None)
+    (failed / "error.txt").write_text("ValueError: bad\n")
+    (sweep / "0_a" / "checkpoints").mkdir()
+    (sweep / "0_a" / "checkpoints" / "last.pt").write_bytes(b"x" * 100)
+    (sweep / "0_a" / "events.out.tfevents.1").write_bytes(b"x")
+    (sweep / "multirun.yaml").write_text("hydra: {overrides: {task: [trainer.seed=0,1,2]}}\n")
+    into = tmp_path / "docs" / "runs"
+
+    assert keep_records.main([str(sweep), "--into", str(into)]) == 0
+    assert "kept 2 run records" in capsys.readouterr().out
+    kept = into / "ablation_adding200"
+    assert sorted(p.name for p in kept.iterdir()) == ["0_a", "2_a", "multirun.yaml"]
+    assert sorted(str(p.relative_to(kept / "0_a")) for p in (kept / "0_a").rglob("*") if p.is_file()) == [
+        ".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.json"]
+    assert (kept / "2_a" / "error.txt").read_text() == "ValueError: bad\n"
+    original = {j["name"]: (j["status"], j["metrics"], j["config"]) for j in read_study(tmp_path / "study")}
+    copied = {j["name"]: (j["status"], j["metrics"], j["config"]) for j in read_study(into)}
+    assert copied == {name: original[name] for name in ("0_a", "2_a")}
+
+    assert keep_records.main([str(tmp_path / "nowhere"), "--into", str(into)]) == 2
+    assert "is not a directory" in capsys.readouterr().err

@@ -327,7 +327,9 @@ ABLATION_LAUNCH = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=1", "tr
 ABLATION_TASKS = {"adding200": ["task=adding"],
                   "timescales": ["task=timescales", "task.periods=[2,7,30]", "trainer.steps=1500", "trainer.eval_every=100"],
                   "adding1000": ["task=adding", "task.seq_len=1000", "trainer.steps=3000", "trainer.eval_every=250"],
-                  "copy100": ["experiment=copy_long", "trainer.steps=5000", "trainer.eval_every=500"]}
+                  "copy100": ["experiment=copy_long", "trainer.steps=5000", "trainer.eval_every=500"],
+                  "smnist": ["experiment=smnist", "trainer.steps=5000"],
+                  "pmnist": ["experiment=pmnist", "trainer.steps=5000"]}
 ABLATION: dict[str, list[str]] = {}
 for _name, _task in ABLATION_TASKS.items():
     ABLATION[f"ablation_{_name}"] = ["trainer.seed=0,1,2", *_task, "model.activation=clock_event,event,clock"]
