@@ -7,32 +7,27 @@ docs/results.md's tables and figures on any later checkout.
 A run directory holds checkpoints and TensorBoard events (megabytes, and outputs/ is never committed);
 its record is what results.py reads: metrics.json (the final metrics and the evaluation history) and
 .hydra/{config,overrides,hydra}.yaml (what ran), and the sweep's multirun.yaml. A failed run keeps its
-error.txt, so the tables still list it. Runs still going are left out (their record would change); copying again replaces a record.
+error.txt, so the tables still list it. Runs still going are left out (their record would change);
+copying again replaces a record.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+
+from hrnn.sweep.summary import read_jobs  # noqa: E402
+
 RECORD = ("metrics.json", "error.txt", ".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml")
 
 
-def is_done(run: Path) -> bool:
-    """Finished (metrics.json says so) or failed (error.txt): a record that will not change."""
-    if (run / "error.txt").exists():
-        return True
-    try:
-        return json.loads((run / "metrics.json").read_text()).get("status") == "finished"
-    except (OSError, ValueError):
-        return False
-
-
-def run_dirs(sweep: Path) -> list[Path]:
-    """Every run directory under a sweep (one with .hydra/overrides.yaml), nested sweeps included."""
-    return sorted(p.parent.parent for p in sweep.rglob(".hydra/overrides.yaml"))
+def runs(sweep: Path) -> list[dict]:
+    """read_jobs' record of every run under a sweep, nested sweeps (the parents of run directories) included."""
+    return [job for parent in sorted({p.parent.parent.parent for p in sweep.rglob(".hydra/overrides.yaml")})
+            for job in read_jobs(parent)]
 
 
 def keep(sweeps: list[Path], into: Path) -> tuple[int, int]:
@@ -43,10 +38,11 @@ def keep(sweeps: list[Path], into: Path) -> tuple[int, int]:
             dest = into / sweep.name / multirun.relative_to(sweep)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(multirun, dest)
-        for run in run_dirs(sweep):
-            if not is_done(run):
+        for job in runs(sweep):
+            if job["status"] not in ("finished", "failed"):  # still going: its record would change
                 left += 1
                 continue
+            run = Path(job["dir"])
             dest = into / sweep.name / run.relative_to(sweep)
             if dest.exists():
                 shutil.rmtree(dest)
