@@ -3,7 +3,9 @@
 #   python scripts/study/results.py outputs/study > docs/results_appendix.md   # and --summary --figures docs/figures
 #
 #   scripts/study/study.sh [table ...]  tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation clock_ablation_mnist open_gates_pmnist clock_changes (default: all but smnist)
+#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation clock_ablation_mnist open_gates_pmnist open_gates_smnist text clock_changes
+#                                    (no table named: the nine quick ones, timescales baselines adding copy
+#                                    dct_variants dct_t210 period_variants lstm events_adding)
 #
 # Every command uses resume=auto and a fixed sweep directory, so re-running it skips
 # finished jobs and resumes interrupted ones. Jobs run two at a time (joblib), one
@@ -233,6 +235,13 @@ table() {
                         # clock_ablation_mnist's pMNIST recipe, 3 seeds
       run "${COMMON[@]}" experiment=pmnist trainer.steps=5000 model.activation=clock_event,event model.gate_bias=0 \
         model.update_weight=0 trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/open_gates_pmnist" ;;
+    open_gates_smnist)  # the same on sequential MNIST (clock_ablation_mnist's sMNIST recipe), 3 seeds
+      run "${COMMON[@]}" experiment=smnist trainer.steps=5000 model.activation=clock_event,event model.gate_bias=0 \
+        model.update_weight=0 trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/open_gates_smnist" ;;
+    text)  # character-level KJV (needs make data): hrnn and the LSTM and GRU of one and two layers at equal
+           # parameters, each at most an hour on one thread (trainer.max_wall_s), 3 seeds: fifteen hours of CPU
+      run "${COMMON[@]}" experiment=text,text_lstm,text_lstm2,text_gru,text_gru2 trainer.seed=0,1,2 \
+        hydra.sweep.dir="$STUDY/text" ;;
     clock_changes)  # two changes that could let the default model's clock learn from data, 3 seeds each, beside
                     # clock_ablation's rows: a coarse cosine basis (half an octave apart) and a learned phase
       run "${COMMON[@]}" task=timescales 'task.periods=[2,7,30]' trainer.steps=1500 trainer.eval_every=100 \
@@ -258,7 +267,7 @@ table() {
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 $MNIST_20K hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" "${MNIST_TASK[@]}" task=smnist model=lstm trainer.steps=20000 trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation clock_ablation_mnist open_gates_pmnist clock_changes" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation clock_ablation_mnist open_gates_pmnist open_gates_smnist text clock_changes" >&2; exit 2 ;;
   esac
 }
 
