@@ -22,7 +22,7 @@ if ROOT not in sys.path:
 CONFIGS = {
     "hrnn-dct": ("learned clock, DCT basis (soft waves, learned)", "hrnn", "dct", {}, False),
     "hrnn-binary": ("learned clock, binary basis (softmax mix of 0/1 columns, learned)", "hrnn", "binary", {}, False),
-    "cwrnn": ("Clockwork RNN, periods 2^i, hard waves: inactive modules skipped", "cwrnn", None, {}, False),
+    "cwrnn": ("Clockwork RNN, periods 2^i, hard waves: inactive modules skipped on the CPU, dense on a GPU", "cwrnn", None, {}, False),
     "cwrnn-dense": ("the same Clockwork RNN run densely (skip_inactive=False)", "cwrnn", None, {}, True),
     "lstm": ("torch.nn.LSTM", "lstm", None, {}, False),
     "gru": ("torch.nn.GRU", "gru", None, {}, False),
