@@ -160,6 +160,12 @@ def test_labels_name_the_clock_and_its_settings_off_default():
     assert model_label({"model": {"name": "hrnn", "activation": "event", "gate": "truncated", "gate_threshold": 0.3,
                                   "gate_support": 0.25}, "basis": {"name": "binary"}}) == \
         "hrnn event gate truncated threshold 0.3 support 0.25"
+    # a baseline's layers and initialisation are named off its own model's defaults (conf/model/lstm.yaml:
+    # one layer, chrono), so stacked or differently initialised runs do not pool with the preset's
+    assert model_label({"model": {"name": "lstm", "num_layers": 1, "init": "chrono"}, "basis": {"name": "dct"}}) == "lstm"
+    assert model_label({"model": {"name": "lstm", "hidden_size": 61, "num_layers": 2, "init": "forget1"},
+                        "basis": {"name": "dct"}}) == "lstm hidden 61 layers 2 init forget1"
+    assert model_label({"model": {"name": "gru", "num_layers": 2, "init": "default"}, "basis": {"name": "dct"}}) == "gru layers 2"
 
 
 def test_first_step_below_and_missing_study_dir(tmp_path, capsys):
@@ -250,6 +256,26 @@ def test_summary_rows_pool_finished_seeds_and_count_the_rest(tmp_path):
 
     later = results.planned_jobs(tmp_path / "ablation", plan, now=now + 2 * results.RUNNING_WITHIN_S)
     assert [j["status"] for j in later if j["name"] == "3_clock_1"] == ["stopped"]
+
+
+def test_a_task_without_a_solved_bar_has_no_solved_count(tmp_path):
+    """Text has no "solved": its rows say "-" there, not a count against adding's MSE bar."""
+    sweep = tmp_path / "text"
+    for seed, bpc in ((0, 1.93), (1, 1.95)):
+        job = sweep / f"{seed}_gru"
+        (job / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create({"model": {"name": "gru", "hidden_size": 108}, "basis": {"name": "dct"},
+                                         "task": {"name": "text", "seq_len": 150}, "trainer": {"seed": seed}}),
+                       job / ".hydra" / "config.yaml")
+        OmegaConf.save(OmegaConf.create([f"trainer.seed={seed}"]), job / ".hydra" / "overrides.yaml")
+        (job / "metrics.json").write_text(json.dumps({
+            "status": "finished", "metric": "bpc", "val_metric": bpc + 0.05, "test_metric": bpc, "baseline": 4.43,
+            "seed": seed, "params": 67682, "steps": 20000, "wall_s": 1245.0, "train_step_s": 0.055,
+            "history": [{"step": 1000, "val_bpc": 2.5, "val_mse": 0.001}]}))
+    [row] = results.summary_rows(results.read_study(tmp_path))
+    assert row["solved"] is None and row["n"] == 2 and row["model"] == "gru hidden 108"
+    assert "| text T = 150 | gru hidden 108 | bpc 1.9400 ± 0.0141 | 1.9900 ± 0.0141 | - | 2 (two seeds) |" in \
+        results.format_summary([row])
 
 
 def test_curves_are_the_mean_and_std_over_seeds_at_the_evaluations_every_seed_has():

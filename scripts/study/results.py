@@ -52,7 +52,8 @@ LABELLED_ANY = [("model", "activation", ""), ("model", "gate", "gate"), ("model"
                 ("model", "gate_support", "support"),
                 ("model", "update_weight", "update_weight"),
                 ("model", "connectivity", "connectivity"),
-                ("model", "hidden_size", "hidden"), ("model", "n_modules", "modules"), ("optim", "lr", "lr"),
+                ("model", "hidden_size", "hidden"), ("model", "num_layers", "layers"), ("model", "init", "init"),
+                ("model", "n_modules", "modules"), ("optim", "lr", "lr"),
                 ("optim", "clock_lr", "clock_lr"), ("optim", "connectivity_lr", "connectivity_lr"),
                 ("optim", "schedule", "lr"), ("trainer", "batch_size", "batch"), ("trainer", "grad_clip", "clip"),
                 ("trainer", "max_wall_s", "wall budget s")]
@@ -63,10 +64,11 @@ THRESHOLDS = {"adding": ("val_mse", 0.01, True), "copy": ("val_recall_acc", 0.99
 
 
 @functools.lru_cache(maxsize=None)
-def default_config(basis: str) -> dict[str, Any]:
-    """conf/'s defaults with this basis: what a label leaves out."""
+def default_config(basis: str, model: str = "hrnn") -> dict[str, Any]:
+    """conf/'s defaults with this basis and model: what a label leaves out."""
+    overrides = [f"basis={basis}"] + ([f"model={model}"] if (CONF_DIR / "model" / f"{model}.yaml").is_file() else [])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_container(compose(config_name="config", overrides=[f"basis={basis}"]))
+        return OmegaConf.to_container(compose(config_name="config", overrides=overrides))
 
 
 def _word(word: str, value: Any) -> str:
@@ -81,7 +83,7 @@ def model_label(config: dict[str, Any]) -> str:
     its start, optim.clock_lr=0, reads "frozen clock")."""
     model = config.get("model", {}).get("name", "?")
     basis = config.get("basis", {}).get("name", "?")
-    defaults = default_config(basis if basis in ("binary", "dct", "period") else "dct")
+    defaults = default_config(basis if basis in ("binary", "dct", "period") else "dct", model)
     activation = config.get("model", {}).get("activation", "clock")
     parts = [model] if model != "hrnn" else ["hrnn" if activation in NO_CLOCK else f"hrnn-{basis}"]
     if model == "hrnn" and activation not in NO_CLOCK:
@@ -90,7 +92,7 @@ def model_label(config: dict[str, Any]) -> str:
             if value != defaults[group].get(key):
                 parts.append(_word(word, value))
     for group, key, word in LABELLED_ANY:
-        if model != "hrnn" and group == "model" and key != "hidden_size":
+        if model != "hrnn" and group == "model" and key not in ("hidden_size", "num_layers", "init"):
             continue
         if group == "optim" and key == "clock_lr" and (model != "hrnn" or activation in NO_CLOCK):
             continue
@@ -416,9 +418,14 @@ def group_key(config: dict[str, Any]) -> tuple:
             model_label(config), trainer.get("steps"), trainer.get("max_wall_s"))
 
 
+def solved_bar(task: str) -> tuple[str, float, bool] | None:
+    """(history key, threshold, below?) of the task's "solved", None for a task without one (text, ...)."""
+    return THRESHOLDS.get(task, ("val_mse", THRESHOLD, True) if task == "timescales" else None)
+
+
 def solved_step(metrics: dict[str, Any], task: str) -> int | None:
     """The first evaluation at the task's bar (THRESHOLDS; timescales: val MSE < THRESHOLD), None: never."""
-    key, threshold, below = THRESHOLDS.get(task, ("val_mse", THRESHOLD, True))
+    key, threshold, below = solved_bar(task)
     entry = next((e for e in metrics.get("history", []) if key in e
                   and (e[key] < threshold if below else e[key] >= threshold)), None)
     return None if entry is None else entry["step"]
@@ -447,7 +454,7 @@ def summary_rows(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "metric": first.get("metric"), "higher_is_better": first.get("higher_is_better", False),
             "val": mean_std([m["val_metric"] for m in metrics]), "test": mean_std([m["test_metric"] for m in metrics]),
             "baseline": first.get("baseline"),
-            "solved": sum(solved_step(m, name) is not None for m in metrics),
+            "solved": None if solved_bar(name) is None else sum(solved_step(m, name) is not None for m in metrics),
             "recall_acc": mean_std([m.get("test", {}).get("recall_acc") for m in metrics]),
             "update_fraction": mean_std([m.get("test", {}).get("update_fraction") for m in metrics]),
             "params": sorted({m["params"] for m in metrics}),
@@ -487,14 +494,14 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
         test = plus_minus(*r["test"], digits=digits)
         if r["recall_acc"][0] is not None:
             test += f" (recall {plus_minus(*r['recall_acc'], digits=3)})"
-        key, threshold, below = THRESHOLDS.get(r["task"], ("val_mse", THRESHOLD, True))
-        bar = f"{key[4:]} {'<' if below else '>='} {threshold:g}"
+        bar = solved_bar(r["task"])
+        bar = None if bar is None else f"{bar[0][4:]} {'<' if bar[2] else '>='} {bar[1]:g}"
         planned = "-" if r["planned_steps"] is None else f"{r['planned_steps']:,}"
         steps = (f"budget {r['budget']:g} s: {_range(r['steps'])}" if r["budget"] is not None
                  else _range(r["steps"]) if r["steps"] else planned)
         metric = f"{r['metric']} " if r["metric"] else ""
         cells = [task, r["model"], f"{metric}{test}" if r["n"] else "-", plus_minus(*r["val"], digits=digits),
-                 f"{r['solved']}/{r['n']} ({bar})" if r["n"] else "-", _seeds(r["n"]), _range(r["params"]), steps,
+                 f"{r['solved']}/{r['n']} ({bar})" if r["n"] and bar else "-", _seeds(r["n"]), _range(r["params"]), steps,
                  plus_minus(*r["wall_s"], digits=0), plus_minus(*r["update_fraction"], digits=3), _status(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
