@@ -227,11 +227,9 @@ def task_rows(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (name, seq_len, label, steps), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2], kv[0][3])):
         metrics = sorted((j["metrics"] for j in members), key=lambda m: m.get("seed") or 0)
-        history_key, threshold, below = THRESHOLDS.get(name, (None, None, True))
         firsts = []
         for m in metrics:
-            entry = next((e for e in m.get("history", []) if history_key in e
-                          and (e[history_key] < threshold if below else e[history_key] >= threshold)), None)
+            entry = solved_entry(m, name)
             firsts.append((entry["step"] if entry else None, wall_to(entry, m)))
         walls = [w for _, w in firsts if w is not None]
         fractions = [m.get("test", {}).get("update_fraction") for m in metrics]
@@ -241,7 +239,7 @@ def task_rows(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "seeds": [m.get("seed") for m in metrics],
             "val": mean_std([m["val_metric"] for m in metrics]), "test": mean_std([m["test_metric"] for m in metrics]),
             "baseline": metrics[0]["baseline"], "higher_is_better": metrics[0].get("higher_is_better", False),
-            "threshold": (history_key, threshold, below),
+            "threshold": solved_bar(name) or (None, None, True),
             "solved": sum(s is not None for s, _ in firsts), "first_steps": [s for s, _ in firsts],
             "wall_to_threshold": statistics.median(walls) if walls else None,
             "recall_acc": mean_std(recalls) if None not in recalls else None,
@@ -423,11 +421,19 @@ def solved_bar(task: str) -> tuple[str, float, bool] | None:
     return THRESHOLDS.get(task, ("val_mse", THRESHOLD, True) if task == "timescales" else None)
 
 
+def solved_entry(metrics: dict[str, Any], task: str) -> dict[str, Any] | None:
+    """The first evaluation at the task's bar (THRESHOLDS; timescales: val MSE < THRESHOLD), None: never
+    or no bar."""
+    bar = solved_bar(task)
+    if bar is None:
+        return None
+    key, threshold, below = bar
+    return next((e for e in metrics.get("history", []) if key in e
+                 and (e[key] < threshold if below else e[key] >= threshold)), None)
+
+
 def solved_step(metrics: dict[str, Any], task: str) -> int | None:
-    """The first evaluation at the task's bar (THRESHOLDS; timescales: val MSE < THRESHOLD), None: never."""
-    key, threshold, below = solved_bar(task)
-    entry = next((e for e in metrics.get("history", []) if key in e
-                  and (e[key] < threshold if below else e[key] >= threshold)), None)
+    entry = solved_entry(metrics, task)
     return None if entry is None else entry["step"]
 
 
