@@ -2,8 +2,7 @@
 # The results study behind docs/results.md: one multirun per table, then (the generated tables)
 #   python scripts/study/results.py outputs/study > docs/results_appendix.md   # and --summary --figures docs/figures
 #
-#   scripts/study/study.sh [table ...]  tables: timescales baselines dct_variants dct_t210 period_variants lstm adding copy
-#                                    events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation clock_ablation_mnist open_gates_pmnist open_gates_smnist text clock_changes
+#   scripts/study/study.sh [table ...]  tables: the names in TABLES below (an unknown name lists them)
 #                                    (no table named: the nine quick ones, timescales baselines adding copy
 #                                    dct_variants dct_t210 period_variants lstm events_adding)
 #
@@ -14,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STUDY=${STUDY:-outputs/study}
+TABLES="timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation clock_ablation_mnist open_gates_pmnist open_gates_smnist text clock_changes"
 TRAIN=${TRAIN:-.venv/bin/hrnn-train}
 COMMON=(-m hydra/launcher=joblib hydra.launcher.n_jobs=${JOBS:-2} trainer.num_threads=1 trainer.progress=false resume=auto)
 PERIOD_SETS='task.periods=[4,12],[3,10],[6,20],[2,7,30]'
@@ -267,7 +267,7 @@ table() {
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 $MNIST_20K hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" "${MNIST_TASK[@]}" task=smnist model=lstm trainer.steps=20000 trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
-    *) echo "unknown table '$1'; allowed: timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation clock_ablation_mnist open_gates_pmnist open_gates_smnist text clock_changes" >&2; exit 2 ;;
+    *) echo "unknown table '$1'; allowed: $TABLES" >&2; exit 2 ;;
   esac
 }
 
