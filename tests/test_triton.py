@@ -7,7 +7,8 @@ gradient must equal `leaky_scan_reference` / `leaky_rnn_reference` to 1e-5 relat
 mode, for the case matrix of the CPU kernels (tests/test_fused.py) plus a batch that needs
 two programs. Triton is a test dependency (setup.cfg extra `test`): without it this module
 fails to import, loudly. The interpreter computes tf32 and tf32x3 dots exactly, so their
-accuracy is checked on a GPU (scripts/gpu/gpu_check.sh), not here; bf16 is emulated by rounding.
+accuracy is checked on a GPU (scripts/gpu/gpu_check.sh), not here; bf16 and bf16x3 are emulated
+by rounding.
 """
 import importlib
 import json
@@ -15,6 +16,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,6 +204,44 @@ def test_bf16_rounds_the_product_operands_only():
         assert 1e-6 < ((g - w).norm() / w.norm()).item() < 5e-2
 
 
+def bf16_split(t):
+    """t = hi + lo to 16 bits: hi the nearest bf16, lo the nearest bf16 to the rest (bf16x3's operands)."""
+    hi = bf16(t)
+    return hi, bf16(t - hi)
+
+
+def bf16x3_reference(u, w_h, waves, h0):
+    """The bf16x3 mode's definition: each product as the three bf16 products of its split operands,
+    h_hi W_lo + h_lo W_hi + h_hi W_hi (h_lo W_lo, about 2^-16 of the product, left out), in float64."""
+    a = waves.repeat_interleave(u.shape[2] // waves.shape[1], dim=1).double()
+    w_hi, w_lo = (t.double() for t in bf16_split(w_h))
+    h, states = h0.double(), []
+    for t in range(u.shape[1]):
+        h_hi, h_lo = (x.double() for x in bf16_split(h.float()))
+        product = h_hi @ w_lo.t() + h_lo @ w_hi.t() + h_hi @ w_hi.t()
+        h = torch.lerp(h, torch.tanh(u[:, t].double() + product), a[t])
+        states.append(h)
+    return torch.stack(states, dim=1)
+
+
+@pytest.mark.parametrize("chains", [1, 3])
+def test_bf16x3_is_three_bf16_products_of_split_operands(chains, monkeypatch):
+    """bf16x3, with its three products in one accumulation or three: the forward equals the loop of
+    bf16x3_reference to float32 rounding (tanh and sums in fp32), and it is within 1e-5 of ieee where bf16 is 1e-3 away;
+    gradients likewise (the backward's dz W_h is bf16x3 too)."""
+    monkeypatch.setitem(gpu.TUNING, "chains", chains)
+    inputs = make_inputs(6, 30, 32, 4, hard=False, masked=False)
+    grad_out = torch.randn(6, 30, 32, generator=torch.Generator().manual_seed(5))
+    got, got_grads = run_with_grads(scan(False, "bf16x3"), inputs, grad_out, [0, 1, 2, 3])
+    assert_close_rel(got.double(), bf16x3_reference(*inputs), 1e-5)  # a product term left out: 1e-3
+    exact, exact_grads = run_with_grads(leaky_scan_reference, inputs, grad_out, [0, 1, 2, 3])
+    rounded, _ = run_with_grads(scan(False, "bf16"), inputs, grad_out, [0, 1, 2, 3])
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(got, exact) < 1e-5 < 1e-4 < rel(rounded, exact)
+    for g, w in zip(got_grads, exact_grads):
+        assert rel(g, w) < 1e-4
+
+
 def test_supports_says_why_not():
     u, w_h, waves, h0 = make_inputs(2, 4, 16, 2, hard=False, masked=False)
     assert gpu.supports(u, w_h, waves, h0) is None
@@ -237,7 +277,7 @@ def precision_restored():
 
 def test_matmul_precision_setting(precision_restored, tmp_path):
     """The runner applies trainer.matmul_precision to hrnn.ops; bad values fail in one line."""
-    with pytest.raises(ValueError, match=r"'fp16' is not allowed; allowed: ieee, tf32, tf32x3, bf16"):
+    with pytest.raises(ValueError, match=r"'fp16' is not allowed; allowed: ieee, tf32, tf32x3, bf16x3, bf16$"):
         ops.set_matmul_precision("fp16")
     assert validate(compose_config([])).trainer.matmul_precision in ops.MATMUL_PRECISIONS
     with pytest.raises(UserError, match=r"^trainer.matmul_precision='fp16' is not allowed; allowed: ieee, tf32"):
@@ -309,8 +349,8 @@ def spill_bytes(kernel):
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", err))
 
 out = {}
-for precision, dtype in (("tf32", torch.float32), ("tf32x3", torch.float32), ("bf16", torch.float32),
-                         ("ieee", torch.float64)):
+for precision, dtype in (("tf32", torch.float32), ("tf32x3", torch.float32), ("bf16x3", torch.float32),
+                         ("bf16", torch.float32), ("ieee", torch.float64)):
     hidden = gpu.MAX_HIDDEN[dtype]
     _, opts = gpu.launch(hidden, 100)
     warps, common = opts.pop("num_warps"), dict(T=784, PRECISION=precision, INTERPRET=False, **opts)
@@ -330,18 +370,31 @@ for precision, dtype in (("tf32", torch.float32), ("tf32x3", torch.float32), ("b
     out[precision] = {"shared": {k: v.metadata.shared for k, v in kernels.items()},
                       "spill_bytes": {k: spill_bytes(v) for k, v in kernels.items()},
                       "mma": [line.split()[0] for line in fwd.asm["ptx"].splitlines() if "mma.sync" in line][:1]}
+# The gated kernels of the default precision (argv[1]) at other lengths: T is a compile-time constant.
+for steps in (200, 2000):
+    _, gated = gpu.gated_launch(128, 8, 100, steps, torch.zeros(steps, 8), None, 0.5, 0, sys.argv[1], torch.float32)
+    gated["INTERPRET"], warps = False, gated.pop("num_warps")
+    gfwd = compile_(K.gated_forward_kernel, {"u", "gu", "w_h", "gate_h", "waves", "thr", "h0", "buf", "cands", "gates",
+                    "acts", "last"}, "fp32", dict(WRITE_STATES=True, WRITE_CANDS=True, WRITE_LAST=False, **gated), warps)
+    gbwd = compile_(K.gated_backward_kernel, {"grad", "grad_last", "grad_act", "buf", "cands", "gates", "w_h", "gate_h",
+                    "waves", "thr", "dz", "dzg", "dzl", "dwave", "dh0"}, "fp32",
+                    dict(GRAD_ALL=True, HAS_GRAD=True, HAS_GRAD_ACT=True, NEED_DWAVE=True, SUPPORT=True, **gated), warps)
+    kernels = {"gated_forward": gfwd, "gated_backward": gbwd}
+    out[f"{sys.argv[1]} at T={steps}"] = {"shared": {k: v.metadata.shared for k, v in kernels.items()},
+                                          "spill_bytes": {k: spill_bytes(v) for k, v in kernels.items()}}
 print(json.dumps(out))
 """
 
 
 def test_kernels_compile_for_hopper_within_shared_memory_and_registers():
     """The clock kernels and the gated ones, forward and backward, at the largest padded size
-    and the launch's warps: within shared memory, and, in the fast precisions, without register
-    spills (ptxas -v). A spilling gated forward in tf32x3 (22 KB a thread) took 185 ms a step on
+    and the launch's warps (and the gated ones of the default precision at T = 200 and 2000 too):
+    within shared memory, and, in the fast precisions, without register spills (ptxas -v). A spilling gated forward in tf32x3 (22 KB a thread) took 185 ms a step on
     an H100 where the same kernel without spills took 9.6 ms (docs/gpu.md); ieee is the slow
     reference mode and its forward spills (measured 34.8 ms, 8x tf32x3)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    default = OmegaConf.load(Path(__file__).parents[1] / "conf" / "trainer" / "default.yaml").matmul_precision
+    proc = subprocess.run([sys.executable, "-c", COMPILE, default], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for precision, r in out.items():
@@ -350,7 +403,9 @@ def test_kernels_compile_for_hopper_within_shared_memory_and_registers():
             assert not any(r["spill_bytes"].values()), (precision, r["spill_bytes"])
     # Tensor-core instructions with the operand types each precision asks for (the tile shape
     # is the compiler's choice and differs between Triton versions).
-    for precision, types in (("tf32", ".f32.tf32.tf32.f32"), ("bf16", ".f32.bf16.bf16.f32"), ("ieee", ".f64.f64.f64.f64")):
+    assert {"bf16x3 at T=200", "bf16x3 at T=2000"} <= out.keys() or default != "bf16x3"
+    for precision, types in (("tf32", ".f32.tf32.tf32.f32"), ("bf16x3", ".f32.bf16.bf16.f32"), ("bf16", ".f32.bf16.bf16.f32"),
+                             ("ieee", ".f64.f64.f64.f64")):
         mma = out[precision]["mma"]
         assert len(mma) == 1 and mma[0].startswith("mma.sync") and mma[0].endswith(types), (precision, mma)
 
@@ -400,9 +455,17 @@ def gated_id(c):
     return "B{}T{}I{}H{}M{}-{}-{}-{}".format(*c[:6], c[6], str(c[7])[-7:])
 
 
+@pytest.fixture(params=["unit", "module"])
+def gate_layout(request, monkeypatch):
+    """Both layouts of the gated kernels (hrnn.ops.gpu.TUNING["unit_gates"]): every unit computing its
+    module's gate on the tensor cores, or per module with the gate's small products in FMAs."""
+    monkeypatch.setitem(gpu.TUNING, "unit_gates", request.param == "unit")
+    return request.param
+
+
 @pytest.mark.parametrize("case", GATED_CASES, ids=gated_id)
 @pytest.mark.parametrize("last_only", [False, True], ids=["all", "last"])
-def test_gated_matches_reference(case, last_only):
+def test_gated_matches_reference(case, last_only, gate_layout):
     """States, activations and the gradient of every input (x, W_x, b, W_h, h0, G_x, g_b, G_h,
     waves) against the reference loop, for a loss that reads both outputs: 1e-5 in float32 (ieee),
     1e-10 in float64, where hard activations are equal."""
@@ -426,7 +489,7 @@ def test_gated_matches_reference(case, last_only):
 
 
 @pytest.mark.parametrize("waves", [None, "shared"])
-def test_gated_truncated_support_matches_reference(waves):
+def test_gated_truncated_support_matches_reference(waves, gate_layout):
     """A truncated gate with a support: the values are the truncated gate's and the gate's gradient is the
     open gate's at the shut entries within the support, as in the reference loop (float64)."""
     args = make_gated(5, 8, 2, 24, 3, F64, waves, seed=5)
@@ -441,7 +504,7 @@ def test_gated_truncated_support_matches_reference(waves):
     assert not torch.allclose(got[2]["gate_bias"], exact[2]["gate_bias"])  # the support reached the gate
 
 
-def test_gated_hard_gate_with_one_threshold():
+def test_gated_hard_gate_with_one_threshold(gate_layout):
     """A float threshold (the hard gate's usual call) equals the same threshold as a tensor."""
     args = make_gated(4, 8, 2, 16, 2, F64, "shared")
     want = gated_values_and_grads(gated_leaky_rnn_reference, args, "hard", 0.5)
@@ -452,7 +515,7 @@ def test_gated_hard_gate_with_one_threshold():
         assert_close_rel(got[2][name], want[2][name], 1e-10)
 
 
-def test_gated_gradcheck_float64():
+def test_gated_gradcheck_float64(gate_layout):
     """Soft gates and a shared clock wave in double pass gradcheck, all states and last only."""
     a = make_gated(3, 5, 2, 8, 2, F64, "shared")
     names = ("x", "w_x", "bias", "w_h", "h0", "waves", "gate_x", "gate_bias", "gate_h")
@@ -464,7 +527,7 @@ def test_gated_gradcheck_float64():
         assert torch.autograd.gradcheck(op, leaves, fast_mode=True)
 
 
-def test_gated_inference_matches_training_forward():
+def test_gated_inference_matches_training_forward(gate_layout):
     """Under no_grad the forward-only launch (no candidates, no gates kept) gives the training
     forward's states and activations."""
     a = make_gated(5, 9, 2, 32, 4, F32, "shared")

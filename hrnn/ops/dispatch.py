@@ -31,7 +31,7 @@ from hrnn.ops import reference
 
 log = logging.getLogger(__name__)
 
-MATMUL_PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
+MATMUL_PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16x3", "bf16")
 _precision: str | None = None  # None: exact fp32 (ieee); set_matmul_precision sets the run's
 
 # The path lines already logged, by key (the line itself; "cpu" for the CPU's fallback, said once
@@ -62,7 +62,8 @@ class Availability:
 
 def set_matmul_precision(name: str | None) -> None:
     """Precision of the recurrent products on CUDA (the Triton kernels): ieee (fp32 FMA), tf32,
-    tf32x3 (three tf32 products, about fp32 accuracy) or bf16 operands; None: exact fp32, as
+    tf32x3 (three tf32 products, about fp32 accuracy), bf16x3 (three bf16 products of operands split
+    into bf16 halves, within about 2^-16) or bf16 operands; None: exact fp32, as
     ieee. The state and every accumulation stay fp32 in all of them; CPU tensors always run exact
     fp32/fp64."""
     if name is not None and name not in MATMUL_PRECISIONS:

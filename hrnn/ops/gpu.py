@@ -15,10 +15,12 @@ GEMM of (T*B, I) x (I, H), a few microseconds against milliseconds for the seria
 kernels then take any I. It runs time-major, so u and du are contiguous (T, B, H) slices and
 dW_x = du^T x, db = sum du are torch's own products.
 
-Precision (`hrnn.ops.set_matmul_precision`, `trainer.matmul_precision`) is the tl.dot input
-precision of the two per-step products (h W_h^T forward, dz W_h backward): ieee, tf32, tf32x3
-or bf16 operands. The state, the candidates, dh and every accumulation stay fp32; dW_h and the
-projection are torch GEMMs under torch's own fp32 setting. float64 tensors always run ieee.
+Precision (`hrnn.ops.set_matmul_precision`, `trainer.matmul_precision`) is that of the per-step
+products (h W_h^T forward, dz W_h backward, and the gate's): ieee, tf32, tf32x3, bf16x3 (each
+operand split into two bf16 halves, three bf16 products; the default, within 1e-2 of float64
+gradients at a third less time than tf32x3 on an H200, docs/gpu.md) or bf16 operands. The state,
+the candidates, dh and every accumulation stay fp32; dW_h and the projection are torch GEMMs
+under torch's own fp32 setting. float64 tensors always run ieee.
 """
 from __future__ import annotations
 
@@ -34,9 +36,11 @@ from hrnn.ops.dispatch import Availability
 MAX_HIDDEN = {torch.float32: 128, torch.float64: 64}
 BLOCK_B = 16       # batch rows per program (tl.dot needs at least 16)
 GATE_CODES = {"soft": 0, "hard": 1, "truncated": 2}  # the gated kernels' GATE: e = g, 1[g > thr], g 1[g > thr]
-# Launch settings that measurement may change (scripts/bench/bench_cuda.py --sweep sets them):
-# None picks BLOCK_B and 4 warps for HP <= 64, 8 above.
-TUNING: dict = {"block_b": None, "num_warps": None}
+# Launch settings that measurement may change (scripts/bench/bench_cuda.py --sweep and
+# scripts/gpu/kernel_times.py set them): None picks BLOCK_B, 4 warps for HP <= 64 and 8 above, and
+# the gates' layout by precision (`unit_gates`, in gated_launch). `chains`: bf16x3's three products
+# in one accumulation (1) or three summed (3); on an H200 the two were within 3% (docs/gpu.md).
+TUNING: dict = {"block_b": None, "num_warps": None, "unit_gates": None, "chains": 3}
 
 try:
     if os.environ.get("HRNN_DISABLE_TRITON"):
@@ -86,7 +90,8 @@ def launch(hidden: int, batch: int) -> tuple[tuple, dict]:
     hp = _padded(hidden)
     block_b = TUNING["block_b"] or BLOCK_B
     warps = TUNING["num_warps"] or (4 if hp <= 64 else 8)
-    return ((batch + block_b - 1) // block_b,), {"HP": hp, "BLOCK_B": block_b, "num_warps": warps}
+    return ((batch + block_b - 1) // block_b,), {"HP": hp, "BLOCK_B": block_b, "num_warps": warps,
+                                                  "CHAINS": TUNING["chains"]}
 
 
 def _dot_precision(precision: str, dtype: torch.dtype) -> str:
@@ -197,15 +202,36 @@ def gated_supports(x: Tensor, w_h: Tensor, gate_h: Tensor | None, *others: Tenso
 
 def gated_launch(hidden: int, n_modules: int, batch: int, steps: int, waves: Tensor | None,
                  thr: Tensor | None, thr_value: float, gate: int, precision: str, dtype: torch.dtype):
-    """Grid and launch options of the gated kernels."""
+    """Grid and launch options of the gated kernels. Unit gates (every unit computes its module's
+    gate on the tensor cores, beside the main product) unless tf32x3, whose split operands leave no
+    registers for the gate's product (ptxas spills; tests/test_triton.py): there the module layout,
+    with the gate's small products in fp32 FMAs."""
     mp, up, ng = gated_layout(hidden, n_modules)
+    unit_gates = TUNING["unit_gates"]
+    if unit_gates is None:
+        unit_gates = _dot_precision(precision, dtype) != "tf32x3"
     block_b = TUNING["block_b"] or BLOCK_B
     warps = TUNING["num_warps"] or (4 if mp * up <= 64 else 8)  # 4 spills registers at 128 (ptxas -v)
     grid = ((batch + block_b - 1) // block_b,)
     opts = dict(T=steps, MP=mp, UP=up, NG=ng, BLOCK_B=block_b,
                 WAVES=0 if waves is None else waves.dim() - 1, GATE=gate, THR_TENSOR=thr is not None,
-                PRECISION=_dot_precision(precision, dtype), INTERPRET=INTERPRET, num_warps=warps)
+                PRECISION=_dot_precision(precision, dtype), INTERPRET=INTERPRET, num_warps=warps,
+                UNIT_GATES=unit_gates, CHAINS=TUNING["chains"])
     return grid, opts
+
+
+def _gate_terms(gates: Tensor, waves: Tensor | None, thr: Tensor | None, thr_value: float, gate: int):
+    """(e, w) of the gated kernels' _activation, from the gate values g (T, B, M) the forward stored:
+    e = g, 1[g > threshold] or g 1[g > threshold]; w the clock wave broadcast to (T, B, M), or 1."""
+    th = thr if thr is not None else thr_value
+    if gate == 0:
+        e = gates
+    elif gate == 1:
+        e = (gates > th).to(gates.dtype)
+    else:
+        e = torch.where(gates > th, gates, 0.0)
+    w = 1.0 if waves is None else waves[:, None, :] if waves.dim() == 2 else waves
+    return e, w
 
 
 def _gated_forward(u, gu, w_h, gate_h, waves, h0, thr, thr_value, gate, precision, keep, last_only):
@@ -227,6 +253,9 @@ def _gated_forward(u, gu, w_h, gate_h, waves, h0, thr, thr_value, gate, precisio
         u, gu, w_h, gate_h, u if waves is None else waves, u if thr is None else thr, thr_value, h0,
         buf, cands, gates, acts, last, batch, hidden, n_modules, hidden // n_modules,
         WRITE_STATES=states, WRITE_CANDS=keep, WRITE_LAST=write_last, **opts)
+    if keep and opts["UNIT_GATES"]:  # that kernel stores the gates, not a_t = w e(g), when it keeps them
+        e, w = _gate_terms(gates, waves, thr, thr_value, gate)
+        acts = e * w
     return buf, cands, gates, acts, last
 
 
@@ -262,9 +291,12 @@ class _GatedScan(torch.autograd.Function):
             strides = (grad.stride(0), grad.stride(1))
         if grad_acts is not None:
             grad_acts = grad_acts.transpose(0, 1).contiguous()  # (T, B, M)
-        dz, dzg = torch.empty_like(cands), torch.empty_like(gates)
-        dzl = torch.empty_like(gates) if ctx.support else dzg
-        dwave = torch.empty_like(gates) if need[4] else dzg
+        # The unit-gates kernel stores each unit's share of dL/da (T, B, H) in dzg, from which dzg, dzl
+        # and dwave follow below; the module-gates kernel stores those three (T, B, M) itself.
+        unit_gates = opts["UNIT_GATES"]
+        dz, dzg = torch.empty_like(cands), torch.empty_like(cands if unit_gates else gates)
+        dzl = torch.empty_like(gates) if ctx.support and not unit_gates else dzg
+        dwave = torch.empty_like(gates) if need[4] and not unit_gates else dzg
         dh0 = buf.new_empty(batch, hidden)
         _K.gated_backward_kernel[grid](
             buf if grad is None else grad, *strides, buf if grad is None else grad,
@@ -273,6 +305,9 @@ class _GatedScan(torch.autograd.Function):
             dz, dzg, dzl, dwave, dh0, batch, hidden, n_modules, hidden // n_modules,
             GRAD_ALL=grad is not None and not ctx.last_only, HAS_GRAD=grad is not None,
             HAS_GRAD_ACT=grad_acts is not None, NEED_DWAVE=need[4], SUPPORT=bool(ctx.support), **opts)
+        if unit_gates:
+            dzg, dzl, dwave = _gate_grads(dzg.view(steps, batch, n_modules, -1).sum(3), gates, waves, thr,
+                                          ctx.thr_value, ctx.gate, ctx.support, need[4])
         prev = buf[:-1].reshape(-1, hidden)
         dw = torch.mm(dz.view(-1, hidden).t(), prev) if need[2] else None
         dg = torch.mm((dzg + dzl if ctx.support else dzg).view(-1, n_modules).t(), prev) if need[3] else None
@@ -288,6 +323,22 @@ class _GatedScan(torch.autograd.Function):
             dwaves = dwave.sum(1) if waves.dim() == 2 else dwave
         return (dz if need[0] else None, dzg if need[1] else None, dw, dg, dwaves,
                 dh0 if need[5] else None, None, None, None, None, None, None, None, dgx, dgb)
+
+
+def _gate_grads(da: Tensor, gates: Tensor, waves, thr, thr_value: float, gate: int, support: float, need_dwave: bool):
+    """(dzg, dzl, dwave) from dL/da (T, B, M), as the module-gates kernel computes them per step: the
+    logits' gradient da w g (1 - g), zero where a truncated gate is shut beyond its support; within
+    the support it goes to dzl (the gate's weights only) and dzg keeps the open entries; dwave = da e."""
+    e, w = _gate_terms(gates, waves, thr, thr_value, gate)
+    logits = da * w * gates * (1.0 - gates)
+    th = thr if thr is not None else thr_value
+    if gate == 2:
+        logits = torch.where(gates > th - support, logits, 0.0)
+    dzg, dzl = logits, None
+    if support:
+        shut = gates <= th
+        dzg, dzl = torch.where(shut, 0.0, logits), torch.where(shut, logits, 0.0)
+    return dzg, dzl, da * e if need_dwave else None
 
 
 def gated_leaky_rnn(x: Tensor, w_x: Tensor, bias: Tensor | None, w_h: Tensor, h0: Tensor, waves: Tensor | None,

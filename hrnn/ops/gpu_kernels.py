@@ -40,29 +40,52 @@ def _lerp(h, c, a):
 
 
 @triton.jit
-def _operand(x, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """x as a tl.dot operand: bf16 rounds it; everything else stays fp32 (the dot's
-    input_precision then picks ieee, tf32 or tf32x3)."""
-    if PRECISION == "bf16":
-        if INTERPRET:
-            # The interpreter's tl.dot multiplies bf16 bit patterns as integers, and its casts do
-            # not round to nearest: round fp32 to the nearest-even bf16 by hand (what the GPU's
-            # conversion does) and keep it in fp32, where the exact product is the bf16 one.
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-        else:
-            x = x.to(tl.bfloat16)
-    return x
+def _round_bf16(x, INTERPRET: tl.constexpr):
+    """x rounded to the nearest-even bf16: a bf16 tensor on the GPU; in the interpreter, whose tl.dot
+    multiplies bf16 bit patterns as integers and whose casts do not round to nearest, the same value
+    kept in fp32 (rounded by hand, as the GPU's conversion does), where the exact product is the bf16 one."""
+    if INTERPRET:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        out = bits.to(tl.float32, bitcast=True)
+    else:
+        out = x.to(tl.bfloat16)
+    return out
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr):
-    """a @ b accumulated in fp32 (fp64 for double operands)."""
-    if PRECISION == "bf16":
-        out = tl.dot(a, b)
+def _operand(x, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """x as a _dot operand, (hi, lo): for bf16x3 x = hi + lo to 16 bits, both bf16 (a loop-invariant
+    weight is split once, before the loop); bf16 rounds x (lo unused); everything else keeps x in
+    fp32 (the dot's input_precision then picks ieee, tf32 or tf32x3)."""
+    if PRECISION == "bf16x3":
+        hi = _round_bf16(x, INTERPRET)
+        lo = _round_bf16(x - hi.to(tl.float32), INTERPRET)
+    elif PRECISION == "bf16":
+        hi = _round_bf16(x, INTERPRET)
+        lo = hi
     else:
-        out = tl.dot(a, b, input_precision=PRECISION)
+        hi = x
+        lo = x
+    return hi, lo
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, CHAINS: tl.constexpr = 1):
+    """a @ b for operands from _operand, accumulated in fp32 (fp64 for double operands). bf16x3 is
+    three bf16 products, the small terms first: a_hi b_lo + a_lo b_hi + a_hi b_hi, within about
+    2^-16 of the fp32 product at twice tf32's tensor-core rate and half its operand registers."""
+    a_hi, a_lo = a
+    b_hi, b_lo = b
+    if PRECISION == "bf16x3" and CHAINS == 3:  # three independent accumulations: a shorter serial chain
+        out = tl.dot(a_hi, b_hi) + (tl.dot(a_lo, b_hi) + tl.dot(a_hi, b_lo))
+    elif PRECISION == "bf16x3":
+        out = tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo))
+        out = tl.dot(a_hi, b_hi, out)
+    elif PRECISION == "bf16":
+        out = tl.dot(a_hi, b_hi)
+    else:
+        out = tl.dot(a_hi, b_hi, input_precision=PRECISION)
     return out
 
 
@@ -78,7 +101,7 @@ def leaky_forward_kernel(
     B, H, M, UNITS,
     T: tl.constexpr, HP: tl.constexpr, BLOCK_B: tl.constexpr,
     WRITE_STATES: tl.constexpr, WRITE_CANDS: tl.constexpr, WRITE_LAST: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr, CHAINS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, HP)
@@ -100,7 +123,7 @@ def leaky_forward_kernel(
         ahead = tl.minimum(t + 1, T - 1)
         u_next = tl.load(u_tile + ahead * su_t, mask=mask, other=0.0)
         a_next = tl.load(waves + ahead * M + module, mask=col_ok, other=0.0)[None, :]
-        c = _tanh(_dot(_operand(h, PRECISION, INTERPRET), wt, PRECISION) + u_t)
+        c = _tanh(_dot(_operand(h, PRECISION, INTERPRET), wt, PRECISION, CHAINS) + u_t)
         h = _lerp(h, c, a)
         if WRITE_STATES:
             tl.store(buf + (t + 1) * B * H + tile, h, mask=mask)
@@ -123,7 +146,7 @@ def leaky_backward_kernel(
     B, H, M, UNITS,
     T: tl.constexpr, HP: tl.constexpr, BLOCK_B: tl.constexpr,
     GRAD_ALL: tl.constexpr, NEED_DA: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr, CHAINS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -163,7 +186,7 @@ def leaky_backward_kernel(
             tl.store(da_part + (pid * T + t) * H + cols, tl.sum(g * (c - h_prev), axis=0), mask=col_ok)
         dz_t = g * a * (1.0 - c * c)
         tl.store(dz + t * B * H + tile, dz_t, mask=mask)
-        g = g * (1.0 - a) + _dot(_operand(dz_t, PRECISION, INTERPRET), w, PRECISION)
+        g = g * (1.0 - a) + _dot(_operand(dz_t, PRECISION, INTERPRET), w, PRECISION, CHAINS)
     tl.store(dh0 + tile, g, mask=mask)
 
 
@@ -175,15 +198,22 @@ def leaky_backward_kernel(
 #     a_t = w_t * e_t                         w_t the clock wave (T, M), per sample (B, T, M), or 1
 #     h_t = lerp(h_{t-1}, tanh(u_t + h_{t-1} W_h^T), a_t)
 #
-# Units live in a padded layout of MP = next_pow2(M) modules x UP = next_pow2(H / M) units, so
-# that a module's quantities (B, MP) and its units' (B, MP * UP) convert by reshape: a module
-# sum is a sum over the last axis of (B, MP, UP), and expanding a module value to its units is
-# a broadcast. Units past H / M and modules past M load zeros and stay zero. The gate's product
-# h G_h^T is one tl.dot of N = NG = max(16, MP) columns (tl.dot's minimum), G_h in the first MP,
-# zeros after, summed back to MP by reshape; its backward dzg G_h reads dzg repeated NG / MP times
-# against the same rows. Both are exact fp32 (FMA) in every precision: they are 1/8 of the main
-# product's work at M = 8, and on tensor cores in tf32x3 the forward's second product made ptxas
-# spill 22 KB per thread (185 ms a step on an H100 against 8.6 ms in tf32; docs/gpu.md).
+# Units live in a padded layout of MP = next_pow2(M) modules x UP = next_pow2(H / M) units.
+# Units past H / M and modules past M load zeros and stay zero. Two layouts of the gate (UNIT_GATES):
+#
+# - unit gates (the default but in tf32x3): every unit computes its module's gate. The gate's
+#   product is a second (BLOCK_B x HP) @ (HP x HP) tensor-core product from the same operand h,
+#   G_h's row m repeated over module m's columns, in the main product's precision, so every gate
+#   quantity is born in the units' layout: no module sums or broadcasts on the serial chain (on
+#   an H200, 6.4-6.6 ms against 8.0 for the module layout, the recurrence at B = 100, T = 784,
+#   bf16x3; docs/gpu.md). The backward stores each unit's share of dL/da; the host sums them.
+# - module gates: a module's quantities (B, MP) and its units' (B, MP * UP) convert by reshape (a
+#   module sum is a sum over the last axis of (B, MP, UP), a module value reaches its units by
+#   broadcast). The gate's product h G_h^T is one tl.dot of N = NG = max(16, MP) columns (tl.dot's
+#   minimum), G_h in the first MP, zeros after, summed back to MP by reshape; its backward dzg G_h
+#   reads dzg repeated NG / MP times against the same rows. Both are exact fp32 (FMA): in tf32x3
+#   the split operands leave no registers for a second tensor-core product (ptxas spilled 22 KB
+#   per thread, 185 ms a step on an H100 against 8.6 ms in tf32; docs/gpu.md).
 
 
 @triton.jit
@@ -259,15 +289,13 @@ def _saved_step(buf, cands, gates, t, B, H, M, tile, mtile, mask, mmask):
 
 
 @triton.jit
-def _gate_grad(gh, c, h_prev, g, e, w, grad_act, dwave, t, B, M, mtile, mmask, m_ok, th, support,
-               BLOCK_B: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr, HAS_GRAD_ACT: tl.constexpr,
-               NEED_DWAVE: tl.constexpr, GATE: tl.constexpr):
-    """The gradient of one step's gate logits, (BLOCK_B, MP), from dL/dh_t (gh): da = the module sums of
-    gh (c - h_prev) (plus dL/da if given; stored times e as dL/dw if asked), then dz = da w g (1 - g):
-    straight-through when hard (de = dg), and 0 where a truncated gate is shut, except within `support`
-    below its threshold (the pseudo-derivative: the open gate's gradient there, which the kernel then
-    keeps apart from the carry: it reaches the gate's weights only)."""
-    da = _module_sums(gh * (c - h_prev), BLOCK_B, MP, UP)
+def _gate_grad(da, g, e, w, grad_act, dwave, t, B, M, mtile, mmask, m_ok, th, support,
+               HAS_GRAD_ACT: tl.constexpr, NEED_DWAVE: tl.constexpr, GATE: tl.constexpr):
+    """The gradient of one step's gate logits from da, the module sums of dL/dh_t (c - h_prev) (plus
+    dL/da if given; stored times e as dL/dw if asked): dz = da w g (1 - g), straight-through when hard
+    (de = dg), and 0 where a truncated gate is shut, except within `support` below its threshold (the
+    pseudo-derivative: the open gate's gradient there, which the kernel then keeps apart from the
+    carry: it reaches the gate's weights only)."""
     if HAS_GRAD_ACT:
         da += tl.load(grad_act + t * B * M + mtile, mask=mmask, other=0.0)
     if NEED_DWAVE:
@@ -312,14 +340,29 @@ def gated_forward_kernel(
     T: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr, NG: tl.constexpr, BLOCK_B: tl.constexpr,
     WAVES: tl.constexpr, GATE: tl.constexpr, THR_TENSOR: tl.constexpr,
     WRITE_STATES: tl.constexpr, WRITE_CANDS: tl.constexpr, WRITE_LAST: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr, UNIT_GATES: tl.constexpr,
+    CHAINS: tl.constexpr,
 ):
     rows, unit, col_ok, mask, mcols, m_ok, mmask, ng = _gated_layout(B, M, UNITS, MP, UP, NG, BLOCK_B)
     wt = tl.load(w_h + unit[None, :] * H + unit[:, None], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
-    gt = tl.load(gate_h + ng[None, :] * H + unit[:, None], mask=col_ok[:, None] & (ng < M)[None, :], other=0.0)
     wt = _operand(wt, PRECISION, INTERPRET)
     tile = rows[:, None] * H + unit[None, :]
-    mtile = rows[:, None] * M + mcols[None, :]
+    if UNIT_GATES:
+        # Every unit computes its module's gate: G_h's row for module m fills the columns of m's
+        # units, so the gate's product is a second tensor-core product beside the main one, from
+        # the same operand h, and every gate quantity is already in the units' layout. The
+        # module-layout names below index per unit; stores keep each module's first unit only.
+        module = tl.arange(0, MP * UP) // UP
+        gt = tl.load(gate_h + module[None, :] * H + unit[:, None], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+        gt = _operand(gt, PRECISION, INTERPRET)
+        mcols, m_ok = module, col_ok
+        mtile = rows[:, None] * M + module[None, :]
+        mmask = mask
+        store_mask = mask & (tl.arange(0, MP * UP) % UP == 0)[None, :]
+    else:
+        gt = tl.load(gate_h + ng[None, :] * H + unit[:, None], mask=col_ok[:, None] & (ng < M)[None, :], other=0.0)
+        mtile = rows[:, None] * M + mcols[None, :]
+        store_mask = mmask
     h = tl.load(h0 + tile, mask=mask, other=0.0)
     # The next step's inputs are loaded one step ahead: their latency hides behind this step's products.
     u_next = tl.load(u + tile, mask=mask, other=0.0)
@@ -331,18 +374,25 @@ def gated_forward_kernel(
         u_next = tl.load(u + ahead * B * H + tile, mask=mask, other=0.0)
         gu_next = tl.load(gu + ahead * B * M + mtile, mask=mmask, other=0.0)
         h_op = _operand(h, PRECISION, INTERPRET)
-        pre = _dot(h_op, wt, PRECISION) + u_t
-        z = tl.sum(tl.reshape(_dot(h, gt, "ieee"), (BLOCK_B, NG // MP, MP)), axis=1) + gu_t
+        pre = _dot(h_op, wt, PRECISION, CHAINS) + u_t
+        if UNIT_GATES:
+            z = _dot(h_op, gt, PRECISION, CHAINS) + gu_t
+        else:
+            z = tl.sum(tl.reshape(_dot((h, h), (gt, gt), "ieee"), (BLOCK_B, NG // MP, MP)), axis=1) + gu_t
         g = _sigmoid(z)
         _, _, a = _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, GATE, THR_TENSOR, WAVES)
-        tl.store(acts + t * B * M + mtile, a, mask=mmask)
+        if not (UNIT_GATES and WRITE_CANDS):  # else the host derives a_t from the stored gates
+            tl.store(acts + t * B * M + mtile, a, mask=store_mask)
         c = _tanh(pre)
-        h = _lerp(h, c, _to_units(a, BLOCK_B, MP, UP))
+        if UNIT_GATES:
+            h = _lerp(h, c, a)
+        else:
+            h = _lerp(h, c, _to_units(a, BLOCK_B, MP, UP))
         if WRITE_STATES:
             tl.store(buf + (t + 1) * B * H + tile, h, mask=mask)
         if WRITE_CANDS:
             tl.store(cands + t * B * H + tile, c, mask=mask)
-            tl.store(gates + t * B * M + mtile, g, mask=mmask)
+            tl.store(gates + t * B * M + mtile, g, mask=store_mask)
     if WRITE_LAST:
         tl.store(last + tile, h, mask=mask)
 
@@ -365,14 +415,30 @@ def gated_backward_kernel(
     T: tl.constexpr, MP: tl.constexpr, UP: tl.constexpr, NG: tl.constexpr, BLOCK_B: tl.constexpr,
     WAVES: tl.constexpr, GATE: tl.constexpr, THR_TENSOR: tl.constexpr,
     GRAD_ALL: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_GRAD_ACT: tl.constexpr, NEED_DWAVE: tl.constexpr,
-    SUPPORT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    SUPPORT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, UNIT_GATES: tl.constexpr,
+    CHAINS: tl.constexpr,
 ):
     rows, unit, col_ok, mask, mcols, m_ok, mmask, ng = _gated_layout(B, M, UNITS, MP, UP, NG, BLOCK_B)
     w = tl.load(w_h + unit[:, None] * H + unit[None, :], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
-    gr = tl.load(gate_h + ng[:, None] * H + unit[None, :], mask=(ng < M)[:, None] & col_ok[None, :], other=0.0)
     w = _operand(w, PRECISION, INTERPRET)
     tile = rows[:, None] * H + unit[None, :]
-    mtile = rows[:, None] * M + mcols[None, :]
+    if UNIT_GATES:
+        # The forward's layout: every unit holds its module's gate quantities. A module's dL/da is the
+        # sum over its units of their shares gh (c - h_prev) (plus dL/da at its first unit): the shares
+        # are stored (T, B, H), and the host sums them and derives dzg, dzl and dwave, off the serial
+        # chain. The carry's dzg G_h is the product of each unit's share times its module's
+        # w g (1 - g) with G_h's row m repeated at every unit of module m: no module sum on the chain.
+        module = tl.arange(0, MP * UP) // UP
+        first = tl.arange(0, MP * UP) % UP == 0
+        gexp = tl.load(gate_h + module[:, None] * H + unit[None, :], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+        gexp = _operand(gexp, PRECISION, INTERPRET)
+        mcols, m_ok = module, col_ok
+        mtile = rows[:, None] * M + module[None, :]
+        mmask = mask
+        first_mask = mask & first[None, :]
+    else:
+        gr = tl.load(gate_h + ng[:, None] * H + unit[None, :], mask=(ng < M)[:, None] & col_ok[None, :], other=0.0)
+        mtile = rows[:, None] * M + mcols[None, :]
     g_tile = grad + rows[:, None] * sg_b + unit[None, :]
     if GRAD_ALL or not HAS_GRAD:
         gh = tl.zeros((BLOCK_B, MP * UP), dtype=dz.dtype.element_ty)
@@ -392,19 +458,36 @@ def gated_backward_kernel(
         if GRAD_ALL:
             gh += grad_next
             grad_next = tl.load(g_tile + ahead * sg_t, mask=mask, other=0.0)
+        if UNIT_GATES:  # the gates' (T, B, M) are read per unit: here, not a step ahead (registers)
+            g = tl.load(gates + t * B * M + mtile, mask=mmask, other=0.0)
         e, w_t, a = _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, GATE, THR_TENSOR, WAVES)
         th = _threshold(thr, thr_value, t * B * M + mtile, mmask, THR_TENSOR) if GATE == 2 else thr_value
-        dzg_t = _gate_grad(gh, c, h_prev, g, e, w_t, grad_act, dwave, t, B, M, mtile, mmask, m_ok, th, support,
-                           BLOCK_B, MP, UP, HAS_GRAD_ACT, NEED_DWAVE, GATE)
-        if SUPPORT:  # the shut entries within the support: their gradient goes to dzl, not on to x or h
-            shut = g <= th
-            tl.store(dzl + t * B * M + mtile, tl.where(shut, dzg_t, 0.0), mask=mmask)
-            dzg_t = tl.where(shut, 0.0, dzg_t)
-        tl.store(dzg + t * B * M + mtile, dzg_t, mask=mmask)
-        a_units = _to_units(a, BLOCK_B, MP, UP)
+        if UNIT_GATES:
+            share = gh * (c - h_prev)
+            if HAS_GRAD_ACT:  # dL/da joins the module's sum once, at its first unit
+                share += tl.load(grad_act + t * B * M + mtile, mask=first_mask, other=0.0)
+            tl.store(dzg + t * B * H + tile, share, mask=mask)  # the host derives dzg, dzl and dwave
+            dzg_t = share * w_t * g * (1.0 - g)
+            if GATE == 2:
+                dzg_t = tl.where(g > th - support, dzg_t, 0.0)
+            if SUPPORT:
+                dzg_t = tl.where(g <= th, 0.0, dzg_t)
+            dzg_t = tl.where(col_ok[None, :], dzg_t, 0.0)
+            a_units = a
+            gate_back = _dot(_operand(dzg_t, PRECISION, INTERPRET), gexp, PRECISION)
+        else:
+            da = _module_sums(gh * (c - h_prev), BLOCK_B, MP, UP)
+            dzg_t = _gate_grad(da, g, e, w_t, grad_act, dwave, t, B, M, mtile, mmask, m_ok, th, support,
+                               HAS_GRAD_ACT, NEED_DWAVE, GATE)
+            if SUPPORT:  # the shut entries within the support: their gradient goes to dzl, not on to x or h
+                shut = g <= th
+                tl.store(dzl + t * B * M + mtile, tl.where(shut, dzg_t, 0.0), mask=mmask)
+                dzg_t = tl.where(shut, 0.0, dzg_t)
+            tl.store(dzg + t * B * M + mtile, dzg_t, mask=mmask)
+            a_units = _to_units(a, BLOCK_B, MP, UP)
+            dzg_rep = tl.reshape(tl.broadcast_to(dzg_t[:, None, :], (BLOCK_B, NG // MP, MP)), (BLOCK_B, NG))
+            gate_back = _dot((dzg_rep, dzg_rep), (gr, gr), "ieee")
         dz_t = gh * a_units * (1.0 - c * c)
         tl.store(dz + t * B * H + tile, dz_t, mask=mask)
-        dzg_rep = tl.reshape(tl.broadcast_to(dzg_t[:, None, :], (BLOCK_B, NG // MP, MP)), (BLOCK_B, NG))
-        gh = (gh * (1.0 - a_units) + _dot(_operand(dz_t, PRECISION, INTERPRET), w, PRECISION)
-              + _dot(dzg_rep, gr, "ieee"))
+        gh = gh * (1.0 - a_units) + _dot(_operand(dz_t, PRECISION, INTERPRET), w, PRECISION, CHAINS) + gate_back
     tl.store(dh0 + tile, gh, mask=mask)
