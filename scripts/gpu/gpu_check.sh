@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
-# Every GPU measurement and check the CUDA path needs, in one call of under 9 minutes on a GPU machine.
+# Every GPU measurement and check the CUDA path needs, in one call of under 10 minutes on a GPU machine.
 #
 # Here, on the development machine (once per checkout: the GPU image has torch and Triton but
 # not hydra/omegaconf, and nothing can be fetched there):
 #     scripts/gpu/gpu_check.sh prepare    # wheels into .whl/ (git-ignored through .git/info/exclude)
-# Then, on the GPU machine, with .whl/ beside the checkout, in one run of at most 520 s:
+# Then, on the GPU machine, with .whl/ beside the checkout, in one run of at most 590 s:
 #     bash scripts/gpu/gpu_check.sh
-# It prints, in this order (each step time-capped so a stall cannot use up the time on the GPU):
+# Each step is time-capped (a stall cannot use up the time on the GPU) and writes its own log into
+# $OUT as it goes (step 3 its JSON too, after each result), so a cut run keeps what it measured.
+# In this order:
+#   0. in the background, at low priority: the C++ extension for this machine's torch (the CPU
+#      side of step 4), waited for before any timing;
 #   1. gradients of hrnn-dct and of the default model (clock_event: the gated kernels), B=100,
 #      T=784, in each precision against float64 (bars: the default < 1e-2, ieee < 1e-5);
-#   2. at T = 784, batch 100 and 1000: the recurrence alone against cuDNN's LSTM, steps captured
-#      in one CUDA graph, then the bench: every config, each precision, peak GPU memory, the
-#      speed-ups over cuDNN LSTM and the bar lines (2x at B=100, 4x at B=1000);
-#   3. scripts/gpu/cuda_check.py: four models from the CLI on CUDA, resume, numerics of both kernel
-#      families and of the loop, the default experiment's train_step_s;
-#   4. the bench at T = 200 and 2000 (default precision);
-#   5. the kernels' batch tile x warps sweep at T=784 (for the defaults in hrnn/ops/gpu.py).
-# Logs and JSON go to $OUT, if set, or ./gpu_check_out.
+#   2. scripts/gpu/kernel_times.py: the recurrence alone, forward and backward, each kernel variant;
+#   3. at T = 784, batch 100 and 1000: the recurrence alone against cuDNN's LSTM, steps captured
+#      in one CUDA graph, then the bench: the configs in the default precision and the others,
+#      the default model in each precision with each gate layout, peak GPU memory, the speed-ups
+#      over cuDNN's LSTM and the bar lines;
+#   4. scripts/gpu/cuda_check.py: first the default experiment's step on CUDA and on 2 CPU threads,
+#      then four models from the CLI on CUDA, resume, numerics of both kernel families and of the loop;
+#   5. the bench at T = 200 and 2000 (default precision);
+#   6. Nsight Compute on the four kernels at B = 100 (the default variants): speed of light, warp
+#      states (what the warps wait on), scheduler and source counters.
+# Eight files come back from a device call: the seven logs and bench784.json.
+# The batch tile x warps sweep (bench_cuda.py --sweep) is not in it: a call of its own.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -52,12 +60,20 @@ step() {  # step NAME SECONDS CMD...: run, tee the log into $OUT, report the exi
     echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s"
 }
 
-# About 450 s of steps, the most important first: the call needs timeout_s 520 (start and
+# About 420 s of steps, the most important first: the call needs timeout_s 480 (start and
 # transfers are not in it).
-step precision 60 $PY scripts/bench/bench_cuda.py --check --no-bench --json "$OUT/precision.json"
-step bench784 150 $PY scripts/bench/bench_cuda.py --steps 784 --repeat 5 --ops --graph --json "$OUT/bench784.json"
-step cuda_check 150 $PY scripts/gpu/cuda_check.py --out "$OUT" --runs /tmp/hrnn_cuda_runs --steps 20 \
+(nice -n 19 timeout 150 $PY setup.py -q build_ext --inplace > /tmp/build_ext.log 2>&1; echo "exit $?" >> /tmp/build_ext.log) &
+build=$!
+step precision 60 $PY scripts/bench/bench_cuda.py --check --no-bench
+echo; echo "=== waiting for the C++ extension's build"; wait $build; tail -n 3 /tmp/build_ext.log
+step kernels 60 $PY scripts/gpu/kernel_times.py
+step bench784 70 $PY scripts/bench/bench_cuda.py --steps 784 --repeat 5 --ops --graph --gate-layouts \
+    --only hrnn-dct,hrnn-clock_event,hrnn-event,lstm,rnn --precisions tf32x3,tf32,bf16 --json "$OUT/bench784.json"
+step cuda_check 90 $PY scripts/gpu/cuda_check.py --out /tmp/cuda_check --runs /tmp/hrnn_cuda_runs --steps 20 \
     --models hrnn-dct,clock_event,event-hard,cwrnn
-step bench_other 80 $PY scripts/bench/bench_cuda.py --steps 200 2000 --repeat 5 --precisions '' \
-    --only hrnn-dct,hrnn-binary,hrnn-clock_event,hrnn-event,cwrnn,lstm,gru,rnn
-step sweep 60 $PY scripts/bench/bench_cuda.py --sweep --no-bench --repeat 5
+step bench_other 45 $PY scripts/bench/bench_cuda.py --steps 200 2000 --repeat 5 --precisions '' \
+    --only hrnn-dct,hrnn-clock_event,hrnn-event,cwrnn,lstm,rnn
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+step ncu 90 "${NCU:-ncu}" --clock-control none -k 'regex:leaky|gated' --launch-count 12 \
+    --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
+    $PY scripts/gpu/kernel_times.py --profile --batch 100 --warmup 1
