@@ -280,12 +280,11 @@ def _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, GA
 
 
 @triton.jit
-def _saved_step(buf, cands, gates, t, B, H, M, tile, mtile, mask, mmask):
-    """What the forward saved of step t: the candidates, h_{t-1} (buf's slot t) and the gate values."""
+def _saved_step(buf, cands, t, B, H, tile, mask):
+    """What the forward saved of step t: the candidates and h_{t-1} (buf's slot t)."""
     c = tl.load(cands + t * B * H + tile, mask=mask, other=0.0)
     h_prev = tl.load(buf + t * B * H + tile, mask=mask, other=0.0)
-    g = tl.load(gates + t * B * M + mtile, mask=mmask, other=0.0)
-    return c, h_prev, g
+    return c, h_prev
 
 
 @triton.jit
@@ -300,10 +299,17 @@ def _gate_grad(da, g, e, w, grad_act, dwave, t, B, M, mtile, mmask, m_ok, th, su
         da += tl.load(grad_act + t * B * M + mtile, mask=mmask, other=0.0)
     if NEED_DWAVE:
         tl.store(dwave + t * B * M + mtile, da * e, mask=mmask)
+    return tl.where(m_ok[None, :], _logit_grad(da, g, w, th, support, GATE), 0.0)
+
+
+@triton.jit
+def _logit_grad(da, g, w, th, support, GATE: tl.constexpr):
+    """The gate logits' gradient from dL/da (either layout): da w g (1 - g), and 0 where a truncated
+    gate is shut beyond `support` below its threshold th (the step's thresholds, read once by the caller)."""
     dz = da * w * g * (1.0 - g)
-    if GATE == 2:  # th: the step's thresholds, read once by the caller
+    if GATE == 2:
         dz = tl.where(g > th - support, dz, 0.0)
-    return tl.where(m_ok[None, :], dz, 0.0)
+    return dz
 
 
 @triton.jit
@@ -445,21 +451,25 @@ def gated_backward_kernel(
     else:
         gh = tl.load(grad_last + tile, mask=mask, other=0.0)
     # Step T-1's inputs first; each step then loads the one before it ahead of its products.
-    c_next, hp_next, g_next = _saved_step(buf, cands, gates, T - 1, B, H, M, tile, mtile, mask, mmask)
+    c_next, hp_next = _saved_step(buf, cands, T - 1, B, H, tile, mask)
+    if not UNIT_GATES:
+        g_next = tl.load(gates + (T - 1) * B * M + mtile, mask=mmask, other=0.0)
     if GRAD_ALL:
         grad_next = tl.load(g_tile + (T - 1) * sg_t, mask=mask, other=0.0)
     for s in range(T):
         t = T - 1 - s
         c = c_next
         h_prev = hp_next
-        g = g_next
         ahead = tl.maximum(t - 1, 0)
-        c_next, hp_next, g_next = _saved_step(buf, cands, gates, ahead, B, H, M, tile, mtile, mask, mmask)
+        c_next, hp_next = _saved_step(buf, cands, ahead, B, H, tile, mask)
+        if UNIT_GATES:  # the gates (T, B, M) read per unit at their step: a step ahead spilled registers
+            g = tl.load(gates + t * B * M + mtile, mask=mmask, other=0.0)
+        else:
+            g = g_next
+            g_next = tl.load(gates + ahead * B * M + mtile, mask=mmask, other=0.0)
         if GRAD_ALL:
             gh += grad_next
             grad_next = tl.load(g_tile + ahead * sg_t, mask=mask, other=0.0)
-        if UNIT_GATES:  # the gates' (T, B, M) are read per unit: here, not a step ahead (registers)
-            g = tl.load(gates + t * B * M + mtile, mask=mmask, other=0.0)
         e, w_t, a = _activation(g, thr, thr_value, waves, t, B, M, mcols, m_ok, mtile, mmask, GATE, THR_TENSOR, WAVES)
         th = _threshold(thr, thr_value, t * B * M + mtile, mmask, THR_TENSOR) if GATE == 2 else thr_value
         if UNIT_GATES:
@@ -467,9 +477,7 @@ def gated_backward_kernel(
             if HAS_GRAD_ACT:  # dL/da joins the module's sum once, at its first unit
                 share += tl.load(grad_act + t * B * M + mtile, mask=first_mask, other=0.0)
             tl.store(dzg + t * B * H + tile, share, mask=mask)  # the host derives dzg, dzl and dwave
-            dzg_t = share * w_t * g * (1.0 - g)
-            if GATE == 2:
-                dzg_t = tl.where(g > th - support, dzg_t, 0.0)
+            dzg_t = _logit_grad(share, g, w_t, th, support, GATE)
             if SUPPORT:
                 dzg_t = tl.where(g <= th, 0.0, dzg_t)
             dzg_t = tl.where(col_ok[None, :], dzg_t, 0.0)
