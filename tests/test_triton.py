@@ -330,6 +330,7 @@ import json, os, re, subprocess, sys, tempfile, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from hrnn.ops import gpu, gpu_kernels as K
+gpu.TUNING["gluon"] = False  # the Triton kernels; tests/test_gluon.py compiles the Gluon ones
 
 def compile_(kernel, ptrs, dtype, constexprs, warps):
     floats = ("thr_value", "support")
@@ -360,7 +361,7 @@ for precision, dtype in (("tf32", torch.float32), ("tf32x3", torch.float32), ("b
     bwd = compile_(K.leaky_backward_kernel, {"grad", "grad_last", "buf", "cands", "w_h", "waves", "dz", "dh0",
                    "da_part"}, ty, dict(GRAD_ALL=True, NEED_DA=True, **common), warps)
     _, gated = gpu.gated_launch(hidden, 8, 100, 784, torch.zeros(784, 8), None, 0.5, 0, precision, dtype)
-    gated["INTERPRET"], warps = False, gated.pop("num_warps")
+    gated["INTERPRET"], warps, _ = False, gated.pop("num_warps"), gated.pop("GLUON")
     gfwd = compile_(K.gated_forward_kernel, {"u", "gu", "w_h", "gate_h", "waves", "thr", "h0", "buf", "cands", "gates",
                     "acts", "last"}, ty, dict(WRITE_STATES=True, WRITE_CANDS=True, WRITE_LAST=False, **gated), warps)
     gbwd = compile_(K.gated_backward_kernel, {"grad", "grad_last", "grad_act", "buf", "cands", "gates", "w_h", "gate_h",
@@ -373,7 +374,7 @@ for precision, dtype in (("tf32", torch.float32), ("tf32x3", torch.float32), ("b
 # The gated kernels of the default precision (argv[1]) at other lengths: T is a compile-time constant.
 for steps in (200, 2000):
     _, gated = gpu.gated_launch(128, 8, 100, steps, torch.zeros(steps, 8), None, 0.5, 0, sys.argv[1], torch.float32)
-    gated["INTERPRET"], warps = False, gated.pop("num_warps")
+    gated["INTERPRET"], warps, _ = False, gated.pop("num_warps"), gated.pop("GLUON")
     gfwd = compile_(K.gated_forward_kernel, {"u", "gu", "w_h", "gate_h", "waves", "thr", "h0", "buf", "cands", "gates",
                     "acts", "last"}, "fp32", dict(WRITE_STATES=True, WRITE_CANDS=True, WRITE_LAST=False, **gated), warps)
     gbwd = compile_(K.gated_backward_kernel, {"grad", "grad_last", "grad_act", "buf", "cands", "gates", "w_h", "gate_h",

@@ -40,7 +40,8 @@ GATE_CODES = {"soft": 0, "hard": 1, "truncated": 2}  # the gated kernels' GATE: 
 # scripts/gpu/kernel_times.py set them): None picks BLOCK_B, 4 warps for HP <= 64 and 8 above, and
 # the gates' layout by precision (`unit_gates`, in gated_launch). `chains`: bf16x3's three products
 # in one accumulation (1) or three summed (3); on an H200 the two were within 3% (docs/gpu.md).
-TUNING: dict = {"block_b": None, "num_warps": None, "unit_gates": None, "chains": 3}
+# `gluon`: None runs the clock op's Gluon kernels where they apply (_gluon), False never.
+TUNING: dict = {"block_b": None, "num_warps": None, "unit_gates": None, "chains": 3, "gluon": None}
 
 try:
     if os.environ.get("HRNN_DISABLE_TRITON"):
@@ -56,6 +57,12 @@ except ImportError as err:
     _K, INTERPRET = None, False
     _LOAD_REASON = f"the Triton kernels are not available ({err})" + (
         "; install Triton with `pip install -e '.[gpu]'`" if isinstance(err, ModuleNotFoundError) else "")
+try:  # Gluon (Triton's explicit-layout dialect) compiles for a GPU only: no interpreter
+    if _K is None or INTERPRET:
+        raise ImportError("no Triton or interpreted")
+    from hrnn.ops import gpu_gluon as _G
+except ImportError:
+    _G = None
 _availability = Availability(_LOAD_REASON)
 unavailable_reason = _availability.unavailable_reason
 hide = _availability.hide
@@ -98,6 +105,24 @@ def _dot_precision(precision: str, dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float64 else precision
 
 
+def _gluon(hidden: int, precision: str, dtype: torch.dtype) -> bool:
+    """Whether the clock op runs hrnn/ops/gpu_gluon.py's kernels: on a GPU, bf16x3 in float32, at
+    most 128 padded units (W_h's halves in registers), unless TUNING["gluon"] is False."""
+    return (_G is not None and TUNING["gluon"] is not False and _dot_precision(precision, dtype) == "bf16x3"
+            and _padded(hidden) <= _G.MAX_PADDED)
+
+
+def _clock_kernel(name: str, hidden: int, batch: int, precision: str, dtype: torch.dtype):
+    """(kernel, grid, options) of the clock op's forward or backward: the Gluon kernel where _gluon,
+    else the Triton one, which takes the precision and the interpreter flag."""
+    grid, opts = launch(hidden, batch)
+    if _gluon(hidden, precision, dtype):
+        warps = TUNING["num_warps"] or _G.num_warps(opts["HP"])
+        return getattr(_G, name), grid, {"HP": opts["HP"], "BLOCK_B": opts["BLOCK_B"], "NUM_WARPS": warps,
+                                         "num_warps": warps, "CHAINS": opts["CHAINS"]}
+    return getattr(_K, name), grid, dict(opts, PRECISION=_dot_precision(precision, dtype), INTERPRET=INTERPRET)
+
+
 def _forward(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, precision: str, keep: bool,
              last_only: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(buf, cands, last): buf (T + 1, B, H) with h0 at 0 when the states are kept or returned;
@@ -109,12 +134,11 @@ def _forward(u: Tensor, w_h: Tensor, waves: Tensor, h0: Tensor, precision: str, 
         buf[0] = h0
     cands = u.new_empty(steps, batch, hidden) if keep else h0
     last = u.new_empty(batch, hidden) if last_only else h0
-    grid, opts = launch(hidden, batch)
-    _K.leaky_forward_kernel[grid](
+    kernel, grid, opts = _clock_kernel("leaky_forward_kernel", hidden, batch, precision, u.dtype)
+    kernel[grid](
         u, u.stride(0), u.stride(1), w_h, waves, h0, buf, cands, last,
         batch, hidden, waves.shape[1], hidden // waves.shape[1], T=steps,
-        WRITE_STATES=states, WRITE_CANDS=keep, WRITE_LAST=last_only,
-        PRECISION=_dot_precision(precision, u.dtype), INTERPRET=INTERPRET, **opts)
+        WRITE_STATES=states, WRITE_CANDS=keep, WRITE_LAST=last_only, **opts)
     return buf, cands, last
 
 
@@ -134,7 +158,7 @@ class _LeakyScan(torch.autograd.Function):
         need = ctx.needs_input_grad
         steps, batch, hidden = cands.shape
         n_modules = waves.shape[1]
-        grid, opts = launch(hidden, batch)
+        kernel, grid, opts = _clock_kernel("leaky_backward_kernel", hidden, batch, ctx.precision, buf.dtype)
         if ctx.last_only:
             grad, strides = grad.contiguous(), (0, 0)
         else:
@@ -143,11 +167,10 @@ class _LeakyScan(torch.autograd.Function):
         dz = torch.empty_like(cands)
         dh0 = buf.new_empty(batch, hidden)
         da_part = buf.new_empty(grid[0], steps, hidden) if need[2] else dh0
-        _K.leaky_backward_kernel[grid](
+        kernel[grid](
             grad, *strides, grad, buf, cands, w_h, waves, dz, dh0, da_part,
             batch, hidden, n_modules, hidden // n_modules, T=steps,
-            GRAD_ALL=not ctx.last_only, NEED_DA=need[2],
-            PRECISION=_dot_precision(ctx.precision, buf.dtype), INTERPRET=INTERPRET, **opts)
+            GRAD_ALL=not ctx.last_only, NEED_DA=need[2], **opts)
         # dW_h = sum_t dz_t^T h_{t-1}: one GEMM over the time-major slices, no copy.
         dw = torch.mm(dz.view(-1, hidden).t(), buf[:-1].view(-1, hidden)) if need[1] else None
         dwaves = da_part.sum(0).view(steps, n_modules, -1).sum(2) if need[2] else None
@@ -211,13 +234,25 @@ def gated_launch(hidden: int, n_modules: int, batch: int, steps: int, waves: Ten
     if unit_gates is None:
         unit_gates = _dot_precision(precision, dtype) != "tf32x3"
     block_b = TUNING["block_b"] or BLOCK_B
-    warps = TUNING["num_warps"] or (4 if mp * up <= 64 else 8)  # 4 spills registers at 128 (ptxas -v)
     grid = ((batch + block_b - 1) // block_b,)
-    opts = dict(T=steps, MP=mp, UP=up, NG=ng, BLOCK_B=block_b,
-                WAVES=0 if waves is None else waves.dim() - 1, GATE=gate, THR_TENSOR=thr is not None,
-                PRECISION=_dot_precision(precision, dtype), INTERPRET=INTERPRET, num_warps=warps,
-                UNIT_GATES=unit_gates, CHAINS=TUNING["chains"])
-    return grid, opts
+    common = dict(T=steps, MP=mp, UP=up, BLOCK_B=block_b, WAVES=0 if waves is None else waves.dim() - 1, GATE=gate,
+                  THR_TENSOR=thr is not None, CHAINS=TUNING["chains"], UNIT_GATES=unit_gates)
+    if unit_gates and _gluon(mp * up, precision, dtype):  # hrnn/ops/gpu_gluon.py's, in the unit layout
+        warps = TUNING["num_warps"] or _G.num_warps(mp * up)
+        return grid, dict(common, NUM_WARPS=warps, num_warps=warps, GLUON=True)
+    warps = TUNING["num_warps"] or (4 if mp * up <= 64 else 8)  # 4 spills registers at 128 (ptxas -v)
+    return grid, dict(common, NG=ng, PRECISION=_dot_precision(precision, dtype), INTERPRET=INTERPRET,
+                      num_warps=warps, GLUON=False)
+
+
+def _gated_kernel(name: str, opts: dict):
+    """The gated kernel `name` and its launch options, from gated_launch's: Gluon's (unit gates
+    implied) or Triton's."""
+    opts = dict(opts)
+    if opts.pop("GLUON"):
+        del opts["UNIT_GATES"]
+        return getattr(_G, name), opts
+    return getattr(_K, name), opts
 
 
 def _gate_terms(gates: Tensor, waves: Tensor | None, thr: Tensor | None, thr_value: float, gate: int):
@@ -249,10 +284,11 @@ def _gated_forward(u, gu, w_h, gate_h, waves, h0, thr, thr_value, gate, precisio
     acts = torch.empty_like(gu)
     last = u.new_empty(batch, hidden) if write_last else h0
     grid, opts = gated_launch(hidden, n_modules, batch, steps, waves, thr, thr_value, gate, precision, u.dtype)
-    _K.gated_forward_kernel[grid](
+    kernel, launch_opts = _gated_kernel("gated_forward_kernel", opts)
+    kernel[grid](
         u, gu, w_h, gate_h, u if waves is None else waves, u if thr is None else thr, thr_value, h0,
         buf, cands, gates, acts, last, batch, hidden, n_modules, hidden // n_modules,
-        WRITE_STATES=states, WRITE_CANDS=keep, WRITE_LAST=write_last, **opts)
+        WRITE_STATES=states, WRITE_CANDS=keep, WRITE_LAST=write_last, **launch_opts)
     if keep and opts["UNIT_GATES"]:  # that kernel stores the gates, not a_t = w e(g), when it keeps them
         e, w = _gate_terms(gates, waves, thr, thr_value, gate)
         acts = e * w
@@ -298,13 +334,14 @@ class _GatedScan(torch.autograd.Function):
         dzl = torch.empty_like(gates) if ctx.support and not unit_gates else dzg
         dwave = torch.empty_like(gates) if need[4] and not unit_gates else dzg
         dh0 = buf.new_empty(batch, hidden)
-        _K.gated_backward_kernel[grid](
+        kernel, launch_opts = _gated_kernel("gated_backward_kernel", opts)
+        kernel[grid](
             buf if grad is None else grad, *strides, buf if grad is None else grad,
             dzg if grad_acts is None else grad_acts, buf, cands, gates, w_h, gate_h,
             buf if waves is None else waves, buf if thr is None else thr, ctx.thr_value, ctx.support,
             dz, dzg, dzl, dwave, dh0, batch, hidden, n_modules, hidden // n_modules,
             GRAD_ALL=grad is not None and not ctx.last_only, HAS_GRAD=grad is not None,
-            HAS_GRAD_ACT=grad_acts is not None, NEED_DWAVE=need[4], SUPPORT=bool(ctx.support), **opts)
+            HAS_GRAD_ACT=grad_acts is not None, NEED_DWAVE=need[4], SUPPORT=bool(ctx.support), **launch_opts)
         if unit_gates:
             dzg, dzl, dwave = _gate_grads(dzg.view(steps, batch, n_modules, -1).sum(3), gates, waves, thr,
                                           ctx.thr_value, ctx.gate, ctx.support, need[4])

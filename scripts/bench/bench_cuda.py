@@ -203,8 +203,8 @@ def header() -> dict:
             "cublas_fp32_tf32": torch.backends.cuda.matmul.allow_tf32,
             "cudnn_fp32_tf32": torch.backends.cudnn.allow_tf32,
             "default_matmul_precision": DEFAULT_PRECISION,
-            "kernels": gpu.supports(torch.zeros(1, 1, HIDDEN, device=DEVICE),
-                                    torch.zeros(HIDDEN, HIDDEN, device=DEVICE)) or "Triton"}
+            "kernels": gpu.supports(torch.zeros(1, 1, HIDDEN, device=DEVICE), torch.zeros(HIDDEN, HIDDEN, device=DEVICE))
+            or ("Gluon" if gpu._gluon(HIDDEN, DEFAULT_PRECISION, torch.float32) else "Triton")}
     print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     print(f"hidden {HIDDEN}, {MODULES} modules, {INPUTS} input, float32; step = zero_grad + forward + "
           "backward + Adam; median of the timed steps", flush=True)

@@ -12,7 +12,8 @@
 #   0. in the background, at low priority: the C++ extension for this machine's torch (the CPU
 #      side of step 4), waited for before any timing;
 #   1. gradients of hrnn-dct and of the default model (clock_event: the gated kernels), B=100,
-#      T=784, in each precision against float64 (bars: the default < 1e-2, ieee < 1e-5);
+#      T=784, in each precision against float64 (bars: the default < 1e-2, ieee < 1e-5); then
+#      tests/test_gluon.py, whose GPU tests check the clock op's Gluon kernels against the reference;
 #   2. scripts/gpu/kernel_times.py: the recurrence alone, forward and backward, each kernel variant;
 #   3. at T = 784, batch 100 and 1000: the recurrence alone against cuDNN's LSTM, steps captured
 #      in one CUDA graph, then the bench: the configs in the default precision and the others,
@@ -60,16 +61,16 @@ step() {  # step NAME SECONDS CMD...: run, tee the log into $OUT, report the exi
     echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s"
 }
 
-# About 420 s of steps, the most important first: the call needs timeout_s 480 (start and
+# About 450 s of steps at most (about 300 s measured), the most important first: the call needs timeout_s 480 (start and
 # transfers are not in it).
 (nice -n 19 timeout 150 $PY setup.py -q build_ext --inplace > /tmp/build_ext.log 2>&1; echo "exit $?" >> /tmp/build_ext.log) &
 build=$!
-step precision 60 $PY scripts/bench/bench_cuda.py --check --no-bench
+step precision 90 bash -c "$PY scripts/bench/bench_cuda.py --check --no-bench; $PY -m pytest -q -p no:cacheprovider tests/test_gluon.py"
 echo; echo "=== waiting for the C++ extension's build"; wait $build; tail -n 3 /tmp/build_ext.log
 step kernels 60 $PY scripts/gpu/kernel_times.py
 step bench784 70 $PY scripts/bench/bench_cuda.py --steps 784 --repeat 5 --ops --graph --gate-layouts \
     --only hrnn-dct,hrnn-clock_event,hrnn-event,lstm,rnn --precisions tf32x3,tf32,bf16 --json "$OUT/bench784.json"
-step cuda_check 90 $PY scripts/gpu/cuda_check.py --out /tmp/cuda_check --runs /tmp/hrnn_cuda_runs --steps 20 \
+step cuda_check 120 $PY scripts/gpu/cuda_check.py --out /tmp/cuda_check --runs /tmp/hrnn_cuda_runs --steps 20 \
     --models hrnn-dct,clock_event,event-hard,cwrnn
 step bench_other 45 $PY scripts/bench/bench_cuda.py --steps 200 2000 --repeat 5 --precisions '' \
     --only hrnn-dct,hrnn-clock_event,hrnn-event,cwrnn,lstm,rnn

@@ -4,9 +4,9 @@ per-change measurements behind hrnn/ops/gpu.py's launch defaults (TUNING) and do
     python scripts/gpu/kernel_times.py                 # B = 100 and 1000, T = 784, every variant
     python scripts/gpu/kernel_times.py --profile --batch 100 --warmup 1   # for ncu: each kernel 2-4 times
 
-A variant is a precision and the TUNING settings it changes: `chains` (bf16x3's three products in
-one accumulation chain, 1, or three independent ones summed, 3) and `unit_gates` (the gated kernels'
-layout: every unit computes its module's gate on the tensor cores, or the module layout with the
+A variant is a precision and the TUNING settings it changes: `gluon` (the clock op's Gluon kernels,
+hrnn/ops/gpu_gluon.py, or the Triton ones), `chains` (bf16x3's three products in one accumulation
+chain, 1, or three independent ones summed, 3) and `unit_gates` (the gated kernels' layout: every unit computes its module's gate on the tensor cores, or the module layout with the
 gate's small products in fp32 FMAs). Each time is the median of --repeat calls between CUDA events,
 after warm-up calls (Triton compiles each variant on its first call).
 """
@@ -24,14 +24,17 @@ from hrnn.ops import gpu
 HIDDEN, MODULES, INPUTS = 128, 8, 1
 # (label, precision, TUNING changes); the first of each family is the launch default.
 CLOCK_VARIANTS = [
-    ("bf16x3, 3 chains", "bf16x3", {"chains": 3}),
-    ("bf16x3, 1 chain", "bf16x3", {"chains": 1}),
+    ("bf16x3, Gluon, 3 chains", "bf16x3", {"gluon": None, "chains": 3}),
+    ("bf16x3, Gluon, 1 chain", "bf16x3", {"gluon": None, "chains": 1}),
+    ("bf16x3, Triton, 3 chains", "bf16x3", {"gluon": False, "chains": 3}),
+    ("bf16x3, Triton, 1 chain", "bf16x3", {"gluon": False, "chains": 1}),
     ("tf32x3", "tf32x3", {}),
     ("bf16", "bf16", {}),
 ]
 GATED_VARIANTS = [
-    ("bf16x3, unit gates, 3 chains", "bf16x3", {"unit_gates": True, "chains": 3}),
-    ("bf16x3, unit gates, 1 chain", "bf16x3", {"unit_gates": True, "chains": 1}),
+    ("bf16x3, Gluon, unit gates", "bf16x3", {"gluon": None, "unit_gates": True, "chains": 3}),
+    ("bf16x3, Triton, unit gates, 3 chains", "bf16x3", {"gluon": False, "unit_gates": True, "chains": 3}),
+    ("bf16x3, Triton, unit gates, 1 chain", "bf16x3", {"gluon": False, "unit_gates": True, "chains": 1}),
     ("bf16x3, module gates, 3 chains", "bf16x3", {"unit_gates": False, "chains": 3}),
     ("tf32x3, module gates", "tf32x3", {"unit_gates": False}),
     ("bf16, unit gates", "bf16", {"unit_gates": True}),
@@ -106,9 +109,9 @@ def main() -> int:
                 try:
                     fwd, both = time_variant(make_call(t), precision, tuning, args.warmup, 1 if args.profile else args.repeat)
                 except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: record it, go on
-                    print(f"  B={batch:<5} {family:<6} {label:<32} failed: {str(err).splitlines()[0][:160]}", flush=True)
+                    print(f"  B={batch:<5} {family:<6} {label:<38} failed: {str(err).splitlines()[0][:160]}", flush=True)
                     continue
-                print(f"  B={batch:<5} {family:<6} {label:<32} forward {fwd:7.3f}  backward {both - fwd:7.3f}  "
+                print(f"  B={batch:<5} {family:<6} {label:<38} forward {fwd:7.3f}  backward {both - fwd:7.3f}  "
                       f"both {both:7.3f}", flush=True)
     return 0
 
