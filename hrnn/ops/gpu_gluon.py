@@ -52,15 +52,24 @@ def _split(x):
 
 
 @gluon.jit
-def _dot3(s_hi, s_lo, x, w_hi, w_lo, acc, A_OP: gl.constexpr, CHAINS: gl.constexpr):
-    """acc + x @ w in bf16x3: x's halves pass through shared memory into the A operand's layout
-    (the step's one exchange between warps), then three bf16 products, small terms first: in
-    three independent accumulations (CHAINS 3: a dependent chain of HP / 16 MMAs) or one (1)."""
+def _exchange(x, s_hi, s_lo, A_OP: gl.constexpr):
+    """x's bf16 halves through shared memory into the A operand's layout: the step's one exchange
+    between warps (each warp computes its columns of a product from every unit)."""
+    _split_into(x, s_hi, s_lo)
+    return s_hi.load(A_OP), s_lo.load(A_OP)
+
+
+@gluon.jit
+def _split_into(x, s_hi, s_lo):
     x_hi, x_lo = _split(x)
     s_hi.store(x_hi)
     s_lo.store(x_lo)
-    a_hi = s_hi.load(A_OP)
-    a_lo = s_lo.load(A_OP)
+
+
+@gluon.jit
+def _products(a_hi, a_lo, w_hi, w_lo, acc, CHAINS: gl.constexpr):
+    """acc + a @ w in bf16x3 from operands in their layouts: three bf16 products, small terms
+    first, in three independent accumulations (CHAINS 3: a dependent chain of HP / 16 MMAs) or one."""
     if CHAINS == 3:
         zero = gl.zeros_like(acc)
         out = mma_v2(a_hi, w_hi, acc) + (mma_v2(a_lo, w_hi, zero) + mma_v2(a_hi, w_lo, zero))
@@ -114,7 +123,8 @@ def leaky_forward_kernel(
         ahead = gl.minimum(t + 1, T - 1)
         u_next = gl.load(u_tile + ahead * su_t, mask=mask, other=0.0)
         a_next = gl.load(waves + ahead * M + module, mask=col_ok, other=0.0)[None, :]
-        c = _tanh(_dot3(s_hi, s_lo, h, w_hi, w_lo, u_t, A_OP, CHAINS))
+        x_hi, x_lo = _exchange(h, s_hi, s_lo, A_OP)
+        c = _tanh(_products(x_hi, x_lo, w_hi, w_lo, u_t, CHAINS))
         h = _lerp(h, c, a)
         if WRITE_STATES:
             gl.store(buf + (t + 1) * B * H + tile, h, mask=mask)
@@ -173,7 +183,8 @@ def leaky_backward_kernel(
             gl.store(da_part + (pid * T + t) * H + cols, gl.sum(g * (c - h_prev), axis=0), mask=col_ok)
         dz_t = g * a * (1.0 - c * c)
         gl.store(dz + t * B * H + tile, dz_t, mask=mask)
-        g = _dot3(s_hi, s_lo, dz_t, w_hi, w_lo, g * (1.0 - a), A_OP, CHAINS)
+        x_hi, x_lo = _exchange(dz_t, s_hi, s_lo, A_OP)
+        g = _products(x_hi, x_lo, w_hi, w_lo, g * (1.0 - a), CHAINS)
     gl.store(dh0 + tile, g, mask=mask)
 
 
@@ -190,21 +201,67 @@ def _sigmoid(z):
 
 
 @gluon.jit
-def _split_into(x, s_hi, s_lo):
-    x_hi, x_lo = _split(x)
-    s_hi.store(x_hi)
-    s_lo.store(x_lo)
+def _padded_units(idx, M, UNITS, UP: gl.constexpr):
+    """Each padded column's unit in H, and whether it is a real one."""
+    return (idx // UP) * UNITS + idx % UP, (idx // UP < M) & (idx % UP < UNITS)
 
 
 @gluon.jit
-def _products(a_hi, a_lo, w_hi, w_lo, acc, CHAINS: gl.constexpr):
-    """acc + a @ w in bf16x3 from operands already in their layouts."""
-    if CHAINS == 3:
-        zero = gl.zeros_like(acc)
-        out = mma_v2(a_hi, w_hi, acc) + (mma_v2(a_lo, w_hi, zero) + mma_v2(a_hi, w_lo, zero))
+def _unit_tiles(B, M, UNITS, BLOCK_B: gl.constexpr, HP: gl.constexpr, UP: gl.constexpr, LAYOUT: gl.constexpr):
+    """This program's rows and the padded columns in LAYOUT: each column's unit and module, the
+    masks of (rows, units) and of each module's first unit (where per-module values are stored)."""
+    rows = gl.program_id(0) * BLOCK_B + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(1, LAYOUT))
+    cols = gl.arange(0, HP, layout=gl.SliceLayout(0, LAYOUT))
+    unit, col_ok = _padded_units(cols, M, UNITS, UP)
+    mask = (rows < B)[:, None] & col_ok[None, :]
+    return rows, unit, col_ok, cols // UP, mask, mask & (cols % UP == 0)[None, :]
+
+
+@gluon.jit
+def _unit_operands(w_h, gate_h, H, M, UNITS, HP: gl.constexpr, UP: gl.constexpr, TRANSPOSE: gl.constexpr,
+                   B_OP: gl.constexpr):
+    """The two B operands over padded units, split: W_h^T (TRANSPOSE, the forward's: w[k, j] =
+    W_h[unit j, unit k]) or W_h, in registers; and the gate's, in shared memory (read each step:
+    in registers beside W_h's they spill), G_h's row of j's module at unit k (forward) or of k's
+    module at unit j (backward: each unit's share of dz_gate stands in for its module's)."""
+    k = gl.arange(0, HP, layout=gl.SliceLayout(1, B_OP))
+    j = gl.arange(0, HP, layout=gl.SliceLayout(0, B_OP))
+    k_unit, k_ok = _padded_units(k, M, UNITS, UP)
+    j_unit, j_ok = _padded_units(j, M, UNITS, UP)
+    ok = k_ok[:, None] & j_ok[None, :]
+    if TRANSPOSE:
+        w = gl.load(w_h + j_unit[None, :] * H + k_unit[:, None], mask=ok, other=0.0)
+        g = gl.load(gate_h + (j // UP)[None, :] * H + k_unit[:, None], mask=ok, other=0.0)
     else:
-        out = mma_v2(a_hi, w_hi, mma_v2(a_lo, w_hi, mma_v2(a_hi, w_lo, acc)))
-    return out
+        w = gl.load(w_h + k_unit[:, None] * H + j_unit[None, :], mask=ok, other=0.0)
+        g = gl.load(gate_h + (k // UP)[:, None] * H + j_unit[None, :], mask=ok, other=0.0)
+    w_hi, w_lo = _split(w)
+    g_hi, g_lo = _split(g)
+    G_SMEM: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [0, 1])
+    return (w_hi, w_lo, gl.allocate_shared_memory(gl.bfloat16, [HP, HP], G_SMEM, g_hi),
+            gl.allocate_shared_memory(gl.bfloat16, [HP, HP], G_SMEM, g_lo))
+
+
+@gluon.jit
+def _activation(g, thr, thr_value, waves, t, B, M, module, mtile, mask, col_ok, GATE: gl.constexpr,
+                THR_TENSOR: gl.constexpr, WAVES: gl.constexpr):
+    """(a, w, th) at step t per unit: a = w e(g) (0 in padded units), the clock wave w (shared
+    (1, HP), per sample, or 1) and the threshold (one value or per (b, t, m))."""
+    if THR_TENSOR:
+        th = gl.load(thr + t * B * M + mtile, mask=mask, other=1.0)
+    else:
+        th = thr_value
+    e = _gate_e(g, th, GATE)
+    if WAVES == 1:
+        w = gl.load(waves + t * M + module, mask=col_ok, other=0.0)[None, :]
+        a = e * w
+    elif WAVES == 2:
+        w = gl.load(waves + t * B * M + mtile, mask=mask, other=0.0)
+        a = e * w
+    else:
+        w = gl.where(col_ok[None, :], 1.0, 0.0)
+        a = e
+    return gl.where(col_ok[None, :], a, 0.0), w, th
 
 
 @gluon.jit
@@ -233,25 +290,8 @@ def gated_forward_kernel(
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     SMEM: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
-    rows = gl.program_id(0) * BLOCK_B + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(1, mma))
-    cols = gl.arange(0, HP, layout=gl.SliceLayout(0, mma))
-    unit = (cols // UP) * UNITS + cols % UP
-    col_ok = (cols // UP < M) & (cols % UP < UNITS)
-    module = cols // UP
-    mask = (rows < B)[:, None] & col_ok[None, :]
-    first = mask & (cols % UP == 0)[None, :]
-    # B operands: W_h^T (wt[k, j] = W_h[unit j, unit k]) and the gate's G_h row of j's module.
-    k = gl.arange(0, HP, layout=gl.SliceLayout(1, B_OP))
-    j = gl.arange(0, HP, layout=gl.SliceLayout(0, B_OP))
-    k_unit = (k // UP) * UNITS + k % UP
-    j_unit = (j // UP) * UNITS + j % UP
-    w_ok = ((k // UP < M) & (k % UP < UNITS))[:, None] & ((j // UP < M) & (j % UP < UNITS))[None, :]
-    w_hi, w_lo = _split(gl.load(w_h + j_unit[None, :] * H + k_unit[:, None], mask=w_ok, other=0.0))
-    # The gate's operand waits in shared memory (read each step): in registers beside W_h's it spills.
-    G_SMEM: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [0, 1])
-    g_hi, g_lo = _split(gl.load(gate_h + (j // UP)[None, :] * H + k_unit[:, None], mask=w_ok, other=0.0))
-    sgate_hi = gl.allocate_shared_memory(gl.bfloat16, [HP, HP], G_SMEM, g_hi)
-    sgate_lo = gl.allocate_shared_memory(gl.bfloat16, [HP, HP], G_SMEM, g_lo)
+    rows, unit, col_ok, module, mask, first = _unit_tiles(B, M, UNITS, BLOCK_B, HP, UP, mma)
+    w_hi, w_lo, sgate_hi, sgate_lo = _unit_operands(w_h, gate_h, H, M, UNITS, HP, UP, True, B_OP)
     s_hi = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_B, HP], SMEM)
     s_lo = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_B, HP], SMEM)
     tile = rows[:, None] * H + unit[None, :]
@@ -265,26 +305,10 @@ def gated_forward_kernel(
         ahead = gl.minimum(t + 1, T - 1)
         u_next = gl.load(u + ahead * B * H + tile, mask=mask, other=0.0)
         gu_next = gl.load(gu + ahead * B * M + mtile, mask=mask, other=0.0)
-        _split_into(h, s_hi, s_lo)
-        a_hi = s_hi.load(A_OP)
-        a_lo = s_lo.load(A_OP)
+        a_hi, a_lo = _exchange(h, s_hi, s_lo, A_OP)
         pre = _products(a_hi, a_lo, w_hi, w_lo, u_t, CHAINS)
         g = _sigmoid(_products(a_hi, a_lo, sgate_hi.load(B_OP), sgate_lo.load(B_OP), gu_t, CHAINS))
-        if GATE != 0:
-            if THR_TENSOR:
-                th = gl.load(thr + t * B * M + mtile, mask=mask, other=1.0)
-            else:
-                th = thr_value
-            e = _gate_e(g, th, GATE)
-        else:
-            e = g
-        if WAVES == 1:
-            a = e * gl.load(waves + t * M + module, mask=col_ok, other=0.0)[None, :]
-        elif WAVES == 2:
-            a = e * gl.load(waves + t * B * M + mtile, mask=mask, other=0.0)
-        else:
-            a = e
-        a = gl.where(col_ok[None, :], a, 0.0)
+        a, _, _ = _activation(g, thr, thr_value, waves, t, B, M, module, mtile, mask, col_ok, GATE, THR_TENSOR, WAVES)
         if not WRITE_CANDS:  # else the host derives a_t from the stored gates
             gl.store(acts + t * B * M + mtile, a, mask=first)
         c = _tanh(pre)
@@ -313,25 +337,8 @@ def gated_backward_kernel(
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     SMEM: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
-    rows = gl.program_id(0) * BLOCK_B + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(1, mma))
-    cols = gl.arange(0, HP, layout=gl.SliceLayout(0, mma))
-    unit = (cols // UP) * UNITS + cols % UP
-    col_ok = (cols // UP < M) & (cols % UP < UNITS)
-    module = cols // UP
-    mask = (rows < B)[:, None] & col_ok[None, :]
-    first = mask & (cols % UP == 0)[None, :]
-    # B operands: W_h (w[k, j] = W_h[unit k, unit j]) for dz W_h, and G_h's row of k's module at
-    # unit j for the gate's dzg G_h, each unit's share standing in for its module's sum.
-    k = gl.arange(0, HP, layout=gl.SliceLayout(1, B_OP))
-    j = gl.arange(0, HP, layout=gl.SliceLayout(0, B_OP))
-    k_unit = (k // UP) * UNITS + k % UP
-    j_unit = (j // UP) * UNITS + j % UP
-    w_ok = ((k // UP < M) & (k % UP < UNITS))[:, None] & ((j // UP < M) & (j % UP < UNITS))[None, :]
-    w_hi, w_lo = _split(gl.load(w_h + k_unit[:, None] * H + j_unit[None, :], mask=w_ok, other=0.0))
-    G_SMEM: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [0, 1])  # read each step: registers spill
-    g_hi, g_lo = _split(gl.load(gate_h + (k // UP)[:, None] * H + j_unit[None, :], mask=w_ok, other=0.0))
-    sgate_hi = gl.allocate_shared_memory(gl.bfloat16, [HP, HP], G_SMEM, g_hi)
-    sgate_lo = gl.allocate_shared_memory(gl.bfloat16, [HP, HP], G_SMEM, g_lo)
+    rows, unit, col_ok, module, mask, first = _unit_tiles(B, M, UNITS, BLOCK_B, HP, UP, mma)
+    w_hi, w_lo, sgate_hi, sgate_lo = _unit_operands(w_h, gate_h, H, M, UNITS, HP, UP, False, B_OP)
     s_hi = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_B, HP], SMEM)
     s_lo = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_B, HP], SMEM)
     sg_hi = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_B, HP], SMEM)
@@ -358,22 +365,8 @@ def gated_backward_kernel(
         if GRAD_ALL:
             gh += grad_next
             grad_next = gl.load(g_tile + ahead * sg_t, mask=mask, other=0.0)
-        if GATE != 0:
-            if THR_TENSOR:
-                th = gl.load(thr + t * B * M + mtile, mask=mask, other=1.0)
-            else:
-                th = thr_value
-            e = _gate_e(g, th, GATE)
-        else:
-            th = thr_value
-            e = g
-        if WAVES == 1:
-            w_t = gl.load(waves + t * M + module, mask=col_ok, other=0.0)[None, :]
-        elif WAVES == 2:
-            w_t = gl.load(waves + t * B * M + mtile, mask=mask, other=0.0)
-        else:
-            w_t = gl.where(col_ok[None, :], 1.0, 0.0)
-        a = gl.where(col_ok[None, :], e * w_t, 0.0)
+        a, w_t, th = _activation(g, thr, thr_value, waves, t, B, M, module, mtile, mask, col_ok, GATE, THR_TENSOR,
+                                 WAVES)
         # Each unit's share of its module's dL/da; the host sums them into dzg, dzl and dwave.
         share = gh * (c - h_prev)
         if HAS_GRAD_ACT:  # dL/da joins the module's sum once, at its first unit
