@@ -1,17 +1,19 @@
-"""Gluon kernels of the clock recurrence: hrnn/ops/gpu_kernels.py's leaky_forward_kernel and
-leaky_backward_kernel with every layout written out, for bf16x3 in float32 (the default precision).
+"""Gluon kernels of both CUDA ops: hrnn/ops/gpu_kernels.py's clock kernels (leaky_forward_kernel,
+leaky_backward_kernel) and gated kernels in the unit-gate layout (gated_forward_kernel,
+gated_backward_kernel) with every layout written out, for bf16x3 in float32 (the default precision).
 
 Same arguments and results as the Triton kernels (host side: hrnn/ops/gpu.py, which picks these on
 a GPU where they apply). Why they exist: the Triton compiler loads u and stores h and c in a
-coalesced layout, so each step converted three tiles between that layout and the tensor-core
-accumulator's through shared memory, 8 barriers a step (by disassembly, sm_90). Here every
-per-step tile lives in the accumulator layout: u is loaded, h and c are stored and the waves are
-read in it, and the one exchange a step needs (the state's bf16 halves into the A operand, since
-each warp computes 16 columns from all HP units) is one shared-memory round trip: 2 barriers a step.
-W_h's two bf16 halves stay in registers, already in the B operand's layout, for the whole loop.
+coalesced layout, so each step converted its tiles between that layout and the tensor-core
+accumulator's through shared memory, 8 barriers a step in the clock forward and 12 in the gated one
+(by disassembly, sm_90). Here every per-step tile lives in the accumulator layout: u is loaded, h
+and c are stored and the waves are read in it, and the one exchange a step needs (bf16 halves into
+the A operand, since each warp computes 16 columns from all HP units) is one shared-memory round
+trip: 2 barriers a step. W_h's two bf16 halves stay in registers, already in the B operand's layout,
+for the whole loop.
 
-Gluon has no interpreter: tests/test_triton.py compiles these for sm_90 on any machine (no
-spills, the barrier count) and checks them against the reference on a GPU when one is present.
+Gluon has no interpreter: tests/test_gluon.py compiles these for sm_90 on any machine (no spills,
+the barrier and MMA counts) and checks them against the reference on a GPU when one is present.
 """
 from __future__ import annotations
 
