@@ -40,7 +40,7 @@ GATE_CODES = {"soft": 0, "hard": 1, "truncated": 2}  # the gated kernels' GATE: 
 # scripts/gpu/kernel_times.py set them): None picks BLOCK_B, 4 warps for HP <= 64 and 8 above, and
 # the gates' layout by precision (`unit_gates`, in gated_launch). `chains`: bf16x3's three products
 # in one accumulation (1) or three summed (3); on an H200 the two were within 3% (docs/gpu.md).
-# `gluon`: None runs the clock op's Gluon kernels where they apply (_gluon), False never.
+# `gluon`: None runs the Gluon kernels (both ops) where they apply (_gluon), False never.
 TUNING: dict = {"block_b": None, "num_warps": None, "unit_gates": None, "chains": 3, "gluon": None}
 
 try:
@@ -106,8 +106,9 @@ def _dot_precision(precision: str, dtype: torch.dtype) -> str:
 
 
 def _gluon(hidden: int, precision: str, dtype: torch.dtype) -> bool:
-    """Whether the clock op runs hrnn/ops/gpu_gluon.py's kernels: on a GPU, bf16x3 in float32, at
-    most 128 padded units (W_h's halves in registers), unless TUNING["gluon"] is False."""
+    """Whether hrnn/ops/gpu_gluon.py's kernels apply (the clock op's, and the gated op's in the unit
+    layout): on a GPU, bf16x3 in float32, at most 128 padded units (W_h's halves in registers),
+    unless TUNING["gluon"] is False."""
     return (_G is not None and TUNING["gluon"] is not False and _dot_precision(precision, dtype) == "bf16x3"
             and _padded(hidden) <= _G.MAX_PADDED)
 

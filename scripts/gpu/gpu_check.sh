@@ -13,7 +13,7 @@
 #      side of step 4), waited for before any timing;
 #   1. gradients of hrnn-dct and of the default model (clock_event: the gated kernels), B=100,
 #      T=784, in each precision against float64 (bars: the default < 1e-2, ieee < 1e-5); then
-#      tests/test_gluon.py, whose GPU tests check the clock op's Gluon kernels against the reference;
+#      tests/test_gluon.py, whose GPU tests check both ops' Gluon kernels against the reference;
 #   2. scripts/gpu/kernel_times.py: the recurrence alone, forward and backward, each kernel variant;
 #   3. at T = 784, batch 100 and 1000: the recurrence alone against cuDNN's LSTM, steps captured
 #      in one CUDA graph, then the bench: the configs in the default precision and the others,
@@ -61,8 +61,8 @@ step() {  # step NAME SECONDS CMD...: run, tee the log into $OUT, report the exi
     echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s"
 }
 
-# About 450 s of steps at most (about 300 s measured), the most important first: the call needs timeout_s 480 (start and
-# transfers are not in it).
+# About 450 s of steps at most (about 340 s measured), the most important first: the call needs
+# timeout_s 480 (start and transfers are not in it).
 (nice -n 19 timeout 150 $PY setup.py -q build_ext --inplace > /tmp/build_ext.log 2>&1; echo "exit $?" >> /tmp/build_ext.log) &
 build=$!
 step precision 90 bash -c "$PY scripts/bench/bench_cuda.py --check --no-bench; $PY -m pytest -q -p no:cacheprovider tests/test_gluon.py"

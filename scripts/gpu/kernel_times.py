@@ -4,10 +4,11 @@ per-change measurements behind hrnn/ops/gpu.py's launch defaults (TUNING) and do
     python scripts/gpu/kernel_times.py                 # B = 100 and 1000, T = 784, every variant
     python scripts/gpu/kernel_times.py --profile --batch 100 --warmup 1   # for ncu: each kernel 2-4 times
 
-A variant is a precision and the TUNING settings it changes: `gluon` (the clock op's Gluon kernels,
+A variant is a precision and the TUNING settings it changes: `gluon` (the Gluon kernels of
 hrnn/ops/gpu_gluon.py, or the Triton ones), `chains` (bf16x3's three products in one accumulation
-chain, 1, or three independent ones summed, 3) and `unit_gates` (the gated kernels' layout: every unit computes its module's gate on the tensor cores, or the module layout with the
-gate's small products in fp32 FMAs). Each time is the median of --repeat calls between CUDA events,
+chain, 1, or three independent ones summed, 3) and `unit_gates` (the gated kernels' layout: every
+unit computes its module's gate on the tensor cores, or the module layout with the gate's small
+products in fp32 FMAs). Each time is the median of --repeat calls between CUDA events,
 after warm-up calls (Triton compiles each variant on its first call).
 """
 from __future__ import annotations
