@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STUDY=${STUDY:-outputs/study}
-TABLES="timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation clock_ablation_mnist open_gates_pmnist open_gates_smnist open_gates_smnist_long text clock_changes"
+TABLES="timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation clock_ablation_mnist open_gates_pmnist open_gates_smnist open_gates_smnist_long truncated_clock_smnist text clock_changes"
 TRAIN=${TRAIN:-.venv/bin/hrnn-train}
 COMMON=(-m hydra/launcher=joblib hydra.launcher.n_jobs=${JOBS:-2} trainer.num_threads=1 trainer.progress=false resume=auto)
 PERIOD_SETS='task.periods=[4,12],[3,10],[6,20],[2,7,30]'
@@ -242,6 +242,13 @@ table() {
                              # update penalty at its default 0.01 and at 0.05: one seed each (a pilot)
       run "${COMMON[@]}" experiment=smnist trainer.steps=20000 model.activation=clock_event model.gate_bias=0 \
         model.update_weight=0.01,0.05 trainer.seed=0 hydra.sweep.dir="$STUDY/open_gates_smnist_long" ;;
+    truncated_clock_smnist)  # truncated gates under a frozen binary clock (exact 0/1 waves: regularizer=none), so
+                             # that the schedule shuts three quarters of the updates and the gates the rest:
+                             # gates start open (b_g = 0, g = 0.5 > tau = 0.3), a shut gate within 0.1 of tau
+                             # still learns; the update penalty at 0.1 and 0.3, 20,000 steps, one seed each (a pilot)
+      run "${COMMON[@]}" experiment=smnist trainer.steps=20000 model.activation=clock_event regularizer=none \
+        optim.clock_lr=0 model.gate=truncated model.gate_threshold=0.3 model.gate_support=0.1 model.gate_bias=0 \
+        model.update_weight=0.1,0.3 trainer.seed=0 hydra.sweep.dir="$STUDY/truncated_clock_smnist" ;;
     text)  # character-level KJV (needs make data): hrnn and the LSTM and GRU of one and two layers at equal
            # parameters, each at most an hour on one thread (trainer.max_wall_s), 3 seeds: fifteen hours of CPU
       run "${COMMON[@]}" experiment=text,text_lstm,text_lstm2,text_gru,text_gru2 trainer.seed=0,1,2 \
