@@ -180,6 +180,31 @@ def test_bench_gates_truncated_times_every_capability_and_opens_the_fraction_it_
     assert {(float(r[2]), float(r[3])) for r in rows if r[2] != "soft"} == set(gates.TRUNCATED_ROWS)
 
 
+@needs_ext
+def test_bench_gates_clock_opens_the_forced_share_of_the_clocks_ticks():
+    """--clock --quick: per capability, the soft step under the learned clock at ratio 1, and per forced tick
+    share q a truncated row whose open fraction is q times the binary clock's share of ticks (exactly at q = 1:
+    every (b, t, m) off a tick is shut whatever its gate says)."""
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_gates.py"), "--clock", "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gates = load_script("bench_gates", "bench")
+    waves = gates.binary_clock_waves(12)
+    assert waves[:, 3].tolist() == [float(t % 8 == 0) for t in range(12)]
+    ticks = float(waves.mean())
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in
+            ops.cpu_capabilities()]
+    assert [r[0] for r in rows[::2 + len(gates.CLOCK_TICK_SHARES)]] == ops.cpu_capabilities()[::-1]
+    for r in rows:
+        if r[1:4] == ["soft,", "learned", "clock"]:
+            assert r[-3] == "1.000" and r[-1] == "1.000"
+        elif r[1] == "truncated":
+            share, opened = float(r[2]), float(r[3])
+            assert opened == pytest.approx(share * ticks, abs=5e-4 if share == 1 else 0.05)  # printed to 3 places
+    assert sorted(float(r[2]) for r in rows if r[1] == "truncated") == sorted(
+        gates.CLOCK_TICK_SHARES * len(ops.cpu_capabilities()))
+
+
 def test_bench_gates_ratios_are_over_the_same_modes_dense_row(capsys):
     gates = load_script("bench_gates", "bench")
     rows = [("hard f=1", "no-grad", 1.0, (0.004, 0.002), 1.0), ("hard f=0.5", "no-grad", 0.5, (0.003, 0.001), 0.5),

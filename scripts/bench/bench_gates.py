@@ -6,6 +6,8 @@
                                              # forward time against the fraction of nonzero W_h blocks
     python scripts/bench/bench_gates.py --truncated --steps 784 --threads 1 --capabilities avx2,default
                                              # the truncated gate's training step against its open fraction
+    python scripts/bench/bench_gates.py --clock --steps 784 --threads 1
+                                             # the same under a frozen binary clock, against the default's soft step
 
 Batch 100, hidden 128, 8 modules, 2 inputs, float32, 2 threads, the capability the extension
 picks (HRNN_CPU_CAPABILITY to force one). Hard gates with the open fraction forced to f: a
@@ -31,6 +33,13 @@ plus what stays dense (the gate's M logits, dG_h and the pass-through of dL/dh a
 Rows with w > 0 also force a fraction w shut within the support (model.gate_support, a
 pseudo-derivative below the threshold): their candidates are computed and their dL/da read, so the
 step should cost about f + w of the dense one's candidate work, forward and the gate's backward.
+
+With --clock: the truncated gate under a frozen binary clock (periods 1, 2, 4, ..., 128, exact 0/1 waves:
+`regularizer=none optim.clock_lr=0`), so that a (b, t, m) off its module's ticks is shut whatever its gate
+says, against the default model's soft step (soft gate times a learned clock: the waves' gradient reads
+every candidate). The gates are forced open on a fraction q of the ticks, so the open fraction is q times
+the clock's 0.249; training step (last state) and no-grad evaluation, over the soft step with the
+learned clock and beside the soft step with the same frozen clock, under each capability named.
 
 With --blocks: the no-grad forward of both cores (the clock core hrnn.ops.leaky_rnn with soft
 waves, the event-gate core with every gate open) against the fraction of nonzero blocks of W_h
@@ -212,6 +221,75 @@ def run_truncated(batch: int, steps: int, warmup: int, repeat: int) -> dict:
     return {"times": times, "open": opened, "computed": computed}
 
 
+CLOCK_TICK_SHARES = (1.0, 0.6, 0.4, 0.2)  # the share of the clock's ticks whose gate is forced open
+
+
+def binary_clock_waves(steps: int) -> torch.Tensor:
+    """(steps, MODULES) exact 0/1: module m ticks where t % 2^m == 0 (a frozen binary clock's start)."""
+    t = torch.arange(steps).unsqueeze(1)
+    return (t % (2 ** torch.arange(MODULES)).unsqueeze(0) == 0).float()
+
+
+def run_clock(batch: int, steps: int, warmup: int, repeat: int) -> dict:
+    """{(mode, row): (median, min) seconds} for the rows "soft, learned clock", "soft, frozen clock" and each
+    tick share q (the truncated gate under the frozen clock), last state; and per q the measured open fraction."""
+    a = inputs(batch, steps, True)
+    frozen = binary_clock_waves(steps)
+    learned = frozen.clone().requires_grad_(True)
+    times, opened = {}, {}
+
+    def cell(mode, waves, thresholds, train):
+        def step():
+            with torch.set_grad_enabled(train):
+                states, acts = gated_leaky_rnn(a["x"], a["w_x"], a["bias"], a["w_h"], a["h0"], waves, a["gate_x"],
+                                               a["gate_bias"], a["gate_h"], mode, thresholds, last_only=True)
+                if train:
+                    states.sum().backward()
+            return acts
+        return times_of(step, warmup, repeat)
+
+    for train in (True, False):
+        key = "train" if train else "no-grad"
+        times[key, "soft, learned clock"] = cell("soft", learned, 0.5, train)
+        times[key, "soft, frozen clock"] = cell("soft", frozen, 0.5, train)
+        for share in CLOCK_TICK_SHARES:
+            times[key, share] = cell("truncated", frozen, forced_thresholds(batch, steps, share), train)
+    with torch.no_grad():
+        for share in CLOCK_TICK_SHARES:
+            acts = gated_leaky_rnn(a["x"], a["w_x"], a["bias"], a["w_h"], a["h0"], frozen, a["gate_x"], a["gate_bias"],
+                                   a["gate_h"], "truncated", forced_thresholds(batch, steps, share), last_only=True)[1]
+            opened[share] = float((acts != 0).float().mean())
+    return {"times": times, "open": opened}
+
+
+def print_clock(batch: int, steps_list: list[int], capabilities: list[str], threads: int, warmup: int,
+                repeat: int) -> None:
+    print(f"hrnn event-gate core, truncated gate under a frozen binary clock (periods 1..{2 ** (MODULES - 1)}) against "
+          f"the soft gate under a learned clock: batch {batch}, hidden {HIDDEN}, {MODULES} modules, {INPUTS} inputs, "
+          f"float32, {threads} threads, {'process CPU' if clock is time.process_time else 'wall'} time, min of "
+          f"{repeat} calls, last state")
+    for steps in steps_list:
+        print(f"\nT = {steps}")
+        print(f"{'capability':10s} {'gate':20s} {'ticks':>6s} {'open':>6s} {'train ms':>9s} {'/ soft':>7s} "
+              f"{'eval ms':>8s} {'/ soft':>7s}")
+        for capability in capabilities:
+            ops.set_cpu_capability(capability)
+            result = run_clock(batch, steps, warmup, repeat)
+            t = result["times"]
+            soft_train, soft_eval = t["train", "soft, learned clock"][1], t["no-grad", "soft, learned clock"][1]
+            for row in ("soft, learned clock", "soft, frozen clock", *CLOCK_TICK_SHARES):
+                soft = isinstance(row, str)
+                name, ticks = (row, "-") if soft else ("truncated", f"{row:.2f}")
+                open_share = "1.000" if soft else f"{result['open'][row]:.3f}"
+                train, evaluation = t["train", row][1], t["no-grad", row][1]
+                print(f"{capability:10s} {name:20s} {ticks:>6s} {open_share:>6s} {train * 1e3:9.2f} "
+                      f"{train / soft_train:7.3f} {evaluation * 1e3:8.2f} {evaluation / soft_eval:7.3f}")
+    print("\n'/ soft': over the soft gate's step under the learned clock (the default model), same mode (train: "
+          "forward + backward of the last state; eval: forward under torch.no_grad). 'ticks': the share of the "
+          "clock's ticks whose gate is forced open; 'open': measured fraction of (b, t, m) with a != 0 (the soft "
+          "rows compute every one).")
+
+
 def print_truncated(batch: int, steps_list: list[int], capabilities: list[str], threads: int, warmup: int,
                     repeat: int) -> None:
     print(f"hrnn event-gate core, truncated gate against its open fraction f: batch {batch}, hidden {HIDDEN}, "
@@ -248,6 +326,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs")
     parser.add_argument("--blocks", action="store_true", help="time against the fraction of nonzero W_h blocks")
     parser.add_argument("--truncated", action="store_true", help="the truncated gate's steps against its open fraction")
+    parser.add_argument("--clock", action="store_true",
+                        help="the truncated gate under a frozen binary clock against the default model's soft step")
     parser.add_argument("--capabilities", default=None,
                         help="comma-separated CPU capabilities to time with --blocks (default: the one in use) "
                              "or --truncated (default: every one this CPU runs)")
@@ -261,6 +341,10 @@ def main() -> None:
     capabilities = args.capabilities.split(",") if args.capabilities else [ops.cpu_capability()]
     if args.blocks:
         print_blocks(batch, steps_list, capabilities, args.threads, warmup, repeat)
+        return
+    if args.clock:  # every capability this CPU runs unless told
+        print_clock(batch, steps_list, args.capabilities.split(",") if args.capabilities else
+                    list(reversed(ops.cpu_capabilities())), args.threads, warmup, repeat)
         return
     if args.truncated:  # every capability this CPU runs unless told
         print_truncated(batch, steps_list, args.capabilities.split(",") if args.capabilities else
