@@ -186,6 +186,39 @@ def test_resume_auto_finds_a_finished_job_renumbered_by_a_larger_sweep(tmp_path:
     assert [d.name.partition("_")[0] for d in job_dirs(sweep)] == ["0", "1"]
 
 
+def test_a_sweep_with_long_overrides_gets_short_job_dirs_and_resumes_them(tmp_path: Path) -> None:
+    """Job names past one file name's 255 bytes: each job still gets its own directory (a head and a hash),
+    and resume=auto finds it again."""
+    sweep = tmp_path / "sweep"
+    long = ["model.activation=clock_event", "regularizer=none", "optim.clock_lr=0", "model.gate=truncated",
+            "model.gate_threshold=0.3", "model.gate_support=0.1", "model.gate_bias=0", "model.gate_open_target=0.09",
+            "model.gate_threshold_warmup=0.25"]  # with the rest, 373 bytes of overrides
+    run = ["-m", f"hydra.sweep.dir={sweep}", *SMALL, *SYNTHETIC, *long, "trainer.num_threads=1", "resume=auto",
+           "trainer.seed=0,1"]
+    result = hrnn_train(run, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    dirs = job_dirs(sweep)
+    assert [d.name[:2] for d in dirs] == ["0_", "1_"], [d.name for d in dirs]
+    assert [len(d.name.encode()) for d in dirs] == [255, 255], [d.name for d in dirs]
+    assert all((d / "metrics.json").is_file() for d in dirs)
+    assert [OmegaConf.load(d / ".hydra" / "overrides.yaml")[-1] for d in dirs] == ["trainer.seed=0", "trainer.seed=1"]
+    again = hrnn_train(run, tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert all(f"{d.name}: already finished" in again.stdout for d in dirs) and job_dirs(sweep) == dirs
+
+
+def test_job_dir_keeps_short_names_and_hashes_long_ones() -> None:
+    from hrnn.config import NAME_MAX, job_dir
+
+    assert job_dir(3, "basis=dct,trainer.seed=1") == "3_basis=dct,trainer.seed=1"
+    shared = "model.gate=truncated," * 20
+    first, second = job_dir(0, shared + "trainer.seed=0"), job_dir(0, shared + "trainer.seed=1")
+    assert first != second and first[:200] == second[:200]
+    assert len(first.encode()) == len(second.encode()) == NAME_MAX
+    assert job_dir(0, shared + "trainer.seed=0") == first  # the same every call: resume=auto finds it
+    assert len(job_dir(12, "x=" + "\u00e9" * 300).encode()) <= NAME_MAX  # not cut inside a character
+
+
 # ----------------------------------------------------------------------------- units (no training)
 
 
