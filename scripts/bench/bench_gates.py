@@ -95,6 +95,20 @@ def forced_thresholds(batch: int, steps: int, f: float, within: float = 0.0) -> 
 clock = time.perf_counter
 
 
+def time_source() -> str:
+    return "process CPU" if clock is time.process_time else "wall"
+
+
+def per_capability(steps_list: list[int], capabilities: list[str], header: str, run):
+    """(capability, run(steps)) for each T and each capability named, under its "T = ..." line and `header`."""
+    for steps in steps_list:
+        print(f"\nT = {steps}")
+        print(header)
+        for capability in capabilities:
+            ops.set_cpu_capability(capability)
+            yield capability, run(steps)
+
+
 def times_of(fn, warmup: int, repeat: int) -> tuple[float, float]:
     """(median, min) seconds of fn by `clock`; on a shared machine the min is the less disturbed one."""
     times = timed(fn, warmup, repeat, clock=clock)
@@ -177,16 +191,13 @@ def print_blocks(batch: int, steps_list: list[int], capabilities: list[str], thr
                  repeat: int) -> None:
     print(f"hrnn fused cores, no-grad forward (last state) against the fraction of nonzero W_h blocks: batch {batch}, "
           f"hidden {HIDDEN}, {MODULES} modules, {INPUTS} inputs, float32, {threads} threads")
-    for steps in steps_list:
-        print(f"\nT = {steps}")
-        print(f"{'capability':10s} {'core':22s} {'blocks':>6s} {'median ms':>10s} {'min ms':>8s} {'/ dense (min)':>13s}")
-        for capability in capabilities:
-            ops.set_cpu_capability(capability)
-            rows = run_blocks(batch, steps, warmup, repeat)
-            dense = {core: s for core, fraction, s in rows if fraction == 1.0}
-            for core, fraction, (median, least) in rows:
-                print(f"{capability:10s} {core:22s} {fraction:6.3f} {median * 1e3:10.2f} {least * 1e3:8.2f} "
-                      f"{least / dense[core][1]:13.3f}")
+    header = f"{'capability':10s} {'core':22s} {'blocks':>6s} {'median ms':>10s} {'min ms':>8s} {'/ dense (min)':>13s}"
+    for capability, rows in per_capability(steps_list, capabilities, header,
+                                           lambda steps: run_blocks(batch, steps, warmup, repeat)):
+        dense = {core: s for core, fraction, s in rows if fraction == 1.0}
+        for core, fraction, (median, least) in rows:
+            print(f"{capability:10s} {core:22s} {fraction:6.3f} {median * 1e3:10.2f} {least * 1e3:8.2f} "
+                  f"{least / dense[core][1]:13.3f}")
 
 
 def run_truncated(batch: int, steps: int, warmup: int, repeat: int) -> dict:
@@ -266,24 +277,20 @@ def print_clock(batch: int, steps_list: list[int], capabilities: list[str], thre
                 repeat: int) -> None:
     print(f"hrnn event-gate core, truncated gate under a frozen binary clock (periods 1..{2 ** (MODULES - 1)}) against "
           f"the soft gate under a learned clock: batch {batch}, hidden {HIDDEN}, {MODULES} modules, {INPUTS} inputs, "
-          f"float32, {threads} threads, {'process CPU' if clock is time.process_time else 'wall'} time, min of "
-          f"{repeat} calls, last state")
-    for steps in steps_list:
-        print(f"\nT = {steps}")
-        print(f"{'capability':10s} {'gate':20s} {'ticks':>6s} {'open':>6s} {'train ms':>9s} {'/ soft':>7s} "
+          f"float32, {threads} threads, {time_source()} time, min of {repeat} calls, last state")
+    header = (f"{'capability':10s} {'gate':20s} {'ticks':>6s} {'open':>6s} {'train ms':>9s} {'/ soft':>7s} "
               f"{'eval ms':>8s} {'/ soft':>7s}")
-        for capability in capabilities:
-            ops.set_cpu_capability(capability)
-            result = run_clock(batch, steps, warmup, repeat)
-            t = result["times"]
-            soft_train, soft_eval = t["train", "soft, learned clock"][1], t["no-grad", "soft, learned clock"][1]
-            for row in ("soft, learned clock", "soft, frozen clock", *CLOCK_TICK_SHARES):
-                soft = isinstance(row, str)
-                name, ticks = (row, "-") if soft else ("truncated", f"{row:.2f}")
-                open_share = "1.000" if soft else f"{result['open'][row]:.3f}"
-                train, evaluation = t["train", row][1], t["no-grad", row][1]
-                print(f"{capability:10s} {name:20s} {ticks:>6s} {open_share:>6s} {train * 1e3:9.2f} "
-                      f"{train / soft_train:7.3f} {evaluation * 1e3:8.2f} {evaluation / soft_eval:7.3f}")
+    for capability, result in per_capability(steps_list, capabilities, header,
+                                             lambda steps: run_clock(batch, steps, warmup, repeat)):
+        t = result["times"]
+        soft_train, soft_eval = t["train", "soft, learned clock"][1], t["no-grad", "soft, learned clock"][1]
+        for row in ("soft, learned clock", "soft, frozen clock", *CLOCK_TICK_SHARES):
+            soft = isinstance(row, str)
+            name, ticks = (row, "-") if soft else ("truncated", f"{row:.2f}")
+            open_share = "1.000" if soft else f"{result['open'][row]:.3f}"
+            train, evaluation = t["train", row][1], t["no-grad", row][1]
+            print(f"{capability:10s} {name:20s} {ticks:>6s} {open_share:>6s} {train * 1e3:9.2f} "
+                  f"{train / soft_train:7.3f} {evaluation * 1e3:8.2f} {evaluation / soft_eval:7.3f}")
     print("\n'/ soft': over the soft gate's step under the learned clock (the default model), same mode (train: "
           "forward + backward of the last state; eval: forward under torch.no_grad). 'ticks': the share of the "
           "clock's ticks whose gate is forced open; 'open': measured fraction of (b, t, m) with a != 0 (the soft "
@@ -294,24 +301,21 @@ def print_truncated(batch: int, steps_list: list[int], capabilities: list[str], 
                     repeat: int) -> None:
     print(f"hrnn event-gate core, truncated gate against its open fraction f: batch {batch}, hidden {HIDDEN}, "
           f"{MODULES} modules, {INPUTS} inputs, float32, {threads} threads, "
-          f"{'process CPU' if clock is time.process_time else 'wall'} time, min of {repeat} calls")
-    for steps in steps_list:
-        print(f"\nT = {steps}")
-        print(f"{'capability':10s} {'readout':7s} {'f':>5s} {'w':>5s} {'open':>6s} {'support':>7s} {'train ms':>9s} "
+          f"{time_source()} time, min of {repeat} calls")
+    header = (f"{'capability':10s} {'readout':7s} {'f':>5s} {'w':>5s} {'open':>6s} {'support':>7s} {'train ms':>9s} "
               f"{'/ soft':>7s} {'eval ms':>8s} {'/ soft':>7s}")
-        for capability in capabilities:
-            ops.set_cpu_capability(capability)
-            result = run_truncated(batch, steps, warmup, repeat)
-            t = result["times"]
-            for readout in ("last", "all"):
-                soft_train, soft_eval = t["train", readout, "soft"][1], t["no-grad", readout, "soft"][1]
-                print(f"{capability:10s} {readout:7s} {'soft':>5s} {'-':>5s} {1.0:6.3f} {1.0:7.3f} "
-                      f"{soft_train * 1e3:9.2f} {1.0:7.3f} {soft_eval * 1e3:8.2f} {1.0:7.3f}")
-                for row in TRUNCATED_ROWS:
-                    train, evaluation = t["train", readout, row][1], t["no-grad", readout, row][1]
-                    print(f"{capability:10s} {readout:7s} {row[0]:5.2f} {row[1]:5.2f} {result['open'][row]:6.3f} "
-                          f"{result['computed'][row]:7.3f} {train * 1e3:9.2f} {train / soft_train:7.3f} "
-                          f"{evaluation * 1e3:8.2f} {evaluation / soft_eval:7.3f}")
+    for capability, result in per_capability(steps_list, capabilities, header,
+                                             lambda steps: run_truncated(batch, steps, warmup, repeat)):
+        t = result["times"]
+        for readout in ("last", "all"):
+            soft_train, soft_eval = t["train", readout, "soft"][1], t["no-grad", readout, "soft"][1]
+            print(f"{capability:10s} {readout:7s} {'soft':>5s} {'-':>5s} {1.0:6.3f} {1.0:7.3f} "
+                  f"{soft_train * 1e3:9.2f} {1.0:7.3f} {soft_eval * 1e3:8.2f} {1.0:7.3f}")
+            for row in TRUNCATED_ROWS:
+                train, evaluation = t["train", readout, row][1], t["no-grad", readout, row][1]
+                print(f"{capability:10s} {readout:7s} {row[0]:5.2f} {row[1]:5.2f} {result['open'][row]:6.3f} "
+                      f"{result['computed'][row]:7.3f} {train * 1e3:9.2f} {train / soft_train:7.3f} "
+                      f"{evaluation * 1e3:8.2f} {evaluation / soft_eval:7.3f}")
     print("\n'/ soft': over the soft gate's dense step, same readout, same mode (train: forward + backward; eval: "
           "forward under torch.no_grad). f, w: the forced fractions open and shut within the support (w > 0 runs "
           "with model.gate_support's widest, 1). 'open': measured fraction of (b, t, m) with a != 0; 'support': "
@@ -351,8 +355,7 @@ def main() -> None:
                         list(reversed(ops.cpu_capabilities())), args.threads, warmup, repeat)
         return
     print(f"hrnn event-gate core: batch {batch}, hidden {HIDDEN}, {MODULES} modules, {INPUTS} inputs, float32, "
-          f"{args.threads} threads, capability {ops.cpu_capability() or 'none (pytorch loop)'}, "
-          f"{'process CPU' if clock is time.process_time else 'wall'} time")
+          f"{args.threads} threads, capability {ops.cpu_capability() or 'none (pytorch loop)'}, {time_source()} time")
     for steps in steps_list:
         print_curve(steps, run(batch, steps, warmup, repeat, loop_repeat))
     print("\n'/ f=1': time over the hard gate's time at f = 1 in the same mode (median over median, min over "
