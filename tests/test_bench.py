@@ -182,9 +182,10 @@ def test_bench_gates_truncated_times_every_capability_and_opens_the_fraction_it_
 
 @needs_ext
 def test_bench_gates_clock_opens_the_forced_share_of_the_clocks_ticks():
-    """--clock --quick: per capability, the soft step under the learned clock at ratio 1, and per forced tick
-    share q a truncated row whose open fraction is q times the binary clock's share of ticks (exactly at q = 1:
-    every (b, t, m) off a tick is shut whatever its gate says)."""
+    """--clock --quick: per capability, the soft step under the learned clock at ratio 1 with every (b, t, m)
+    open, the soft step under the frozen clock open on its ticks only, and per forced tick share q a truncated
+    row whose open fraction is q times the clock's share of ticks (exactly at q = 1: every (b, t, m) off a tick
+    is shut whatever its gate says)."""
     proc = subprocess.run([sys.executable, str(BENCH / "bench_gates.py"), "--clock", "--quick", "--threads", "1"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -196,8 +197,10 @@ def test_bench_gates_clock_opens_the_forced_share_of_the_clocks_ticks():
             ops.cpu_capabilities()]
     assert [r[0] for r in rows[::2 + len(gates.CLOCK_TICK_SHARES)]] == ops.cpu_capabilities()[::-1]
     for r in rows:
-        if r[1:4] == ["soft,", "learned", "clock"]:
-            assert r[-3] == "1.000" and r[-1] == "1.000"
+        if r[1:4] == ["soft,", "learned", "clock"]:  # never exactly 0: every (b, t, m) computed
+            assert r[5] == "1.000" and r[-3] == "1.000" and r[-1] == "1.000"
+        elif r[1:4] == ["soft,", "frozen", "clock"]:  # the clock's exact zeros, whatever the gate
+            assert float(r[5]) == pytest.approx(ticks, abs=5e-4)
         elif r[1] == "truncated":
             share, opened = float(r[2]), float(r[3])
             assert opened == pytest.approx(share * ticks, abs=5e-4 if share == 1 else 0.05)  # printed to 3 places
