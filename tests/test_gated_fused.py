@@ -238,6 +238,35 @@ def test_truncated_support_matches_the_reference(dtype, thresholds, waves, shape
     assert_close_rel(got[1], exact[1], TOL[dtype])
 
 
+@pytest.mark.parametrize("waves", ["shared", "per_sample"])
+def test_truncated_support_computes_no_candidate_off_the_clocks_ticks(waves):
+    """Under a frozen clock with exact zeros (a binary one, no gradient for the waves), a shut entry within
+    the support but off its module's tick needs no candidate: the wave multiplies its pseudo-derivative too.
+    The candidates computed are the open entries and those within the support on a tick; values and every
+    gradient stay the reference's."""
+    args = make(4, 12, 2, 8, 2, F64, waves, seed=31)
+    ticks = (torch.arange(12)[:, None] % torch.tensor([1, 3]) == 0).to(F64)  # module 0 every step, module 1 every 3rd
+    args["waves"] = ticks if waves == "shared" else ticks.expand(4, 12, 2) * (torch.rand(4, 1, 1) > 0.3)
+    thr, support = 0.55, 0.3
+    leaves = [n for n in NAMES if n not in ("x", "h0")]
+
+    def run(fn):
+        params = {n: args[n].clone().requires_grad_() for n in leaves}
+        a = {**args, **params}
+        states, acts = call(fn, a, "truncated", thr, support=support)
+        loss = (states * torch.linspace(-1, 1, states.shape[-1], dtype=F64)).sum() + 0.3 * acts.square().sum()
+        return states.detach(), acts.detach(), dict(zip(leaves, torch.autograd.grad(loss, list(params.values()))))
+
+    got, want = run(gated_leaky_rnn), run(gated_leaky_rnn_reference)
+    computed = last_candidate_blocks()
+    assert_matches(got, want, TOL[F64])
+    g = gate_values(args, want[0])
+    wave = args["waves"].expand_as(g)
+    within = (g <= thr) & (g > thr - support)
+    assert (within & (wave == 0)).any() and (within & (wave != 0)).any()  # both kinds occur
+    assert computed == int(((want[1] != 0) | (within & (wave != 0))).sum())
+
+
 def gate_values(args, states):
     """g_t = sigmoid(x_t G_x^T + g_b + h_{t-1} G_h^T) along the run whose states these are."""
     previous = torch.cat([args["h0"][:, None], states[:, :-1]], dim=1)

@@ -48,7 +48,8 @@
 //    With a support (a pseudo-derivative below the threshold, reference.py), a shut module within it
 //    has its candidate computed in the forward (a = 0 holds its state through the lerp) and its dL/da
 //    read in the backward, for its gate's weights' gradient only (not dL/dh_{t-1} or dx_t); it adds no
-//    dz work (a = 0).
+//    dz work (a = 0). Off its clock's tick (wave 0) a module is not within: the wave multiplies the
+//    pseudo-derivative too, so it is 0 there, and a clock that shuts most steps keeps them free.
 //    A soft gate never gives exact zeros (unless the sigmoid underflows): it runs dense, through
 //    the same kernels.
 //  * Evaluation of a last-state readout (P.last): the state runs in place in a (rows, H) buffer of
@@ -621,7 +622,12 @@ int64_t fwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1) {
         for (int64_t m = 0; m < M; ++m) ar[m] *= wr[m];
       uint64_t open = 0;  // bit m: module m computes its candidate
       for (int64_t m = 0; m < M; ++m) open |= uint64_t(ar[m] != T(0)) << m;
-      if (P.support > T(0))  // shut within the support (a = 0, held by the lerp): the backward reads the candidate
+      // Shut within the support (a = 0, held by the lerp): the backward reads the candidate, except off the
+      // module's clock tick (wave 0), where the pseudo-derivative, which the wave multiplies, is 0 too.
+      if (P.support > T(0) && wr)
+        for (int64_t m = 0; m < M; ++m)
+          open |= uint64_t(gr[m] > (thr ? thr[m] : P.thr_value) - P.support && wr[m] != T(0)) << m;
+      else if (P.support > T(0))
         for (int64_t m = 0; m < M; ++m) open |= uint64_t(gr[m] > (thr ? thr[m] : P.thr_value) - P.support) << m;
       if (P.all_candidates) open = all_open;
       if (P.gs) std::memcpy(P.gs + row * M, gr, sizeof(T) * M);
@@ -897,13 +903,15 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
         T da = P.ga ? P.ga[row * M + m] : T(0);
         // A truncated gate's open module (a != 0) has its candidate and needs dL/da; a shut one has neither,
         // unless it is within the support below the threshold (the pseudo-derivative's).
+        // Off the clock's tick (w = 0) no entry is within: its pseudo-derivative is w times the open gate's, 0.
+        const T w = P.waves ? P.waves[b * P.waves_stride + t * M + m] : T(1);
         T g = T(0), thr_m = T(0);
         bool open = true, within = false;
         if (gated) {
           g = P.gs[row * M + m];
           thr_m = P.thr ? P.thr[row * M + m] : P.thr_value;
           open = g > thr_m;
-          within = P.truncated && !open && P.support > T(0) && g > thr_m - P.support;
+          within = P.truncated && !open && P.support > T(0) && g > thr_m - P.support && w != T(0);
         }
         if (P.need_da || (P.truncated && (a != T(0) || within))) da += dot<T, VL>(cm, c + m * S, hp + m * S, S);
         if (a != T(0)) {
@@ -918,7 +926,6 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
         } else {  // closed: dz = 0 (never read), the carry passes through unchanged
           every = false;
         }
-        const T w = P.waves ? P.waves[b * P.waves_stride + t * M + m] : T(1);
         T e = T(1);
         if (gated) {
           e = !P.hard ? g : P.truncated ? (open ? g : T(0)) : T(open);
