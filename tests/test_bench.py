@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import load_script
+from conftest import TINY, load_script, run_cli
 
 from hrnn import ops
 
@@ -206,6 +206,26 @@ def test_bench_gates_clock_opens_the_forced_share_of_the_clocks_ticks():
             assert opened == pytest.approx(share * ticks, abs=5e-4 if share == 1 else 0.05)  # printed to 3 places
     assert sorted(float(r[2]) for r in rows if r[1] == "truncated") == sorted(
         gates.CLOCK_TICK_SHARES * len(ops.cpu_capabilities()))
+
+
+@needs_ext
+def test_bench_checkpoints_times_trained_runs_at_their_own_activity(tmp_path):
+    """Two trained runs of one task, the soft default and a truncated gate under a frozen binary clock: the
+    first row is the unit; the soft one opens and computes every update, the truncated one computes exactly
+    its open ones (no support), fewer than all."""
+    common = ["task=adding", "task.seq_len=24", *TINY, "trainer.steps=6", "trainer.eval_every=3"]
+    soft, truncated = tmp_path / "sweep" / "0_soft", tmp_path / "sweep" / "1_truncated"
+    run_cli([*common, f"hydra.run.dir={soft}"], tmp_path)
+    run_cli([*common, "basis=binary", "regularizer=none", "optim.clock_lr=0", "model.gate=truncated",
+             "model.gate_threshold=0.5", "model.gate_bias=0.3", f"hydra.run.dir={truncated}"], tmp_path)
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_checkpoints.py"), str(soft), str(truncated),
+                           "--batches", "4"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith("sweep/")}
+    assert list(rows) == ["sweep/0", "sweep/1"]
+    assert rows["sweep/0"][1:4] == ["8", "1.000", "1.000"] and rows["sweep/0"][5] == rows["sweep/0"][7] == "1.000"
+    opened, computed = float(rows["sweep/1"][2]), float(rows["sweep/1"][3])
+    assert 0 < opened == computed < 1
 
 
 def test_bench_gates_ratios_are_over_the_same_modes_dense_row(capsys):
