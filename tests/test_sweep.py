@@ -199,12 +199,21 @@ def test_a_sweep_with_long_overrides_gets_short_job_dirs_and_resumes_them(tmp_pa
     assert result.returncode == 0, result.stdout + result.stderr
     dirs = job_dirs(sweep)
     assert [d.name[:2] for d in dirs] == ["0_", "1_"], [d.name for d in dirs]
-    assert [len(d.name.encode()) for d in dirs] == [255, 255], [d.name for d in dirs]
+    assert all(len(d.name.encode()) <= 255 and "~" in d.name for d in dirs), [d.name for d in dirs]
     assert all((d / "metrics.json").is_file() for d in dirs)
     assert [OmegaConf.load(d / ".hydra" / "overrides.yaml")[-1] for d in dirs] == ["trainer.seed=0", "trainer.seed=1"]
     again = hrnn_train(run, tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert all(f"{d.name}: already finished" in again.stdout for d in dirs) and job_dirs(sweep) == dirs
+    kept = {OmegaConf.load(d / ".hydra" / "overrides.yaml")[-1]: (d / "metrics.json").read_bytes() for d in dirs}
+    # the seeds swapped: each job is renumbered, and resume=auto finds its long-named run under the other number
+    swapped = hrnn_train([*run[:-1], "trainer.seed=1,0"], tmp_path)
+    assert swapped.returncode == 0, swapped.stdout + swapped.stderr
+    assert swapped.stdout.count("the sweep's numbering changed") == 2, swapped.stdout
+    renamed = job_dirs(sweep)
+    assert [OmegaConf.load(d / ".hydra" / "overrides.yaml")[-1] for d in renamed] == ["trainer.seed=1", "trainer.seed=0"]
+    assert {OmegaConf.load(d / ".hydra" / "overrides.yaml")[-1]: (d / "metrics.json").read_bytes()
+            for d in renamed} == kept
 
 
 def test_job_dir_keeps_short_names_and_hashes_long_ones() -> None:
@@ -214,9 +223,14 @@ def test_job_dir_keeps_short_names_and_hashes_long_ones() -> None:
     shared = "model.gate=truncated," * 20
     first, second = job_dir(0, shared + "trainer.seed=0"), job_dir(0, shared + "trainer.seed=1")
     assert first != second and first[:200] == second[:200]
-    assert len(first.encode()) == len(second.encode()) == NAME_MAX
+    assert len(first.encode()) <= NAME_MAX and len(second.encode()) <= NAME_MAX
     assert job_dir(0, shared + "trainer.seed=0") == first  # the same every call: resume=auto finds it
     assert len(job_dir(12, "x=" + "\u00e9" * 300).encode()) <= NAME_MAX  # not cut inside a character
+    # what follows the job number never depends on it, at any length: a renumbered job keeps its suffix
+    for overrides in ("a=" + "b" * n for n in (200, 240, 241, 242, 243, 244, 245, 300)):
+        names = [job_dir(num, overrides) for num in (0, 9, 10, 99, 100, 12345, 10 ** 9)]
+        assert len({name.partition("_")[2] for name in names}) == 1, names
+        assert all(len(name.encode()) <= NAME_MAX for name in names), names
 
 
 # ----------------------------------------------------------------------------- units (no training)

@@ -9,6 +9,8 @@ import hashlib
 from omegaconf import OmegaConf
 
 NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
+JOB_NUMBER_DIGITS = 10  # room kept in a job directory's name for its number and `_`: any sweep's count
+OVERRIDES_MAX = NAME_MAX - JOB_NUMBER_DIGITS - 1
 
 
 def run_name(model: str, basis: str) -> str:
@@ -17,15 +19,16 @@ def run_name(model: str, basis: str) -> str:
 
 
 def job_dir(num: int, overrides: str) -> str:
-    """A sweep job's directory name (conf/config.yaml): `<num>_<overrides>`, or where that exceeds one file
-    name's 255 bytes, its first part and a hash of the whole, so that a long override list still gets a
-    directory, the same one on every call (resume=auto finds it again) and not another job's."""
-    name = f"{num}_{overrides}"
-    if len(name.encode()) <= NAME_MAX:
-        return name
+    """A sweep job's directory name (conf/config.yaml): `<num>_<overrides>`, or where the overrides are too
+    long for one file name's 255 bytes, their first part and a hash of the whole, so that a long override list
+    still gets a directory, the same one on every call (resume=auto finds it again) and not another job's.
+    Whether and where the name is cut depends on the overrides alone, never on the job's number, so a job
+    renumbered by a larger sweep keeps the part after `_` that resume=auto matches it by."""
+    if len(overrides.encode()) <= OVERRIDES_MAX:
+        return f"{num}_{overrides}"
     digest = hashlib.sha1(overrides.encode()).hexdigest()[:12]
-    head = name.encode()[:NAME_MAX - len(digest) - 1].decode(errors="ignore")
-    return f"{head}~{digest}"
+    head = overrides.encode()[:OVERRIDES_MAX - len(digest) - 1].decode(errors="ignore")
+    return f"{num}_{head}~{digest}"
 
 
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
