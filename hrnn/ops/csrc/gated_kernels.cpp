@@ -166,7 +166,7 @@ inline void cand_block(const T* const* hp, const T* const* xp, const GatedProble
   uint64_t tile_reads[NV];
   if (P.reads)
     for (int v = 0; v < NV; ++v) tile_reads[v] = P.reads[(col + v * VL) / S];
-  k_loop<NV, KS>(H, S, P.reads ? tile_reads : nullptr, [&](auto mask, int q, int64_t k) {
+  k_loop<NV, KS>(H, S, P.reads ? tile_reads : nullptr, [&](auto mask, int q, int64_t k) HRNN_ALWAYS_INLINE {
     constexpr int MASK = decltype(mask)::value;
     const T* wk = wt + k * H + col;
     VT w[NV];

@@ -137,7 +137,7 @@ inline void fwd_block(const T* const* hp, const T* const* in, const Input<T>& sr
   uint64_t tile_reads[NV];
   if (SPARSE)
     for (int v = 0; v < NV; ++v) tile_reads[v] = P.reads[cols[v] / P.S];
-  k_loop<NV, KS>(H, P.S, SPARSE ? tile_reads : nullptr, [&](auto mask, int q, int64_t k) {
+  k_loop<NV, KS>(H, P.S, SPARSE ? tile_reads : nullptr, [&](auto mask, int q, int64_t k) HRNN_ALWAYS_INLINE {
     constexpr int MASK = decltype(mask)::value;
     const T* wk = wt + k * H;
     VT w[NV];
