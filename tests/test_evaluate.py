@@ -81,7 +81,6 @@ OLDER_RUNS = {  # a run written before keys a later hrnn added: its arguments, a
     "lstm": (["model=lstm", "model.hidden_size=8", "model.init=default", *TINY[2:]],
              ["model.num_layers", "model.init", "model.chrono_t_max"]),
     "hrnn": (["basis=dct", *TINY], ["basis.learn_phase", "model.gate_threshold_warmup", "model.gate_support",
-                                      "model.gate_support_until",
                                       "model.gate_open_target", "model.gate_open_rate"]),
 }
 

@@ -101,10 +101,6 @@ BAD = [
      "model.gate_support=0.4 must be in [0, model.gate_threshold=0.3]"),
     (["model.gate_support=0.1"], "model.gate_support=0.1 is for model.gate=truncated with activation=event "
                                  "or clock_event (here gate=soft, activation=clock_event)"),
-    (["model.gate=truncated", "model.gate_support=0.1", "model.gate_support_until=1.5"],
-     "model.gate_support_until=1.5 must be in [0, 1]: the fraction of training over which"),
-    (["model.gate=truncated", "model.gate_support_until=0.5"],
-     "model.gate_support_until=0.5 narrows a support, and model.gate_support is 0"),
     (["model.gate=truncated", "model.gate_open_target=1"], "model.gate_open_target=1.0 must be in [0, 1)"),
     (["model.gate_open_target=0.1"], "model.gate_open_target=0.1 is for model.gate=truncated with activation=event "
                                      "or clock_event (here gate=soft, activation=clock_event)"),
@@ -172,35 +168,6 @@ def test_the_truncated_threshold_warms_up_from_zero_in_training_and_evaluates_at
     gate.set_progress(0.25)
     gate.eval()
     assert gate.thresholds(1, 1, 2, like) == 0.3  # a checkpoint evaluates the same wherever it is read
-
-
-def test_the_support_narrows_to_zero_over_its_share_of_training_and_then_only_open_candidates_are_computed():
-    """support(p) = s max(0, 1 - p / until); training at p >= until computes exactly the open (b, t, m)'s
-    candidates (what the fused core counts), where the full support computed more."""
-    from hrnn.ops import last_candidate_blocks
-
-    gate = EventGate(2, 8, 2, "truncated", bias=0.0, threshold=0.5, update_weight=0.1, slope=1.0, support=0.2,
-                     support_until=0.5)
-    seen = []
-    for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
-        gate.set_progress(fraction)
-        seen.append(gate.current_support())
-    assert seen == pytest.approx([0.2, 0.1, 0.0, 0.0, 0.0])
-    cfg = validate(compose_config(["task=adding", "task.seq_len=40", "model.activation=event", "model.gate=truncated",
-                                   "model.gate_threshold=0.5", "model.gate_bias=0", "model.gate_support=0.5",
-                                   "model.gate_support_until=0.5", *TINY]))
-    torch.manual_seed(0)
-    task = build_task(cfg.task, cfg.data_dir, seed=0)
-    net = build_model(cfg, task.spec)
-    x, y = task.train_batch(8)
-    computed = {}
-    for fraction in (0.0, 0.5):
-        net.set_progress(fraction)
-        (task.loss(net(x), y) + net.penalty()).backward()
-        opened = int((net.backbone.activations > 0).sum())
-        computed[fraction] = (last_candidate_blocks(), opened)
-    assert computed[0.0][0] > computed[0.0][1] > 0  # open ones and those within the support
-    assert computed[0.5][0] == computed[0.5][1] > 0  # the open ones only
 
 
 def test_at_the_start_of_its_warm_up_the_truncated_gate_trains_as_the_soft_gate():

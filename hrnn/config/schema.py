@@ -69,7 +69,6 @@ class ClockedModelSchema:
     gate_hard_from: float
     gate_threshold_warmup: float
     gate_support: float
-    gate_support_until: float
     gate_open_target: float
     gate_open_rate: float
     gate_open_per_module: bool
@@ -357,12 +356,6 @@ def _check_events(cfg: DictConfig) -> None:
     _require(model.gate_support == 0 or (model.gate == "truncated" and model.activation in ("event", "clock_event")),
              f"model.gate_support={model.gate_support} is for model.gate=truncated with activation=event "
              f"or clock_event (here gate={model.gate}, activation={model.activation}); set it to 0 or change those")
-    _require(0 <= model.gate_support_until <= 1,
-             f"model.gate_support_until={model.gate_support_until} must be in [0, 1]: the fraction of training over "
-             f"which the truncated gate's support narrows to 0 (0: it keeps its width)")
-    _require(model.gate_support_until == 0 or model.gate_support > 0,
-             f"model.gate_support_until={model.gate_support_until} narrows a support, and model.gate_support is 0; "
-             f"set model.gate_support above 0 or this to 0")
     _require(0 <= model.gate_open_target < 1,
              f"model.gate_open_target={model.gate_open_target} must be in [0, 1): the share of (sample, step, module) "
              f"updates open that each module's truncated-gate threshold follows (0: a fixed threshold)")

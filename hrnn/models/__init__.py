@@ -67,7 +67,7 @@ def build_model(cfg: DictConfig, spec: TaskSpec) -> SequenceModel:
                               model_cfg.gate_threshold, model_cfg.update_weight, model_cfg.gate_slope,
                               model_cfg.gate_hard_from, model_cfg.gate_threshold_warmup, model_cfg.gate_support,
                               model_cfg.gate_open_target, model_cfg.gate_open_rate,
-                              model_cfg.gate_open_per_module, model_cfg.gate_support_until)
+                              model_cfg.gate_open_per_module)
         if activation == "chunker":
             event = ChunkerGate(spec.input_size, hidden, n_modules, model_cfg.gate, model_cfg.chunker_threshold,
                                 model_cfg.gate_threshold, model_cfg.update_weight, model_cfg.prediction_weight)

@@ -158,8 +158,6 @@ class EventGate(UpdateGate):
     Truncated with `support` > 0, a shut gate within `support` below the threshold still gets the open
     gate's gradient in training (a pseudo-derivative of bounded support, as EGRU's), so a gate pushed just
     below its threshold can learn to open again; only those shut modules' candidates are computed.
-    With `support_until` > 0 the support narrows linearly to 0 over that fraction of training: once the
-    gates have settled, training computes the open modules' candidates only.
     Truncated with `open_target` > 0, the threshold follows a set share of open updates: it starts at
     `threshold` and after every training pass moves by `open_rate` times the share of (sample, step,
     module) open in that pass minus the target, so the share is set, not learned, and gates that all
@@ -172,9 +170,9 @@ class EventGate(UpdateGate):
     def __init__(self, input_size: int, hidden_size: int, n_modules: int, mode: str, bias: float,
                  threshold: float, update_weight: float, slope: float, hard_from: float = 1.0,
                  threshold_warmup: float = 0.0, support: float = 0.0, open_target: float = 0.0,
-                 open_rate: float = 0.0, open_per_module: bool = False, support_until: float = 0.0) -> None:
+                 open_rate: float = 0.0, open_per_module: bool = False) -> None:
         super().__init__(n_modules, mode, threshold, update_weight)
-        self.threshold_warmup, self.support, self.support_until = threshold_warmup, support, support_until
+        self.threshold_warmup, self.support = threshold_warmup, support
         self.open_target, self.open_rate, self.open_per_module = open_target, open_rate, open_per_module
         if open_target > 0:  # only then, so that a model without it has the state_dict it always had
             self.register_buffer("module_thresholds", torch.full((n_modules,), float(threshold)))
@@ -209,18 +207,10 @@ class EventGate(UpdateGate):
         states, activations = gated_leaky_rnn(x, rnn.input.weight, rnn.input.bias, rnn.recurrent_weight(), h0, waves,
                                               gate_x, gate_bias, gate_h, self.op_mode(),
                                               self.thresholds(batch, steps, self.n_modules, x), last_only=last_only,
-                                              support=self.current_support())
+                                              support=self.support if self.mode == "truncated" else 0.0)
         if self.open_target > 0 and self.training and torch.is_grad_enabled():
             self.follow_open_target(activations)
         return states, activations
-
-    def current_support(self) -> float:
-        """The truncated gate's support now: `support`, or on its way down to 0 over `support_until`."""
-        if self.mode != "truncated":
-            return 0.0
-        if self.support_until > 0:
-            return self.support * max(0.0, 1.0 - self.progress / self.support_until)
-        return self.support
 
     def current_open_target(self) -> float:
         """open_target, or during the warm-up the value on the line from 1 down to it."""

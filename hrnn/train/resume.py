@@ -43,8 +43,7 @@ ADDED_KEYS = {
     "model": {"lstm": {"num_layers": 1, "init": "default", "chrono_t_max": None},
               "gru": {"num_layers": 1, "init": "default", "chrono_t_max": None},
               "rnn": {"num_layers": 1},
-              "hrnn": {"gate_threshold_warmup": 0.0, "gate_support": 0.0, "gate_support_until": 0.0,
-                       "gate_open_target": 0.0,
+              "hrnn": {"gate_threshold_warmup": 0.0, "gate_support": 0.0, "gate_open_target": 0.0,
                        "gate_open_rate": 0.01, "gate_open_per_module": True}},
     "basis": {"binary": {"learn_phase": False}, "dct": {"learn_phase": False}},
 }
