@@ -278,7 +278,13 @@ table() {
       # experiment=smnist_truncated: seeds 1 and 2 of it (seed 0 is the run above), each its own sweep so
       # that they can run at once from two shells
       run "${COMMON[@]}" experiment=smnist_truncated trainer.seed=1 hydra.sweep.dir="$STUDY/smnist_truncated"
-      run "${COMMON[@]}" experiment=smnist_truncated trainer.seed=2 hydra.sweep.dir="$STUDY/smnist_truncated_s2" ;;
+      run "${COMMON[@]}" experiment=smnist_truncated trainer.seed=2 hydra.sweep.dir="$STUDY/smnist_truncated_s2"
+      # ... 97.89 +- 0.08% over the three seeds, 0.1 points under 98%. Capacity, as hidden 128 -> 192 gave the
+      # soft gates: hidden 256 (8 x 32, 70,682 parameters), seeds 0 and 1 at once, then seed 2
+      run "${COMMON[@]}" experiment=smnist_truncated model.hidden_size=256 trainer.seed=0,1 \
+        hydra.sweep.dir="$STUDY/smnist_truncated_h256"
+      run "${COMMON[@]}" experiment=smnist_truncated model.hidden_size=256 trainer.seed=2 \
+        hydra.sweep.dir="$STUDY/smnist_truncated_h256_s2" ;;
     text)  # character-level KJV (needs make data): hrnn and the LSTM and GRU of one and two layers at equal
            # parameters, each at most an hour on one thread (trainer.max_wall_s), 3 seeds: fifteen hours of CPU
       run "${COMMON[@]}" experiment=text,text_lstm,text_lstm2,text_gru,text_gru2 trainer.seed=0,1,2 \
