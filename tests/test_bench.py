@@ -218,14 +218,19 @@ def test_bench_checkpoints_times_trained_runs_at_their_own_activity(tmp_path):
     run_cli([*common, f"hydra.run.dir={soft}"], tmp_path)
     run_cli([*common, "basis=binary", "regularizer=none", "optim.clock_lr=0", "model.gate=truncated",
              "model.gate_threshold=0.5", "model.gate_bias=0.3", f"hydra.run.dir={truncated}"], tmp_path)
+    capabilities = ops.cpu_capabilities()[:2]  # `default` and the next one up where this CPU has it
     proc = subprocess.run([sys.executable, str(BENCH / "bench_checkpoints.py"), str(soft), str(truncated),
-                           "--batches", "4"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                           "--batches", "4", *(["--capabilities", ",".join(capabilities)] if capabilities else [])],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith("sweep/")}
-    assert list(rows) == ["sweep/0", "sweep/1"]
-    assert rows["sweep/0"][1:4] == ["8", "1.000", "1.000"] and rows["sweep/0"][5] == rows["sweep/0"][7] == "1.000"
-    opened, computed = float(rows["sweep/1"][2]), float(rows["sweep/1"][3])
-    assert 0 < opened == computed < 1
+    tables = proc.stdout.split("\ncapability ")[1:]
+    assert [table.split()[0] for table in tables] == (capabilities or ["none"])
+    for table in tables:  # each capability's rows over its own first
+        rows = {line.split()[0]: line.split() for line in table.splitlines() if line.startswith("sweep/")}
+        assert list(rows) == ["sweep/0", "sweep/1"]
+        assert rows["sweep/0"][1:4] == ["8", "1.000", "1.000"] and rows["sweep/0"][5] == rows["sweep/0"][7] == "1.000"
+        opened, computed = float(rows["sweep/1"][2]), float(rows["sweep/1"][3])
+        assert 0 < opened == computed < 1
 
 
 def test_bench_gates_ratios_are_over_the_same_modes_dense_row(capsys):

@@ -1,7 +1,7 @@
 """Cost of trained runs at the activity they learned: a training step and an evaluation forward of each run's
 best checkpoint, on the same training batches, in one process.
 
-    python scripts/bench/bench_checkpoints.py RUN_DIR [RUN_DIR ...]
+    python scripts/bench/bench_checkpoints.py RUN_DIR [RUN_DIR ...] [--capabilities avx512,avx2,default]
 
 A gate's cost follows how often it opens, which a benchmark with forced fractions (bench_gates.py) sets by
 hand; this one reads it from trained models as hrnn-train left them (their own sizes, batch and gates). The
@@ -11,7 +11,8 @@ backward (no optimizer step); the evaluation is the forward under torch.no_grad 
 the median of the steps after the first two, by process CPU time on one thread (so a shared machine's
 neighbours are left out), each over the first run's; 'open' is the share of (sample, step, module) updates
 open in training, 'computed' the share whose candidate the fused core computed (open, or within a
-truncated gate's support). A clock frozen by `optim.clock_lr=0` is frozen here as in training.
+truncated gate's support). A clock frozen by `optim.clock_lr=0` is frozen here as in training. Each CPU
+capability this machine runs gets its own table, over its own first row (`--capabilities` to choose).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import torch  # noqa: E402
 
+from hrnn import ops  # noqa: E402
 from hrnn.cli.eval import load_run  # noqa: E402
 from hrnn.ops import last_candidate_blocks  # noqa: E402
 from hrnn.train.optim import build_optimizer  # noqa: E402
@@ -63,19 +65,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories written by hrnn-train")
     parser.add_argument("--batches", type=int, default=10, help="training batches timed per run (first two: warm-up)")
+    parser.add_argument("--capabilities", default=None,
+                        help="comma-separated CPU capabilities to time (default: every one this CPU runs, best first)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    batches, first = None, None
-    print(f"{'run (sweep/job)':40s} {'batch':>5s} {'open':>6s} {'computed':>8s} {'train s':>8s} {'/ first':>7s} "
-          f"{'eval s':>7s} {'/ first':>7s}")
-    for run_dir in args.runs:
-        row, batches = measure(run_dir, batches, args.batches)
-        first = first or row
-        show = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
-        name = f"{run_dir.resolve().parent.name}/{run_dir.resolve().name.partition('_')[0]}"
-        print(f"{name[-40:]:40s} {row['batch']:5d} {show(row['open']):>6s} {show(row['computed']):>8s} "
-              f"{row['train_s']:8.4f} {row['train_s'] / first['train_s']:7.3f} {row['eval_s']:7.4f} "
-              f"{row['eval_s'] / first['eval_s']:7.3f}")
+    capabilities = args.capabilities.split(",") if args.capabilities else list(reversed(ops.cpu_capabilities()))
+    batches = None
+    for capability in capabilities or [None]:  # None: no extension, the PyTorch loop
+        if capability is not None:
+            ops.set_cpu_capability(capability)
+        print(f"\ncapability {capability or 'none (pytorch loop)'}")
+        print(f"{'run (sweep/job)':40s} {'batch':>5s} {'open':>6s} {'computed':>8s} {'train s':>8s} {'/ first':>7s} "
+              f"{'eval s':>7s} {'/ first':>7s}")
+        first = None
+        for run_dir in args.runs:
+            row, batches = measure(run_dir, batches, args.batches)
+            first = first or row
+            show = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
+            name = f"{run_dir.resolve().parent.name}/{run_dir.resolve().name.partition('_')[0]}"
+            print(f"{name[-40:]:40s} {row['batch']:5d} {show(row['open']):>6s} {show(row['computed']):>8s} "
+                  f"{row['train_s']:8.4f} {row['train_s'] / first['train_s']:7.3f} {row['eval_s']:7.4f} "
+                  f"{row['eval_s'] / first['eval_s']:7.3f}")
 
 
 if __name__ == "__main__":
