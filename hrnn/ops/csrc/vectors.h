@@ -52,6 +52,14 @@ inline void prefetch(const T* p, int64_t n) {
   for (int64_t i = 0; i < n * int64_t(sizeof(T)); i += 64) __builtin_prefetch(c + i, RW);
 }
 
+// Fetch every cache line that [p, p + n) touches (a module's block need not start on a line).
+template <typename T, int RW = 0>
+inline void prefetch_span(const T* p, int64_t n) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p + n);
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(a), RW);
+}
+
 #include "tanh_rational.h"
 
 // tanh per lane: the rational approximation in float, libm in double.
