@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STUDY=${STUDY:-outputs/study}
-TABLES="timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation clock_ablation_mnist open_gates_pmnist open_gates_smnist open_gates_smnist_long truncated_clock_smnist text clock_changes"
+TABLES="timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation clock_ablation_mnist open_gates_pmnist open_gates_smnist open_gates_smnist_long truncated_clock_smnist text clock_changes search_baselines"
 TRAIN=${TRAIN:-.venv/bin/hrnn-train}
 COMMON=(-m hydra/launcher=joblib hydra.launcher.n_jobs=${JOBS:-2} trainer.num_threads=1 trainer.progress=false resume=auto)
 PERIOD_SETS='task.periods=[4,12],[3,10],[6,20],[2,7,30]'
@@ -315,6 +315,16 @@ table() {
         trainer.steps=100000 trainer.eval_every=500 trainer.seed=0 hydra.sweep.dir="$STUDY/copy_baselines_100"
       run "${COMMON[@]}" task=copy task.seq_len=200 model=lstm,gru,cwrnn trainer.max_wall_s=1800 \
         trainer.steps=100000 trainer.eval_every=500 trainer.seed=0 hydra.sweep.dir="$STUDY/copy_baselines_200" ;;
+    search_baselines)  # each MNIST baseline's learning-rate search on hrnn's search budget (conf/hparams_search:
+                       # 30 trials of 5,000 steps, two at a time); the best setting goes into its experiment preset
+      run -m hparams_search=smnist_lem hydra.launcher.n_jobs=${JOBS:-2} trainer.num_threads=1 resume=auto \
+        hydra.sweep.dir="$STUDY/search_smnist_lem"
+      for model in cornn lstm gru; do
+        run -m hparams_search=smnist_$model hydra.launcher.n_jobs=${JOBS:-2} trainer.num_threads=1 resume=auto \
+          hydra.sweep.dir="$STUDY/search_smnist_$model"
+      done
+      run -m hparams_search=smnist hydra.launcher.n_jobs=${JOBS:-2} trainer.num_threads=1 resume=auto \
+        hydra.sweep.dir="$STUDY/search_smnist" ;;
     smnist)      # sequential MNIST at the preset's full budget (needs make data): one seed, hours on 2 cores
       run "${COMMON[@]}" experiment=smnist model=hrnn model.activation=clock trainer.seed=0 $MNIST_20K hydra.sweep.dir="$STUDY/smnist_clock"
       run "${COMMON[@]}" "${MNIST_TASK[@]}" task=smnist model=lstm trainer.steps=20000 trainer.seed=0 hydra.sweep.dir="$STUDY/smnist_lstm" ;;
