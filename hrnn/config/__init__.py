@@ -9,7 +9,7 @@ import hashlib
 from omegaconf import OmegaConf
 
 NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
-JOB_NUMBER_DIGITS = 10  # room kept in a job directory's name for its number and `_`: any sweep's count
+JOB_NUMBER_DIGITS = 10  # room kept in a job directory's name for its number (any sweep's count), before its `_`
 OVERRIDES_MAX = NAME_MAX - JOB_NUMBER_DIGITS - 1
 
 

@@ -32,14 +32,16 @@ from hrnn.ops import last_candidate_blocks  # noqa: E402
 from hrnn.train.optim import build_optimizer  # noqa: E402
 
 
-def measure(run_dir: Path, batches: list | None, count: int) -> tuple[dict, list]:
-    """{train_s, eval_s, open, computed, batch} of one run's best checkpoint, and the batches it used."""
+def load(run_dir: Path):
+    """(config, task, model) of a run's best checkpoint, its clock frozen if training froze it."""
     cfg, task, model, _ = load_run(run_dir, "best", {})
-    if batches is None:
-        torch.manual_seed(0)
-        batches = [task.train_batch(cfg.trainer.batch_size) for _ in range(count)]
     build_optimizer(cfg.optim, model)  # freezes a clock trained with optim.clock_lr=0, as training did
     model.set_progress(1.0)
+    return cfg, task, model
+
+
+def measure(cfg, task, model, batches: list) -> dict:
+    """{train_s, eval_s, open, computed, batch} of one loaded run on the batches."""
     train_s, eval_s, opened, computed = [], [], [], []
     for x, y in batches:
         model.train()
@@ -58,7 +60,11 @@ def measure(run_dir: Path, batches: list | None, count: int) -> tuple[dict, list
     skip = 2 if len(batches) > 2 else 0  # warm-up
     share = lambda values: statistics.mean(values) if values and None not in values else None  # noqa: E731
     return {"train_s": statistics.median(train_s[skip:]), "eval_s": statistics.median(eval_s[skip:]),
-            "open": share(opened), "computed": share(computed), "batch": cfg.trainer.batch_size}, batches
+            "open": share(opened), "computed": share(computed), "batch": cfg.trainer.batch_size}
+
+
+def show(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def main() -> None:
@@ -70,7 +76,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     capabilities = args.capabilities.split(",") if args.capabilities else list(reversed(ops.cpu_capabilities()))
-    batches = None
+    runs = [(run_dir, *load(run_dir)) for run_dir in args.runs]  # each read once, timed under every capability
+    cfg, task, _ = runs[0][1:]
+    torch.manual_seed(0)
+    batches = [task.train_batch(cfg.trainer.batch_size) for _ in range(args.batches)]
     for capability in capabilities or [None]:  # None: no extension, the PyTorch loop
         if capability is not None:
             ops.set_cpu_capability(capability)
@@ -78,10 +87,9 @@ def main() -> None:
         print(f"{'run (sweep/job)':40s} {'batch':>5s} {'open':>6s} {'computed':>8s} {'train s':>8s} {'/ first':>7s} "
               f"{'eval s':>7s} {'/ first':>7s}")
         first = None
-        for run_dir in args.runs:
-            row, batches = measure(run_dir, batches, args.batches)
+        for run_dir, *loaded in runs:
+            row = measure(*loaded, batches)
             first = first or row
-            show = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
             name = f"{run_dir.resolve().parent.name}/{run_dir.resolve().name.partition('_')[0]}"
             print(f"{name[-40:]:40s} {row['batch']:5d} {show(row['open']):>6s} {show(row['computed']):>8s} "
                   f"{row['train_s']:8.4f} {row['train_s'] / first['train_s']:7.3f} {row['eval_s']:7.4f} "
