@@ -898,9 +898,11 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
         const T* a_next = P.as + (row - 1) * M;
         const T* g_next = gated ? P.gs + (row - 1) * M : nullptr;
         const T* thr_next = P.thr ? P.thr + (row - 1) * M : nullptr;
-        for (int64_t m = 0; m < M; ++m) {
+        const T* w_next = P.waves ? P.waves + b * P.waves_stride + (t - 1) * M : nullptr;
+        for (int64_t m = 0; m < M; ++m) {  // `within` below, a step earlier: off the clock's tick none is
           const bool read = a_next[m] != T(0) || P.need_da || !P.truncated ||
-                            (P.support > T(0) && g_next[m] > (thr_next ? thr_next[m] : P.thr_value) - P.support);
+                            (P.support > T(0) && (!w_next || w_next[m] != T(0)) &&
+                             g_next[m] > (thr_next ? thr_next[m] : P.thr_value) - P.support);
           if (!read) continue;
           prefetch_span(P.cs + (row - 1) * H + m * S, S);
           prefetch_span(t > 1 ? P.hs + (row - 2) * H + m * S : P.h0 + b * H + m * S, S);
