@@ -904,8 +904,8 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
                             (P.support > T(0) && (!w_next || w_next[m] != T(0)) &&
                              g_next[m] > (thr_next ? thr_next[m] : P.thr_value) - P.support);
           if (!read) continue;
-          prefetch_span(P.cs + (row - 1) * H + m * S, S);
-          prefetch_span(t > 1 ? P.hs + (row - 2) * H + m * S : P.h0 + b * H + m * S, S);
+          prefetch(P.cs + (row - 1) * H + m * S, S);
+          prefetch(t > 1 ? P.hs + (row - 2) * H + m * S : P.h0 + b * H + m * S, S);
         }
         if (P.ga) prefetch(P.ga + (row - 1) * M, M);
         if (P.dwaves) prefetch<T, 1>(P.dwaves + (row - 1) * M, M);

@@ -44,17 +44,11 @@ inline VT vset(T x) {
     for (int r = 0; r < R; ++r)          \
       for (int v = 0; v < NV; ++v) acc[0][r][v] += acc[q][r][v]
 
-// Fetch n values from p into the cache, one line at a time. The time loops walk (B, T, H) rows a
-// page apart, one stream per batch row: more streams than the hardware prefetcher follows.
+// Fetch every cache line that [p, p + n) touches (a module's block need not start on a line). The time
+// loops walk (B, T, H) rows a page apart, one stream per batch row: more streams than the hardware
+// prefetcher follows.
 template <typename T, int RW = 0>
 inline void prefetch(const T* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t i = 0; i < n * int64_t(sizeof(T)); i += 64) __builtin_prefetch(c + i, RW);
-}
-
-// Fetch every cache line that [p, p + n) touches (a module's block need not start on a line).
-template <typename T, int RW = 0>
-inline void prefetch_span(const T* p, int64_t n) {
   const uintptr_t end = reinterpret_cast<uintptr_t>(p + n);
   for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64)
     __builtin_prefetch(reinterpret_cast<const char*>(a), RW);
