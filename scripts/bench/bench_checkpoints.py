@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from hrnn import ops  # noqa: E402
 from hrnn.cli.eval import load_run  # noqa: E402
+from hrnn.cli.wrapper import user_errors  # noqa: E402
 from hrnn.ops import last_candidate_blocks  # noqa: E402
 from hrnn.train.optim import build_optimizer  # noqa: E402
 
@@ -67,6 +68,7 @@ def show(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+@user_errors
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories written by hrnn-train")
