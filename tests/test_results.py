@@ -341,3 +341,22 @@ def test_kept_records_are_the_done_runs_small_files_and_read_back_as_the_sweep(t
 
     assert keep_records.main([str(tmp_path / "nowhere"), "--into", str(into)]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_sweeps_option_keeps_only_the_named_sweep_directories(tmp_path, capsys):
+    """--sweeps selects sweeps by shell pattern: the summary has the rows of the matching sweeps only, and a
+    pattern that matches none is an error naming it."""
+    adding_job(tmp_path / "study" / "ablation_event", "0_event", "event", 0,
+               adding_metrics(0, 0.0008, [0.15, 0.0008], 0.03, 400.0))
+    adding_job(tmp_path / "study" / "ablation_clock", "0_clock", "clock", 0,
+               adding_metrics(0, 0.156, [0.167, 0.156], 0.5, 300.0))
+    adding_job(tmp_path / "study" / "other", "0_event", "event", 1, adding_metrics(1, 0.0004, [0.15, 0.0004], 0.03, 400.0))
+    assert main([str(tmp_path / "study"), "--summary", "--sweeps", "ablation_*"]) == 0
+    table = capsys.readouterr().out
+    assert "| hrnn event | mse 0.0008 |" in table and "| hrnn-dct clock | mse 0.1560 |" in table
+    assert "0.0004" not in table  # the run in `other`
+    assert main([str(tmp_path / "study"), "--summary", "--sweeps", "ablation_event, other"]) == 0
+    table = capsys.readouterr().out
+    assert "mse 0.0006 ± 0.0003" in table and "clock" not in table.split("\n", 2)[2]
+    assert main([str(tmp_path / "study"), "--summary", "--sweeps", "missing*"]) == 1
+    assert "in sweeps matching missing*" in capsys.readouterr().err

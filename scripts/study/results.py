@@ -12,7 +12,8 @@ prints the summary table of docs/results.md (task x model: mean ± std over the 
 count, parameters, steps, wall time, update fraction; jobs still running or not run say so) and
 writes its figures as PNG (learning curves against steps and against wall time, update fractions
 and each module's period over training; mean ± std over seeds, the seed count in every legend).
-`--commands` prints the plan's hrnn-train commands.
+`--commands` prints the plan's hrnn-train commands. `--sweeps` keeps only the named sweep directories
+(shell patterns, comma-separated), for a figure of one comparison out of a folder that holds many.
 
 It lives here, next to study.sh, because it serves that study alone; what every sweep
 needs (reading job directories, mean ± std) is hrnn.sweep.summary.
@@ -20,6 +21,7 @@ needs (reading job directories, mean ± std) is hrnn.sweep.summary.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import functools
 import json
 import statistics
@@ -408,6 +410,15 @@ def planned_jobs(study_dir: Path | str, plan: dict[str, list[str]] | None = None
     return jobs
 
 
+def only_sweeps(jobs: list[dict[str, Any]], patterns: str | None) -> list[dict[str, Any]]:
+    """The jobs whose sweep directory (relative to the study's) matches one of the comma-separated shell
+    patterns; every job when there are none."""
+    if not patterns:
+        return jobs
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    return [job for job in jobs if any(fnmatch.fnmatchcase(job["sweep"], p) for p in wanted)]
+
+
 def group_key(config: dict[str, Any]) -> tuple:
     """(task, T, periods, model label, steps, wall budget): the jobs one summary row pools."""
     task, trainer = config.get("task", {}), config.get("trainer", {})
@@ -571,6 +582,14 @@ def _band(ax, x, c, color, log: bool) -> None:
     ax.fill_between(x, low, mean + std, color=color, alpha=0.2, linewidth=0)
 
 
+def legend_layout(labels: list[str]) -> tuple[int, int]:
+    """(columns, rows) of a figure-wide legend: three columns of short labels, fewer of long ones, so that
+    none runs off the figure's edge."""
+    longest = max((len(label) for label in labels), default=0)
+    ncol = 3 if longest <= 45 else 2 if longest <= 70 else 1
+    return ncol, -(-len(labels) // ncol)
+
+
 def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str) -> list[Path]:
     """PNG figures of every task with finished jobs, into out_dir; returns the paths written:
     curves_<task>.png (validation metric against step and against wall time, every series; also recall on copy),
@@ -593,9 +612,11 @@ def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str) -> list[Path
         metric, higher = first["metric"], first.get("higher_is_better", False)
         keys = [f"val_{metric}"] + (["val_recall_acc"] if any("val_recall_acc" in e for e in first.get("history", []))
                                     and metric != "recall_acc" else [])
-        height = 3.3 * len(keys) + 1.3
+        ncol, legend_rows = legend_layout([series_label(label, len(m)) for label, m in series.items()])
+        height = 3.3 * len(keys) + 0.85 + 0.17 * legend_rows
         fig = Figure(figsize=(11, height))
-        fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.55 / height, bottom=1.15 / height, wspace=0.22, hspace=0.5)
+        fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.55 / height, bottom=(0.7 + 0.17 * legend_rows) / height,
+                            wspace=0.22, hspace=0.5)
         for row, key in enumerate(keys):
             log = not higher and key != "val_recall_acc"
             for col, x_name in enumerate(("steps", "wall_s")):
@@ -619,14 +640,19 @@ def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str) -> list[Path
                 ax.grid(True, alpha=0.3)
                 if row == 0 and col == 0:
                     handles, labels = ax.get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
         fig.suptitle(f"{title}: validation {metric} (mean ± std over seeds)", fontsize=10)
         written.append(_save(fig, out_dir / f"curves_{stem}.png"))
 
         with_fraction = {label: m for label, m in series.items() if curve(m, "val_update_fraction")["steps"]}
         if with_fraction:
-            fig = Figure(figsize=(7, 4.4))
-            fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.3)
+            ncol, legend_rows = legend_layout([series_label(label, len(m)) for label, m in with_fraction.items()])
+            ncol = min(ncol, 2)
+            legend_rows = -(-len(with_fraction) // ncol)
+            height = 3.5 + 0.17 * legend_rows
+            fig = Figure(figsize=(7 if ncol == 2 else 11, height))
+            fig.subplots_adjust(left=0.12 if ncol == 2 else 0.08, right=0.97, top=1 - 0.45 / height,
+                                bottom=(0.7 + 0.17 * legend_rows) / height)
             ax = fig.add_subplot()
             for i, (label, metrics) in enumerate(series.items()):
                 if label not in with_fraction:
@@ -639,7 +665,7 @@ def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str) -> list[Path
             ax.set_ylabel("update fraction (validation)")
             ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
-            fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+            fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
             ax.set_title(f"{title}: how often the modules update (mean ± std over seeds)", fontsize=10)
             written.append(_save(fig, out_dir / f"update_fraction_{stem}.png"))
 
@@ -684,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures", type=Path, metavar="DIR", help="write the figures (PNG) into DIR")
     parser.add_argument("--plan", choices=sorted(PLANS), help="count the plan's sweeps that have not started as not run")
     parser.add_argument("--commands", action="store_true", help="print the plan's hrnn-train commands and stop")
+    parser.add_argument("--sweeps", metavar="PATTERNS", help="only these sweep directories (shell patterns, comma-separated)")
     args = parser.parse_args(argv)
     plan = PLANS.get(args.plan) if args.plan else None
     if args.commands:
@@ -693,9 +720,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.study_dir} is not a directory; run scripts/study/study.sh first", file=sys.stderr)
         return 2
     if args.summary or args.figures:
-        jobs = planned_jobs(args.study_dir, plan)
+        jobs = only_sweeps(planned_jobs(args.study_dir, plan), args.sweeps)
         if not jobs:
-            print(f"error: no job directories under {args.study_dir}", file=sys.stderr)
+            print(f"error: no job directories under {args.study_dir}"
+                  + (f" in sweeps matching {args.sweeps}" if args.sweeps else ""), file=sys.stderr)
             return 1
         if args.summary:
             print(format_summary(summary_rows(jobs)))
@@ -703,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in render_figures(jobs, args.figures):
                 print(f"wrote {path}", file=sys.stderr)
         return 0
-    jobs = read_study(args.study_dir)
+    jobs = only_sweeps(read_study(args.study_dir), args.sweeps)
     if not jobs:
         print(f"error: no job directories under {args.study_dir}; run scripts/study/study.sh first", file=sys.stderr)
         return 1
