@@ -360,3 +360,10 @@ def test_sweeps_option_keeps_only_the_named_sweep_directories(tmp_path, capsys):
     assert "mse 0.0006 ± 0.0003" in table and "clock" not in table.split("\n", 2)[2]
     assert main([str(tmp_path / "study"), "--summary", "--sweeps", "missing*"]) == 1
     assert "in sweeps matching missing*" in capsys.readouterr().err
+
+
+def test_legends_of_long_labels_take_fewer_columns_and_more_rows():
+    assert results.legend_layout(["hrnn event (n = 3 seeds)"] * 4) == (3, 2)
+    assert results.legend_layout(["x" * 60] * 3) == (2, 2)
+    assert results.legend_layout(["x" * 130, "short"]) == (1, 2)
+    assert results.legend_layout([]) == (3, 0)

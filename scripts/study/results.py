@@ -646,9 +646,11 @@ def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str) -> list[Path
 
         with_fraction = {label: m for label, m in series.items() if curve(m, "val_update_fraction")["steps"]}
         if with_fraction:
+            with_open = {label for label, m in with_fraction.items()  # soft gates open everything: nothing to draw
+                         if any(v < 1 for v in curve(m, "val_open_fraction")["mean"])}
             ncol, legend_rows = legend_layout([series_label(label, len(m)) for label, m in with_fraction.items()])
             ncol = min(ncol, 2)
-            legend_rows = -(-len(with_fraction) // ncol)
+            legend_rows = -(-(len(with_fraction) + bool(with_open)) // ncol)
             height = 3.5 + 0.17 * legend_rows
             fig = Figure(figsize=(7 if ncol == 2 else 11, height))
             fig.subplots_adjust(left=0.12 if ncol == 2 else 0.08, right=0.97, top=1 - 0.45 / height,
@@ -661,6 +663,12 @@ def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str) -> list[Path
                 color = colors[i % len(colors)]
                 ax.plot(c["steps"], c["mean"], color=color, marker="o", markersize=3, label=series_label(label, c["n"]))
                 _band(ax, np.asarray(c["steps"], dtype=float), c, color, False)
+                if label in with_open:
+                    c = curve(metrics, "val_open_fraction")
+                    ax.plot(c["steps"], c["mean"], color=color, linestyle="--", linewidth=1)
+            if with_open:
+                ax.plot([], [], color="black", linestyle="--", linewidth=1,
+                        label="dashed: the share of updates open (truncated gates: what the kernels compute)")
             ax.set_xlabel("training step")
             ax.set_ylabel("update fraction (validation)")
             ax.set_ylim(bottom=0)
