@@ -648,9 +648,8 @@ def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str) -> list[Path
         if with_fraction:
             with_open = {label for label, m in with_fraction.items()  # soft gates open everything: nothing to draw
                          if any(v < 1 for v in curve(m, "val_open_fraction")["mean"])}
-            ncol, legend_rows = legend_layout([series_label(label, len(m)) for label, m in with_fraction.items()])
-            ncol = min(ncol, 2)
-            legend_rows = -(-(len(with_fraction) + bool(with_open)) // ncol)
+            ncol = min(legend_layout([series_label(label, len(m)) for label, m in with_fraction.items()])[0], 2)
+            legend_rows = -(-(len(with_fraction) + bool(with_open)) // ncol)  # the dashed line's key too
             height = 3.5 + 0.17 * legend_rows
             fig = Figure(figsize=(7 if ncol == 2 else 11, height))
             fig.subplots_adjust(left=0.12 if ncol == 2 else 0.08, right=0.97, top=1 - 0.45 / height,
