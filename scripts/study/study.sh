@@ -299,6 +299,7 @@ table() {
       # first half of training, so that the gates learn as soft ones before most must shut: seed 0
       run "${COMMON[@]}" experiment=smnist_truncated model.gate_threshold_warmup=0.5 trainer.seed=0 \
         hydra.sweep.dir="$STUDY/smnist_truncated_warmup"
+      # ... 97.48% test (validation 97.89%, 9.8% open): no better
       ;;
     adding_authors)  # the LSTM rows of adding that sat on the plateau under PyTorch's initialisation, run as their
                      # authors run them (experiment=adding_lstm: chrono initialisation), 3 seeds: at hrnn's size
