@@ -233,13 +233,13 @@ def test_bench_checkpoints_times_trained_runs_at_their_own_activity(tmp_path):
         assert 0 < opened == computed < 1
 
 
-
 def test_bench_checkpoints_names_a_bad_run_directory_in_one_line(tmp_path):
     missing = tmp_path / "no_such_run"
     proc = subprocess.run([sys.executable, str(BENCH / "bench_checkpoints.py"), str(missing)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {missing} is not a directory; give a run directory written by hrnn-train"]
+
 
 def test_bench_gates_ratios_are_over_the_same_modes_dense_row(capsys):
     gates = load_script("bench_gates", "bench")
