@@ -116,6 +116,13 @@ inline void for_rows(int n, int i, F& f) {
   }
 }
 
+// A shut truncated gate's entry that its pseudo-derivative reaches: within the support below its threshold,
+// and on the clock's tick (off it, w = 0, the pseudo-derivative is w times the open gate's: 0).
+template <typename T>
+inline bool within_support(T support, T g, T thr, T w) {
+  return support > T(0) && g > thr - support && w != T(0);
+}
+
 // ---------------------------------------------------------------- forward
 // Where the forward reads h_{t-1} and writes h_t and c_t: the (B, T, H) outputs, or, with P.last
 // (evaluation of a last-state readout), the slice's running (rows, H) state, updated in place once
@@ -899,10 +906,10 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
         const T* g_next = gated ? P.gs + (row - 1) * M : nullptr;
         const T* thr_next = P.thr ? P.thr + (row - 1) * M : nullptr;
         const T* w_next = P.waves ? P.waves + b * P.waves_stride + (t - 1) * M : nullptr;
-        for (int64_t m = 0; m < M; ++m) {  // `within` below, a step earlier: off the clock's tick none is
+        for (int64_t m = 0; m < M; ++m) {  // `within` below, a step earlier
           const bool read = a_next[m] != T(0) || P.need_da || !P.truncated ||
-                            (P.support > T(0) && (!w_next || w_next[m] != T(0)) &&
-                             g_next[m] > (thr_next ? thr_next[m] : P.thr_value) - P.support);
+                            within_support(P.support, g_next[m], thr_next ? thr_next[m] : P.thr_value,
+                                           w_next ? w_next[m] : T(1));
           if (!read) continue;
           prefetch(P.cs + (row - 1) * H + m * S, S);
           prefetch(t > 1 ? P.hs + (row - 2) * H + m * S : P.h0 + b * H + m * S, S);
@@ -926,7 +933,7 @@ void bwd_slice(const GatedProblem<T>& P, int64_t b0, int64_t b1, int64_t slice) 
           g = P.gs[row * M + m];
           thr_m = P.thr ? P.thr[row * M + m] : P.thr_value;
           open = g > thr_m;
-          within = P.truncated && !open && P.support > T(0) && g > thr_m - P.support && w != T(0);
+          within = P.truncated && !open && within_support(P.support, g, thr_m, w);
         }
         if (P.need_da || (P.truncated && (a != T(0) || within))) da += dot<T, VL>(cm, c + m * S, hp + m * S, S);
         if (a != T(0)) {
