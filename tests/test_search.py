@@ -278,13 +278,15 @@ def test_every_point_of_each_preset_is_a_valid_config(preset: str, direction: st
     assert sweeper._target_ == "hydra_plugins.hrnn_optuna_sweeper.sweeper.OptunaSweeper"
     assert sweeper.direction == direction and sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     assert sweeper.sampler.seed is not None and "Pruner" in sweeper.pruner._target_
-    assert set(sweeper.params) == {"optim.lr", "optim.clock_lr", "basis.init", "basis.sharpness", "basis.size",
-                                   "regularizer.temperature", "model.hidden_size", "model.n_modules"}
+    clock = {"optim.lr", "optim.clock_lr", "basis.init", "basis.sharpness", "basis.size",
+             "regularizer.temperature", "model.hidden_size", "model.n_modules"}
+    # sMNIST searches the variant and where its gates start, and the baselines' rate, schedule and clip
+    variant = {"model.activation", "model.gate_bias", "optim.schedule", "trainer.grad_clip"}
+    assert set(sweeper.params) == (clock | variant if preset == "smnist" else clock)
     space = {k: search.distribution(k, parse(f"{k}={v}")[1]) for k, v in sweeper.params.items()}
-    axes = {k: (d.choices if hasattr(d, "choices") else (d.low, d.high)) for k, d in space.items()}
-    choices = {k: v for k, v in axes.items() if len(v) == 3}  # the intervals are (low, high) pairs
-    intervals = {k: v for k, v in axes.items() if k not in choices}
-    assert len(choices) == 4 and len(intervals) == 4
+    choices = {k: d.choices for k, d in space.items() if hasattr(d, "choices")}
+    intervals = {k: (d.low, d.high) for k, d in space.items() if k not in choices}
+    assert len(intervals) == (5 if preset == "smnist" else 4)
     del cfg.hydra
     count = 0
     for index, (basis, point) in enumerate(itertools.product(("binary", "dct"), itertools.product(*choices.values()))):
@@ -294,7 +296,17 @@ def test_every_point_of_each_preset_is_a_valid_config(preset: str, direction: st
             OmegaConf.update(trial, key, value)
         validate(trial)
         count += 1
-    assert count == 2 * 3**4
+    assert count == 2 * math.prod(len(v) for v in choices.values())
+    if preset == "smnist":  # every trial under the 68k parameters of the published models at this size
+        from hrnn.models import build_model, count_parameters
+        from hrnn.tasks.base import TaskSpec
+
+        sizes = {k: choices[k] for k in ("model.activation", "model.n_modules", "basis.size")}
+        for basis, point in itertools.product(("binary", "dct"), itertools.product(*sizes.values())):
+            trial = OmegaConf.merge(cfg, OmegaConf.create({"basis": {"name": basis}}))
+            for key, value in [*zip(sizes, point), ("model.hidden_size", max(choices["model.hidden_size"]))]:
+                OmegaConf.update(trial, key, value)
+            assert count_parameters(build_model(trial, TaskSpec(1, 10, 784, "last"))) <= 68_000, (basis, point)
 
 
 def test_the_slurm_launcher_composes_with_a_search_preset() -> None:
