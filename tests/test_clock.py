@@ -13,7 +13,7 @@ from hrnn.ops import leaky_scan, leaky_scan_reference
 
 # Explicit settings for clocks built by hand (the runner takes them from conf/); a test overrides what it studies.
 SETTINGS = dict(init="spread", init_weight=0.8, sharpness=1.0, temperature=1.0, entropy_weight=0.0, l1_weight=0.01,
-                learn_phase=False)
+                learn_phase=False, start_periods=None)
 
 
 def basis_clock(basis: str, size: int, n_modules: int, seq_len: int, regularizer: str, **settings) -> BasisClock:
@@ -21,7 +21,7 @@ def basis_clock(basis: str, size: int, n_modules: int, seq_len: int, regularizer
 
 
 def period_clock(n_modules: int, seq_len: int, **settings) -> PeriodClock:
-    return PeriodClock(n_modules, seq_len, **{"init": "spread", "open_ratio": 0.1, "leak": 0.001, **settings})
+    return PeriodClock(n_modules, seq_len, **{"init": "spread", "start_periods": None, "open_ratio": 0.1, "leak": 0.001, **settings})
 
 
 def test_binary_column_is_one_exactly_on_multiples():
@@ -209,6 +209,39 @@ def test_spread_init_starts_as_clockwork_hierarchy():
     assert weights[3, 2].item() == pytest.approx(0.8, rel=1e-5)  # period 4 for module 2
     dct = basis_clock("dct", size=101, n_modules=4, seq_len=200, regularizer="softmax")
     assert dct.periods() == pytest.approx([1, 2, 4, 200 / 25])
+
+
+@pytest.mark.parametrize("init", ["spread", "random", "uniform"])
+def test_start_periods_replace_the_start_and_tick_exactly_on_multiples(init):
+    """One-hot coefficients (regularizer none) on the given periods: module m's wave is 1 exactly where
+    t % p_m == 0 and 0 elsewhere, whatever basis.init says."""
+    periods = [2, 3, 5, 12]
+    clock = basis_clock("binary", size=30, n_modules=4, seq_len=30, regularizer="none", init=init, start_periods=periods)
+    assert clock.periods() == periods
+    waves = clock.waves(30)
+    for t, (m, p) in itertools.product(range(30), enumerate(periods)):
+        assert waves[t, m].item() == (1.0 if t % p == 0 else 0.0), (t, p)
+    softmax = basis_clock("binary", size=30, n_modules=4, seq_len=30, regularizer="softmax", start_periods=periods)
+    assert [softmax.weights()[p - 1, m].item() for m, p in enumerate(periods)] == pytest.approx([0.8] * 4, rel=1e-5)
+    dct = basis_clock("dct", size=16, n_modules=2, seq_len=30, regularizer="softmax", start_periods=[10, 7])
+    assert dct.periods() == pytest.approx([10, 30 / 4])  # the nearest columns in log period: k = 3 and 4
+    period = period_clock(3, 30, init=init, start_periods=[2.0, 6.0, 24.0])
+    assert period.periods() == pytest.approx([2.0, 6.0, 24.0])
+    with pytest.raises(ValueError, match="3 start periods for 4 modules"):
+        basis_clock("binary", size=30, n_modules=4, seq_len=30, regularizer="none", start_periods=[1, 2, 4])
+
+
+def test_start_periods_from_the_config_reach_the_model():
+    from conftest import compose_config
+
+    from hrnn.config.schema import validate
+    from hrnn.models import build_model
+    from hrnn.tasks import build_task
+
+    cfg = validate(compose_config(["task=adding", "task.seq_len=40", "basis=binary", "regularizer=none",
+                                   "model.hidden_size=8", "model.n_modules=4", "basis.start_periods=[2,4,8,16]"]))
+    model = build_model(cfg, build_task(cfg.task, cfg.data_dir, seed=0).spec)
+    assert model.backbone.clock.periods() == [2, 4, 8, 16]
 
 
 def test_cosine_wave_period_is_the_fundamental_of_its_significant_harmonics():

@@ -89,7 +89,7 @@ def test_evaluation_zeroes_exactly_the_blocks_below_threshold():
 
 def one_hot_clock(periods: list[int], steps: int = 16) -> BasisClock:
     clock = BasisClock("binary", size=steps, n_modules=len(periods), seq_len=steps, regularizer="none", init="uniform",
-                       init_weight=0.8, sharpness=1.0, learn_phase=False)
+                       init_weight=0.8, sharpness=1.0, learn_phase=False, start_periods=None)
     set_periods(clock, periods)
     return clock
 

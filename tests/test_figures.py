@@ -121,7 +121,8 @@ def test_without_matplotlib_the_plain_images_are_logged(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(figures, "available", lambda: False)
     clock = BasisClock("binary", size=20, n_modules=4, seq_len=20, regularizer="softmax", init="spread",
-                       init_weight=0.8, sharpness=1.0, temperature=1.0, entropy_weight=0.0, learn_phase=False)
+                       init_weight=0.8, sharpness=1.0, temperature=1.0, entropy_weight=0.0, learn_phase=False,
+                       start_periods=None)
     writer = SummaryWriter(log_dir=str(tmp_path))
     summary = log_clock(writer, clock, 20, 5, history=[])
     writer.close()

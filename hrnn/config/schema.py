@@ -117,6 +117,7 @@ class BasisSchema:
     name: str
     size: Optional[int]
     init: str
+    start_periods: Optional[list[float]]
     init_weight: float
     sharpness: float
     learn_phase: bool
@@ -126,6 +127,7 @@ class BasisSchema:
 class PeriodBasisSchema:
     name: str
     init: str
+    start_periods: Optional[list[float]]
     open_ratio: float
     leak: float
 
@@ -378,6 +380,8 @@ def _check_events(cfg: DictConfig) -> None:
 def _check_clock(cfg: DictConfig) -> None:
     basis = cfg.basis
     _one_of(cfg, "basis.init", registry.CLOCK_STARTS)
+    if basis.start_periods is not None:
+        _check_start_periods(basis, cfg.model.n_modules, sequence_length(cfg.task))
     if basis.name == "period":
         _require(0 < basis.open_ratio <= 1, f"basis.open_ratio={basis.open_ratio} must be in (0, 1]")
         _require(basis.leak >= 0, f"basis.leak={basis.leak} must be non-negative")
@@ -389,6 +393,20 @@ def _check_clock(cfg: DictConfig) -> None:
     if basis.size is not None:
         _check_basis_size(basis, sequence_length(cfg.task))
     _check_regularizer(cfg)
+
+
+def _check_start_periods(basis: DictConfig, n_modules: int, steps: int) -> None:
+    periods = list(basis.start_periods)
+    _require(len(periods) == n_modules, f"basis.start_periods has {len(periods)} periods for model.n_modules={n_modules}: "
+             f"give one per module, fastest first")
+    for period in periods:
+        _require(1 <= period <= steps, f"basis.start_periods holds {period:g}: each period must be in [1, {steps}] "
+                 f"(the sequence length)")
+        _require(basis.name != "binary" or float(period).is_integer(),
+                 f"basis.start_periods holds {period:g}: the binary basis has whole periods only (t % p == 0)")
+    if basis.name == "binary" and basis.size is not None:
+        _require(max(periods) <= basis.size, f"basis.start_periods holds {max(periods):g}, beyond basis.size={basis.size}: "
+                 f"the binary basis has the periods 1..{basis.size}")
 
 
 def _check_basis_size(basis: DictConfig, steps: int) -> None:

@@ -119,12 +119,14 @@ class BasisClock(Clock):
         init_weight: float,
         sharpness: float,
         learn_phase: bool,
+        start_periods: list[float] | None,
         temperature: float | None = None,
         entropy_weight: float | None = None,
         l1_weight: float | None = None,
     ) -> None:
-        """The last three belong to one regularizer each (softmax: temperature and entropy_weight;
-        l1: l1_weight); each is required by its regularizer and ignored by the others."""
+        """start_periods (one per module, or None) replaces `init`'s starting hierarchy, each period going to
+        its nearest basis component. The last three belong to one regularizer each (softmax: temperature and
+        entropy_weight; l1: l1_weight); each is required by its regularizer and ignored by the others."""
         if regularizer == "softmax" and (temperature is None or entropy_weight is None):
             raise ValueError("the softmax regularizer needs temperature and entropy_weight")
         if regularizer == "l1" and l1_weight is None:
@@ -139,7 +141,7 @@ class BasisClock(Clock):
         self.register_buffer("frequencies", self._frequencies(), persistent=False)  # unused by binary
         self.register_buffer("component_periods", self._component_periods(), persistent=False)
         self.register_buffer("matrix", self._matrix(seq_len), persistent=False)
-        self.coefficients = nn.Parameter(self._init_coefficients(init, init_weight))
+        self.coefficients = nn.Parameter(self._init_coefficients(init, init_weight, start_periods))
         # Each module's shift in time steps; trained with the coefficients (optim.clock_lr).
         self.phase = nn.Parameter(torch.zeros(n_modules)) if learn_phase else None
         if learn_phase:
@@ -173,12 +175,17 @@ class BasisClock(Clock):
         distance = (self.component_periods.log() - math.log(period)).abs()
         return int(distance.argmin())
 
-    def _init_coefficients(self, init: str, init_weight: float) -> Tensor:
+    def _init_coefficients(self, init: str, init_weight: float, start_periods: list[float] | None) -> Tensor:
         coefficients = torch.zeros(self.size, self.n_modules)
-        if init == "uniform":
-            return coefficients
         max_period = float(self.component_periods.max())
-        periods = spread_periods(self.n_modules, max_period) if init == "spread" else random_periods(self.n_modules, max_period)
+        if start_periods is not None:
+            if len(start_periods) != self.n_modules:
+                raise ValueError(f"{len(start_periods)} start periods for {self.n_modules} modules")
+            periods = list(start_periods)
+        elif init == "uniform":
+            return coefficients
+        else:
+            periods = spread_periods(self.n_modules, max_period) if init == "spread" else random_periods(self.n_modules, max_period)
         for module, period in enumerate(periods):
             k = self._component_for_period(period)
             if self.regularizer == "softmax":
@@ -257,11 +264,16 @@ class PeriodClock(Clock):
     `leak` * (phase distance) when closed, so the period gets gradient (Neil et al. 2016).
     """
 
-    def __init__(self, n_modules: int, seq_len: int, *, init: str, open_ratio: float, leak: float) -> None:
+    def __init__(self, n_modules: int, seq_len: int, *, init: str, start_periods: list[float] | None, open_ratio: float,
+                 leak: float) -> None:
         super().__init__()
         self.n_modules, self.open_ratio, self.leak = n_modules, open_ratio, leak
         max_period = float(seq_len)
-        if init == "random":
+        if start_periods is not None:
+            if len(start_periods) != n_modules:
+                raise ValueError(f"{len(start_periods)} start periods for {n_modules} modules")
+            periods = [float(p) for p in start_periods]
+        elif init == "random":
             periods = random_periods(n_modules, max_period)
         elif init == "uniform":
             periods = [max_period ** 0.5] * n_modules

@@ -36,8 +36,8 @@ RESUMABLE_OVERRIDES = ("trainer.steps", "trainer.max_wall_s", "trainer.device", 
                        "trainer.progress", "trainer.log_every")
 say = tqdm.write  # print without breaking the progress bar
 # Keys a later hrnn added to a group's option, with the value that reproduces what a run written before
-# them did (one layer; torch's own initialisation; no learned phase; a truncated gate's open target per
-# module, as it was first written), so that its checkpoint still
+# them did (one layer; torch's own initialisation; no learned phase; the clock's starting periods from
+# basis.init; a truncated gate's open target per module, as it was first written), so that its checkpoint still
 # evaluates and resumes. group -> option name -> key -> value.
 ADDED_KEYS = {
     "model": {"lstm": {"num_layers": 1, "init": "default", "chrono_t_max": None},
@@ -45,7 +45,8 @@ ADDED_KEYS = {
               "rnn": {"num_layers": 1},
               "hrnn": {"gate_threshold_warmup": 0.0, "gate_support": 0.0, "gate_open_target": 0.0,
                        "gate_open_rate": 0.01, "gate_open_per_module": True}},
-    "basis": {"binary": {"learn_phase": False}, "dct": {"learn_phase": False}},
+    "basis": {"binary": {"learn_phase": False, "start_periods": None}, "dct": {"learn_phase": False, "start_periods": None},
+              "logcos": {"start_periods": None}, "period": {"start_periods": None}},
 }
 
 

@@ -247,7 +247,7 @@ def default_clock_waves(steps: int) -> torch.Tensor:
     """(steps, MODULES) the default model's learned binary clock at its start (softmax over every period, 0.8 on
     1, 2, 4, ...): near 0 off its ticks but never 0, so every (b, t, m) is computed, and the waves need a gradient."""
     clock = BasisClock("binary", steps, MODULES, steps, "softmax", init="spread", init_weight=0.8, sharpness=1.0,
-                       learn_phase=False, temperature=1.0, entropy_weight=0.0)
+                       learn_phase=False, start_periods=None, temperature=1.0, entropy_weight=0.0)
     return clock.waves(steps).detach().requires_grad_(True)  # a leaf: each timed call backpropagates to it
 
 
