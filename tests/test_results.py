@@ -310,6 +310,31 @@ def test_figures_are_written_as_png_for_each_task(tmp_path, capsys):
     assert (tmp_path / "again" / "curves_adding_T200.png").exists()
 
 
+def test_figures_can_stop_at_a_step_and_take_a_suffix(tmp_path, monkeypatch):
+    """--max-step N and --max-wall S draw every curve's evaluations up to step N against steps and up to S
+    seconds against wall time, and nothing after."""
+    pytest.importorskip("matplotlib")
+    sweep = tmp_path / "study" / "adding200"
+    for seed in (0, 1):
+        adding_job(sweep, f"{seed}_event_{seed}", "event", seed, adding_metrics(seed, 0.002, [0.15, 0.02, 0.002], 0.05, 280.0))
+    saved, save = {}, results._save
+
+    def keep(fig, path):
+        saved[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(results, "_save", keep)
+    assert main([str(tmp_path / "study"), "--figures", str(tmp_path / "figures"), "--max-step", "1000",
+                 "--max-wall", "100", "--suffix", "_early"]) == 0
+    assert (tmp_path / "figures" / "curves_adding_T200_early.png").exists()
+    steps_panel, wall_panel = saved["curves_adding_T200_early.png"].axes
+    (steps_line,), (wall_line,) = steps_panel.get_lines()[:1], wall_panel.get_lines()[:1]
+    assert list(steps_line.get_xdata()) == [500, 1000]  # the evaluation at 1,500 is left out
+    assert list(wall_line.get_xdata()) == pytest.approx([280 / 3])  # the evaluations at 187 and 280 s are left out
+    assert steps_panel.get_title() == "at equal steps, the first 1,000 steps"
+    assert wall_panel.get_title() == "at equal wall time, the first 100 s"
+
+
 keep_records = load_script("keep_records", "study")
 
 
@@ -344,8 +369,8 @@ def test_kept_records_are_the_done_runs_small_files_and_read_back_as_the_sweep(t
 
 
 def test_sweeps_option_keeps_only_the_named_sweep_directories(tmp_path, capsys):
-    """--sweeps selects sweeps by shell pattern: the summary has the rows of the matching sweeps only, and a
-    pattern that matches none is an error naming it."""
+    """--sweeps selects sweeps, or jobs as <sweep>/<job directory>, by shell pattern: the summary has the rows
+    of the matching ones only, and a pattern that matches none is an error naming it."""
     adding_job(tmp_path / "study" / "ablation_event", "0_event", "event", 0,
                adding_metrics(0, 0.0008, [0.15, 0.0008], 0.03, 400.0))
     adding_job(tmp_path / "study" / "ablation_clock", "0_clock", "clock", 0,
@@ -358,6 +383,11 @@ def test_sweeps_option_keeps_only_the_named_sweep_directories(tmp_path, capsys):
     assert main([str(tmp_path / "study"), "--summary", "--sweeps", "ablation_event, other"]) == 0
     table = capsys.readouterr().out
     assert "mse 0.0006 ± 0.0003" in table and "clock" not in table.split("\n", 2)[2]
+    assert main([str(tmp_path / "study"), "--summary", "--sweeps", "ablation_event, ablation_clock/0_*"]) == 0
+    table = capsys.readouterr().out  # one job of a sweep, by its directory
+    assert "| hrnn event | mse 0.0008 |" in table and "| hrnn-dct clock | mse 0.1560 |" in table
+    assert main([str(tmp_path / "study"), "--summary", "--sweeps", "ablation_event, ablation_clock/1_*"]) == 0
+    assert "clock" not in capsys.readouterr().out.split("\n", 2)[2]
     assert main([str(tmp_path / "study"), "--summary", "--sweeps", "missing*"]) == 1
     assert "in sweeps matching missing*" in capsys.readouterr().err
 

@@ -411,12 +411,14 @@ def planned_jobs(study_dir: Path | str, plan: dict[str, list[str]] | None = None
 
 
 def only_sweeps(jobs: list[dict[str, Any]], patterns: str | None) -> list[dict[str, Any]]:
-    """The jobs whose sweep directory (relative to the study's) matches one of the comma-separated shell
-    patterns; every job when there are none."""
+    """The jobs whose sweep directory (relative to the study's), or whose <sweep>/<job directory>, matches
+    one of the comma-separated shell patterns; every job when there are none."""
     if not patterns:
         return jobs
     wanted = [p.strip() for p in patterns.split(",") if p.strip()]
-    return [job for job in jobs if any(fnmatch.fnmatchcase(job["sweep"], p) for p in wanted)]
+    return [job for job in jobs if any(fnmatch.fnmatchcase(job["sweep"], p)
+                                       or (job["dir"] is not None and fnmatch.fnmatchcase(f"{job['sweep']}/{job['name']}", p))
+                                       for p in wanted)]
 
 
 def group_key(config: dict[str, Any]) -> tuple:
@@ -590,11 +592,14 @@ def legend_layout(labels: list[str]) -> tuple[int, int]:
     return ncol, -(-len(labels) // ncol)
 
 
-def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str) -> list[Path]:
+def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str, max_step: int | None = None,
+                   max_wall: float | None = None, suffix: str = "") -> list[Path]:
     """PNG figures of every task with finished jobs, into out_dir; returns the paths written:
-    curves_<task>.png (validation metric against step and against wall time, every series; also recall on copy),
-    update_fraction_<task>.png (mean activation against step), periods_<task>.png (each module's dominant
-    period against step, one panel per clocked model and seed)."""
+    curves_<task><suffix>.png (validation metric against step and against wall time, every series; also
+    recall on copy), update_fraction_<task><suffix>.png (mean activation against step),
+    periods_<task><suffix>.png (each module's dominant period against step, one panel per clocked model and
+    seed). max_step and max_wall end the curves' step and wall-time panels there, so that short runs
+    are not drawn at the scale of the longest."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -626,7 +631,10 @@ def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str) -> list[Path
                     if not c["steps"]:
                         continue
                     color = colors[i % len(colors)]
-                    x = np.asarray(c[x_name], dtype=float)
+                    limit = max_step if x_name == "steps" else max_wall
+                    shown = [j for j, x in enumerate(c[x_name]) if limit is None or x <= limit]
+                    x = np.asarray(c[x_name], dtype=float)[shown]
+                    c = {key: [c[key][j] for j in shown] if isinstance(c[key], list) else c[key] for key in c}
                     ax.plot(x, c["mean"], color=color, marker="o", markersize=3, label=series_label(label, c["n"]))
                     _band(ax, x, c, color, log)
                 baseline = first.get("baseline")
@@ -636,13 +644,16 @@ def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str) -> list[Path
                     ax.set_yscale("log")
                 ax.set_xlabel("training step" if x_name == "steps" else "wall time, s (mean over seeds; one thread each)")
                 ax.set_ylabel(f"validation {key[4:]}")
-                ax.set_title("at equal steps" if x_name == "steps" else "at equal wall time", fontsize=9)
+                limit = max_step if x_name == "steps" else max_wall
+                ax.set_title(("at equal steps" if x_name == "steps" else "at equal wall time")
+                             + (f", the first {limit:,.0f}" + (" steps" if x_name == "steps" else " s") if limit else ""),
+                             fontsize=9)
                 ax.grid(True, alpha=0.3)
                 if row == 0 and col == 0:
                     handles, labels = ax.get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
         fig.suptitle(f"{title}: validation {metric} (mean ± std over seeds)", fontsize=10)
-        written.append(_save(fig, out_dir / f"curves_{stem}.png"))
+        written.append(_save(fig, out_dir / f"curves_{stem}{suffix}.png"))
 
         with_fraction = {label: m for label, m in series.items() if curve(m, "val_update_fraction")["steps"]}
         if with_fraction:
@@ -674,7 +685,7 @@ def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str) -> list[Path
             ax.grid(True, alpha=0.3)
             fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
             ax.set_title(f"{title}: how often the modules update (mean ± std over seeds)", fontsize=10)
-            written.append(_save(fig, out_dir / f"update_fraction_{stem}.png"))
+            written.append(_save(fig, out_dir / f"update_fraction_{stem}{suffix}.png"))
 
         clocked = {label: m for label, m in series.items() if any("periods" in e for e in m[0].get("history", []))}
         if clocked:
@@ -701,7 +712,7 @@ def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str) -> list[Path
                     if row == 0 and col == len(metrics) - 1:
                         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
             fig.suptitle(f"{title}: each module's dominant period over training (one panel per seed)", fontsize=10)
-            written.append(_save(fig, out_dir / f"periods_{stem}.png"))
+            written.append(_save(fig, out_dir / f"periods_{stem}{suffix}.png"))
     return written
 
 
@@ -715,9 +726,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study_dir", type=Path, help="the directory holding the study's sweep directories")
     parser.add_argument("--summary", action="store_true", help="print the summary table (task x model) instead of the study's tables")
     parser.add_argument("--figures", type=Path, metavar="DIR", help="write the figures (PNG) into DIR")
+    parser.add_argument("--max-step", type=int, metavar="N", help="draw the curves against steps up to step N only")
+    parser.add_argument("--max-wall", type=float, metavar="S", help="draw the curves against wall time up to S seconds only")
+    parser.add_argument("--suffix", default="", help="append this to the figures' file names (curves_<task><suffix>.png)")
     parser.add_argument("--plan", choices=sorted(PLANS), help="count the plan's sweeps that have not started as not run")
     parser.add_argument("--commands", action="store_true", help="print the plan's hrnn-train commands and stop")
-    parser.add_argument("--sweeps", metavar="PATTERNS", help="only these sweep directories (shell patterns, comma-separated)")
+    parser.add_argument("--sweeps", metavar="PATTERNS", help="only these sweep directories, or <sweep>/<job directory> (shell patterns, comma-separated)")
     args = parser.parse_args(argv)
     plan = PLANS.get(args.plan) if args.plan else None
     if args.commands:
@@ -735,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.summary:
             print(format_summary(summary_rows(jobs)))
         if args.figures:
-            for path in render_figures(jobs, args.figures):
+            for path in render_figures(jobs, args.figures, args.max_step, args.max_wall, args.suffix):
                 print(f"wrote {path}", file=sys.stderr)
         return 0
     jobs = only_sweeps(read_study(args.study_dir), args.sweeps)
