@@ -147,4 +147,6 @@ def test_fuzzed_run_directories_end_in_one_line_or_succeed(case_dir: Path, capsy
         if code == 2 or command == "hrnn-eval":
             assert {d: snapshot(root / d) for d in ("run", "data")} == before, f"{where}\n{err}"
         assert not (root / "new").exists() or code == 0, where
-    assert outcomes[2] >= CASES // 2 and outcomes[0] > 0, outcomes  # most edits break something, some do not
+    # Both outcomes in numbers, so that neither path goes untested: about half the edits are refused (92 to
+    # over 100 of 200, by the draw, which moves whenever a config gains a key), the rest are harmless.
+    assert outcomes[2] >= CASES // 3 and outcomes[0] >= CASES // 10, outcomes
