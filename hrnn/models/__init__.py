@@ -21,7 +21,7 @@ def build_clock(model_cfg: DictConfig, basis_cfg: DictConfig, reg_cfg: DictConfi
     if model_cfg.name == "cwrnn":
         return FixedClock([2**m for m in range(n_modules)])
     if basis_cfg.name == "period":
-        return PeriodClock(n_modules, seq_len, init=basis_cfg.init, start_periods=_start_periods(basis_cfg),
+        return PeriodClock(n_modules, seq_len, init=basis_cfg.init, start_periods=basis_cfg.start_periods,
                            open_ratio=basis_cfg.open_ratio, leak=basis_cfg.leak)
     size = basis_cfg.size or default_basis_size(basis_cfg.name, seq_len)
     return BasisClock(
@@ -31,17 +31,12 @@ def build_clock(model_cfg: DictConfig, basis_cfg: DictConfig, reg_cfg: DictConfi
         seq_len=seq_len,
         regularizer=reg_cfg.name,
         init=basis_cfg.init,
-        start_periods=_start_periods(basis_cfg),
+        start_periods=basis_cfg.start_periods,
         init_weight=basis_cfg.init_weight,
         sharpness=basis_cfg.sharpness,
         learn_phase=basis_cfg.learn_phase,
         **_regularizer_settings(reg_cfg),
     )
-
-
-def _start_periods(basis_cfg: DictConfig) -> list[float] | None:
-    periods = basis_cfg.get("start_periods")
-    return None if periods is None else [float(p) for p in periods]
 
 
 def _regularizer_settings(reg_cfg: DictConfig) -> dict[str, float]:

@@ -60,6 +60,13 @@ def spread_periods(n_modules: int, max_period: float) -> list[float]:
     return [min(2.0**m, max_period) for m in range(n_modules)]
 
 
+def given_periods(start_periods, n_modules: int) -> list[float]:
+    """basis.start_periods (any sequence, e.g. the config's list) as floats, one per module."""
+    if len(start_periods) != n_modules:
+        raise ValueError(f"{len(start_periods)} start periods for {n_modules} modules")
+    return [float(p) for p in start_periods]
+
+
 def random_periods(n_modules: int, max_period: float) -> list[float]:
     """Log-uniform on [1, max_period], sorted fast to slow; drawn from torch's global RNG (seeded)."""
     draws = torch.rand(n_modules).mul(math.log(max_period)).exp()
@@ -179,9 +186,7 @@ class BasisClock(Clock):
         coefficients = torch.zeros(self.size, self.n_modules)
         max_period = float(self.component_periods.max())
         if start_periods is not None:
-            if len(start_periods) != self.n_modules:
-                raise ValueError(f"{len(start_periods)} start periods for {self.n_modules} modules")
-            periods = list(start_periods)
+            periods = given_periods(start_periods, self.n_modules)
         elif init == "uniform":
             return coefficients
         else:
@@ -270,9 +275,7 @@ class PeriodClock(Clock):
         self.n_modules, self.open_ratio, self.leak = n_modules, open_ratio, leak
         max_period = float(seq_len)
         if start_periods is not None:
-            if len(start_periods) != n_modules:
-                raise ValueError(f"{len(start_periods)} start periods for {n_modules} modules")
-            periods = [float(p) for p in start_periods]
+            periods = given_periods(start_periods, n_modules)
         elif init == "random":
             periods = random_periods(n_modules, max_period)
         elif init == "uniform":
