@@ -168,6 +168,25 @@ def test_labels_name_the_clock_and_its_settings_off_default():
     assert model_label({"model": {"name": "gru", "num_layers": 2, "init": "default"}, "basis": {"name": "dct"}}) == "gru layers 2"
 
 
+def test_a_run_from_before_the_wave_count_and_the_newer_basis_keys_gets_its_count_from_its_checkpoint(tmp_path):
+    """metrics.json without recovered_wave and a stored config without basis.learn_phase and
+    basis.start_periods (as hrnn wrote them before those existed): the count is rebuilt from the best
+    checkpoint's clock and equals the one a current run records."""
+    from conftest import compose_config
+    from hrnn.train.loop import train
+
+    run = tmp_path / "run"
+    cfg = compose_config(["task=timescales", "task.periods=[2,7]", "basis=dct", "trainer.steps=4", "trainer.eval_every=2",
+                          "model.hidden_size=8", "model.n_modules=2", "trainer.num_threads=1", "trainer.progress=false"])
+    train(cfg, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    config = OmegaConf.to_container(cfg, resolve=True)
+    recorded = metrics.pop("recovered_wave")
+    for key in ("learn_phase", "start_periods"):
+        config["basis"].pop(key)
+    assert results.wave_recovered({"metrics": metrics, "config": config, "dir": str(run)}) == recorded
+
+
 def test_first_step_below_and_missing_study_dir(tmp_path, capsys):
     history = [{"step": 100, "val_mse": 0.5}, {"step": 200, "val_mse": 0.005}, {"step": 300, "val_mse": 0.001}]
     assert first_step_below(history, "val_mse", 0.01) == 200

@@ -329,6 +329,11 @@ def stored_config(state: dict[str, Any], path: Path) -> DictConfig:
         check_groups(cfg)
     except UserError as exc:
         raise UserError(f"checkpoint {path} holds a config this hrnn cannot run: {exc}") from None
+    return with_added_keys(cfg)
+
+
+def with_added_keys(cfg: DictConfig) -> DictConfig:
+    """cfg with each ADDED_KEYS key its group's option lacks set to the value that reproduces the run (in place)."""
     for group, options in ADDED_KEYS.items():
         section = cfg.get(group)
         if section is None:

@@ -147,9 +147,10 @@ def wave_recovered(job: dict[str, Any]) -> int | None:
 
     from hrnn.models import build_clock
     from hrnn.tasks.synthetic import recovered_periods
+    from hrnn.train.resume import with_added_keys
 
-    basis = OmegaConf.merge({"learn_phase": False}, cfg.basis)  # runs made before the option learned no phase
-    clock = build_clock(cfg.model, basis, cfg.regularizer, cfg.task.seq_len)
+    cfg = with_added_keys(cfg)  # a run made before a basis key existed: the value it ran with
+    clock = build_clock(cfg.model, cfg.basis, cfg.regularizer, cfg.task.seq_len)
     state = torch.load(Path(job["dir"]) / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)["model"]
     with torch.no_grad():
         clock.coefficients.copy_(state["backbone.clock.coefficients"])
@@ -542,6 +543,14 @@ def curve(metrics: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return out
 
 
+def up_to(c: dict[str, Any], x_name: str, limit: float | None) -> dict[str, Any]:
+    """A curve's evaluations whose x_name ("steps" or "wall_s") is at most limit; all of them without one."""
+    if limit is None:
+        return c
+    shown = [j for j, x in enumerate(c[x_name]) if x <= limit]
+    return {**c, **{k: [c[k][j] for j in shown] for k in ("steps", "mean", "std", "wall_s")}}
+
+
 def series_label(label: str, n: int) -> str:
     return f"{label} (n = {n} seed{'s' if n != 1 else ''})"
 
@@ -626,15 +635,14 @@ def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str, max_step: in
             log = not higher and key != "val_recall_acc"
             for col, x_name in enumerate(("steps", "wall_s")):
                 ax = fig.add_subplot(len(keys), 2, 2 * row + col + 1)
+                limit = max_step if x_name == "steps" else max_wall
                 for i, (label, metrics) in enumerate(series.items()):
                     c = curve(metrics, key)
                     if not c["steps"]:
                         continue
                     color = colors[i % len(colors)]
-                    limit = max_step if x_name == "steps" else max_wall
-                    shown = [j for j, x in enumerate(c[x_name]) if limit is None or x <= limit]
-                    x = np.asarray(c[x_name], dtype=float)[shown]
-                    c = {key: [c[key][j] for j in shown] if isinstance(c[key], list) else c[key] for key in c}
+                    c = up_to(c, x_name, limit)
+                    x = np.asarray(c[x_name], dtype=float)
                     ax.plot(x, c["mean"], color=color, marker="o", markersize=3, label=series_label(label, c["n"]))
                     _band(ax, x, c, color, log)
                 baseline = first.get("baseline")
@@ -644,7 +652,6 @@ def render_figures(jobs: list[dict[str, Any]], out_dir: Path | str, max_step: in
                     ax.set_yscale("log")
                 ax.set_xlabel("training step" if x_name == "steps" else "wall time, s (mean over seeds; one thread each)")
                 ax.set_ylabel(f"validation {key[4:]}")
-                limit = max_step if x_name == "steps" else max_wall
                 ax.set_title(("at equal steps" if x_name == "steps" else "at equal wall time")
                              + (f", the first {limit:,.0f}" + (" steps" if x_name == "steps" else " s") if limit else ""),
                              fontsize=9)
