@@ -417,9 +417,12 @@ def only_sweeps(jobs: list[dict[str, Any]], patterns: str | None) -> list[dict[s
     if not patterns:
         return jobs
     wanted = [p.strip() for p in patterns.split(",") if p.strip()]
-    return [job for job in jobs if any(fnmatch.fnmatchcase(job["sweep"], p)
-                                       or (job["dir"] is not None and fnmatch.fnmatchcase(f"{job['sweep']}/{job['name']}", p))
-                                       for p in wanted)]
+
+    def chosen(job: dict[str, Any]) -> bool:
+        names = [job["sweep"]] if job["dir"] is None else [job["sweep"], f"{job['sweep']}/{job['name']}"]
+        return any(fnmatch.fnmatchcase(name, p) for name in names for p in wanted)
+
+    return [job for job in jobs if chosen(job)]
 
 
 def group_key(config: dict[str, Any]) -> tuple:
