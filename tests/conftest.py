@@ -4,9 +4,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -94,3 +97,65 @@ def without_wall_times(history: list[dict]) -> list[dict]:
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
+
+
+class Arrivals:
+    """A FIFO that runs write "<pid> <step>" to as they reach a chosen step (HRNN_SIGNAL_AT's notify=),
+    read as the lines come: `next` blocks in select() until one does, the watched process ends, or the
+    deadline passes. No polling. The FIFO is also held open for writing here, so it never reads as ended
+    between two runs' lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        os.mkfifo(path)
+        self._read = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self._keep_open = os.open(path, os.O_WRONLY)
+        self._pending = b""
+
+    def next(self, what: str, timeout: float, process: subprocess.Popen | None = None) -> tuple[int, int]:
+        """The (pid, step) of the next run to arrive; fails with `what` if `process` ends first or time runs out."""
+        watched = [self._read]
+        ended = os.pidfd_open(process.pid) if process is not None else None
+        if ended is not None:
+            watched.append(ended)
+        deadline = time.monotonic() + timeout
+        try:
+            while b"\n" not in self._pending:
+                ready, _, _ = select.select(watched, [], [], max(0.0, deadline - time.monotonic()))
+                if self._read in ready:
+                    self._pending += os.read(self._read, 4096)
+                elif ready:
+                    stdout, stderr = process.communicate()
+                    raise AssertionError(f"the process ended before {what}:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+                else:
+                    raise AssertionError(f"no {what} after {timeout} s")
+        finally:
+            if ended is not None:
+                os.close(ended)
+        line, _, self._pending = self._pending.partition(b"\n")
+        pid, step = line.split()
+        return int(pid), int(step)
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._keep_open)
+
+
+def wait_until_gone(pid: int, what: str, timeout: float) -> None:
+    """Block until process `pid` (not necessarily a child) has exited: its pidfd turns readable."""
+    try:
+        gone = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        ready, _, _ = select.select([gone], [], [], timeout)
+        assert ready, f"no {what} after {timeout} s"
+    finally:
+        os.close(gone)
+
+
+@pytest.fixture
+def arrivals(tmp_path: Path) -> Iterator[Arrivals]:
+    fifo = Arrivals(tmp_path / "arrivals")
+    yield fifo
+    fifo.close()

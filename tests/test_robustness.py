@@ -80,6 +80,27 @@ def test_signal_saves_checkpoint_and_says_how_to_resume(tmp_path, reference, sig
     _same_outcome(read_metrics(run_dir), reference)
 
 
+def test_a_run_awaiting_a_signal_at_a_step_stops_there_when_it_comes(tmp_path, reference, arrivals):
+    """signal=await (the SLURM tests' stand-in for a job waiting for its scheduler): the run says it has
+    reached step 7 through the FIFO and waits; the SIGTERM sent then checkpoints step 7, and the resumed
+    run ends as the uninterrupted one."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", SIGNAL_AT: f"signal=await,step=7,notify={arrivals.path}"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    process = subprocess.Popen([sys.executable, "-m", "hrnn.cli.train", *RUN, f"hydra.run.dir={run_dir}"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid, step = arrivals.next("the run at step 7", 120, process)
+    assert (pid, step) == (process.pid, 7)
+    os.kill(pid, signal.SIGCONT)  # a signal without a handler (SLURM sends it first) does not end the wait
+    os.kill(pid, signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stdout + stderr
+    assert f"stopped by SIGTERM at step 7; checkpoint saved; continue with: hrnn-train resume={run_dir}" in stdout
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 7
+    run_cli([f"resume={run_dir}"], cwd=tmp_path)
+    _same_outcome(read_metrics(run_dir), reference)
+
+
 def _nan_task_loss(monkeypatch, bad_steps: set[int], signal_at: int | None = None, signum: int = signal.SIGTERM) -> None:
     """The training loss of the given steps becomes NaN; at step `signal_at` the process also gets `signum`."""
     from hrnn.tasks.synthetic import AddingTask

@@ -5,9 +5,9 @@ cancelled sweep continued with resume=auto, and a cluster without accounting ref
 Marked `slurm`; skipped with the reason where no cluster accepts jobs. `scripts/slurm_local.sh up` (as
 root) brings up the local one-node cluster (.ci/run does). slurmd runs the jobs as root on this same
 machine, so the sweeps live under tmp_path. The jobs are tiny. Those that must still be running when
-something reaches them (the time limit, scancel) stop themselves at a chosen step (SIGSTOP through
-HRNN_SIGNAL_AT) and wait there, idle, whatever this machine's speed: SLURM sends SIGCONT with every
-signal it delivers to a job.
+something reaches them (the time limit, scancel) wait at a chosen step, idle, for SLURM's signal
+(HRNN_SIGNAL_AT's signal=await), whatever this machine's speed, and say so through a FIFO the test
+blocks on (`Arrivals`): nothing here polls or sleeps.
 """
 from __future__ import annotations
 
@@ -16,13 +16,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, compose_config, read_metrics, without_wall_times
-from hrnn.train.environment import SIGNAL_AT, lock_holder
+from conftest import ROOT, TINY, compose_config, read_metrics, wait_until_gone, without_wall_times
+from hrnn.train.environment import SIGNAL_AT
 
 pytestmark = pytest.mark.slurm
 
@@ -89,17 +88,14 @@ def task_of(sweep: Path, job: Path) -> str:
 
 
 def attempts(task: str) -> list[str]:
-    """The states of the job's attempts, oldest first, from accounting (a requeued attempt is REQUEUED),
-    once the last one has ended (within a minute): the sweep returns as soon as the job's result is written."""
+    """The states of the job's attempts, oldest first, from accounting (a requeued attempt is REQUEUED).
+    The sweep returns as soon as the job's result is written, before the job has ended; a job that depends
+    on this one's end (afterany) runs first, so that the controller has recorded it."""
+    subprocess.run(["srun", "--quiet", f"--dependency=afterany:{task}", "--ntasks=1", "--cpus-per-task=1",
+                    "--mem=100M", "--time=1", "true"], check=True, timeout=120)
     command = ["sacct", "--duplicates", "--allocations", "--noheader", "--parsable2", "--format", "State",
                "--jobs", task]
-    deadline = time.monotonic() + 60
-    while True:
-        states = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
-        ended = states and states[-1] not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED")
-        if ended or time.monotonic() > deadline:
-            return states
-        time.sleep(0.5)
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
 
 
 def restarts(task: str) -> int:
@@ -109,30 +105,10 @@ def restarts(task: str) -> int:
     return int(found.group(1)) if found else 0
 
 
-def wait_for(condition, what: str, timeout: float, process: subprocess.Popen | None = None) -> None:
-    """Poll `condition` until it holds; fail at once, with the sweep's output, if the sweep ended first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process is not None and process.poll() is not None:
-            out = finish(process)
-            raise AssertionError(f"the sweep ended before {what}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
-        time.sleep(0.2)
-
-
 def same_outcome(metrics: dict, reference: dict) -> None:
     for key in SAME:
         assert metrics[key] == reference[key], key
     assert without_wall_times(metrics["history"]) == without_wall_times(reference["history"])
-
-
-def stopped(run_dir: Path) -> bool:
-    """Whether the job writing run_dir (the PID in its lock) is stopped (SIGSTOP): state T in /proc."""
-    pid = lock_holder(run_dir)
-    try:
-        return pid is not None and Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "T"
-    except (OSError, IndexError):
-        return False
 
 
 # ----------------------------------------------------------------------------- a sweep, a search
@@ -232,18 +208,21 @@ def test_a_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_metrics(tm
     assert requeued_once_then_as_uninterrupted(result, sweep, tmp_path)[0] == 7
 
 
-def test_a_job_at_its_time_limit_is_requeued_and_resumes_to_the_uninterrupted_metrics(tmp_path: Path) -> None:
+def test_a_job_at_its_time_limit_is_requeued_and_resumes_to_the_uninterrupted_metrics(tmp_path: Path,
+                                                                                        arrivals) -> None:
     """timeout_min=1, signal_delay_s=10: SLURM checks time limits every 30 s and warns up to 30 s early, so
-    SIGUSR2 comes 20 to 50 s into the job, which waits for it stopped at step 5. It checkpoints, submitit
-    requeues it, and it resumes to the uninterrupted run's metrics. Once requeued, its limit is raised to 5
-    minutes, so that the second attempt finishes instead of being warned again (it would be requeued
-    again, up to max_num_timeout times, only slower)."""
+    SIGUSR2 comes 20 to 50 s into the job, which waits for it at step 5. It checkpoints, submitit requeues
+    it and the first attempt exits; then its limit is raised to 5 minutes, so that the second attempt
+    finishes instead of being warned again (it would be requeued again, up to max_num_timeout times, only
+    slower), and it resumes to the uninterrupted run's metrics."""
     sweep = tmp_path / "sweep"
     process = hrnn_train(["-m", *SLURM, *ONE_JOB, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=10",
-                          f"hydra.sweep.dir={sweep}"], tmp_path, env={SIGNAL_AT: "signal=SIGSTOP,step=5"}, wait=False)
-    wait_for(lambda: (sweep / ".submitit").is_dir() and array_tasks(sweep), "job", 120, process)
-    (task,) = array_tasks(sweep)
-    wait_for(lambda: restarts(task) >= 1, "requeue", 150, process)
+                          f"hydra.sweep.dir={sweep}"], tmp_path,
+                         env={SIGNAL_AT: f"signal=await,step=5,notify={arrivals.path}"}, wait=False)
+    first_attempt, _ = arrivals.next("job at step 5", 120, process)
+    (task,) = array_tasks(sweep)  # submitit wrote the job's folder before the job could start
+    wait_until_gone(first_attempt, "end of the first attempt", 150)
+    assert restarts(task) == 1  # submitit ran `scontrol requeue` before the attempt exited
     subprocess.run(["scontrol", "update", f"JobId={task}", "TimeLimit=5"], check=True)
     step, log = requeued_once_then_as_uninterrupted(finish(process), sweep, tmp_path)
     assert step >= 5 and "Job has timed out" in log  # submitit's word: SLURM's warning before the limit
@@ -252,8 +231,9 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes_to_the_uninterrupted_me
 # ----------------------------------------------------------------------------- scancel, accounting
 
 
-def test_scancel_of_a_sweep_keeps_loadable_checkpoints_and_resume_auto_finishes_it(tmp_path: Path) -> None:
-    """Both jobs wait stopped at step 11, after their first checkpoint; scancel sends them SIGCONT and
+def test_scancel_of_a_sweep_keeps_loadable_checkpoints_and_resume_auto_finishes_it(tmp_path: Path,
+                                                                                      arrivals) -> None:
+    """Both jobs wait at step 11, after their first checkpoint; scancel sends them SIGCONT and
     SIGTERM (SIGKILL 5 s later): each stops at the end of its step with a checkpoint that loads, the
     sweep ends in one line, and the same sweep with resume=auto continues both from there (the first,
     checked, to the uninterrupted run's metrics)."""
@@ -262,9 +242,9 @@ def test_scancel_of_a_sweep_keeps_loadable_checkpoints_and_resume_auto_finishes_
 
     sweep, run = tmp_path / "sweep", [*RUN, "trainer.steps=30", "trainer.eval_every=10"]
     args = ["-m", *SLURM, *run, "trainer.seed=0,1", f"hydra.sweep.dir={sweep}"]
-    process = hrnn_train(args, tmp_path, env={SIGNAL_AT: "signal=SIGSTOP,step=11"}, wait=False)
-    wait_for(lambda: sweep.is_dir() and len(job_dirs(sweep)) == 2 and all(map(stopped, job_dirs(sweep))),
-             "both jobs at step 11", 120, process)
+    process = hrnn_train(args, tmp_path, env={SIGNAL_AT: f"signal=await,step=11,notify={arrivals.path}"}, wait=False)
+    for _ in range(2):
+        assert arrivals.next("both jobs at step 11", 120, process)[1] == 11
     (array,) = {t.partition("_")[0] for t in array_tasks(sweep)}
     subprocess.run(["scancel", array], check=True)
     cancelled = finish(process)

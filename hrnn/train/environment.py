@@ -5,8 +5,8 @@ Stop signals (Ctrl-C, kill, SLURM's warning) only set a flag; the loop checkpoin
 the step and exits 128 + signal. In a SLURM job started by submitit, SIGUSR2 (preemption, or the
 warning before the time limit) then goes on to submitit's handler, which requeues the job; the
 requeued job (`requeued`) resumes from that checkpoint by itself (docs/cluster.md). For tests,
-HRNN_SIGNAL_AT sends this process a signal at a chosen step (`send_scheduled_signal`), so an
-interruption lands where the test says.
+HRNN_SIGNAL_AT sends this process a signal at a chosen step, or waits there for one from outside
+(`send_scheduled_signal`), so an interruption lands where the test says.
 """
 from __future__ import annotations
 
@@ -232,19 +232,53 @@ class StopSignals:
 
 
 def send_scheduled_signal(step: int, point: str) -> None:
-    """For tests: HRNN_SIGNAL_AT="signal=SIGTERM,step=7[,at=checkpoint][,job=1]" sends this process
-    that signal at that step, once its training step is done (at=step, the default) or while a
+    """For tests: HRNN_SIGNAL_AT="signal=SIGTERM,step=7[,at=checkpoint][,job=1][,notify=PATH]" sends this
+    process that signal at that step, once its training step is done (at=step, the default) or while a
     checkpoint of that step is being written, its temporary file complete and not yet renamed
-    (at=checkpoint); with job=N only in job N of a multirun. The loop calls this at both points.
-    Never in a requeued SLURM job: the signal stands for one preemption, not one per attempt."""
+    (at=checkpoint); with job=N only in job N of a multirun. signal=await instead waits there, idle,
+    for a stop signal from outside (a scheduler's), however fast this machine is. notify=PATH first
+    appends "<pid> <step>" to PATH (a FIFO a test reads), so the test learns the run got there without
+    polling. The loop calls this at both points. Never in a requeued SLURM job: the signal stands for one
+    preemption, not one per attempt."""
     spec = os.environ.get(SIGNAL_AT, "")
     if not spec or requeued():
         return
     try:
         plan = dict(item.split("=", 1) for item in spec.split(","))
-        signum, at = signal.Signals[plan["signal"]], (int(plan["step"]), plan.get("at", "step"))
+        signum = None if plan["signal"] == "await" else signal.Signals[plan["signal"]]
+        at = (int(plan["step"]), plan.get("at", "step"))
     except (ValueError, KeyError):
-        raise UserError(f"{SIGNAL_AT}={spec!r}: expected signal=<SIGNAME>,step=<N>[,at=step|checkpoint][,job=<N>]") from None
+        raise UserError(f"{SIGNAL_AT}={spec!r}: expected signal=<SIGNAME>|await,step=<N>[,at=step|checkpoint]"
+                        f"[,job=<N>][,notify=<PATH>]") from None
     job = str(HydraConfig.get().job.num) if _multirun() else None
-    if at == (step, point) and plan.get("job") in (None, job):
-        os.kill(os.getpid(), signum)
+    if at != (step, point) or plan.get("job") not in (None, job):
+        return
+    if signum is None:
+        _await_stop_signal(lambda: _notify(plan.get("notify"), step))
+        return
+    _notify(plan.get("notify"), step)
+    os.kill(os.getpid(), signum)
+
+
+def _notify(path: str | None, step: int) -> None:
+    if path:
+        with open(path, "a") as arrivals:
+            arrivals.write(f"{os.getpid()} {step}\n")
+
+
+def _await_stop_signal(announce) -> None:
+    """Block until a stop signal arrives, then return (its handler has set the loop's flag). Python's C
+    handler writes each handled signal's number to the wakeup fd, so one that lands between `announce`
+    and select() is still seen: no race, no polling. Signals without a Python handler (SIGCONT) write
+    nothing."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous = signal.set_wakeup_fd(write_end)
+    try:
+        announce()
+        while not any(number in STOP_SIGNALS for number in os.read(read_end, 64)):
+            pass  # os.read blocks until the next handled signal
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(read_end)
+        os.close(write_end)
