@@ -326,7 +326,7 @@ table() {
           hydra.sweep.dir="$STUDY/authors_${task}"
       done
       # ... sMNIST: the chrono LSTM 60.97 +- 4.52%, LEM 93.77 +- 1.25% (n = 3), rising at 2,700 s; pMNIST: the
-      # chrono LSTM 39.36 +- 15.15% (n = 3, two seeds on their first plateau), LEM 91.10% (seed 0)
+      # chrono LSTM 39.36 +- 15.15% (n = 3, two seeds on their first plateau), LEM 90.33 +- 1.10% (n = 3)
       for task in smnist pmnist; do
         run "${COMMON[@]}" experiment=${task}_gru,${task}_cornn trainer.seed=0,1,2 trainer.max_wall_s=2700 trainer.eval_every=250 \
           hydra.sweep.dir="$STUDY/authors_${task}_gru_cornn"
