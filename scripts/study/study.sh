@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STUDY=${STUDY:-outputs/study}
-TABLES="timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation clock_ablation_mnist open_gates_pmnist open_gates_smnist open_gates_smnist_long truncated_clock_smnist text clock_changes search_baselines mnist_presets mnist_authors adding_authors"
+TABLES="timescales baselines dct_variants dct_t210 period_variants lstm adding copy events_adding events_compare events_long events_bias events_copy clock_recipe default_move smnist smnist_events pmnist_events mnist_long baselines_long connectivity_lr events_hard smnist_wide copy_recipe copy_long pmnist_pilot copy_long100_40k copy_long200 events_annealed events_t1000 events_timescales pmnist_clock smnist_baselines pmnist_baselines mnist_baselines copy_baselines events_annealed_hard adding200_baselines clock_ablation clock_ablation_mnist open_gates_pmnist open_gates_smnist open_gates_smnist_long truncated_clock_smnist text clock_changes search_baselines mnist_presets mnist_authors adding_authors copy_authors timescales_authors"
 TRAIN=${TRAIN:-.venv/bin/hrnn-train}
 COMMON=(-m hydra/launcher=joblib hydra.launcher.n_jobs=${JOBS:-2} trainer.num_threads=1 trainer.progress=false resume=auto)
 PERIOD_SETS='task.periods=[4,12],[3,10],[6,20],[2,7,30]'
@@ -315,6 +315,16 @@ table() {
       run "${COMMON[@]}" experiment=adding_lstm model.hidden_size=64 trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/authors_adding200_lstm64"
       run "${COMMON[@]}" experiment=adding_lstm,adding_gru task.seq_len=1000 trainer.steps=3000 trainer.seed=0,1,2 \
         hydra.sweep.dir="$STUDY/authors_adding1000" ;;
+    copy_authors)  # the copy rows of the LSTM and GRU (†: PyTorch's initialisation, one seed) as adding's
+                   # authors' recipe runs them (experiment=copy_lstm, copy_gru), 3 seeds, in the wall time of
+                   # hrnn's experiment=copy_long at each length (844 s at T = 100, 1,698 s at T = 200)
+      run "${COMMON[@]}" experiment=copy_lstm,copy_gru trainer.seed=0,1,2 trainer.max_wall_s=900 \
+        hydra.sweep.dir="$STUDY/authors_copy100"
+      run "${COMMON[@]}" experiment=copy_lstm,copy_gru task.seq_len=200 trainer.seed=0,1,2 trainer.max_wall_s=1800 \
+        hydra.sweep.dir="$STUDY/authors_copy200" ;;
+    timescales_authors)  # the timescales rows of the LSTM and GRU (†) with that recipe, 3 seeds, both period sets
+      run "${COMMON[@]}" experiment=timescales_lstm,timescales_gru 'task.periods=[4,12],[2,7,30]' trainer.seed=0,1,2 \
+        hydra.sweep.dir="$STUDY/authors_timescales" ;;
     mnist_presets)  # the MNIST presets at their full budget, 3 seeds each, as the README quotes them
       run "${COMMON[@]}" experiment=pmnist trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/preset_pmnist"
       run "${COMMON[@]}" experiment=smnist trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/preset_smnist" ;;
