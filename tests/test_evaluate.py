@@ -80,8 +80,9 @@ def test_a_checkpoint_written_on_cuda_reads_on_the_cpu(finished_run: Path, tmp_p
 OLDER_RUNS = {  # a run written before keys a later hrnn added: its arguments, and the keys its stored config lacks
     "lstm": (["model=lstm", "model.hidden_size=8", "model.init=default", *TINY[2:]],
              ["model.num_layers", "model.init", "model.chrono_t_max"]),
-    "hrnn": (["basis=dct", *TINY], ["basis.learn_phase", "basis.start_periods", "model.gate_threshold_warmup",
-                                      "model.gate_support", "model.gate_open_target", "model.gate_open_rate"]),
+    "hrnn": (["basis=dct", "trainer.flush_denormal=false", *TINY],
+             ["basis.learn_phase", "basis.start_periods", "model.gate_threshold_warmup", "model.gate_support",
+              "model.gate_open_target", "model.gate_open_rate", "trainer.flush_denormal"]),
     "hrnn_period": (["basis=period", *TINY], ["basis.start_periods"]),
 }
 
@@ -91,7 +92,7 @@ def test_a_checkpoint_from_before_a_key_existed_evaluates_and_resumes_as_it_trai
     """A run whose stored config lacks keys added since (an LSTM before model.num_layers, model.init and
     model.chrono_t_max; hrnn before basis.learn_phase, basis.start_periods and the truncated gate's keys) is
     read with the values that reproduce what it ran (one layer, torch's initialisation; no learned phase, the
-    clock's start from basis.init, no warm-up, no support, a fixed threshold): it evaluates to its recorded test metric and resumes."""
+    clock's start from basis.init, no warm-up, no support, a fixed threshold; subnormal floats kept): it evaluates to its recorded test metric and resumes."""
     from omegaconf import OmegaConf
 
     from hrnn.train.resume import load_checkpoint, save_checkpoint

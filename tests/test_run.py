@@ -64,6 +64,37 @@ def read_events(run_dir: Path) -> EventAccumulator:
     return events
 
 
+SUBNORMAL = 1e-39  # below float32's smallest normal, 1.18e-38
+
+
+@pytest.fixture
+def flush_denormal_restored():
+    yield
+    torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_trainer_flush_denormal_sets_how_subnormal_floats_compute(tmp_path, flush_denormal_restored, flush):
+    """trainer.flush_denormal=true (the default) makes subnormal floats compute as 0, false keeps them:
+    the speed of a backward whose gradients vanish into them depends on it (docs/performance.md)."""
+    from hrnn.train.environment import prepare
+
+    cfg = validate(compose_config([f"trainer.flush_denormal={flush}"]))
+    assert compose_config([]).trainer.flush_denormal is True
+    prepare(cfg.trainer, tmp_path)
+    product = (torch.tensor([SUBNORMAL], dtype=torch.float32) * 1.0).item()
+    assert (product == 0.0) if flush else (product == pytest.approx(SUBNORMAL, rel=1e-2))
+
+
+def test_a_run_stored_before_flush_denormal_existed_resumes_keeping_subnormal_floats():
+    """A checkpoint's config without trainer.flush_denormal ran with subnormal floats kept: read back, it says so."""
+    from hrnn.train.resume import with_added_keys
+
+    stored = OmegaConf.create(OmegaConf.to_container(compose_config([]), resolve=True))
+    stored.trainer.pop("flush_denormal")
+    assert with_added_keys(stored).trainer.flush_denormal is False
+
+
 def test_cli_run_writes_events_checkpoints_and_metrics(tmp_path, tiny):
     run_dir = tmp_path / "run"
     result = run_cli(["task=adding", "task.seq_len=20", "basis=binary", "trainer.steps=6", "trainer.eval_every=3",

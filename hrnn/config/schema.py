@@ -175,6 +175,7 @@ class TrainerSchema:
     nonfinite: str
     progress: bool
     matmul_precision: str
+    flush_denormal: bool
 
 
 

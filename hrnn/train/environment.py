@@ -31,8 +31,11 @@ from hrnn.sweep.callbacks import threads_per_job
 
 
 def prepare(trainer: DictConfig, run_dir: Path) -> torch.device:
-    """Device, threads, matmul precision, a writable run directory and the global seeds, in that order."""
+    """Device, subnormal floats, threads, matmul precision, a writable run directory and the global seeds,
+    in that order."""
     device = pick_device(trainer.device)
+    # The flag is per thread, and threads copy it when they start: set before the thread pool is (re)built.
+    torch.set_flush_denormal(trainer.flush_denormal)
     torch.set_num_threads(num_threads(trainer.num_threads))
     set_matmul_precision(trainer.matmul_precision)
     check_writable(run_dir)

@@ -37,9 +37,11 @@ RESUMABLE_OVERRIDES = ("trainer.steps", "trainer.max_wall_s", "trainer.device", 
 say = tqdm.write  # print without breaking the progress bar
 # Keys a later hrnn added to a group's option, with the value that reproduces what a run written before
 # them did (one layer; torch's own initialisation; no learned phase; the clock's starting periods from
-# basis.init; a truncated gate's open target per module, as it was first written), so that its checkpoint still
-# evaluates and resumes. group -> option name -> key -> value.
+# basis.init; a truncated gate's open target per module, as it was first written; subnormal floats kept), so
+# that its checkpoint still evaluates and resumes. group -> option name ("default" for a group without
+# names, as trainer) -> key -> value.
 ADDED_KEYS = {
+    "trainer": {"default": {"flush_denormal": False}},
     "model": {"lstm": {"num_layers": 1, "init": "default", "chrono_t_max": None},
               "gru": {"num_layers": 1, "init": "default", "chrono_t_max": None},
               "rnn": {"num_layers": 1},
@@ -338,7 +340,8 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
         section = cfg.get(group)
         if section is None:
             continue
-        added = {key: value for key, value in options.get(section.get("name"), {}).items() if key not in section}
+        name = section.get("name", "default")
+        added = {key: value for key, value in options.get(name, {}).items() if key not in section}
         with open_dict(section):
             for key, value in added.items():
                 section[key] = value
