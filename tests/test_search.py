@@ -492,10 +492,15 @@ def test_a_baseline_search_holds_the_models_size(preset: str) -> None:
     assert count_parameters(build_model(cfg, spec)) == PARAMETERS[task][model]
 
 
-@pytest.mark.parametrize("task", ["smnist", "pmnist", "adding"])
-@pytest.mark.parametrize("model,init", [("lstm", "chrono"), ("gru", "default")])
+# Each task's initialisation is the one measured best there: chrono for the LSTM but on pMNIST, where PyTorch's
+# reached 75.56% against chrono's 39.36% (docs/results.md); torch's own for the GRU.
+AUTHORS_INIT = [("smnist", "lstm", "chrono"), ("pmnist", "lstm", "default"), ("adding", "lstm", "chrono"),
+                ("smnist", "gru", "default"), ("pmnist", "gru", "default"), ("adding", "gru", "default")]
+
+
+@pytest.mark.parametrize("task,model,init", AUTHORS_INIT)
 def test_the_lstm_and_gru_rows_hold_the_authors_recipe_on_the_rows_budget(task: str, model: str, init: str) -> None:
-    """Adam 1e-3, constant, clip 1, hidden 128 and the model's init; MNIST on the LEM row's budget,
+    """Adam 1e-3, constant, clip 1, hidden 128 and the task's measured init; MNIST on the LEM row's budget,
     adding on the budget of hrnn's adding search."""
     cfg = validate(experiment(f"{task}_{model}"))
     assert (cfg.model.init, cfg.model.hidden_size, cfg.model.num_layers) == (init, 128, 1)
