@@ -272,7 +272,7 @@ def _notify(path: str | None, step: int) -> None:
 def _await_stop_signal(announce) -> None:
     """Block until a stop signal arrives, then return (its handler has set the loop's flag). Python's C
     handler writes each handled signal's number to the wakeup fd, so one that lands between `announce`
-    and select() is still seen: no race, no polling. Signals without a Python handler (SIGCONT) write
+    and the read is still seen: no race, no polling. Signals without a Python handler (SIGCONT) write
     nothing."""
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
