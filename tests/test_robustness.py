@@ -26,12 +26,15 @@ from hrnn.train.loop import train
 RUN = ["task=adding", "task.seq_len=16", "basis=binary", "trainer.steps=40", "trainer.eval_every=2", *TINY]
 
 
-def hrnn_train(args: list[str], cwd: Path, signal_at: str) -> subprocess.CompletedProcess:
-    """hrnn-train ARGS, sent a signal from inside at the point `signal_at` names (HRNN_SIGNAL_AT)."""
+def hrnn_train(args: list[str], cwd: Path, signal_at: str, wait: bool = True):
+    """hrnn-train ARGS, sent a signal from inside at the point `signal_at` names (HRNN_SIGNAL_AT): finished
+    (CompletedProcess), or still running (Popen) with wait=False."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", SIGNAL_AT: signal_at}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "hrnn.cli.train", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=env)
+    command = [sys.executable, "-m", "hrnn.cli.train", *args]
+    if not wait:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +88,8 @@ def test_a_run_awaiting_a_signal_at_a_step_stops_there_when_it_comes(tmp_path, r
     reached step 7 through the FIFO and waits; the SIGTERM sent then checkpoints step 7, and the resumed
     run ends as the uninterrupted one."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", SIGNAL_AT: f"signal=await,step=7,notify={arrivals.path}"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    process = subprocess.Popen([sys.executable, "-m", "hrnn.cli.train", *RUN, f"hydra.run.dir={run_dir}"],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = hrnn_train([*RUN, f"hydra.run.dir={run_dir}"], tmp_path,
+                         f"signal=await,step=7,notify={arrivals.path}", wait=False)
     pid, step = arrivals.next("the run at step 7", 120, process)
     assert (pid, step) == (process.pid, 7)
     os.kill(pid, signal.SIGCONT)  # a signal without a handler (SLURM sends it first) does not end the wait

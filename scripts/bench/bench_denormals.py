@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 import torch  # noqa: E402
+from common import compose_config  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from hrnn.cli.wrapper import user_errors  # noqa: E402
@@ -44,14 +45,10 @@ PRESETS = {
 
 def step_seconds(overrides: list[str], flush: bool, steps: int) -> list[float]:
     """Process CPU time of each of the first `steps` training steps from the preset's initialisation."""
-    from hydra import compose, initialize_config_dir
-
     from hrnn.train.loop import set_up, train_step
 
-    root = Path(__file__).resolve().parents[2]
-    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*overrides, "trainer.num_threads=1",
-                                                       f"trainer.flush_denormal={flush}", "trainer.progress=false"])
+    cfg = compose_config([*overrides, "trainer.num_threads=1", f"trainer.flush_denormal={flush}",
+                          "trainer.progress=false"])
     with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stdout(io.StringIO()):
         run = set_up(cfg, Path(run_dir))
         times = []
@@ -80,7 +77,6 @@ def main() -> None:
         flushed = statistics.median(step_seconds(overrides, True, args.steps))
         print(f"| `{preset}` | {PRESETS.get(preset, '')} | {kept:.3f} | {flushed:.3f} | {kept / flushed:.2f} |",
               flush=True)
-    torch.set_flush_denormal(False)
 
 
 if __name__ == "__main__":
