@@ -332,7 +332,10 @@ table() {
         hydra.sweep.dir="$STUDY/authors_copy200" ;;
     timescales_authors)  # the timescales rows of the LSTM and GRU (†) with that recipe, 3 seeds, both period sets
       run "${COMMON[@]}" experiment=timescales_lstm,timescales_gru 'task.periods=[4,12],[2,7,30]' trainer.seed=0,1,2 \
-        hydra.sweep.dir="$STUDY/authors_timescales" ;;
+        hydra.sweep.dir="$STUDY/authors_timescales"
+      # ... test MSE, [4,12] / [2,7,30]: LSTM 0.8261 +- 0.0042 / 0.7434 +- 0.0025 (memoryless 0.8333 / 0.7736),
+      # GRU 0.6604 +- 0.1002 / 0.6311 +- 0.1445 (n = 3 each): none solves
+      ;;
     mnist_presets)  # the MNIST presets at their full budget, 3 seeds each, as the README quotes them
       run "${COMMON[@]}" experiment=pmnist trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/preset_pmnist"
       run "${COMMON[@]}" experiment=smnist trainer.seed=0,1,2 hydra.sweep.dir="$STUDY/preset_smnist" ;;
