@@ -321,8 +321,9 @@ table() {
     pmnist_lstm_init)  # pMNIST's LSTM from PyTorch's initialisation and from a forget-gate bias of 1, 3 seeds each,
                        # as mnist_authors ran chrono (subnormal floats kept, as those runs did)
       run "${COMMON[@]}" experiment=pmnist_lstm model.init=default,forget1 trainer.seed=0,1,2 trainer.max_wall_s=2700 \
-        trainer.eval_every=250 trainer.flush_denormal=false hydra.sweep.dir="$STUDY/pmnist_lstm_init" ;;
+        trainer.eval_every=250 trainer.flush_denormal=false hydra.sweep.dir="$STUDY/pmnist_lstm_init"
       # ... PyTorch's 75.56 +- 1.45%, forget1 79.97 +- 0.58% (n = 3 each): experiment=pmnist_lstm takes forget1
+      ;;
     copy_authors)  # the copy rows of the LSTM and GRU (†: PyTorch's initialisation, one seed) as adding's
                    # authors' recipe runs them (experiment=copy_lstm, copy_gru), 3 seeds, in the wall time of
                    # hrnn's experiment=copy_long at each length (844 s at T = 100, 1,698 s at T = 200)
